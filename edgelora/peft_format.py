@@ -1,0 +1,263 @@
+"""Adapter directories in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+LoRA weights are stored under PEFT's keys (`base_model.model.<module>.lora_A.weight`), so PEFT loads our
+LoRA adapters and we load PEFT's. Our extras (kind, quantization recipe, labels, head, base fingerprint)
+sit in the same JSON under "edgelora", and the head under `edgelora_head.*`, which PEFT ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from edgelora.config import (
+    BottleneckConfig,
+    LoraConfig,
+    QuantConfig,
+    adapter_config_from_dict,
+    config_to_dict,
+)
+from edgelora.errors import EdgeloraError
+from edgelora.model import AdapterModel
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+HEAD_PREFIX = "edgelora_head."
+FORMAT_VERSION = 1
+
+
+def _atomic_dir_write(out: Path, files: dict[str, Any]) -> None:
+    """Write files into a temporary sibling directory, then swap it in: a crash never leaves half an adapter."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _umask_mode(tmp)
+    try:
+        for name, writer in files.items():
+            writer(tmp / name)
+        replace_dir(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask_mode(path: Path) -> None:
+    """mkdtemp makes 0700 directories; give the finished directory the mode a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`, replacing an existing directory only once the new one is complete."""
+    import shutil
+
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def save_adapter(
+    model: AdapterModel, name: str, out_dir: str | Path, base_name: str = "", extra: dict[str, Any] | None = None
+) -> Path:
+    """Save adapter `name` and its head to `out_dir` in PEFT's layout (atomically); `extra` joins our JSON section."""
+    if name not in model.configs:
+        raise EdgeloraError(f"unknown adapter {name!r}; this model has {sorted(model.configs)}")
+    config = model.configs[name]
+    tensors: dict[str, torch.Tensor] = {}
+    target_modules: list[str] = []
+    for layer_name, layer in model.adapted_layers():
+        if name in layer.lora_A:
+            target_modules.append(layer_name)
+            tensors[f"{PEFT_PREFIX}{layer_name}.lora_A.weight"] = layer.lora_A[name].weight
+            tensors[f"{PEFT_PREFIX}{layer_name}.lora_B.weight"] = layer.lora_B[name].weight
+        if name in layer.bottleneck:
+            target_modules.append(layer_name)
+            for part in ("down", "up"):
+                sub = getattr(layer.bottleneck[name], part)
+                tensors[f"{PEFT_PREFIX}{layer_name}.bottleneck.{part}.weight"] = sub.weight
+                tensors[f"{PEFT_PREFIX}{layer_name}.bottleneck.{part}.bias"] = sub.bias
+    head = model.heads[name]
+    tensors[HEAD_PREFIX + "weight"] = head.weight
+    tensors[HEAD_PREFIX + "bias"] = head.bias
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+
+    extras = {
+        "format_version": FORMAT_VERSION,
+        "adapter": config_to_dict(config),
+        "quantization": None if model.quant is None else config_to_dict(model.quant),
+        "labels": model.labels[name],
+        "base_fingerprint": model.base_fingerprint,
+        "name": name,
+        **(extra or {}),
+    }
+    if isinstance(config, LoraConfig):
+        data: dict[str, Any] = {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": base_name,
+            "r": config.r,
+            "lora_alpha": config.alpha,
+            "lora_dropout": config.dropout,
+            "use_rslora": config.use_rslora,
+            "target_modules": target_modules,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+        }
+    else:
+        data = {"peft_type": "EDGELORA_BOTTLENECK", "base_model_name_or_path": base_name, "target_modules": target_modules}
+    data["edgelora"] = extras
+    _atomic_dir_write(
+        Path(out_dir),
+        {
+            WEIGHTS_FILE: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+            CONFIG_FILE: lambda p: p.write_text(json.dumps(data, indent=2) + "\n"),
+        },
+    )
+    return Path(out_dir)
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and check an adapter directory: (config JSON, tensors), with one-line errors naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise EdgeloraError(f"{path}: adapter directory does not exist")
+    if not path.is_dir():
+        raise EdgeloraError(f"{path}: expected an adapter directory holding {CONFIG_FILE} and {WEIGHTS_FILE}")
+    cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfg_path.is_file():
+        raise EdgeloraError(f"{path}: not an adapter directory (no {CONFIG_FILE}); train one with `edgelora train`")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EdgeloraError(f"{cfg_path}: corrupt JSON ({exc}); re-save the adapter") from exc
+    if not isinstance(data, dict):
+        raise EdgeloraError(f"{cfg_path}: expected a JSON object")
+    if not weights_path.is_file():
+        legacy = path / "adapter_model.bin"
+        hint = " (adapter_model.bin found: re-save it with safetensors)" if legacy.exists() else ""
+        raise EdgeloraError(f"{path}: missing {WEIGHTS_FILE}{hint}")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise EdgeloraError(f"{weights_path}: corrupt or truncated safetensors file ({exc})") from exc
+    extras = data.get("edgelora") or {}
+    if extras.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise EdgeloraError(f"{cfg_path}: written by a newer edgelora (format {extras['format_version']}); upgrade edgelora")
+    return data, tensors
+
+
+def adapter_config(data: dict[str, Any], source: str) -> LoraConfig | BottleneckConfig:
+    """The adapter's config, from our extras when present, else from PEFT's own LoRA fields."""
+    extras = data.get("edgelora")
+    if extras and "adapter" in extras:
+        return adapter_config_from_dict(extras["adapter"], source)
+    if data.get("peft_type") != "LORA":
+        raise EdgeloraError(f"{source}: peft_type {data.get('peft_type')!r} is not supported; only LoRA adapters load from PEFT")
+    return LoraConfig(
+        r=int(data["r"]),
+        alpha=float(data.get("lora_alpha", data["r"])),
+        dropout=float(data.get("lora_dropout", 0.0)),
+        use_rslora=bool(data.get("use_rslora", False)),
+        target_modules=None,
+    )
+
+
+def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None, *, check_base: bool = True) -> str:
+    """Add the adapter saved at `path` (ours or PEFT's LoRA) to `model`; returns its name.
+
+    The base fingerprint is checked, and every weight must land on a layer of the right shape.
+    """
+    path = Path(path)
+    data, tensors = read_adapter(path)
+    source = str(path / CONFIG_FILE)
+    extras = data.get("edgelora") or {}
+    config = adapter_config(data, source)
+    name = name or extras.get("name") or path.name
+    fp = extras.get("base_fingerprint")
+    if check_base and fp and fp != model.base_fingerprint:
+        raise EdgeloraError(
+            f"{path}: adapter was trained on another base (fingerprint {fp[:12]}…, this base {model.base_fingerprint[:12]}…); "
+            "export it with the base it was trained on"
+        )
+    if f"{HEAD_PREFIX}weight" in tensors:
+        n_labels = tensors[f"{HEAD_PREFIX}weight"].shape[0]
+        labels = list(extras.get("labels") or [str(i) for i in range(n_labels)])
+    else:
+        labels = ["0", "1"]  # a PEFT adapter without our head: a placeholder head, reported as such
+    quant = extras.get("quantization")
+    layer_names = sorted(
+        {k[len(PEFT_PREFIX):].split(".lora_A.")[0] for k in tensors if ".lora_A." in k}
+        | {k[len(PEFT_PREFIX):].split(".bottleneck.")[0] for k in tensors if ".bottleneck." in k}
+    )
+    if not layer_names:
+        raise EdgeloraError(f"{path / WEIGHTS_FILE}: holds no LoRA or bottleneck weights")
+    known = set(model.quantizable_names())
+    resolved = {n: _resolve_layer(n, known) for n in layer_names}
+    missing = [n for n, r in resolved.items() if r is None]
+    if missing:
+        raise EdgeloraError(f"{path}: adapter targets layers this base does not have ({', '.join(missing[:3])}); wrong base?")
+    if isinstance(config, LoraConfig):
+        config = LoraConfig(
+            r=config.r, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora,
+            target_modules=tuple(sorted(resolved.values())),
+        )
+    model.add_adapter(name, config, labels, quant=QuantConfig(**quant) if quant else model.quant)
+    state = _module_state(name, tensors, resolved)
+    own = {k: v for k, v in model.state_dict().items() if k in state}
+    for key, value in state.items():
+        if key not in own:
+            model.delete_adapter(name)
+            raise EdgeloraError(f"{path}: weight {key} has no place in this model; the adapter is for another base")
+        if tuple(own[key].shape) != tuple(value.shape):
+            model.delete_adapter(name)
+            raise EdgeloraError(
+                f"{path}: {key} has shape {tuple(value.shape)} but this base needs {tuple(own[key].shape)}; "
+                "the adapter is for another base or rank"
+            )
+    model.load_state_dict(state, strict=False)
+    return name
+
+
+def _resolve_layer(name: str, known: set[str]) -> str | None:
+    """PEFT keys of a task model carry the backbone's attribute (`bert.encoder...`, `model.layers...`);
+    ours start at the backbone. Drop leading segments until the name is a layer of this base."""
+    parts = name.split(".")
+    for i in range(min(3, len(parts))):
+        candidate = ".".join(parts[i:])
+        if candidate in known:
+            return candidate
+    return None
+
+
+def _module_state(name: str, tensors: dict[str, torch.Tensor], resolved: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Map file keys to this model's state-dict keys for adapter `name`."""
+    state: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.startswith(HEAD_PREFIX):
+            state[f"heads.{name}.{key[len(HEAD_PREFIX):]}"] = value
+            continue
+        inner = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        for marker in (".lora_A.", ".lora_B.", ".bottleneck."):
+            if marker in inner:
+                layer, _, rest = inner.partition(marker)
+                rest = rest.split(".")[-1] if marker != ".bottleneck." else rest  # PEFT may keep ".default."
+                state[f"base.{resolved[layer]}{marker}{name}.{rest}"] = value
+    return state

@@ -1,0 +1,66 @@
+"""Write a bundle directory atomically: model.onnx, adapters/, tokenizer, manifest.json with sha256s.
+
+Everything is written into a temporary sibling directory and renamed into place at the end, so a
+failed or killed export never leaves half a bundle and never destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgelora.errors import EdgeloraError
+from edgelora.peft_format import _umask_mode, replace_dir
+
+BUNDLE_FORMAT = "edgelora-bundle"
+BUNDLE_FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json",)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_bundle(out: Path, manifest: dict[str, Any], writers: dict[str, Callable[[Path], None]], tokenizer_dir: Path | None) -> Path:
+    """Create bundle `out` from `writers` (relative path -> function writing that file) and a manifest.
+
+    The manifest gets `files` (sha256 of every file) and each adapter entry its file's sha256.
+    """
+    out = Path(out)
+    if out.exists() and not (out / "manifest.json").is_file():
+        if out.is_file() or any(out.iterdir()):
+            raise EdgeloraError(f"{out}: exists and is not a bundle; choose an empty or new --out directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _umask_mode(tmp)
+    try:
+        for rel, write in writers.items():
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write(target)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copyfile(tokenizer_dir / name, tmp / name)
+        files = {
+            str(p.relative_to(tmp).as_posix()): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        manifest = dict(manifest, format=BUNDLE_FORMAT, format_version=BUNDLE_FORMAT_VERSION, files=files)
+        for entry in manifest.get("adapters", []):
+            if entry.get("file"):
+                entry["sha256"] = files[entry["file"]]
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
