@@ -1,0 +1,478 @@
+"""Load an edgelora bundle into one ONNX Runtime CPU session and run text or feeds through it.
+
+The bundle (manifest.json, model.onnx, tokenizer, adapters/*.onnx_adapter) is checked before anything
+is loaded: format, version and every file's sha256. In switchable mode each adapter is loaded once and
+bound to its own RunOptions, so choosing an adapter per call costs microseconds and never a new session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import onnxruntime as ort
+
+from edgelora.errors import EdgeloraError
+from edgelora.runtime.cpu import detect_isa, int8_saturates
+
+FORMAT = "edgelora-bundle"
+FORMAT_VERSION = 1  # the newest bundle format this runtime reads
+MODES = ("merged", "switchable")
+_PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<PAD>")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    """ORT errors carry C++ source paths and several lines; keep the part a user can read."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\S+\.(?:cc|cpp|h):\d+ .*?\)\s+(?=[A-Z])", "", text)  # C++ file:line and signature
+    return text.split(" : ", 2)[-1][:300]
+
+
+def _safe_relpath(rel: object, manifest: Path) -> str:
+    p = PurePosixPath(str(rel))
+    if not isinstance(rel, str) or not rel or p.is_absolute() or ".." in p.parts:
+        raise EdgeloraError(f"{manifest}: file entry {rel!r} must be a relative path inside the bundle; re-export it")
+    return rel
+
+
+def read_manifest(bundle_dir: str | os.PathLike, *, verify: bool = True) -> dict:
+    """Read and check a bundle's manifest.json; with `verify`, also every listed file's sha256.
+
+    Raises EdgeloraError (one line naming the file) on a missing directory or manifest, invalid JSON,
+    a foreign format, a newer format_version, a malformed field, or a missing or altered file.
+    """
+    bundle = Path(bundle_dir)
+    if not bundle.exists():
+        raise EdgeloraError(f"{bundle}: bundle directory not found; pass the directory `edgelora export` wrote")
+    if not bundle.is_dir():
+        raise EdgeloraError(f"{bundle}: not a directory; a bundle is a directory with manifest.json and model.onnx")
+    path = bundle / "manifest.json"
+    if not path.is_file():
+        raise EdgeloraError(f"{path}: missing; this is not an edgelora bundle (re-export it with `edgelora export`)")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EdgeloraError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); re-export the bundle") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeloraError(f"{path}: cannot read it ({e}); check the file") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise EdgeloraError(f"{path}: format is {got!r}, not {FORMAT!r}; this is not an edgelora bundle")
+    version = m.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise EdgeloraError(f"{path}: format_version {version!r} is not a positive integer; re-export the bundle")
+    if version > FORMAT_VERSION:
+        raise EdgeloraError(
+            f"{path}: written by a newer edgelora (format_version {version}, this one reads up to "
+            f"{FORMAT_VERSION}); upgrade edgelora"
+        )
+    _check_fields(m, path)
+    if verify:
+        _verify_files(bundle, m, path)
+    return m
+
+
+def _check_fields(m: dict, path: Path) -> None:
+    def bad(field: str, want: str) -> EdgeloraError:
+        return EdgeloraError(f"{path}: {field} is {m.get(field)!r}, expected {want}; re-export the bundle")
+
+    if m.get("mode") not in MODES:
+        raise bad("mode", "'merged' or 'switchable'")
+    for key in ("inputs", "outputs"):
+        v = m.get(key)
+        if not isinstance(v, list) or not v or not all(isinstance(s, str) for s in v):
+            raise bad(key, "a non-empty list of names")
+    if not isinstance(m.get("files"), dict):
+        raise bad("files", "a mapping of file name to sha256")
+    for rel in m["files"]:
+        _safe_relpath(rel, path)
+    tok = m.get("tokenizer")
+    if tok is not None and not (
+        isinstance(tok, dict) and isinstance(tok.get("file"), str)
+        and isinstance(tok.get("max_length"), int) and tok["max_length"] > 0
+    ):
+        raise bad("tokenizer", "null or {'file': str, 'max_length': positive int}")
+    adapters = m.get("adapters")
+    if not isinstance(adapters, list) or not all(isinstance(a, dict) and isinstance(a.get("name"), str)
+                                                 and isinstance(a.get("labels", []), list) for a in adapters):
+        raise bad("adapters", "a list of {'name': str, 'labels': [str, ...], ...}")
+    names = [a["name"] for a in adapters]
+    if len(set(names)) != len(names):
+        raise EdgeloraError(f"{path}: adapter names repeat ({', '.join(names)}); re-export the bundle")
+    if m["mode"] == "merged" and len(adapters) > 1:
+        raise EdgeloraError(f"{path}: a merged bundle holds at most one adapter, found {len(adapters)}; re-export it")
+    if m["mode"] == "switchable":
+        for a in adapters:
+            if not isinstance(a.get("file"), str):
+                raise EdgeloraError(f"{path}: adapter {a['name']!r} has no 'file'; re-export the bundle")
+            _safe_relpath(a["file"], path)
+
+
+def _verify_files(bundle: Path, m: dict, path: Path) -> None:
+    needed = ["model.onnx"]
+    if m.get("tokenizer"):
+        needed.append(m["tokenizer"]["file"])
+    for a in m["adapters"]:
+        if m["mode"] == "switchable":
+            needed.append(a["file"])
+            if a.get("sha256") and a["sha256"] != m["files"].get(a["file"]):
+                raise EdgeloraError(
+                    f"{path}: adapter {a['name']!r} sha256 disagrees with 'files'; re-export the bundle"
+                )
+    for rel in needed:
+        if rel not in m["files"]:
+            raise EdgeloraError(f"{path}: 'files' lists no sha256 for {rel}; re-export the bundle")
+    for rel, digest in m["files"].items():
+        f = bundle / rel
+        if not f.is_file():
+            raise EdgeloraError(f"{f}: missing (listed in manifest.json); the bundle is incomplete, re-export it")
+        if _sha256(f) != str(digest).lower():
+            raise EdgeloraError(
+                f"{f}: sha256 does not match manifest.json (changed or corrupt); restore the file or re-export"
+            )
+
+
+class Runtime:
+    """A bundle loaded into one ONNX Runtime CPU session, with its adapters ready to switch.
+
+    Example:
+        >>> rt = Runtime("bundles/minilm-int8")               # doctest: +SKIP
+        >>> rt.predict(["great film"], adapter="sentiment")  # doctest: +SKIP
+        [{'label': 'pos', 'score': 0.97, 'scores': {'neg': 0.03, 'pos': 0.97}}]
+
+    Args:
+        bundle_dir: the directory `edgelora export` wrote.
+        intra_op_threads: ORT intra-op threads; None means the physical cores (SMT siblings only add
+            contention for GEMM-bound work).
+        allow_spinning: let idle pool threads spin between runs. Faster for one session alone; turn it off
+            when several sessions or processes share the cores, or they steal each other's cores.
+        optimized_cache: save the ORT-optimized graph under `<bundle>/.cache/` and load it next time,
+            skipping graph optimization. Keyed by model sha256, ORT version and ISA; skipped silently where
+            the bundle directory is read-only.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike,
+        *,
+        intra_op_threads: int | None = None,
+        allow_spinning: bool = True,
+        optimized_cache: bool = True,
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest: dict = read_manifest(self.bundle_dir)
+        cpu = detect_isa()
+        threads = cpu.physical_cores if intra_op_threads is None else intra_op_threads
+        if not isinstance(threads, int) or threads < 1:
+            raise EdgeloraError(f"intra_op_threads is {intra_op_threads!r}; pass a positive integer or None")
+        self.intra_op_threads = threads
+        self._spinning = "1" if allow_spinning else "0"
+        self._warn_if_saturating(cpu.isa)
+        self._session = self._load_session(cpu.isa, optimized_cache)
+        self._check_io()
+        self._tokenizer = self._load_tokenizer()
+        self._entries = {a["name"]: a for a in self.manifest["adapters"]}
+        # Adapters reach the graph only through RunOptions, and ORT ignores them on the IOBinding path
+        # (run_with_iobinding silently runs the plain base), so every run here goes through session.run.
+        self._run_options: dict[str | None, ort.RunOptions] = {None: ort.RunOptions()}
+        self._lora: list[ort.LoraAdapter] = []  # keeps the loaded adapters alive for their RunOptions
+        if self.manifest["mode"] == "switchable":
+            for entry in self.manifest["adapters"]:
+                self._run_options[entry["name"]] = self._load_adapter(entry)
+        elif self.manifest["adapters"]:
+            self._run_options[self.manifest["adapters"][0]["name"]] = self._run_options[None]
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _options(self, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3  # ORT warns on every overridable initializer; errors still surface
+        so.add_session_config_entry("session.intra_op.allow_spinning", self._spinning)
+        so.add_session_config_entry("session.inter_op.allow_spinning", self._spinning)
+        return so
+
+    def _warn_if_saturating(self, isa: str) -> None:
+        quant = self.manifest.get("quantization")
+        if self.manifest.get("precision") == "int8" and isinstance(quant, dict) and quant.get("weight_bits") == 8 \
+                and int8_saturates(isa):
+            warnings.warn(
+                f"{self.bundle_dir}: 8-bit int8 weights (tuned for {quant.get('isa', 'another CPU')}) on this {isa} "
+                "CPU, whose int8 kernel saturates 16-bit pair sums: expect accuracy loss; export with 7-bit "
+                "weights for this CPU",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _load_session(self, isa: str, use_cache: bool) -> ort.InferenceSession:
+        model = self.bundle_dir / "model.onnx"
+        sha = str(self.manifest["files"]["model.onnx"])[:12]
+        cache = self.bundle_dir / ".cache" / f"model.{sha}.{ort.__version__}.{isa}.opt.onnx"
+        providers = ["CPUExecutionProvider"]
+        if use_cache and cache.is_file() and cache.stat().st_mtime >= model.stat().st_mtime:
+            try:  # already optimized offline: ORT's docs say load it with optimizations off
+                return ort.InferenceSession(str(cache), self._options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                                            providers=providers)
+            except Exception:  # noqa: BLE001 - a stale or damaged cache is rebuilt from model.onnx below
+                pass
+        so = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        tmp = None
+        if use_cache:
+            try:
+                cache.parent.mkdir(exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name + ".", suffix=".tmp")
+                os.close(fd)
+                so.optimized_model_filepath = tmp
+            except OSError:  # read-only bundle: run without a cache
+                tmp = None
+        try:
+            session = ort.InferenceSession(str(model), so, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+            raise EdgeloraError(
+                f"{model}: onnxruntime cannot load it ({_first_line(e)}); re-export the bundle"
+            ) from None
+        if tmp:
+            try:
+                os.replace(tmp, cache)  # atomic: a concurrent loader sees the old cache or the whole new one
+            except OSError:
+                Path(tmp).unlink(missing_ok=True)
+            for old in cache.parent.glob("model.*.opt.onnx"):  # caches of a model.onnx since replaced
+                if not old.name.startswith(f"model.{sha}."):
+                    old.unlink(missing_ok=True)
+        return session
+
+    def _check_io(self) -> None:
+        model = self.bundle_dir / "model.onnx"
+        self._session_inputs = {i.name: i for i in self._session.get_inputs()}
+        unfed = sorted(set(self._session_inputs) - set(self.manifest["inputs"]))
+        if unfed:
+            raise EdgeloraError(
+                f"{model}: graph inputs {unfed} are not in manifest.json 'inputs'; re-export the bundle"
+            )
+        outputs = {o.name for o in self._session.get_outputs()}
+        missing = [o for o in self.manifest["outputs"] if o not in outputs]
+        if missing:
+            raise EdgeloraError(f"{model}: has no output {missing} that manifest.json lists; re-export the bundle")
+        self._outputs = list(self.manifest["outputs"])
+
+    def _load_tokenizer(self):
+        spec = self.manifest.get("tokenizer")
+        if not spec:
+            return None
+        from tokenizers import Tokenizer
+
+        path = self.bundle_dir / spec["file"]
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
+            raise EdgeloraError(f"{path}: not a readable tokenizers JSON file ({_first_line(e)}); re-export") from None
+        tok.enable_truncation(max_length=spec["max_length"])
+        pad = tok.padding or {}
+        pad_token = pad.get("pad_token")
+        if pad_token is None or tok.token_to_id(pad_token) is None:
+            pad_token = next((t for t in _PAD_TOKENS if tok.token_to_id(t) is not None), None)
+        pad_id = tok.token_to_id(pad_token) if pad_token else 0  # padded positions are masked out anyway
+        tok.enable_padding(pad_id=pad_id, pad_token=pad_token or tok.id_to_token(0) or "[PAD]",
+                           pad_type_id=pad.get("pad_type_id", 0), direction=pad.get("direction", "right"))
+        return tok  # enable_padding without length pads each batch to its longest row
+
+    def _load_adapter(self, entry: dict) -> ort.RunOptions:
+        path = self.bundle_dir / entry["file"]
+        slots = {i.name: i for i in self._session.get_overridable_initializers()}
+        try:
+            params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+        except Exception as e:  # noqa: BLE001
+            raise EdgeloraError(f"{path}: not a valid .onnx_adapter file ({_first_line(e)}); re-export it") from None
+        for name, value in params.items():
+            slot = slots.get(name)
+            if slot is None:
+                raise EdgeloraError(
+                    f"{path}: parameter {name!r} is not an adapter input of model.onnx; "
+                    "this adapter was exported for another base, re-export it against this bundle"
+                )
+            shape = value.shape()
+            fits = len(shape) == len(slot.shape) and all(
+                not isinstance(want, int) or want == got for want, got in zip(slot.shape, shape)
+            )
+            if not fits or value.data_type() != slot.type:
+                raise EdgeloraError(
+                    f"{path}: parameter {name!r} is {value.data_type()}{list(shape)}, model.onnx expects "
+                    f"{slot.type}{list(slot.shape)}; re-export the adapter against this bundle"
+                )
+        adapter = ort.LoraAdapter()
+        try:
+            adapter.Load(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise EdgeloraError(
+                f"{path}: onnxruntime cannot load the adapter ({_first_line(e)}); re-export it"
+            ) from None
+        self._lora.append(adapter)
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+        return options
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """Adapter names, in manifest order (the baked one in merged mode)."""
+        return tuple(a["name"] for a in self.manifest["adapters"])
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Size of the tokenizer's vocabulary (with added tokens), or None for a bundle without one."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True) if self._tokenizer else None
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The ORT session. Never use it with run_with_iobinding and adapters: ORT ignores them there."""
+        return self._session
+
+    def _options_for(self, adapter: str | None) -> ort.RunOptions:
+        if adapter in self._run_options:
+            return self._run_options[adapter]
+        available = ", ".join(self.adapters) or "none"
+        if self.manifest["mode"] == "merged":
+            raise EdgeloraError(
+                f"{self.bundle_dir}: merged bundle has adapter {available} baked in, not {adapter!r}; "
+                "pass adapter=None or that name"
+            )
+        raise EdgeloraError(f"{self.bundle_dir}: no adapter {adapter!r}; available: {available}")
+
+    def labels(self, adapter: str | None = None) -> tuple[str, ...]:
+        """Label names of an adapter's logits columns (in merged mode, of the baked adapter)."""
+        self._options_for(adapter)
+        if adapter is None:
+            if self.manifest["mode"] == "switchable" or not self.adapters:
+                return ()
+            adapter = self.adapters[0]
+        return tuple(self._entries[adapter].get("labels", []))
+
+    def tokenize(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
+        """Texts -> int64 feeds [batch, seq], truncated to max_length and padded to the longest text."""
+        if self._tokenizer is None:
+            raise EdgeloraError(f"{self.bundle_dir / 'manifest.json'}: bundle has no tokenizer; pass feeds instead")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise EdgeloraError("tokenize: pass a non-empty list of strings")
+        enc = self._tokenizer.encode_batch(list(texts))
+        columns = {
+            "input_ids": [e.ids for e in enc],
+            "attention_mask": [e.attention_mask for e in enc],
+            "token_type_ids": [e.type_ids for e in enc],
+        }
+        feeds = {}
+        for name in self.manifest["inputs"]:
+            if name not in columns:
+                raise EdgeloraError(
+                    f"{self.bundle_dir / 'manifest.json'}: input {name!r} cannot be made from text; pass feeds"
+                )
+            feeds[name] = np.asarray(columns[name], dtype=np.int64)
+        return feeds
+
+    def _check_feeds(self, feeds: Mapping[str, object]) -> dict[str, np.ndarray]:
+        known = set(self.manifest["inputs"])
+        unknown = sorted(set(feeds) - known)
+        if unknown:
+            raise EdgeloraError(f"feeds {unknown} are not inputs of {self.bundle_dir}; expected {sorted(known)}")
+        out = {k: np.asarray(v) for k, v in feeds.items() if k in self._session_inputs}
+        if "input_ids" in out:  # friendly defaults for the two inputs whose value is obvious
+            if "attention_mask" in self._session_inputs and "attention_mask" not in out:
+                out["attention_mask"] = np.ones_like(out["input_ids"], dtype=np.int64)
+            if "token_type_ids" in self._session_inputs and "token_type_ids" not in out:
+                out["token_type_ids"] = np.zeros_like(out["input_ids"], dtype=np.int64)
+        missing = sorted(set(self._session_inputs) - set(out))
+        if missing:
+            raise EdgeloraError(f"feeds lack inputs {missing} of {self.bundle_dir}; pass them or pass texts")
+        for k, v in out.items():
+            if v.dtype.kind in "iub" and v.dtype != np.int64 and "int64" in self._session_inputs[k].type:
+                out[k] = v.astype(np.int64)
+        return out
+
+    def run(self, x: str | Sequence[str] | Mapping[str, object], adapter: str | None = None) -> dict[str, np.ndarray]:
+        """Run texts (tokenized here) or a dict of numpy feeds; returns the manifest's outputs by name.
+
+        Args:
+            adapter: in switchable mode the adapter to apply, None for the plain base (then `logits`
+                is [batch, 0]); in merged mode None or the baked adapter's name.
+        """
+        options = self._options_for(adapter)
+        feeds = self._check_feeds(x) if isinstance(x, Mapping) else self.tokenize(x)
+        try:
+            values = self._session.run(self._outputs, feeds, options)
+        except Exception as e:  # noqa: BLE001
+            raise EdgeloraError(
+                f"{self.bundle_dir / 'model.onnx'}: run failed ({_first_line(e)}); check the feeds' shapes and dtypes"
+            ) from None
+        return dict(zip(self._outputs, values))
+
+    def predict(
+        self,
+        texts: str | Sequence[str],
+        adapter: str | None = None,
+        *,
+        adapters: Sequence[str | None] | None = None,
+        batch_size: int = 32,
+    ) -> list[dict]:
+        """Classify texts: per text {"label", "score", "scores": {label: probability}} (softmax of logits).
+
+        Args:
+            adapter: the adapter for every text.
+            adapters: instead, one adapter per text. ORT applies one adapter set per run, so rows are
+                grouped by adapter and each group runs separately; results come back in input order.
+            batch_size: texts per session run; bounds padding waste and memory on long inputs.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        per_row = list(adapters) if adapters is not None else [adapter] * len(texts)
+        if len(per_row) != len(texts):
+            raise EdgeloraError(f"predict: {len(per_row)} adapters for {len(texts)} texts; pass one per text")
+        results: list[dict | None] = [None] * len(texts)
+        for name in dict.fromkeys(per_row):
+            labels = self.labels(name)
+            if not labels:
+                available = ", ".join(self.adapters) or "none"
+                raise EdgeloraError(
+                    f"{self.bundle_dir}: no labels without an adapter; pass adapter= one of {available}"
+                )
+            rows = [i for i, a in enumerate(per_row) if a == name]
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                logits = self.run([texts[i] for i in chunk], name)["logits"].astype(np.float64)
+                if logits.shape[-1] != len(labels):
+                    raise EdgeloraError(
+                        f"{self.bundle_dir / 'manifest.json'}: adapter {name!r} lists {len(labels)} labels but "
+                        f"model.onnx gives {logits.shape[-1]} logits; re-export the bundle"
+                    )
+                z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+                probs = z / z.sum(axis=-1, keepdims=True)  # (batch, num_labels)
+                for i, p in zip(chunk, probs):
+                    best = int(p.argmax())
+                    results[i] = {"label": labels[best], "score": float(p[best]),
+                                  "scores": {lab: float(q) for lab, q in zip(labels, p)}}
+        return results  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"Runtime({str(self.bundle_dir)!r}, mode={m['mode']}, precision={m.get('precision')}, "
+                f"adapters={list(self.adapters)}, threads={self.intra_op_threads})")

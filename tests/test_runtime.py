@@ -1,0 +1,389 @@
+"""Runtime against numpy references on tiny hand-built bundles, and every bad bundle's one-line error.
+
+The bundles are an embedding Gather + masked mean pool + MatMul head, written with onnx.helper, plus a
+WordLevel tokenizer; the switchable variant takes its head as overridable initializers of size zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+
+from edgelora.errors import EdgeloraError
+from edgelora.runtime import Runtime, detect_isa
+
+HIDDEN = 8
+MAX_LENGTH = 6
+WORDS = ["[PAD]", "[UNK]", "the", "a", "good", "bad", "film", "movie", "great", "awful"]
+WORDS += [f"w{i}" for i in range(50 - len(WORDS))]
+# fp32 graph vs float64 numpy: a mean over <= MAX_LENGTH rows and one small matmul
+ATOL = 1e-5
+TEXTS = ["the good film", "a bad movie w3 w4 w5 w6 w7 w8", "great"]
+
+
+@dataclass
+class Tiny:
+    """A tiny bundle on disk and the weights that make its numpy reference."""
+
+    path: Path
+    emb: np.ndarray
+    heads: dict[str | None, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _graph(emb: np.ndarray, head: tuple[np.ndarray, np.ndarray] | None) -> onnx.ModelProto:
+    """Gather -> masked mean pool -> embeddings -> MatMul + Add -> logits; head None makes it switchable."""
+    t = TensorProto
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["x"]),  # (batch, seq, hidden)
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=t.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "ax_last"], ["m3"]),  # (batch, seq, 1)
+        helper.make_node("Mul", ["x", "m3"], ["xm"]),
+        helper.make_node("ReduceSum", ["xm", "ax1"], ["s"], keepdims=0),
+        helper.make_node("ReduceSum", ["m3", "ax1"], ["c"], keepdims=0),
+        helper.make_node("Div", ["s", "c"], ["embeddings"]),  # (batch, hidden)
+        helper.make_node("MatMul", ["embeddings", "head.weight"], ["z"]),
+        helper.make_node("Add", ["z", "head.bias"], ["logits"]),  # (batch, num_labels)
+    ]
+    w, b = head if head is not None else (np.zeros((HIDDEN, 0), np.float32), np.zeros((0,), np.float32))
+    inits = [
+        numpy_helper.from_array(emb, "emb"),
+        numpy_helper.from_array(np.array([-1], np.int64), "ax_last"),
+        numpy_helper.from_array(np.array([1], np.int64), "ax1"),
+        numpy_helper.from_array(w, "head.weight"),
+        numpy_helper.from_array(b, "head.bias"),
+    ]
+    inputs = [helper.make_tensor_value_info(n, t.INT64, ["batch", "seq"]) for n in ("input_ids", "attention_mask")]
+    labels_dim: int | str = w.shape[1] if head is not None else "num_labels"
+    if head is None:  # overridable initializers: graph inputs with same-named zero-size defaults
+        inputs += [
+            helper.make_tensor_value_info("head.weight", t.FLOAT, [HIDDEN, "num_labels"]),
+            helper.make_tensor_value_info("head.bias", t.FLOAT, ["num_labels"]),
+        ]
+    outputs = [
+        helper.make_tensor_value_info("logits", t.FLOAT, ["batch", labels_dim]),
+        helper.make_tensor_value_info("embeddings", t.FLOAT, ["batch", HIDDEN]),
+    ]
+    graph = helper.make_graph(nodes, "tiny", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def _write_adapter(path: Path, w: np.ndarray, b: np.ndarray) -> None:
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({"head.weight": ort.OrtValue.ortvalue_from_numpy(w),
+                        "head.bias": ort.OrtValue.ortvalue_from_numpy(b)})
+    fmt.export_adapter(str(path))
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Refresh every sha256 in `files` from disk and write manifest.json."""
+    manifest["files"] = {rel: _sha(path / rel) for rel in manifest["files"]}
+    for a in manifest["adapters"]:
+        if a["file"]:
+            a["sha256"] = manifest["files"][a["file"]]
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def make_bundle(root: Path, mode: str = "merged", precision: str = "fp32", seed: int = 0) -> Tiny:
+    """Write a tiny bundle: merged (adapter "sentiment", 2 labels) or switchable ("sentiment" + "topic")."""
+    rng = np.random.default_rng(seed)
+    path = root / f"tiny-{mode}-{precision}"
+    (path / "adapters").mkdir(parents=True)
+    emb = rng.standard_normal((len(WORDS), HIDDEN)).astype(np.float32)
+    tiny = Tiny(path, emb)
+    specs = {"sentiment": ["neg", "pos"], "topic": ["art", "sport", "news"]}
+    heads = {n: (rng.standard_normal((HIDDEN, len(lab))).astype(np.float32),
+                 rng.standard_normal(len(lab)).astype(np.float32)) for n, lab in specs.items()}
+    files = ["model.onnx", "tokenizer.json"]
+    if mode == "merged":
+        tiny.heads = {None: heads["sentiment"], "sentiment": heads["sentiment"]}
+        onnx.save(_graph(emb, heads["sentiment"]), path / "model.onnx")
+        adapters = [{"name": "sentiment", "kind": "lora", "labels": specs["sentiment"], "file": None, "sha256": None}]
+    else:
+        tiny.heads = dict(heads)
+        onnx.save(_graph(emb, None), path / "model.onnx")
+        adapters = []
+        for name, labels in specs.items():
+            rel = f"adapters/{name}.onnx_adapter"
+            _write_adapter(path / rel, *heads[name])
+            files.append(rel)
+            adapters.append({"name": name, "kind": "lora", "labels": labels, "file": rel, "sha256": None})
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    manifest = {
+        "format": "edgelora-bundle", "format_version": 1, "edgelora_version": "0.1.0",
+        "mode": mode, "precision": precision,
+        "base": {"name": "tiny", "fingerprint": "0" * 64, "architecture": "tiny", "hidden_size": HIDDEN},
+        "inputs": ["input_ids", "attention_mask"], "outputs": ["logits", "embeddings"],
+        "tokenizer": {"file": "tokenizer.json", "max_length": MAX_LENGTH},
+        "adapters": adapters, "files": dict.fromkeys(files), "quantization": None, "validation": {},
+    }
+    write_manifest(path, manifest)
+    return tiny
+
+
+def reference(tiny: Tiny, texts: list[str], adapter: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """numpy logits and embeddings, tokenizing each text alone (so padding must not change results)."""
+    ids = [[WORDS.index(w) if w in WORDS else 1 for w in t.split()][:MAX_LENGTH] for t in texts]
+    pooled = np.stack([tiny.emb[i].astype(np.float64).mean(axis=0) for i in ids])  # (batch, hidden)
+    if adapter not in tiny.heads:
+        return np.zeros((len(texts), 0)), pooled
+    w, b = tiny.heads[adapter]
+    return pooled @ w + b, pooled
+
+
+@pytest.fixture
+def merged(tmp_path: Path) -> Tiny:
+    return make_bundle(tmp_path, "merged")
+
+
+@pytest.fixture
+def switchable(tmp_path: Path) -> Tiny:
+    return make_bundle(tmp_path, "switchable")
+
+
+def edit_manifest(path: Path, **changes) -> None:
+    m = json.loads((path / "manifest.json").read_text())
+    m.update(changes)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+# -- results --------------------------------------------------------------------------------------
+
+
+def test_merged_run_matches_numpy_reference(merged: Tiny) -> None:
+    rt = Runtime(merged.path, intra_op_threads=1)
+    out = rt.run(TEXTS)
+    logits, pooled = reference(merged, TEXTS, None)
+    np.testing.assert_allclose(out["logits"], logits, atol=ATOL)
+    np.testing.assert_allclose(out["embeddings"], pooled, atol=ATOL)
+    np.testing.assert_allclose(rt.run(TEXTS, adapter="sentiment")["logits"], logits, atol=ATOL)
+    assert rt.adapters == ("sentiment",) and rt.labels() == ("neg", "pos")
+
+
+def test_tokenize_truncates_and_pads_to_longest(merged: Tiny) -> None:
+    rt = Runtime(merged.path, intra_op_threads=1)
+    short = rt.tokenize(["good", "a film"])
+    assert short["input_ids"].shape == (2, 2) and short["input_ids"].dtype == np.int64
+    np.testing.assert_array_equal(short["attention_mask"], [[1, 0], [1, 1]])
+    assert rt.tokenize(TEXTS)["input_ids"].shape == (3, MAX_LENGTH)
+
+
+def test_feeds_give_the_same_result_as_texts(merged: Tiny) -> None:
+    rt = Runtime(merged.path, intra_op_threads=1)
+    feeds = rt.tokenize(TEXTS)
+    np.testing.assert_array_equal(rt.run(feeds)["logits"], rt.run(TEXTS)["logits"])
+    no_mask = {"input_ids": feeds["input_ids"][1:2].astype(np.int32)}  # the unpadded row; mask defaults to ones
+    np.testing.assert_allclose(rt.run(no_mask)["logits"], rt.run(TEXTS[1:2])["logits"], atol=ATOL)
+
+
+def test_predict_gives_softmax_over_labels(merged: Tiny) -> None:
+    preds = Runtime(merged.path, intra_op_threads=1).predict(TEXTS)
+    logits, _ = reference(merged, TEXTS, None)
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    for pred, row in zip(preds, p):
+        assert pred["label"] == ["neg", "pos"][row.argmax()]
+        assert pred["score"] == pytest.approx(row.max(), abs=ATOL)
+        assert set(pred["scores"]) == {"neg", "pos"}
+
+
+def test_switchable_without_adapter_is_the_plain_base(switchable: Tiny) -> None:
+    rt = Runtime(switchable.path, intra_op_threads=1)
+    out = rt.run(TEXTS)
+    assert out["logits"].shape == (len(TEXTS), 0)
+    np.testing.assert_allclose(out["embeddings"], reference(switchable, TEXTS, None)[1], atol=ATOL)
+    assert rt.labels() == ()
+
+
+def test_switchable_each_adapter_matches_its_reference(switchable: Tiny) -> None:
+    rt = Runtime(switchable.path, intra_op_threads=1)
+    assert rt.adapters == ("sentiment", "topic")
+    for name in rt.adapters:
+        np.testing.assert_allclose(rt.run(TEXTS, adapter=name)["logits"],
+                                   reference(switchable, TEXTS, name)[0], atol=ATOL)
+    assert rt.labels("topic") == ("art", "sport", "news")
+
+
+def test_switching_back_and_forth_is_consistent(switchable: Tiny) -> None:
+    rt = Runtime(switchable.path, intra_op_threads=1)
+    first = {a: rt.run(TEXTS, adapter=a)["logits"] for a in (None, "sentiment", "topic")}
+    for a in ["topic", None, "sentiment", "topic", "sentiment", None] * 2:
+        np.testing.assert_array_equal(rt.run(TEXTS, adapter=a)["logits"], first[a])
+
+
+def test_predict_with_one_adapter_per_row(switchable: Tiny) -> None:
+    rt = Runtime(switchable.path, intra_op_threads=1)
+    preds = rt.predict(TEXTS, adapters=["topic", "sentiment", "topic"], batch_size=1)
+    assert [set(p["scores"]) for p in preds] == [{"art", "sport", "news"}, {"neg", "pos"}, {"art", "sport", "news"}]
+    assert preds[1] == rt.predict(TEXTS[1], adapter="sentiment")[0]
+
+
+def test_optimized_graph_is_cached_and_reused(switchable: Tiny) -> None:
+    first = Runtime(switchable.path, intra_op_threads=1).run(TEXTS, adapter="topic")["logits"]
+    cached = list((switchable.path / ".cache").glob("*.opt.onnx"))
+    assert len(cached) == 1 and ort.__version__ in cached[0].name
+    os.utime(cached[0], (1e10, 1e10))  # mark it; a reload must not rewrite it
+    again = Runtime(switchable.path, intra_op_threads=1)
+    assert cached[0].stat().st_mtime == 1e10
+    np.testing.assert_array_equal(again.run(TEXTS, adapter="topic")["logits"], first)
+    assert again.run(TEXTS)["logits"].shape == (len(TEXTS), 0)
+
+
+def test_cache_of_a_replaced_model_is_dropped(merged: Tiny) -> None:
+    Runtime(merged.path, intra_op_threads=1)
+    (old,) = (merged.path / ".cache").glob("*.opt.onnx")
+    other = make_bundle(merged.path.parent / "other", "merged", seed=1).path
+    (other / "model.onnx").replace(merged.path / "model.onnx")
+    write_manifest(merged.path, json.loads((merged.path / "manifest.json").read_text()))
+    Runtime(merged.path, intra_op_threads=1)
+    (new,) = (merged.path / ".cache").glob("*.opt.onnx")
+    assert new.name != old.name
+
+
+def test_damaged_cache_is_rebuilt(merged: Tiny) -> None:
+    Runtime(merged.path, intra_op_threads=1)
+    (cache,) = (merged.path / ".cache").glob("*.opt.onnx")
+    cache.write_bytes(b"not a model")
+    os.utime(cache, (1e10, 1e10))
+    np.testing.assert_allclose(Runtime(merged.path, intra_op_threads=1).run(TEXTS)["logits"],
+                               reference(merged, TEXTS, None)[0], atol=ATOL)
+    assert cache.read_bytes() != b"not a model"
+
+
+def test_read_only_bundle_runs_without_a_cache(merged: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr("edgelora.runtime.runtime.tempfile.mkstemp", refuse)  # chmod does not stop root
+    np.testing.assert_allclose(Runtime(merged.path, intra_op_threads=1).run(TEXTS)["logits"],
+                               reference(merged, TEXTS, None)[0], atol=ATOL)
+    assert not list((merged.path / ".cache").glob("*"))
+
+
+def test_no_cache_when_turned_off(merged: Tiny) -> None:
+    Runtime(merged.path, intra_op_threads=1, optimized_cache=False)
+    assert not (merged.path / ".cache").exists()
+
+
+@pytest.mark.parametrize(("flags", "warns"), [("avx2", True), ("avx2 avx512f avx512bw avx512_vnni", False)])
+def test_full_range_int8_on_a_saturating_cpu_warns(merged: Tiny, monkeypatch, flags: str, warns: bool) -> None:
+    edit_manifest(merged.path, precision="int8", quantization={"weight_bits": 8, "scheme": "qdq", "isa": "amx"})
+    fake = detect_isa(f"flags : {flags}\n", machine="x86_64")
+    monkeypatch.setattr("edgelora.runtime.runtime.detect_isa", lambda: fake)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Runtime(merged.path, intra_op_threads=1)
+    assert any("saturates" in str(w.message) for w in caught) is warns
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def test_unknown_adapter_lists_the_available_ones(switchable: Tiny, merged: Tiny) -> None:
+    rt = Runtime(switchable.path, intra_op_threads=1)
+    with pytest.raises(EdgeloraError, match=r"no adapter 'nope'; available: sentiment, topic"):
+        rt.run(TEXTS, adapter="nope")
+    with pytest.raises(EdgeloraError, match=r"available: sentiment, topic"):
+        rt.labels("nope")
+    with pytest.raises(EdgeloraError, match=r"merged bundle has adapter sentiment baked in, not 'topic'"):
+        Runtime(merged.path, intra_op_threads=1).run(TEXTS, adapter="topic")
+
+
+def test_missing_bundle_dir(tmp_path: Path) -> None:
+    with pytest.raises(EdgeloraError, match=r"nowhere: bundle directory not found"):
+        Runtime(tmp_path / "nowhere")
+
+
+def test_missing_manifest(merged: Tiny) -> None:
+    (merged.path / "manifest.json").unlink()
+    with pytest.raises(EdgeloraError, match=r"manifest\.json: missing; this is not an edgelora bundle"):
+        Runtime(merged.path)
+
+
+def test_manifest_not_json(merged: Tiny) -> None:
+    (merged.path / "manifest.json").write_text("{oops")
+    with pytest.raises(EdgeloraError, match=r"manifest\.json: not valid JSON"):
+        Runtime(merged.path)
+
+
+def test_foreign_format(merged: Tiny) -> None:
+    edit_manifest(merged.path, format="something-else")
+    with pytest.raises(EdgeloraError, match=r"manifest\.json: format is 'something-else', not 'edgelora-bundle'"):
+        Runtime(merged.path)
+
+
+def test_newer_format_version(merged: Tiny) -> None:
+    edit_manifest(merged.path, format_version=2)
+    with pytest.raises(EdgeloraError, match=r"manifest\.json: written by a newer edgelora .*; upgrade edgelora"):
+        Runtime(merged.path)
+
+
+def test_tampered_file_is_refused(switchable: Tiny) -> None:
+    path = switchable.path / "adapters" / "topic.onnx_adapter"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(EdgeloraError, match=r"topic\.onnx_adapter: sha256 does not match manifest\.json"):
+        Runtime(switchable.path)
+
+
+def test_missing_listed_file(merged: Tiny) -> None:
+    (merged.path / "tokenizer.json").unlink()
+    with pytest.raises(EdgeloraError, match=r"tokenizer\.json: missing \(listed in manifest\.json\)"):
+        Runtime(merged.path)
+
+
+def test_corrupt_model_is_refused_with_one_line(merged: Tiny) -> None:
+    (merged.path / "model.onnx").write_bytes(b"\x08\x01garbage" * 10)
+    write_manifest(merged.path, json.loads((merged.path / "manifest.json").read_text()))  # sha now agrees
+    with pytest.raises(EdgeloraError, match=r"model\.onnx: onnxruntime cannot load it \(.*\); re-export") as info:
+        Runtime(merged.path)
+    assert "\n" not in str(info.value)
+
+
+def test_adapter_for_another_head_is_refused(switchable: Tiny) -> None:
+    _write_adapter(switchable.path / "adapters" / "topic.onnx_adapter",
+                   np.zeros((HIDDEN + 1, 3), np.float32), np.zeros(3, np.float32))
+    write_manifest(switchable.path, json.loads((switchable.path / "manifest.json").read_text()))
+    with pytest.raises(EdgeloraError, match=r"topic\.onnx_adapter: parameter 'head\.weight' is .*expects"):
+        Runtime(switchable.path)
+
+
+def test_bad_feeds(merged: Tiny) -> None:
+    rt = Runtime(merged.path, intra_op_threads=1)
+    with pytest.raises(EdgeloraError, match=r"feeds \['pixels'\] are not inputs"):
+        rt.run({"pixels": np.zeros((1, 2))})
+    with pytest.raises(EdgeloraError, match=r"feeds lack inputs \['input_ids'\]"):
+        rt.run({"attention_mask": np.ones((1, 2), np.int64)})
+
+
+def test_runtime_imports_no_torch() -> None:
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import edgelora.runtime, edgelora.runtime.bench, edgelora.runtime.cpu, edgelora.runtime.runtime\n"
+            "assert sys.modules['torch'] is None")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
