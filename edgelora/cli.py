@@ -86,10 +86,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.set_postfix_str(msg.rsplit("loss", 1)[-1].strip() and "loss " + msg.rsplit("loss", 1)[-1].strip())
             bar.update(1)
-    result = train_adapter(model, name, tokenizer, train_ds.texts, train_ds.labels, eval_ds.texts, eval_ds.labels,
-                           train_config, progress)
-    if bar is not None:
-        bar.close()
+    try:
+        result = train_adapter(model, name, tokenizer, train_ds.texts, train_ds.labels, eval_ds.texts, eval_ds.labels,
+                               train_config, progress)
+    finally:
+        if bar is not None:
+            bar.close()
     training = {"data": str(args.data), "train_size": len(train_ds), "eval_size": len(eval_ds),
                 "best_eval_accuracy": result.best_accuracy, "best_epoch": result.best_epoch,
                 "history": result.history, "device": result.device, "max_length": args.max_length}
@@ -139,11 +141,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from edgelora.exporters.export import export_bundle
 
     bar = _progress_bar(None, "export")
-    manifest = export_bundle(args.base, parse_adapter_specs(args.adapter), mode=args.mode, precision=args.precision,
-                             out=args.out, weight_bits=args.weight_bits, max_length=args.max_length,
-                             progress=(lambda m: bar.set_description_str(f"export: {m}")) if bar is not None else None)
-    if bar is not None:
-        bar.close()
+    try:
+        manifest = export_bundle(args.base, parse_adapter_specs(args.adapter), mode=args.mode, precision=args.precision,
+                                 out=args.out, weight_bits=args.weight_bits, max_length=args.max_length,
+                                 progress=(lambda m: bar.set_description_str(f"export: {m}")) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     print(json.dumps({"bundle": str(args.out), "mode": manifest["mode"], "precision": manifest["precision"],
                       "adapters": [a["name"] for a in manifest["adapters"]], "validation": manifest["validation"]}))
     return 0

@@ -40,14 +40,16 @@ def quantize_weight(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, 
     return q.to(torch.int8), scale
 
 
-class _RoundSTE(torch.autograd.Function):
+class _WeightFakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch.round(x)
+    def forward(ctx, weight: torch.Tensor, bits: int) -> torch.Tensor:  # type: ignore[override]
+        qmax = weight_qmax(bits)
+        scale = weight_scale(weight, bits).to(weight.dtype)[:, None]  # (out, 1)
+        return torch.clamp_(torch.round_(weight / scale), -qmax, qmax).mul_(scale)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return grad
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
 
 
 def fake_quantize_weight(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -55,19 +57,17 @@ def fake_quantize_weight(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
 
     The scale is recomputed from the current weight every call (it follows training) and is treated
     as a constant for the gradient, so d(out)/d(weight) is the identity — the clamp never cuts a weight
-    because the scale comes from the weight's own maximum.
+    because the scale comes from the weight's own maximum. One autograd node, so QAT adds no backward
+    work beyond passing the gradient on.
     """
-    qmax = weight_qmax(bits)
-    scale = weight_scale(weight, bits).to(weight.dtype)[:, None]  # (out, 1)
-    q = torch.clamp(_RoundSTE.apply(weight / scale), -qmax, qmax)
-    return q * scale
+    return _WeightFakeQuant.apply(weight, bits)
 
 
 def activation_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) of DynamicQuantizeLinear: the range always includes 0, uint8 [0, 255]."""
-    xf = x.detach().to(torch.float32)
-    lo = torch.clamp(xf.min(), max=0.0)
-    hi = torch.clamp(xf.max(), min=0.0)
+    lo, hi = torch.aminmax(x.detach())
+    lo = torch.clamp(lo.to(torch.float32), max=0.0)
+    hi = torch.clamp(hi.to(torch.float32), min=0.0)
     scale = (hi - lo) / 255.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.clamp(torch.round(-lo / scale), 0, 255)
@@ -78,8 +78,8 @@ class _ActFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         scale, zp = activation_qparams(x)
-        q = torch.clamp(torch.round(x.to(torch.float32) / scale) + zp, 0, 255)
-        return ((q - zp) * scale).to(x.dtype)
+        q = torch.round_(x.to(torch.float32) / scale).add_(zp).clamp_(0, 255)
+        return q.sub_(zp).mul_(scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

@@ -80,7 +80,9 @@ def load_base(base: str | Path) -> tuple[nn.Module, Path]:
     """Load a Hugging Face model (no head) from disk, eager attention, fp32, eval mode; never downloads."""
     path = resolve_base_path(base)
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our CLI draws its own; theirs would interleave with it
     try:
         model = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:

@@ -86,15 +86,15 @@ def export_bundle(
     else:
         graph = export_graph(model, mode="switchable", adapter=None, slots=slot_plan(model, names))
         slot_names = make_slots_inputs(graph)
-    quant_counts: dict[str, int] = {}
+    quantized: dict = {}
     if precision == "int8":
         say("quantizing")
-        quant_counts = quantize_graph(graph.model, graph.weights, bits)
+        quantized = quantize_graph(graph.model, graph.weights, bits)
     model_bytes = graph.model.SerializeToString()
     adapter_values = {n: adapter_tensors(model, n, slot_names) for n in names} if mode == "switchable" else {}
 
     say("validating against torch")
-    report = _validate(model, model_bytes, graph.feeds, names, mode, precision, bits, adapter_values)
+    report = _validate(model, graph.model, graph.feeds, names, mode, precision, bits, adapter_values, quantized)
 
     manifest = {
         "edgelora_version": __version__,
@@ -127,7 +127,7 @@ def export_bundle(
             "weight_bits": bits,
             "weight_bits_from": bits_source,
             "isa": cpu.isa,
-            "quantized_matmuls": quant_counts.get("MatMulInteger", 0),
+            "quantized_matmuls": len(quantized),
             "excluded": "embeddings, attention score products, adapter branches, heads",
         },
         "validation": report,
@@ -142,19 +142,27 @@ def export_bundle(
     return manifest
 
 
-def _validate(model, model_bytes, feeds_names, names, mode, precision, bits, adapter_values) -> dict[str, Any]:
+def _validate(model, proto, feeds_names, names, mode, precision, bits, adapter_values, quantized) -> dict[str, Any]:
+    """Run the graph on generated inputs for every adapter (and no adapter in switchable mode) and
+    compare with torch: fp32 against the float model, int8 against the fake-quant model layer by layer
+    and end to end. Raises EdgeloraError outside tolerance; returns the figures for the manifest."""
     import tempfile
 
     vocab = model.base.get_input_embeddings().num_embeddings
     feeds = validate.generated_feeds(vocab, feeds_names)
-    sess = validate.session(model_bytes)
+    sess = validate.session(proto.SerializeToString())
     fp32_model = copy.deepcopy(model)
     fp32_model.set_quant(None)
     fq_model = None
     if precision == "int8":
         fq_model = copy.deepcopy(model)
         fq_model.set_quant(QuantConfig(weight_bits=bits, activations="dynamic", mode=mode))
-    report: dict[str, Any] = {"inputs": {"batch": int(feeds["input_ids"].shape[0]), "seq": int(feeds["input_ids"].shape[1]), "kind": "random token ids, ragged padding"}}
+    report: dict[str, Any] = {
+        "inputs": {"batch": int(feeds["input_ids"].shape[0]), "seq": int(feeds["input_ids"].shape[1]),
+                   "kind": "random token ids, ragged padding"},
+        "tolerances": {"fp32_rel": validate.FP32_REL_TOL, "int8_layer_rel": validate.INT8_LAYER_REL_TOL,
+                       "int8_min_cosine": validate.INT8_MIN_COSINE},
+    }
     runs: list[str | None] = list(names) + ([None] if mode == "switchable" else [])
     with tempfile.TemporaryDirectory() as tmp:
         for name in runs:
@@ -162,7 +170,9 @@ def _validate(model, model_bytes, feeds_names, names, mode, precision, bits, ada
             if mode == "switchable" and name is not None:
                 adapter_file = str(Path(tmp) / f"{name}.onnx_adapter")
                 write_adapter_file(Path(adapter_file), adapter_values[name])
-            logits, pooled = validate.run_onnx(sess, feeds, adapter_file)
+            run_options, _adapter = validate.adapter_run_options(adapter_file)
+            logits, pooled = sess.run(["logits", "embeddings"], feeds, run_options)
+            label = f"adapter {name!r}" if name else "the plain base (no adapter)"
             entry: dict[str, Any] = {}
             for ref_name, ref_model in (("vs_fp32_torch", fp32_model), ("vs_fake_quant_torch", fq_model)):
                 if ref_model is None:
@@ -172,7 +182,15 @@ def _validate(model, model_bytes, feeds_names, names, mode, precision, bits, ada
                 lc, pc = validate.compare("logits", logits, ref_logits), validate.compare("embeddings", pooled, ref_pooled)
                 entry[ref_name] = {"logits": lc.as_dict(), "embeddings": pc.as_dict()}
                 if (ref_name == "vs_fp32_torch") == (precision == "fp32"):
-                    label = f"adapter {name!r}" if name else "the plain base (no adapter)"
                     validate.check_tolerance(precision, label, lc, pc, float(np.abs(ref_pooled).max()))
+            if quantized:
+                err, layer = validate.layerwise_error(proto, feeds, quantized, bits, run_options)
+                entry["int8_layers_vs_fake_quant"] = {"max_rel_error": err, "worst_layer": layer}
+                if err > validate.INT8_LAYER_REL_TOL:
+                    raise EdgeloraError(
+                        f"export check failed for {label}: int8 layer {layer} differs from the fake-quant product "
+                        f"by {err:.2g} relative (> {validate.INT8_LAYER_REL_TOL}); with 8-bit weights on a CPU "
+                        "without VNNI, export with --weight-bits 7"
+                    )
             report[name or "(no adapter)"] = entry
     return report

@@ -9,6 +9,8 @@ quantizer imitates, so the graph reproduces the fake-quantized model up to float
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import torch
@@ -17,21 +19,30 @@ from onnx import TensorProto, helper, numpy_helper
 from edgelora.fake_quant import quantize_weight
 
 
-def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], bits: int) -> dict[str, int]:
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """Where one quantized layer lives in the graph: its float input, its int8 product, its float weight."""
+
+    input: str
+    output: str
+    weight: np.ndarray  # (out, in) float32: the tensor the shared quantizer rounded
+
+
+def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], bits: int) -> dict[str, QuantizedLayer]:
     """Rewrite, in place, the MatMuls whose weight initializer is named in `weights` (layer -> initializer).
 
-    Returns a count per op of what was written. Layers absent from `weights` (adapter branches, heads,
-    attention score products) stay fp32.
+    Returns, per quantized layer, the tensors a layer-by-layer check needs. Layers absent from `weights`
+    (adapter branches, heads, attention score products) stay fp32.
     """
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
-    targets = set(weights.values())
+    layer_of = {init: layer for layer, init in weights.items()}
+    layers: dict[str, QuantizedLayer] = {}
     quantized_inputs: dict[str, tuple[str, str, str]] = {}  # activation -> (x_u8, x_scale, x_zp)
     new_nodes: list[onnx.NodeProto] = []
     dropped: set[str] = set()
-    counts = {"MatMulInteger": 0, "DynamicQuantizeLinear": 0}
     for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in targets:
+        if node.op_type != "MatMul" or node.input[1] not in layer_of:
             new_nodes.append(node)
             continue
         x, w_name = node.input[0], node.input[1]
@@ -46,7 +57,6 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], bits: int) -
             qx = (f"{x}_quant", f"{x}_scale", f"{x}_zero_point")
             new_nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(qx), name=f"{x}_DynamicQuantizeLinear"))
             quantized_inputs[x] = qx
-            counts["DynamicQuantizeLinear"] += 1
         x_q, x_scale, x_zp = quantized_inputs[x]
         out = node.output[0]
         new_nodes += [
@@ -55,11 +65,11 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, str], bits: int) -
             helper.make_node("Mul", [x_scale, s_name], [f"{out}_scale"], name=f"{base}.ScaleMul"),
             helper.make_node("Mul", [f"{out}_cast", f"{out}_scale"], [out], name=f"{base}.OutputMul"),
         ]
-        counts["MatMulInteger"] += 1
+        layers[layer_of[w_name]] = QuantizedLayer(x, out, np.ascontiguousarray(w_t.T))
     del graph.node[:]
     graph.node.extend(new_nodes)
     still_used = {i for n in graph.node for i in n.input}
     keep = [init for init in graph.initializer if init.name not in dropped or init.name in still_used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    return counts
+    return layers
