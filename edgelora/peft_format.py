@@ -171,6 +171,12 @@ def adapter_config(data: dict[str, Any], source: str) -> LoraConfig | Bottleneck
         return adapter_config_from_dict(extras["adapter"], source)
     if data.get("peft_type") != "LORA":
         raise EdgeloraError(f"{source}: peft_type {data.get('peft_type')!r} is not supported; only LoRA adapters load from PEFT")
+    # Variants whose weights would load but compute something else than plain LoRA: refuse, never guess.
+    variants = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "alpha_pattern": "per-layer alpha (alpha_pattern)",
+                "rank_pattern": "per-layer rank (rank_pattern)"}
+    found = [what for key, what in variants.items() if data.get(key)]
+    if found:
+        raise EdgeloraError(f"{source}: {', '.join(found)} is not supported; give a plain LoRA adapter (one r and alpha)")
     return LoraConfig(
         r=int(data["r"]),
         alpha=float(data.get("lora_alpha", data["r"])),

@@ -39,6 +39,12 @@ class TrainConfig:
                 raise EdgeloraError(f"{name}={value!r} must be a positive integer")
         if not self.lr > 0:
             raise EdgeloraError(f"lr={self.lr!r} must be positive, e.g. 2e-3")
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise EdgeloraError(f"head_lr={self.head_lr!r} must be positive, or None to use lr")
+        if not self.weight_decay >= 0:
+            raise EdgeloraError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if not self.max_grad_norm > 0:
+            raise EdgeloraError(f"max_grad_norm={self.max_grad_norm!r} must be positive, e.g. 1.0")
         if not 0 <= self.warmup_ratio < 1:
             raise EdgeloraError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -114,10 +120,19 @@ def train_adapter(
     """
     if len(train_texts) == 0:
         raise EdgeloraError("the training set is empty")
+    model.set_adapter(name)  # refuses an unknown adapter by name
+    n_labels = len(model.labels[name])
+    for split, texts, labels in (("training", train_texts, train_labels), ("evaluation", eval_texts, eval_labels)):
+        if len(texts) != len(labels):
+            raise EdgeloraError(f"{len(texts)} {split} texts but {len(labels)} labels; give one label per text")
+        bad = [int(y) for y in labels if not 0 <= int(y) < n_labels]
+        if bad:
+            raise EdgeloraError(
+                f"{split} label {bad[0]} is out of range for adapter {name!r} with {n_labels} labels (0..{n_labels - 1})"
+            )
     seed_everything(config.seed)
     device = pick_device(config.device)
     model.to(device)
-    model.set_adapter(name)
     params = model.trainable_parameters()
     head_params = list(model.heads[name].parameters())
     head_ids = {id(p) for p in head_params}
