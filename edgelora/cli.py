@@ -21,7 +21,8 @@ def _progress_bar(total: int | None, desc: str):
         from tqdm import tqdm
     except ImportError:  # runtime-only installs have no tqdm: report to stderr line by line
         return None
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+    # disable=None: draw only on a terminal, so a log or a pipe gets the one-line error and no bar debris
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
 
 
 # --- train ---------------------------------------------------------------------------------------

@@ -30,15 +30,27 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_out(out: Path) -> None:
+    """Refuse an `out` that exists and is neither empty nor an edgelora bundle: replacing it would delete
+    the user's files. A directory counts as a bundle only if its manifest.json says so."""
+    out = Path(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if not (isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT):
+        raise EdgeloraError(f"{out}: exists and is not a bundle; choose an empty or new --out directory")
+
+
 def write_bundle(out: Path, manifest: dict[str, Any], writers: dict[str, Callable[[Path], None]], tokenizer_dir: Path | None) -> Path:
     """Create bundle `out` from `writers` (relative path -> function writing that file) and a manifest.
 
     The manifest gets `files` (sha256 of every file) and each adapter entry its file's sha256.
     """
     out = Path(out)
-    if out.exists() and not (out / "manifest.json").is_file():
-        if out.is_file() or any(out.iterdir()):
-            raise EdgeloraError(f"{out}: exists and is not a bundle; choose an empty or new --out directory")
+    check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     _umask_mode(tmp)

@@ -23,7 +23,7 @@ from edgelora.runtime.cpu import detect_isa, recommended_weight_bits
 from edgelora.tokenize import DEFAULT_MAX_LENGTH
 
 from . import validate
-from .bundle import write_bundle
+from .bundle import check_out, write_bundle
 from .onnx_graph import OUTPUTS, export_graph
 from .quantize import quantize_graph
 from .switchable import adapter_tensors, make_slots_inputs, slot_plan, write_adapter_file
@@ -68,6 +68,7 @@ def export_bundle(
         raise EdgeloraError("give at least one --adapter [NAME=]DIR to export")
     if mode == "merged" and len(adapters) != 1:
         raise EdgeloraError(f"merged mode bakes one adapter into the graph, got {len(adapters)}; use --mode switchable for several")
+    check_out(Path(out))  # before minutes of export work, not only when writing
     say = progress or (lambda _msg: None)
     say("loading base")
     hf_model, base_path = load_base(base)
