@@ -7,9 +7,8 @@ sit in the same JSON under "edgelora", and the head under `edgelora_head.*`, whi
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from edgelora.atomic import interrupted_write_note, write_dir_atomic
 from edgelora.config import (
     BottleneckConfig,
     LoraConfig,
     QuantConfig,
     adapter_config_from_dict,
     config_to_dict,
+    plain_lora_config,
 )
 from edgelora.errors import EdgeloraError
 from edgelora.model import AdapterModel
@@ -34,57 +35,37 @@ HEAD_PREFIX = "edgelora_head."
 FORMAT_VERSION = 1
 
 
-def _atomic_dir_write(out: Path, files: dict[str, Any]) -> None:
-    """Write files into a temporary sibling directory, then swap it in: a crash never leaves half an adapter."""
+def check_adapter_out(out: str | Path) -> None:
+    """Refuse an `out` that exists and is neither empty nor an adapter directory: replacing it would delete
+    the user's files."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    _umask_mode(tmp)
-    try:
-        for name, writer in files.items():
-            writer(tmp / name)
-        replace_dir(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask_mode(path: Path) -> None:
-    """mkdtemp makes 0700 directories; give the finished directory the mode a plain mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an existing directory only once the new one is complete."""
-    import shutil
-
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+    if not out.exists() or (out.is_dir() and (not any(out.iterdir()) or (out / CONFIG_FILE).is_file())):
+        return
+    raise EdgeloraError(f"{out}: exists and is not an adapter directory; choose an empty or new --out directory")
 
 
 def save_adapter(
     model: AdapterModel, name: str, out_dir: str | Path, base_name: str = "", extra: dict[str, Any] | None = None
 ) -> Path:
-    """Save adapter `name` and its head to `out_dir` in PEFT's layout (atomically); `extra` joins our JSON section."""
+    """Save adapter `name` and its head to `out_dir` in PEFT's layout (atomically); `extra` joins our JSON section.
+
+    An existing adapter directory is replaced; any other non-empty `out_dir` is refused.
+    """
     if name not in model.configs:
         raise EdgeloraError(f"unknown adapter {name!r}; this model has {sorted(model.configs)}")
+    check_adapter_out(out_dir)
     config = model.configs[name]
+    init = getattr(config, "init", None)
+    if isinstance(config, LoraConfig):
+        config = plain_lora_config(config)  # PiSSA: the rank-2r LoRA of the original base
     tensors: dict[str, torch.Tensor] = {}
     target_modules: list[str] = []
     for layer_name, layer in model.adapted_layers():
         if name in layer.lora_A:
             target_modules.append(layer_name)
-            tensors[f"{PEFT_PREFIX}{layer_name}.lora_A.weight"] = layer.lora_A[name].weight
-            tensors[f"{PEFT_PREFIX}{layer_name}.lora_B.weight"] = layer.lora_B[name].weight
+            A, B = layer.lora_weights(name)
+            tensors[f"{PEFT_PREFIX}{layer_name}.lora_A.weight"] = A
+            tensors[f"{PEFT_PREFIX}{layer_name}.lora_B.weight"] = B
         if name in layer.bottleneck:
             target_modules.append(layer_name)
             for part in ("down", "up"):
@@ -103,6 +84,7 @@ def save_adapter(
         "labels": model.labels[name],
         "base_fingerprint": model.base_fingerprint,
         "name": name,
+        **({"init": init} if init is not None else {}),
         **(extra or {}),
     }
     if isinstance(config, LoraConfig):
@@ -121,16 +103,16 @@ def save_adapter(
             "init_lora_weights": True,
             "modules_to_save": None,
         }
+        if config.rank_pattern:
+            data["rank_pattern"] = dict(config.rank_pattern)
     else:
         data = {"peft_type": "EDGELORA_BOTTLENECK", "base_model_name_or_path": base_name, "target_modules": target_modules}
     data["edgelora"] = extras
-    _atomic_dir_write(
-        Path(out_dir),
-        {
-            WEIGHTS_FILE: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
-            CONFIG_FILE: lambda p: p.write_text(json.dumps(data, indent=2) + "\n"),
-        },
-    )
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")  # last: a directory with it is whole
+
+    write_dir_atomic(Path(out_dir), fill)
     return Path(out_dir)
 
 
@@ -138,7 +120,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     """Read and check an adapter directory: (config JSON, tensors), with one-line errors naming the file."""
     path = Path(path)
     if not path.exists():
-        raise EdgeloraError(f"{path}: adapter directory does not exist")
+        raise EdgeloraError(f"{path}: adapter directory does not exist{interrupted_write_note(path)}")
     if not path.is_dir():
         raise EdgeloraError(f"{path}: expected an adapter directory holding {CONFIG_FILE} and {WEIGHTS_FILE}")
     cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
@@ -172,8 +154,7 @@ def adapter_config(data: dict[str, Any], source: str) -> LoraConfig | Bottleneck
     if data.get("peft_type") != "LORA":
         raise EdgeloraError(f"{source}: peft_type {data.get('peft_type')!r} is not supported; only LoRA adapters load from PEFT")
     # Variants whose weights would load but compute something else than plain LoRA: refuse, never guess.
-    variants = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "alpha_pattern": "per-layer alpha (alpha_pattern)",
-                "rank_pattern": "per-layer rank (rank_pattern)"}
+    variants = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "alpha_pattern": "per-layer alpha (alpha_pattern)"}
     found = [what for key, what in variants.items() if data.get(key)]
     if found:
         raise EdgeloraError(f"{source}: {', '.join(found)} is not supported; give a plain LoRA adapter (one r and alpha)")
@@ -183,6 +164,7 @@ def adapter_config(data: dict[str, Any], source: str) -> LoraConfig | Bottleneck
         dropout=float(data.get("lora_dropout", 0.0)),
         use_rslora=bool(data.get("use_rslora", False)),
         target_modules=None,
+        rank_pattern=data.get("rank_pattern") or None,
     )
 
 
@@ -220,11 +202,9 @@ def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None,
     missing = [n for n, r in resolved.items() if r is None]
     if missing:
         raise EdgeloraError(f"{path}: adapter targets layers this base does not have ({', '.join(missing[:3])}); wrong base?")
-    if isinstance(config, LoraConfig):
-        config = LoraConfig(
-            r=config.r, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora,
-            target_modules=tuple(sorted(resolved.values())),
-        )
+    if isinstance(config, LoraConfig):  # saved weights, never re-initialised: init "default"
+        config = dataclasses.replace(config, target_modules=tuple(sorted(resolved.values())), include_mlp=False,
+                                     init="default")
     model.add_adapter(name, config, labels, quant=QuantConfig(**quant) if quant else model.quant)
     state = _module_state(name, tensors, resolved)
     own = {k: v for k, v in model.state_dict().items() if k in state}

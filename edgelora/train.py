@@ -2,22 +2,36 @@
 
 CUDA with bf16 autocast when there is a GPU, CPU otherwise; evaluates on the held-out split every
 epoch and keeps the best epoch's weights. Works on any `AdapterModel`, fake-quantized or not.
+With a `CheckpointConfig` it saves everything the loop depends on (adapter, head, optimizer, schedule,
+every RNG, the epoch's data order and position, best-so-far) atomically, and a resumed run ends with
+the same weights, bit for bit on CPU, as one that was never interrupted.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgelora.atomic import check_writable, write_file_atomic
+from edgelora.config import config_to_dict
 from edgelora.errors import EdgeloraError
-from edgelora.model import AdapterModel
+from edgelora.model import AdapterModel, max_positions
 from edgelora.tokenize import encode
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "edgelora-checkpoint"
+CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,52 @@ class TrainConfig:
             raise EdgeloraError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise EdgeloraError(f"device={self.device!r} is not supported; choose from auto, cpu, cuda")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often `train_adapter` saves the state it needs to resume.
+
+    Args:
+        dir: directory holding `checkpoint.pt` (created; the file is replaced atomically at every save).
+        every: steps between saves, besides the save at the end of every epoch; 0 saves at epoch ends only.
+        resume: continue from the checkpoint in `dir`. Without it an existing checkpoint is refused, never
+            overwritten: it is work an interrupted run would lose.
+    """
+
+    dir: str | Path
+    every: int = 50
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dir", Path(self.dir))
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
+            raise EdgeloraError(f"checkpoint every={self.every!r} must be a whole number of steps >= 0 (0: epoch ends only)")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir) / CHECKPOINT_FILE
+
+    def check(self) -> None:
+        """Refuse early what `train_adapter` would refuse: resuming nothing, or starting over a checkpoint."""
+        if Path(self.dir).exists() and not Path(self.dir).is_dir():
+            raise EdgeloraError(f"{self.dir}: exists and is not a directory; choose another --checkpoint-dir")
+        check_writable(self.path, "--checkpoint-dir")
+        if self.resume and not self.path.is_file():
+            raise EdgeloraError(f"{self.path}: no checkpoint to resume from; run without --resume to start training")
+        if not self.resume and self.path.is_file():
+            raise EdgeloraError(
+                f"{self.path}: a checkpoint of an earlier run is here; pass --resume to continue it, "
+                f"or delete {self.dir} to start over"
+            )
+
+    def remove(self) -> None:
+        """Delete the checkpoint (once its result is saved elsewhere), and its directory if nothing else is in it."""
+        self.path.unlink(missing_ok=True)
+        try:
+            Path(self.dir).rmdir()
+        except OSError:  # missing, or holds the user's other files: leave it
+            pass
 
 
 @dataclass
@@ -112,11 +172,18 @@ def train_adapter(
     eval_labels: Sequence[int],
     config: TrainConfig = TrainConfig(),
     progress: Callable[[str], None] | None = None,
+    checkpoint: CheckpointConfig | None = None,
 ) -> TrainResult:
     """Train adapter `name` (and its head) with everything else frozen; restores the best epoch's weights.
 
+    Example:
+        >>> train_adapter(model, "intent", tok, texts, labels, eval_texts, eval_labels,
+        ...               checkpoint=CheckpointConfig("runs/intent.ckpt", resume=True))  # doctest: +SKIP
+
     Args:
         progress: called with a short status line per step; the CLI passes a progress bar.
+        checkpoint: save resumable state there (and resume from it with `resume=True`). The checkpoint
+            must come from the same model, adapter, data and settings; anything else is refused by name.
     """
     if len(train_texts) == 0:
         raise EdgeloraError("the training set is empty")
@@ -130,6 +197,15 @@ def train_adapter(
             raise EdgeloraError(
                 f"{split} label {bad[0]} is out of range for adapter {name!r} with {n_labels} labels (0..{n_labels - 1})"
             )
+    limit = max_positions(model.base)
+    truncation = getattr(tokenizer, "truncation", None) or {}
+    if limit is not None and truncation.get("max_length", 0) > limit:
+        raise EdgeloraError(
+            f"the tokenizer truncates at {truncation['max_length']} tokens but the base has {limit} positions; "
+            f"use max_length <= {limit}"
+        )
+    if checkpoint is not None:
+        checkpoint.check()
     seed_everything(config.seed)
     device = pick_device(config.device)
     model.to(device)
@@ -150,39 +226,170 @@ def train_adapter(
     order_rng = np.random.default_rng(config.seed)
     labels_np = np.asarray(train_labels)
     result = TrainResult(best_accuracy=-1.0, best_epoch=-1, device=str(device))
-    best_state: dict[str, torch.Tensor] | None = None
-    step = 0
-    for epoch in range(config.epochs):
+    loop = _Loop()
+    saver = None
+    if checkpoint is not None:
+        saver = _Saver(checkpoint, _signature(model, name, tokenizer, train_texts, train_labels, eval_texts,
+                                              eval_labels, config))
+        if checkpoint.resume:
+            saver.restore(model, name, optimizer, scheduler, order_rng, loop, result)
+    while loop.epoch < config.epochs:
         model.train()
-        order = order_rng.permutation(len(train_texts))
-        losses = []
-        for i in range(0, len(order), config.batch_size):
-            idx = order[i : i + config.batch_size]
+        if loop.order is None:
+            loop.order, loop.batch, loop.losses = order_rng.permutation(len(train_texts)), 0, []
+        while loop.batch < steps_per_epoch:
+            idx = loop.order[loop.batch * config.batch_size : (loop.batch + 1) * config.batch_size]
             feeds = _batches(encode(tokenizer, [train_texts[j] for j in idx]), device)
             target = torch.from_numpy(labels_np[idx]).to(device)
             with _autocast(device):
                 logits, _ = model(**feeds)
             loss = F.cross_entropy(logits.float(), target)
             if not torch.isfinite(loss):
-                raise EdgeloraError(f"loss became {loss.item()} at step {step}; lower --lr (now {config.lr})")
+                raise EdgeloraError(f"loss became {loss.item()} at step {loop.step}; lower --lr (now {config.lr})"
+                                    + (saver.kept_note() if saver else ""))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            losses.append(loss.item())
-            step += 1
+            loop.losses.append(loss.item())
+            loop.step += 1
+            loop.batch += 1
+            if saver and checkpoint.every and loop.step % checkpoint.every == 0 and loop.batch < steps_per_epoch:
+                saver.save(model, name, optimizer, scheduler, order_rng, loop, result)
             if progress:
-                progress(f"epoch {epoch + 1}/{config.epochs} step {step}/{total} loss {loss.item():.4f}")
+                progress(f"epoch {loop.epoch + 1}/{config.epochs} step {loop.step}/{total} loss {loss.item():.4f}")
         acc = accuracy(model, tokenizer, eval_texts, eval_labels) if len(eval_texts) else float("nan")
-        result.history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "eval_accuracy": acc})
+        result.history.append({"epoch": loop.epoch + 1, "train_loss": float(np.mean(loop.losses)), "eval_accuracy": acc})
         if not len(eval_texts) or acc > result.best_accuracy:
-            result.best_accuracy, result.best_epoch = acc, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in _adapter_state(model, name).items()}
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
+            result.best_accuracy, result.best_epoch = acc, loop.epoch + 1
+            loop.best_state = {k: v.detach().clone() for k, v in _adapter_state(model, name).items()}
+        loop.epoch, loop.order, loop.batch, loop.losses = loop.epoch + 1, None, 0, []
+        if saver:  # every epoch end; the last one holds the finished run until the caller has saved the adapter
+            saver.save(model, name, optimizer, scheduler, order_rng, loop, result)
+    if loop.best_state is not None:
+        model.load_state_dict(loop.best_state, strict=False)
     model.eval()
     return result
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+@dataclass
+class _Loop:
+    """Where the loop is: the epoch in progress (0-based), its data order and the next batch in it."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    order: np.ndarray | None = None
+    losses: list[float] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+
+
+def _signature(model, name, tokenizer, train_texts, train_labels, eval_texts, eval_labels, config) -> dict[str, Any]:
+    """What a run's result depends on besides the checkpointed state; a resume must match it exactly."""
+    data = json.dumps([list(train_texts), [int(y) for y in train_labels], list(eval_texts), [int(y) for y in eval_labels]])
+    return {
+        "adapter": name,
+        "adapter config": config_to_dict(model.configs[name]),
+        "quantization": None if model.quant is None else config_to_dict(model.quant),
+        "labels": list(model.labels[name]),
+        "base": model.base_fingerprint,
+        "training settings": dataclasses.asdict(config),
+        "data": hashlib.sha256(data.encode()).hexdigest(),
+        "tokenizer": {"truncation": getattr(tokenizer, "truncation", None),
+                      "vocab": tokenizer.get_vocab_size() if hasattr(tokenizer, "get_vocab_size") else None},
+    }
+
+
+def _rng_state(order_rng: np.random.Generator) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),  # plain types: the file loads with weights_only
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "order": order_rng.bit_generator.state,
+    }
+
+
+def _set_rng_state(state: dict[str, Any], order_rng: np.random.Generator) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    order_rng.bit_generator.state = state["order"]
+
+
+class _Saver:
+    def __init__(self, checkpoint: CheckpointConfig, signature: dict[str, Any]) -> None:
+        self.checkpoint = checkpoint
+        self.signature = signature
+        self.saved_step: int | None = None
+
+    def kept_note(self) -> str:
+        if self.saved_step is None:
+            return ""
+        return f"; the last good checkpoint (step {self.saved_step}) is kept at {self.checkpoint.path}"
+
+    def save(self, model, name, optimizer, scheduler, order_rng, loop: _Loop, result: TrainResult) -> None:
+        adapter = {k: v.detach().to("cpu", copy=True) for k, v in _adapter_state(model, name).items()}
+        bad = next((k for k, v in adapter.items() if not torch.isfinite(v).all()), None)
+        if bad is not None:  # never replace a good checkpoint with a diverged one
+            raise EdgeloraError(f"adapter weight {bad} is no longer finite at step {loop.step}; lower --lr"
+                                + self.kept_note())
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "signature": self.signature,
+            "step": loop.step,
+            "epoch": loop.epoch,
+            "batch": loop.batch,
+            "order": None if loop.order is None else torch.from_numpy(np.asarray(loop.order, dtype=np.int64)),
+            "losses": list(loop.losses),
+            "best_state": None if loop.best_state is None else {k: v.detach().cpu() for k, v in loop.best_state.items()},
+            "best_accuracy": result.best_accuracy,
+            "best_epoch": result.best_epoch,
+            "history": result.history,
+            "adapter": adapter,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(order_rng),
+        }
+        write_file_atomic(self.checkpoint.path, lambda tmp: torch.save(payload, tmp))
+        self.saved_step = loop.step
+
+    def restore(self, model, name, optimizer, scheduler, order_rng, loop: _Loop, result: TrainResult) -> None:
+        path = self.checkpoint.path
+        again = f"delete {self.checkpoint.dir} to start over"
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise EdgeloraError(f"{path}: unreadable checkpoint ({first}); {again}") from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise EdgeloraError(f"{path}: not an edgelora checkpoint; {again}")
+        if payload.get("version") != CHECKPOINT_VERSION:
+            raise EdgeloraError(f"{path}: checkpoint version {payload.get('version')!r}, this edgelora reads "
+                                f"{CHECKPOINT_VERSION}; finish it with the edgelora that wrote it, or {again}")
+        theirs = payload["signature"]
+        differ = [k for k in sorted(set(theirs) | set(self.signature)) if theirs.get(k) != self.signature.get(k)]
+        if differ:
+            raise EdgeloraError(f"{path}: the checkpoint is of another run (different {', '.join(differ)}); resume "
+                                f"with the same base, adapter, data and settings, or {again}")
+        model.load_state_dict(payload["adapter"], strict=False)
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        _set_rng_state(payload["rng"], order_rng)
+        loop.step, loop.epoch, loop.batch = payload["step"], payload["epoch"], payload["batch"]
+        loop.order = None if payload["order"] is None else payload["order"].numpy()
+        loop.losses = list(payload["losses"])
+        loop.best_state = payload["best_state"]
+        result.best_accuracy, result.best_epoch = payload["best_accuracy"], payload["best_epoch"]
+        result.history = list(payload["history"])
+        self.saved_step = loop.step
 
 
 def _adapter_state(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:

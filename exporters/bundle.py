@@ -1,7 +1,8 @@
 """Write a bundle directory atomically: model.onnx, adapters/, tokenizer, manifest.json with sha256s.
 
 Everything is written into a temporary sibling directory and renamed into place at the end, so a
-failed or killed export never leaves half a bundle and never destroys the previous one.
+failed or killed export never leaves half a bundle and never destroys the previous one; the next export
+removes what a killed one left behind (`edgelora.atomic`).
 """
 
 from __future__ import annotations
@@ -9,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgelora.atomic import replace_dir, temp_dir_for
 from edgelora.errors import EdgeloraError
-from edgelora.peft_format import _umask_mode, replace_dir
 
 BUNDLE_FORMAT = "edgelora-bundle"
 BUNDLE_FORMAT_VERSION = 1
@@ -51,9 +51,7 @@ def write_bundle(out: Path, manifest: dict[str, Any], writers: dict[str, Callabl
     """
     out = Path(out)
     check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    _umask_mode(tmp)
+    tmp = temp_dir_for(out)  # also removes the leftovers of a killed export to `out`
     try:
         for rel, write in writers.items():
             target = tmp / rel
@@ -70,7 +68,7 @@ def write_bundle(out: Path, manifest: dict[str, Any], writers: dict[str, Callabl
         for entry in manifest.get("adapters", []):
             if entry.get("file"):
                 entry["sha256"] = files[entry["file"]]
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # last: with it, the bundle is whole
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -84,8 +84,10 @@ def test_help_exits_zero(argv: list[str], capsys: pytest.CaptureFixture[str]) ->
 def test_train_then_export_then_run(tiny_bert_dir: Path, data_file: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     adapter, bundle = tmp_path / "sentiment", tmp_path / "bundle"
+    # 12 epochs: with --seed now deciding the adapter's initial weights, 8 epochs left seed 0 calling
+    # "the film was good" neg; 12 give the expected labels for seeds 0-7 (measured).
     rc = main(["train", "--base", str(tiny_bert_dir), "--data", str(data_file), "--out", str(adapter),
-               "--rank", "4", "--epochs", "8", "--batch-size", "8", "--lr", "2e-2", "--max-length", "16",
+               "--rank", "4", "--epochs", "12", "--batch-size", "8", "--lr", "2e-2", "--max-length", "16",
                "--qat", "int8", "--weight-bits", "7", "--device", "cpu"])
     trained = json.loads(capsys.readouterr().out)
     assert rc == 0 and trained["adapter"] == "sentiment" and (adapter / "adapter_config.json").is_file()
