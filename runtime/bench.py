@@ -468,6 +468,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `edgelora run`."""
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle directory")
     parser.add_argument("--adapter", default=None, help="adapter to apply (switchable bundles)")
+    parser.add_argument("--adapters", default=None, metavar="A,B,A",
+                        help="one adapter per text, comma-separated, in text order: one run mixes them")
     parser.add_argument("--text", action="append", default=[], help="a text to classify; repeat for more")
     parser.add_argument("--file", default=None, help="file with one text per line ('-' for stdin)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
@@ -487,9 +489,18 @@ def run_command(args: argparse.Namespace) -> int:
             ) from None
     if not texts:
         raise EdgeloraError("run: nothing to classify; pass --text TEXT or --file FILE")
+    per_row = getattr(args, "adapters", None)
+    if per_row is not None:
+        if args.adapter is not None:
+            raise EdgeloraError("run: pass --adapter (one for all texts) or --adapters (one per text), not both")
+        per_row = [a.strip() for a in per_row.split(",")]
+        if len(per_row) != len(texts) or not all(per_row):
+            raise EdgeloraError(f"run: --adapters names {len(per_row)} adapters for {len(texts)} texts; "
+                                "give one name per text, comma-separated")
     rt = Runtime(args.bundle, intra_op_threads=args.threads)
-    preds = rt.predict(texts, adapter=args.adapter)
-    print(json.dumps([{"text": t, **p} for t, p in zip(texts, preds)], indent=2, ensure_ascii=False))
+    preds = rt.predict(texts, adapter=args.adapter, adapters=per_row)
+    rows = [{"text": t, **({"adapter": a} if per_row else {}), **p} for t, a, p in zip(texts, per_row or texts, preds)]
+    print(json.dumps(rows, indent=2, ensure_ascii=False))
     return 0
 
 

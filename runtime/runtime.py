@@ -3,6 +3,8 @@
 The bundle (manifest.json, model.onnx, tokenizer, adapters/*.onnx_adapter) is checked before anything
 is loaded: format, version and every file's sha256. In switchable mode each adapter is loaded once and
 bound to its own RunOptions, so choosing an adapter per call costs microseconds and never a new session.
+A batch that mixes adapters (`adapters=[...]`, one per row) runs once, through the bundle's adapter bank
+(`bank.onnx_adapter`, loaded on first use) and the graph's `adapter_ids` input: see exporters/switchable.py.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -19,12 +22,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import onnxruntime as ort
 
+from edgelora.atomic import interrupted_write_note
 from edgelora.errors import EdgeloraError
 from edgelora.runtime.cpu import detect_isa, int8_saturates
 
 FORMAT = "edgelora-bundle"
 FORMAT_VERSION = 1  # the newest bundle format this runtime reads
 MODES = ("merged", "switchable")
+ADAPTER_IDS = "adapter_ids"  # int64 [batch] overridable initializer of banked switchable graphs: each row's bank entry
 _PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<PAD>")
 
 
@@ -58,7 +63,9 @@ def read_manifest(bundle_dir: str | os.PathLike, *, verify: bool = True) -> dict
     """
     bundle = Path(bundle_dir)
     if not bundle.exists():
-        raise EdgeloraError(f"{bundle}: bundle directory not found; pass the directory `edgelora export` wrote")
+        raise EdgeloraError(
+            f"{bundle}: bundle directory not found{interrupted_write_note(bundle)}; pass the directory `edgelora export` wrote"
+        )
     if not bundle.is_dir():
         raise EdgeloraError(f"{bundle}: not a directory; a bundle is a directory with manifest.json and model.onnx")
     path = bundle / "manifest.json"
@@ -121,6 +128,13 @@ def _check_fields(m: dict, path: Path) -> None:
             if not isinstance(a.get("file"), str):
                 raise EdgeloraError(f"{path}: adapter {a['name']!r} has no 'file'; re-export the bundle")
             _safe_relpath(a["file"], path)
+        bank = m.get("bank")
+        if bank is not None:
+            order = bank.get("adapters") if isinstance(bank, dict) else None
+            if not (isinstance(bank, dict) and isinstance(bank.get("file"), str) and isinstance(order, list)
+                    and all(n is None or isinstance(n, str) for n in order)):
+                raise bad("bank", "null or {'file': str, 'adapters': [name or null, ...]}")
+            _safe_relpath(bank["file"], path)
 
 
 def _verify_files(bundle: Path, m: dict, path: Path) -> None:
@@ -134,6 +148,8 @@ def _verify_files(bundle: Path, m: dict, path: Path) -> None:
                 raise EdgeloraError(
                     f"{path}: adapter {a['name']!r} sha256 disagrees with 'files'; re-export the bundle"
                 )
+    if m["mode"] == "switchable" and m.get("bank"):
+        needed.append(m["bank"]["file"])
     for rel in needed:
         if rel not in m["files"]:
             raise EdgeloraError(f"{path}: 'files' lists no sha256 for {rel}; re-export the bundle")
@@ -193,9 +209,14 @@ class Runtime:
         self._lora: list[ort.LoraAdapter] = []  # keeps the loaded adapters alive for their RunOptions
         if self.manifest["mode"] == "switchable":
             for entry in self.manifest["adapters"]:
-                self._run_options[entry["name"]] = self._load_adapter(entry)
+                self._run_options[entry["name"]] = self._load_adapter(self.bundle_dir / entry["file"])
         elif self.manifest["adapters"]:
             self._run_options[self.manifest["adapters"][0]["name"]] = self._run_options[None]
+        # The adapter bank: (RunOptions, name -> entry), loaded on the first mixed batch, since only mixed
+        # batches need it and it holds every adapter a second time.
+        self._bank: tuple[ort.RunOptions, dict[str | None, int]] | None = None
+        self._bank_lock = threading.Lock()
+        self._banked: bool | None = None
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -296,8 +317,9 @@ class Runtime:
                            pad_type_id=pad.get("pad_type_id", 0), direction=pad.get("direction", "right"))
         return tok  # enable_padding without length pads each batch to its longest row
 
-    def _load_adapter(self, entry: dict) -> ort.RunOptions:
-        path = self.bundle_dir / entry["file"]
+    def _load_adapter(self, path: Path, bank_entries: int | None = None) -> ort.RunOptions:
+        """RunOptions activating the `.onnx_adapter` at `path`, after checking every parameter against the
+        graph's adapter inputs (and, for a bank, that each holds `bank_entries` entries)."""
         slots = {i.name: i for i in self._session.get_overridable_initializers()}
         try:
             params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
@@ -318,6 +340,18 @@ class Runtime:
                 raise EdgeloraError(
                     f"{path}: parameter {name!r} is {value.data_type()}{list(shape)}, model.onnx expects "
                     f"{slot.type}{list(slot.shape)}; re-export the adapter against this bundle"
+                )
+            if bank_entries is not None and shape[0] != bank_entries:
+                raise EdgeloraError(
+                    f"{path}: parameter {name!r} holds {shape[0]} entries, manifest.json's bank lists "
+                    f"{bank_entries}; re-export the bundle or re-run `edgelora add-adapter`"
+                )
+        if bank_entries is not None:
+            slot_names = {n for n in slots if n != ADAPTER_IDS}
+            if set(params) != slot_names:
+                raise EdgeloraError(
+                    f"{path}: the adapter bank lacks {sorted(slot_names - set(params))[:3]}; a bank must fill "
+                    "every adapter input; re-export the bundle or re-run `edgelora add-adapter`"
                 )
         adapter = ort.LoraAdapter()
         try:
@@ -369,7 +403,7 @@ class Runtime:
         return tuple(self._entries[adapter].get("labels", []))
 
     def tokenize(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
-        """Texts -> int64 feeds [batch, seq], truncated to max_length and padded to the longest text."""
+        """Texts -> int64 feeds [batch, seq], truncated to max_length (with a RuntimeWarning) and padded to the longest."""
         if self._tokenizer is None:
             raise EdgeloraError(f"{self.bundle_dir / 'manifest.json'}: bundle has no tokenizer; pass feeds instead")
         if isinstance(texts, str):
@@ -377,6 +411,14 @@ class Runtime:
         if not texts or not all(isinstance(t, str) for t in texts):
             raise EdgeloraError("tokenize: pass a non-empty list of strings")
         enc = self._tokenizer.encode_batch(list(texts))
+        cut = sum(1 for e in enc if e.overflowing)
+        if cut:  # truncation is what the bundle promises (the base has no more positions); say it happened
+            warnings.warn(
+                f"{cut} text{'s' if cut > 1 else ''} longer than the bundle's max_length of "
+                f"{self.manifest['tokenizer']['max_length']} tokens truncated to it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         columns = {
             "input_ids": [e.ids for e in enc],
             "attention_mask": [e.attention_mask for e in enc],
@@ -410,15 +452,33 @@ class Runtime:
                 out[k] = v.astype(np.int64)
         return out
 
-    def run(self, x: str | Sequence[str] | Mapping[str, object], adapter: str | None = None) -> dict[str, np.ndarray]:
-        """Run texts (tokenized here) or a dict of numpy feeds; returns the manifest's outputs by name.
+    @property
+    def mixes_in_one_run(self) -> bool:
+        """Whether a batch mixing adapters (`adapters=[...]`) runs as one session run: the bundle has an
+        adapter bank. Older switchable bundles run such a batch once per adapter instead."""
+        if self._banked is None:
+            self._banked = bool(self.manifest.get("bank")) and any(
+                i.name == ADAPTER_IDS for i in self._session.get_overridable_initializers())
+        return self._banked
 
-        Args:
-            adapter: in switchable mode the adapter to apply, None for the plain base (then `logits`
-                is [batch, 0]); in merged mode None or the baked adapter's name.
-        """
-        options = self._options_for(adapter)
-        feeds = self._check_feeds(x) if isinstance(x, Mapping) else self.tokenize(x)
+    def _bank_options(self) -> tuple[ort.RunOptions, dict[str | None, int]]:
+        """The bank's RunOptions and each adapter's entry in it; loaded on first use, once."""
+        with self._bank_lock:
+            if self._bank is None:
+                spec = self.manifest["bank"]
+                order = spec["adapters"]
+                missing = [a for a in self.adapters if a not in order]
+                if missing or None not in order or len(set(order)) != len(order):
+                    raise EdgeloraError(
+                        f"{self.bundle_dir / 'manifest.json'}: the adapter bank {spec['file']} lacks adapters "
+                        f"{missing or ['(no adapter)']} or repeats one; re-export the bundle or re-run "
+                        "`edgelora add-adapter`"
+                    )
+                options = self._load_adapter(self.bundle_dir / spec["file"], bank_entries=len(order))
+                self._bank = (options, {name: i for i, name in enumerate(order)})
+            return self._bank
+
+    def _session_run(self, feeds: dict[str, np.ndarray], options: ort.RunOptions) -> dict[str, np.ndarray]:
         try:
             values = self._session.run(self._outputs, feeds, options)
         except Exception as e:  # noqa: BLE001
@@ -426,6 +486,69 @@ class Runtime:
                 f"{self.bundle_dir / 'model.onnx'}: run failed ({_first_line(e)}); check the feeds' shapes and dtypes"
             ) from None
         return dict(zip(self._outputs, values))
+
+    def run(
+        self,
+        x: str | Sequence[str] | Mapping[str, object],
+        adapter: str | None = None,
+        *,
+        adapters: Sequence[str | None] | None = None,
+    ) -> dict[str, np.ndarray | list[np.ndarray]]:
+        """Run texts (tokenized here) or a dict of numpy feeds; returns the manifest's outputs by name.
+
+        Args:
+            adapter: in switchable mode the adapter to apply, None for the plain base (then `logits`
+                is [batch, 0]); in merged mode None or the baked adapter's name.
+            adapters: instead, one adapter (or None) per row: the batch runs once, each row through its
+                own adapter (the bundle's adapter bank). `logits` is then a list with one 1-D array per
+                row, each of that row's adapter's label count; the other outputs stay [batch, ...] arrays.
+                In fp32 each row gets what it gets alone. In int8 the base quantizes its activations per
+                tensor over the whole batch (ONNX Runtime's dynamic quantization), so a row's result
+                depends on its batch-mates within int8 rounding, as in any int8 batch.
+
+        Example:
+            >>> rt.run(["great film", "match report"], adapters=["sentiment", "topic"])["logits"]  # doctest: +SKIP
+            [array([-1.2,  2.3], dtype=float32), array([ 0.1, -0.4,  1.9], dtype=float32)]
+        """
+        if adapters is None:
+            options = self._options_for(adapter)
+            return self._session_run(self._check_feeds(x) if isinstance(x, Mapping) else self.tokenize(x), options)
+        if adapter is not None:
+            raise EdgeloraError("run: pass adapter= (one for the batch) or adapters= (one per row), not both")
+        rows = list(adapters)
+        if not rows:
+            raise EdgeloraError("run: adapters= is empty; pass one adapter name (or None) per row")
+        options = {name: self._options_for(name) for name in dict.fromkeys(rows)}
+        feeds = self._check_feeds(x) if isinstance(x, Mapping) else self.tokenize(x)
+        batch = len(next(iter(feeds.values())))
+        if len(rows) != batch:
+            raise EdgeloraError(f"run: {len(rows)} adapters for a batch of {batch} rows; pass one per row")
+        widths = [len(self.labels(name)) for name in rows]
+        if len({id(o) for o in options.values()}) == 1:  # one adapter for every row: the plain per-call path
+            out = self._session_run(feeds, options[rows[0]])
+        elif self.mixes_in_one_run:
+            bank, index = self._bank_options()
+            out = self._session_run({**feeds, ADAPTER_IDS: np.array([index[r] for r in rows], np.int64)}, bank)
+        else:  # a bundle without a bank: one run per adapter, rows put back in order
+            out = {}
+            for name, opts in options.items():
+                picked = [i for i, r in enumerate(rows) if r == name]
+                part = self._session_run({k: v[picked] for k, v in feeds.items()}, opts)
+                for key, value in part.items():
+                    if key not in out:
+                        out[key] = np.zeros((batch, *value.shape[1:]), value.dtype) if key != "logits" else [None] * batch
+                    for j, i in enumerate(picked):
+                        out[key][i] = value[j]
+            out["logits"] = [np.asarray(v) for v in out["logits"]]
+            return out
+        logits = out["logits"]
+        if logits.shape[-1] < max(widths):
+            raise EdgeloraError(
+                f"{self.bundle_dir / 'manifest.json'}: adapters list up to {max(widths)} labels but model.onnx "
+                f"gives {logits.shape[-1]} logits; re-export the bundle"
+            )
+        out["logits"] = [logits[i, :w] for i, w in enumerate(widths)]  # drop each row's zero-padded columns
+        return out
 
     def predict(
         self,
@@ -439,38 +562,41 @@ class Runtime:
 
         Args:
             adapter: the adapter for every text.
-            adapters: instead, one adapter per text. ORT applies one adapter set per run, so rows are
-                grouped by adapter and each group runs separately; results come back in input order.
+            adapters: instead, one adapter per text; each batch of `batch_size` texts runs once, every
+                text through its own adapter (see `run`). Results come back in input order.
             batch_size: texts per session run; bounds padding waste and memory on long inputs.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         per_row = list(adapters) if adapters is not None else [adapter] * len(texts)
         if len(per_row) != len(texts):
             raise EdgeloraError(f"predict: {len(per_row)} adapters for {len(texts)} texts; pass one per text")
-        results: list[dict | None] = [None] * len(texts)
-        for name in dict.fromkeys(per_row):
-            labels = self.labels(name)
-            if not labels:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise EdgeloraError(f"predict: batch_size {batch_size!r} must be a positive integer")
+        labels = {name: self.labels(name) for name in dict.fromkeys(per_row)}
+        for name, names in labels.items():
+            if not names:
                 available = ", ".join(self.adapters) or "none"
-                raise EdgeloraError(
-                    f"{self.bundle_dir}: no labels without an adapter; pass adapter= one of {available}"
-                )
-            rows = [i for i, a in enumerate(per_row) if a == name]
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                logits = self.run([texts[i] for i in chunk], name)["logits"].astype(np.float64)
-                if logits.shape[-1] != len(labels):
+                what = f"adapter {name!r} has no labels (no task head)" if name else "no labels without an adapter"
+                raise EdgeloraError(f"{self.bundle_dir}: {what}; pass adapter= one of {available}")
+        results: list[dict] = []
+        for start in range(0, len(texts), batch_size):
+            chunk = per_row[start : start + batch_size]
+            if len(set(chunk)) == 1:
+                logits = self.run(texts[start : start + batch_size], chunk[0])["logits"]
+            else:
+                logits = self.run(texts[start : start + batch_size], adapters=chunk)["logits"]
+            for name, row in zip(chunk, logits):
+                if row.shape[-1] != len(labels[name]):
                     raise EdgeloraError(
-                        f"{self.bundle_dir / 'manifest.json'}: adapter {name!r} lists {len(labels)} labels but "
-                        f"model.onnx gives {logits.shape[-1]} logits; re-export the bundle"
+                        f"{self.bundle_dir / 'manifest.json'}: adapter {name!r} lists {len(labels[name])} labels but "
+                        f"model.onnx gives {row.shape[-1]} logits; re-export the bundle"
                     )
-                z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-                probs = z / z.sum(axis=-1, keepdims=True)  # (batch, num_labels)
-                for i, p in zip(chunk, probs):
-                    best = int(p.argmax())
-                    results[i] = {"label": labels[best], "score": float(p[best]),
-                                  "scores": {lab: float(q) for lab, q in zip(labels, p)}}
-        return results  # type: ignore[return-value]
+                z = np.exp(row.astype(np.float64) - row.max())
+                p = z / z.sum()  # (num_labels,)
+                best = int(p.argmax())
+                results.append({"label": labels[name][best], "score": float(p[best]),
+                                "scores": {lab: float(q) for lab, q in zip(labels[name], p)}})
+        return results
 
     def __repr__(self) -> str:
         m = self.manifest

@@ -1,0 +1,464 @@
+"""Switchable adapters on all-MiniLM-L6-v2: switch cost, latency against merged, memory per adapter, mixed batches.
+
+Builds (once, under --out) random-but-realistic LoRA adapters (r=8 on the attention projections, B drawn
+with a small std, heads of 2 to 5 labels), a switchable int8 bundle holding 1 adapter (exported) and
+copies grown to 2, 4 and 8 adapters with `add_adapters` (the base is not re-exported), a switchable fp32
+bundle of 4, and merged int8 bundles of the first adapter (attention fused, the export default, and
+unfused). Then measures, each configuration in a worker process of its own (two ORT sessions in one
+process distort each other; see DESIGN.md), spinning off, medians:
+
+  switch      a run with adapter X right after one with adapter Y vs right after X (paired, one
+              session), the RunOptions lookup, and building a RunOptions; against reloading a merged
+              bundle (Runtime construction, optimized-graph cache warm and cold)
+  latency     switchable int8 (4 adapters, one chosen) vs merged int8, interleaved workers (runtime.bench)
+  memory      resident memory after loading N = 1, 2, 4, 8 adapters, after running each, after a mixed batch
+  mixed       one batch of N tasks (per-row adapters, one run) vs N single-task batches vs one uniform batch
+  fidelity    a mixed batch's rows vs the same rows run alone, int8 and fp32
+
+    python benchmarks/switching.py --out runs/switching          # table on stdout, JSON in runs/switching/
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BASE = "minilm"
+N_ADAPTERS = (1, 2, 4, 8)
+LABEL_COUNTS = (2, 3, 4, 5, 2, 3, 4, 5)
+LORA_B_STD = 0.02  # trained LoRA B entries on MiniLM are of this order; enough to move every output
+WORKER = "--worker"
+RUNS_FOR_MEMORY = 8  # runs of 8x128 before reading RSS, cycling through the bundle's adapters
+
+
+# --- building the bundles (torch) ---------------------------------------------------------------------
+
+
+def build(out: Path, progress) -> dict:
+    """Adapters and bundles under `out` (reused when present); returns paths and build timings."""
+    bundles = out / "bundles"
+    stamp = out / "bundles.json"
+    if stamp.is_file():
+        return json.loads(stamp.read_text())
+    import torch
+
+    from edgelora.config import LoraConfig
+    from edgelora.exporters.add import add_adapters
+    from edgelora.exporters.export import export_bundle
+    from edgelora.model import AdapterModel, load_base
+    from edgelora.peft_format import save_adapter
+
+    torch.manual_seed(0)
+    progress("making adapters")
+    model = AdapterModel(load_base(BASE)[0])
+    names = [f"task{i}" for i in range(max(N_ADAPTERS))]
+    adapters = {}
+    for name, count in zip(names, LABEL_COUNTS):
+        model.add_adapter(name, LoraConfig(r=8, alpha=16.0), labels=[f"{name}-{j}" for j in range(count)])
+        with torch.no_grad():
+            for _, layer in model.adapted_layers():
+                layer.lora_B[name].weight.normal_(0.0, LORA_B_STD)
+        adapters[name] = str(save_adapter(model, name, out / "adapters" / name, base_name=BASE))
+    timings = {}
+    t = time.perf_counter()
+    progress("exporting switchable int8 (1 adapter)")
+    export_bundle(BASE, {names[0]: adapters[names[0]]}, mode="switchable", precision="int8", out=bundles / "sw1")
+    timings["export_switchable_int8_s"] = time.perf_counter() - t
+    previous = 1
+    for n in N_ADAPTERS[1:]:
+        progress(f"adding adapters: {n}")
+        shutil.copytree(bundles / f"sw{previous}", bundles / f"sw{n}", ignore=shutil.ignore_patterns(".cache"))
+        t = time.perf_counter()
+        add_adapters(bundles / f"sw{n}", {m: adapters[m] for m in names[previous:n]}, check=n == 2)
+        timings[f"add_{n - previous}_adapters_to_sw{previous}_s" + ("_with_torch_check" if n == 2 else "")] = \
+            time.perf_counter() - t
+        previous = n
+    progress("exporting switchable fp32 (4 adapters)")
+    export_bundle(BASE, {m: adapters[m] for m in names[:4]}, mode="switchable", precision="fp32", out=bundles / "sw4-fp32")
+    for label, fusions in (("merged", None), ("merged-unfused", ())):
+        progress(f"exporting {label} int8")
+        t = time.perf_counter()
+        export_bundle(BASE, {names[0]: adapters[names[0]]}, mode="merged", precision="int8", out=bundles / label,
+                      fusions=fusions)
+        timings[f"export_{label}_int8_s"] = time.perf_counter() - t
+    result = {"bundles": {p.name: str(p) for p in sorted(bundles.iterdir())}, "adapters": adapters, "build_s": timings}
+    stamp.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# --- workers (runtime only, one process each) ---------------------------------------------------------
+
+
+def _rss() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return {"rss": out.get("VmRSS", 0), "peak": out.get("VmHWM", 0)}
+
+
+def _feeds(rt, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([seed, batch, seq])
+    ids = rng.integers(1000, rt.vocab_size, size=(batch, seq), dtype=np.int64)
+    out = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    return {k: out[k] for k in rt.manifest["inputs"]}
+
+
+def _ms(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def _stats(values) -> dict[str, float]:
+    v = np.asarray(values, dtype=np.float64)
+    p25, p50, p75 = np.percentile(v, [25, 50, 75])
+    return {"median": float(p50), "p25": float(p25), "p75": float(p75), "n": int(v.size)}
+
+
+def worker_switch(bundle: str, threads: int, rounds: int, shapes: list) -> dict:
+    """One session: run X after Y vs X after X, paired round by round; RunOptions costs."""
+    import onnxruntime as ort
+
+    from edgelora.runtime import Runtime
+
+    rt = Runtime(bundle, intra_op_threads=threads, allow_spinning=False)
+    names = list(rt.adapters)
+    result: dict = {"adapters": len(names), "shapes": {}}
+    for batch, seq in shapes:
+        feeds = _feeds(rt, batch, seq)
+        for name in names * 2:
+            rt.run(feeds, adapter=name)
+        same, switched = [], []
+        for r in range(rounds * 10 if batch * seq <= 64 else rounds):  # small shapes: cheap, and noisier
+            x, y = names[r % len(names)], names[(r + 1) % len(names)]
+            for first in ((0, 1) if r % 2 == 0 else (1, 0)):  # alternate which block goes first
+                rt.run(feeds, adapter=y if first else x)
+                (switched if first else same).append(_ms(lambda: rt.run(feeds, adapter=x)))
+        diff = np.asarray(switched) - np.asarray(same)
+        result["shapes"][f"{batch}x{seq}"] = {"after_same_ms": _stats(same), "after_other_ms": _stats(switched),
+                                              "switch_overhead_ms": _stats(diff)}
+    n = 100_000
+    t = time.perf_counter()
+    for i in range(n):
+        rt._options_for(names[i % len(names)])
+    result["runoptions_lookup_us"] = (time.perf_counter() - t) / n * 1e6
+    path = Path(bundle) / rt.manifest["adapters"][0]["file"]
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(path))
+    n = 10_000
+    t = time.perf_counter()
+    for _ in range(n):
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+    result["runoptions_build_us"] = (time.perf_counter() - t) / n * 1e6
+    loads = []
+    for _ in range(50):
+        t = time.perf_counter()
+        ort.LoraAdapter().Load(str(path))
+        loads.append((time.perf_counter() - t) * 1e3)
+    result["adapter_file_load_ms"] = _stats(loads)
+    return result
+
+
+def worker_reload(bundle: str, threads: int, repeats: int) -> dict:
+    """Runtime construction of a bundle: the cost of 'switching' by loading another merged bundle."""
+    from edgelora.runtime import Runtime
+
+    def construct(cache: bool) -> float:
+        t = time.perf_counter()
+        rt = Runtime(bundle, intra_op_threads=threads, allow_spinning=False, optimized_cache=cache)
+        ms = (time.perf_counter() - t) * 1e3
+        del rt
+        gc.collect()
+        return ms
+
+    construct(True)  # imports, and the optimized-graph cache, out of the way
+    warm = [construct(True) for _ in range(repeats)]
+    cold = [construct(False) for _ in range(max(2, repeats // 2))]
+    return {"construct_cached_ms": _stats(warm), "construct_uncached_ms": _stats(cold)}
+
+
+def worker_memory(bundle: str, threads: int) -> dict:
+    """Resident memory: before, after loading the bundle, after running every adapter, after a mixed batch."""
+    before = _rss()
+    from edgelora.runtime import Runtime
+
+    imported = _rss()
+    rt = Runtime(bundle, intra_op_threads=threads, allow_spinning=False)
+    loaded = _rss()
+    feeds = _feeds(rt, 8, 128)
+    names = list(rt.adapters)
+    for i in range(RUNS_FOR_MEMORY):  # the same number of runs for every N: the arena grows with runs too
+        rt.run(feeds, adapter=names[i % len(names)])
+    ran = _rss()
+    out = {"adapters": len(names), "before": before, "imported": imported, "loaded": loaded, "ran_each": ran}
+    if rt.manifest["mode"] == "switchable" and len(names) > 1:
+        for _ in range(RUNS_FOR_MEMORY):
+            rt.run(feeds, adapters=[names[i % len(names)] for i in range(8)])
+        out["ran_mixed"] = _rss()
+    return out
+
+
+def worker_mixed(bundle: str, threads: int, rounds: int, shapes: list) -> dict:
+    """N tasks: one mixed batch (per-row adapters) vs N single-task batches vs one batch of one adapter."""
+    from edgelora.runtime import Runtime
+
+    rt = Runtime(bundle, intra_op_threads=threads, allow_spinning=False)
+    names = list(rt.adapters)
+    out: dict = {"tasks": len(names), "shapes": {}}
+    for per_task, seq in shapes:
+        feeds = _feeds(rt, per_task * len(names), seq)
+        rows = [names[i // per_task] for i in range(per_task * len(names))]
+        parts = [{k: v[i * per_task:(i + 1) * per_task] for k, v in feeds.items()} for i in range(len(names))]
+        variants = {
+            "mixed_one_run": lambda: rt.run(feeds, adapters=rows),
+            "separate_runs": lambda: [rt.run(p, adapter=n) for p, n in zip(parts, names)],
+            "uniform_one_run": lambda: rt.run(feeds, adapter=names[0]),
+        }
+        for fn in variants.values():
+            fn(), fn()
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        order = list(variants)
+        for r in range(rounds):
+            for k in order[r % 3:] + order[: r % 3]:
+                times[k].append(_ms(variants[k]))
+        stats = {k: _stats(v) for k, v in times.items()}
+        stats["separate_over_mixed"] = stats["separate_runs"]["median"] / stats["mixed_one_run"]["median"]
+        stats["mixed_over_uniform"] = stats["mixed_one_run"]["median"] / stats["uniform_one_run"]["median"]
+        out["shapes"][f"{len(names)}x{per_task}x{seq}"] = stats
+    return out
+
+
+def worker_fidelity(int8: str, fp32: str, threads: int) -> dict:
+    """A mixed batch's rows vs the same rows alone (int8 and fp32), and int8's own error, on the 4 adapters."""
+    from edgelora.runtime import Runtime
+
+    q, f = (Runtime(b, intra_op_threads=threads, allow_spinning=False) for b in (int8, fp32))
+    names = list(q.adapters)
+    feeds = _feeds(q, 16, 64, seed=1)
+    feeds["attention_mask"][1::2, 40:] = 0  # ragged padding, as real batches have
+    rows = [names[i % len(names)] for i in range(16)]
+
+    def compare(rt) -> tuple[list, list]:
+        mixed = rt.run(feeds, adapters=rows)
+        alone = [rt.run({k: v[i:i + 1] for k, v in feeds.items()}, adapter=n) for i, n in enumerate(rows)]
+        return mixed, alone
+
+    (qm, qa), (fm, fa) = compare(q), compare(f)
+
+    def worst(a_emb, b_emb, a_log, b_log) -> float:
+        return float(max(np.abs(a_emb - b_emb).max(), max(np.abs(x - y).max() for x, y in zip(a_log, b_log))))
+
+    # The same int8 effect without mixing: the whole batch through one adapter vs each row alone.
+    uniform = q.run(feeds, adapter=names[0])
+    uniform_alone = [q.run({k: v[i:i + 1] for k, v in feeds.items()}, adapter=names[0]) for i in range(16)]
+    q_alone_emb = np.concatenate([a["embeddings"] for a in qa])
+    f_alone_emb = np.concatenate([a["embeddings"] for a in fa])
+    q_alone_log = [a["logits"][0] for a in qa]
+    f_alone_log = [a["logits"][0] for a in fa]
+    return {
+        "rows": 16, "seq": 64,
+        "fp32_mixed_vs_alone_max_abs": worst(fm["embeddings"], f_alone_emb, fm["logits"], f_alone_log),
+        "int8_mixed_vs_alone_max_abs": worst(qm["embeddings"], q_alone_emb, qm["logits"], q_alone_log),
+        "int8_alone_vs_fp32_alone_max_abs": worst(q_alone_emb, f_alone_emb, q_alone_log, f_alone_log),
+        "int8_mixed_vs_alone_same_label": float(np.mean([a.argmax() == b.argmax() for a, b in zip(qm["logits"], q_alone_log)])),
+        "int8_uniform_batch_vs_alone_max_abs": worst(
+            uniform["embeddings"], np.concatenate([a["embeddings"] for a in uniform_alone]),
+            list(uniform["logits"]), [a["logits"][0] for a in uniform_alone]),
+        "int8_uniform_batch_vs_alone_same_label": float(np.mean(
+            [a.argmax() == b["logits"][0].argmax() for a, b in zip(uniform["logits"], uniform_alone)])),
+        # Label flips between int8 runs happen on near ties (random heads have small margins): how often
+        # each int8 variant agrees with fp32, and the widest fp32 margin of any row whose label moved.
+        "int8_alone_same_label_as_fp32": float(np.mean([a.argmax() == b.argmax() for a, b in zip(q_alone_log, f_alone_log)])),
+        "int8_mixed_same_label_as_fp32": float(np.mean([a.argmax() == b.argmax() for a, b in zip(qm["logits"], f_alone_log)])),
+        "widest_fp32_margin_of_a_moved_label": max(
+            [float(np.diff(np.sort(b)[-2:])[0]) for a, c, b in zip(qm["logits"], q_alone_log, f_alone_log)
+             if a.argmax() != c.argmax() or c.argmax() != b.argmax()] or [0.0]),
+        "embedding_scale_max_abs": float(np.abs(f_alone_emb).max()),
+    }
+
+
+WORKERS = {"switch": worker_switch, "reload": worker_reload, "memory": worker_memory, "mixed": worker_mixed,
+           "fidelity": worker_fidelity}
+
+
+def _worker_main(argv: list[str]) -> int:
+    kind, kwargs = argv[0], json.loads(argv[1])
+    print(json.dumps(WORKERS[kind](**kwargs)))
+    return 0
+
+
+def run_worker(kind: str, **kwargs) -> dict:
+    """Run one measurement in a fresh process of its own and return its JSON."""
+    cmd = [sys.executable, __file__, WORKER, kind, json.dumps(kwargs)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"worker {kind} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# --- driver -------------------------------------------------------------------------------------------
+
+
+def measure(paths: dict, threads: int, rounds: int, progress) -> dict:
+    from edgelora.runtime.bench import run_benchmark
+
+    b = paths["bundles"]
+    result: dict = {}
+    progress("switching")
+    result["switch"] = run_worker("switch", bundle=b["sw4"], threads=threads, rounds=rounds, shapes=[[1, 32], [8, 128]])
+    progress("reloading merged")
+    result["reload_merged"] = run_worker("reload", bundle=b["merged"], threads=threads, repeats=10)
+    progress("latency")
+    result["latency"] = run_benchmark([b["merged"], b["merged-unfused"], f"{b['sw4']}@task0"], batches=(1, 8),
+                                      seqs=(32, 128), rounds=rounds, warmup=3, threads=threads)
+    progress("memory")
+    memory: dict[str, list] = {}
+    for _ in range(3):  # interleaved repeats, one fresh process each
+        for key in ["merged", *(f"sw{n}" for n in N_ADAPTERS)]:
+            memory.setdefault(key, []).append(run_worker("memory", bundle=b[key], threads=threads))
+    result["memory"] = memory
+    progress("mixed batches")
+    result["mixed"] = run_worker("mixed", bundle=b["sw4"], threads=threads, rounds=rounds, shapes=[[1, 32], [8, 128]])
+    progress("fidelity")
+    result["fidelity"] = run_worker("fidelity", int8=b["sw4"], fp32=b["sw4-fp32"], threads=threads)
+    return result
+
+
+def _sizes(path: str) -> dict[str, int]:
+    p = Path(path)
+    adapters = sorted((p / "adapters").glob("*.onnx_adapter")) if (p / "adapters").is_dir() else []
+    return {"model": (p / "model.onnx").stat().st_size, "adapters": sum(a.stat().st_size for a in adapters),
+            "adapter_each": adapters[0].stat().st_size if adapters else 0,
+            "bank": (p / "bank.onnx_adapter").stat().st_size if (p / "bank.onnx_adapter").is_file() else 0}
+
+
+def summarize(paths: dict, m: dict) -> dict:
+    mb = 1 / 2**20
+    s: dict = {}
+    sw = m["switch"]
+    reload_ms = m["reload_merged"]["construct_cached_ms"]["median"]
+    overhead = {k: v["switch_overhead_ms"]["median"] for k, v in sw["shapes"].items()}
+    # Switching = the RunOptions lookup + whatever the first run after a change costs more (paired
+    # median, counted only when positive); shape by shape, against one reload of the merged bundle.
+    switch_ms = {k: sw["runoptions_lookup_us"] / 1e3 + max(0.0, v) for k, v in overhead.items()}
+    s["switch"] = {
+        "runoptions_lookup_us": sw["runoptions_lookup_us"], "runoptions_build_us": sw["runoptions_build_us"],
+        "adapter_file_load_ms": sw["adapter_file_load_ms"]["median"],
+        "run_after_other_minus_after_same_ms": overhead,
+        "switch_cost_ms": switch_ms,
+        "reload_merged_cached_ms": reload_ms,
+        "reload_merged_uncached_ms": m["reload_merged"]["construct_uncached_ms"]["median"],
+        "reload_over_switch": {k: reload_ms / v for k, v in switch_ms.items()},
+    }
+    rows = {(r["label"], r["batch"], r["seq"]): r["p50_ms"] for r in m["latency"]["rows"]}
+    labels = [b["label"] for b in m["latency"]["bundles"]]
+    lat = {}
+    for batch in (1, 8):
+        for seq in (32, 128):
+            merged, unfused, switch = (rows[(lab, batch, seq)] for lab in labels)
+            lat[f"{batch}x{seq}"] = {"merged_ms": merged, "merged_unfused_ms": unfused, "switchable_ms": switch,
+                                     "switchable_over_merged": switch / merged,
+                                     "switchable_over_merged_unfused": switch / unfused}
+    s["latency"] = lat
+    mem = {}
+    for key, reps in m["memory"].items():
+        med = {stage: float(np.median([r[stage]["rss"] for r in reps])) * mb
+               for stage in ("before", "imported", "loaded", "ran_each", "ran_mixed") if stage in reps[0]}
+        mem[key] = {"adapters": reps[0]["adapters"], **{f"{k}_mb": v for k, v in med.items()},
+                    "files_mb": {k: v * mb for k, v in _sizes(paths["bundles"][key]).items()}}
+    one = mem["sw1"]
+    for key in (f"sw{n}" for n in N_ADAPTERS[1:]):
+        extra = mem[key]["adapters"] - one["adapters"]
+        mem[key]["loaded_increment_per_adapter_mb"] = (mem[key]["loaded_mb"] - one["loaded_mb"]) / extra
+        mem[key]["ran_increment_per_adapter_mb"] = (mem[key]["ran_each_mb"] - one["ran_each_mb"]) / extra
+    s["memory"] = mem
+    s["mixed"] = m["mixed"]["shapes"]
+    s["fidelity"] = m["fidelity"]
+    return s
+
+
+def table(s: dict) -> str:
+    sw = s["switch"]
+    lines = ["switching (one session, 4 adapters)",
+             f"  RunOptions lookup           {sw['runoptions_lookup_us']:.2f} us   (build one: {sw['runoptions_build_us']:.2f} us, "
+             f"load an .onnx_adapter: {sw['adapter_file_load_ms']:.3f} ms)"]
+    lines += [f"  reload merged bundle        {sw['reload_merged_cached_ms']:.1f} ms (optimized graph cached), "
+              f"{sw['reload_merged_uncached_ms']:.1f} ms uncached"]
+    for shape, ms in sw["run_after_other_minus_after_same_ms"].items():
+        lines.append(f"  {shape:>5}: run after another adapter - after the same {ms:+.3f} ms (median, paired); "
+                     f"switch cost {sw['switch_cost_ms'][shape]:.4f} ms; reload / switch {sw['reload_over_switch'][shape]:.0f}x")
+    lines += ["",
+              "latency p50 (ms)   merged  merged-unfused  switchable   sw/merged  sw/unfused"]
+    for shape, r in s["latency"].items():
+        lines.append(f"  {shape:>8}     {r['merged_ms']:7.2f}  {r['merged_unfused_ms']:14.2f}  {r['switchable_ms']:10.2f}"
+                     f"   {r['switchable_over_merged']:8.3f}  {r['switchable_over_merged_unfused']:10.3f}")
+    lines += ["", "memory RSS (MB)   adapters  loaded  ran each  ran mixed  +/adapter(loaded)  +/adapter(ran)  adapter file"]
+    for key, r in s["memory"].items():
+        lines.append(f"  {key:>14}  {r['adapters']:8d}  {r['loaded_mb']:6.1f}  {r['ran_each_mb']:8.1f}  "
+                     f"{r.get('ran_mixed_mb', float('nan')):9.1f}  {r.get('loaded_increment_per_adapter_mb', float('nan')):17.2f}"
+                     f"  {r.get('ran_increment_per_adapter_mb', float('nan')):14.2f}  {r['files_mb']['adapter_each']:12.2f}")
+    lines += ["", "mixed batch (ms)  shape (tasks x rows x seq)  mixed 1 run  N separate runs  uniform 1 run  separate/mixed"]
+    for shape, r in s["mixed"].items():
+        lines.append(f"  {shape:>30}  {r['mixed_one_run']['median']:11.2f}  {r['separate_runs']['median']:15.2f}"
+                     f"  {r['uniform_one_run']['median']:13.2f}  {r['separate_over_mixed']:14.2f}")
+    f = s["fidelity"]
+    lines += ["", f"fidelity (16 rows x 64, 4 adapters): mixed vs alone max |diff| fp32 {f['fp32_mixed_vs_alone_max_abs']:.1e}, "
+              f"int8 {f['int8_mixed_vs_alone_max_abs']:.1e} (int8 vs fp32 alone {f['int8_alone_vs_fp32_alone_max_abs']:.1e}); "
+              f"same label {f['int8_mixed_vs_alone_same_label']:.0%}",
+              f"  labels as fp32's: int8 alone {f.get('int8_alone_same_label_as_fp32', float('nan')):.0%}, int8 mixed "
+              f"{f.get('int8_mixed_same_label_as_fp32', float('nan')):.0%}; moved labels had fp32 margins <= "
+              f"{f.get('widest_fp32_margin_of_a_moved_label', float('nan')):.3f}",
+              f"  without mixing (one adapter, whole batch vs rows alone), int8: max |diff| "
+              f"{f['int8_uniform_batch_vs_alone_max_abs']:.1e}, same label {f['int8_uniform_batch_vs_alone_same_label']:.0%}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == WORKER:
+        return _worker_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/switching", help="bundles and switching.json go here")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of every session")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def progress(msg: str) -> None:
+        print(f"[switching] {msg}", file=sys.stderr, flush=True)
+
+    paths = build(out, progress)
+    measured = measure(paths, args.threads, args.rounds, progress)
+    summary = summarize(paths, measured)
+    from edgelora.runtime import detect_isa
+
+    cpu = detect_isa()
+    import onnxruntime as ort
+
+    result = {"summary": summary, "measured": measured, "build": paths,
+              "settings": {"base": BASE, "threads": args.threads, "rounds": args.rounds, "spinning": False,
+                           "lora": {"r": 8, "alpha": 16.0, "targets": "attention (q, k, v, o)", "b_std": LORA_B_STD}},
+              "machine": {"isa": cpu.isa, "model": cpu.model, "logical_cores": os.cpu_count(),
+                          "platform": platform.platform()}, "onnxruntime": ort.__version__}
+    (out / "switching.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(table(summary))
+    print(f"\nJSON: {out / 'switching.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

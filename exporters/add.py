@@ -1,0 +1,369 @@
+"""`edgelora add-adapter`: put a trained adapter into an existing switchable bundle, base untouched.
+
+The adapter's tensors (read from its directory, no base model needed) are checked against the bundle:
+its base fingerprint against the manifest, every tensor against the graph's adapter inputs, its layers
+against the layers that have slots. Then the bundle is rewritten as a whole — unchanged files hard-linked
+into a temporary sibling, the new `.onnx_adapter`, the rebuilt adapter bank, the manifest last — and
+renamed into place, so a failure leaves the bundle as it was. With the base at hand the new adapter is
+also run through the graph and compared with torch, as `edgelora export` does.
+
+torch, onnx and the exporter are imported inside the functions, so the CLI can offer this verb (its
+arguments) on a runtime-only install, as it does `export`.
+
+Example:
+    >>> add_adapters("bundles/sw8", {"topic": "runs/topic"})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgelora.atomic import replace_dir, temp_dir_for
+from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
+from edgelora.errors import EdgeloraError
+from edgelora.runtime.runtime import read_manifest
+
+from .bundle import sha256_file
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .switchable import SlotSpec
+
+_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+_LAYER_WEIGHT = re.compile(r"^model\.base\.(.+)\.(?:weight_t|weight_q)$")
+
+
+def add_adapters(
+    bundle: str | Path,
+    adapters: Mapping[str, str | Path],
+    *,
+    base: str | Path | None = None,
+    check: bool = True,
+    replace: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Add `adapters` (name -> adapter directory) to switchable `bundle`; the base graph is not touched.
+
+    Args:
+        base: the base model, to run each new adapter through the graph against torch before writing;
+            None: the base the manifest names. The model must have the manifest's fingerprint.
+        check: False skips that comparison (no base needed); the shape checks always run.
+        replace: allow replacing an adapter of the same name; otherwise that is refused.
+
+    Returns the bundle's new manifest.
+    """
+    bundle = Path(bundle)
+    say = progress or (lambda _msg: None)
+    if not adapters:
+        raise EdgeloraError("give at least one --adapter [NAME=]DIR to add")
+    manifest = read_manifest(bundle)
+    if manifest["mode"] != "switchable":
+        raise EdgeloraError(
+            f"{bundle}: a merged bundle has its adapter baked into model.onnx; adapters can be added only to "
+            "a switchable bundle (edgelora export --mode switchable)"
+        )
+    import onnx
+
+    from .switchable import slot_specs
+
+    proto = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    specs = slot_specs(proto)
+    layers = {m[1] for init in proto.graph.initializer if (m := _LAYER_WEIGHT.match(init.name))}
+    existing = {a["name"] for a in manifest["adapters"]}
+
+    say("checking adapters")
+    added: dict[str, tuple[dict, dict[str, np.ndarray]]] = {}
+    for requested, path in adapters.items():
+        entry, values = _convert(Path(path), requested, bundle, manifest, specs, layers)
+        name = entry["name"]
+        if name in added or (name in existing and not replace):
+            raise EdgeloraError(
+                f"{path}: bundle {bundle} already has an adapter {name!r}; write NEW_NAME={path} to add it under "
+                "another name, or pass --replace"
+            )
+        added[name] = (entry, values)
+
+    report: dict[str, Any] = {}
+    if check:
+        say("loading base")
+        report = _check_against_torch(bundle, manifest, proto, base, adapters, added)
+
+    say("writing bundle")
+    return _write(bundle, manifest, specs, added, report)
+
+
+def _convert(path: Path, name: str, bundle: Path, manifest: dict, specs: Mapping[str, SlotSpec],
+             layers: set[str]) -> tuple[dict, dict[str, np.ndarray]]:
+    """An adapter directory -> (its manifest entry, its tensors in the graph's slot form), checked."""
+    import torch
+
+    from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX, adapter_config, read_adapter
+
+    data, tensors = read_adapter(path)
+    source = str(path / "adapter_config.json")
+    config = adapter_config(data, source)
+    extras = data.get("edgelora") or {}
+    if not _NAME.fullmatch(name):
+        raise EdgeloraError(f"{path}: adapter name {name!r} must be letters, digits, '_' or '-'; write NAME={path}")
+    fingerprint, theirs = (manifest.get("base") or {}).get("fingerprint"), extras.get("base_fingerprint")
+    if theirs and fingerprint and theirs != fingerprint:
+        raise EdgeloraError(
+            f"{path}: adapter was trained on another base (fingerprint {theirs[:12]}…) than bundle {bundle} "
+            f"holds ({fingerprint[:12]}…); export it with the base it was trained on"
+        )
+    quant = manifest.get("quantization") or {}
+    trained = extras.get("quantization") or {}
+    if quant and trained and trained.get("weight_bits") != quant.get("weight_bits"):
+        raise EdgeloraError(
+            f"{path}: adapter was trained with {trained.get('weight_bits')}-bit weights, bundle {bundle} is "
+            f"{quant.get('weight_bits')}-bit; retrain with --weight-bits {quant.get('weight_bits')} or export anew"
+        )
+    slots = manifest.get("slots") or {}
+    if isinstance(config, BottleneckConfig) and config.activation != slots.get("bottleneck_activation"):
+        have = slots.get("bottleneck_activation")
+        raise EdgeloraError(
+            f"{path}: a {config.activation} bottleneck adapter cannot use bundle {bundle}, "
+            + (f"whose bottleneck slots apply {have}" if have else "which has no (recorded) bottleneck slots")
+            + "; export the bundle with this adapter"
+        )
+
+    natural: dict[str, np.ndarray] = {}
+    sources: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        value = tensor.detach().to(torch.float32).numpy()
+        if key.startswith(HEAD_PREFIX):
+            slot = {"weight": "head.weight_t", "bias": "head.bias"}.get(key[len(HEAD_PREFIX):])
+            if slot is None:
+                raise EdgeloraError(f"{path}: unknown head tensor {key}; re-save the adapter")
+            natural[slot], sources[slot] = (value.T if slot == "head.weight_t" else value), key
+            continue
+        inner = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        marker = next((m for m in (".lora_A.", ".lora_B.", ".bottleneck.") if m in inner), None)
+        if marker is None:
+            raise EdgeloraError(f"{path}: tensor {key} is neither LoRA, bottleneck nor head; re-save the adapter")
+        layer_key, _, rest = inner.partition(marker)
+        layer = _resolve(layer_key, layers)
+        if layer is None:
+            raise EdgeloraError(
+                f"{path}: adapter targets layer {layer_key}, which bundle {bundle} does not have; wrong base?"
+            )
+        prefix = f"model.base.{layer}"
+        if marker == ".lora_A.":
+            slot, value = f"{prefix}.lora_A", value.T  # (in, r)
+        elif marker == ".lora_B.":
+            slot, value = f"{prefix}.lora_B", (config.scaling * value).T  # (r, out), the scaling folded in
+        else:
+            part = {"down.weight": "down_w", "down.bias": "down_b", "up.weight": "up_w", "up.bias": "up_b"}.get(rest)
+            if part is None:
+                raise EdgeloraError(f"{path}: unknown bottleneck tensor {key}; re-save the adapter")
+            slot, value = f"{prefix}.{part}", (value.T if part in ("down_w", "up_w") else value)
+        if slot not in specs:
+            kind = "LoRA" if "lora" in slot else "bottleneck"
+            have = sorted(n.rsplit(".", 1)[0].removeprefix("model.base.") for n in specs
+                          if n.endswith(".lora_A" if kind == "LoRA" else ".down_w"))
+            where = f"{len(have)} layers, e.g. {have[0]}" if have else "none"
+            hint = "re-export the bundle with --slots attention+mlp" if kind == "LoRA" else "export the bundle with this adapter"
+            raise EdgeloraError(
+                f"{path}: adapter targets layer {layer} with {kind}, which has no {kind} slot in bundle {bundle} "
+                f"({kind} slots: {where}); {hint}"
+            )
+        natural[slot], sources[slot] = value, key
+    if isinstance(config, LoraConfig) and not any(s.endswith(".lora_A") for s in natural):
+        raise EdgeloraError(f"{path}: holds no LoRA weights; re-save the adapter")
+
+    values = {}
+    for slot, value in natural.items():
+        spec = specs[slot]
+        row = spec.row(value)
+        if not spec.fits(row):
+            want = [("*" if spec.banked and i == 0 else "width" if i == spec.width_axis else d)
+                    for i, d in enumerate(spec.shape)]
+            raise EdgeloraError(
+                f"{path}: {sources[slot]} has shape {tuple(value.shape)}, which does not fit bundle {bundle}'s "
+                f"input {slot} {want}; the adapter is for another base"
+            )
+        values[slot] = row
+    labels = list(extras.get("labels") or [])
+    width = natural["head.weight_t"].shape[1] if "head.weight_t" in natural else 0
+    if not labels:
+        labels = [str(i) for i in range(width)]
+    if len(labels) != width or ("head.bias" in natural) != ("head.weight_t" in natural):
+        raise EdgeloraError(f"{path}: {len(labels)} labels but a head of {width} outputs; re-save the adapter")
+    entry = {
+        "name": name,
+        "kind": config.kind,
+        "labels": labels,
+        "file": f"adapters/{name}.onnx_adapter",
+        "sha256": None,
+        "trained_with": {"weight_bits": trained["weight_bits"], "modes": [trained.get("mode", "merged")]} if trained else None,
+    }
+    if trained and trained.get("mode") not in (None, "switchable"):
+        entry["warning"] = f"fake-quantized for {trained.get('mode')} deployment, added to a switchable bundle"
+    return entry, values
+
+
+def _resolve(name: str, layers: set[str]) -> str | None:
+    """PEFT keys may carry the task model's backbone attribute (`bert.encoder...`): drop leading parts."""
+    parts = name.split(".")
+    for i in range(min(3, len(parts))):
+        if ".".join(parts[i:]) in layers:
+            return ".".join(parts[i:])
+    return None
+
+
+def _check_against_torch(bundle: Path, manifest: dict, proto: onnx.ModelProto, base: str | Path | None,
+                         paths: Mapping[str, str | Path], added: dict) -> dict:
+    """Run each new adapter through the graph and compare with torch, as export's own check does."""
+    from edgelora.model import AdapterModel, load_base
+    from edgelora.peft_format import load_adapter
+
+    from . import validate
+    from .switchable import write_adapter_file
+
+    recorded = manifest.get("base") or {}
+    base = base if base is not None else recorded.get("name")
+    if not base:
+        raise EdgeloraError(f"{bundle}: manifest.json names no base to check the new adapter against; pass --base, "
+                            "or --no-check")
+    try:
+        hf_model, _ = load_base(base)
+    except EdgeloraError as e:
+        raise EdgeloraError(f"{e} (needed to check the new adapter against torch: pass --base, or --no-check)") from None
+    model = AdapterModel(hf_model)
+    if model.base_fingerprint != recorded.get("fingerprint"):
+        raise EdgeloraError(
+            f"{base}: is not the base of bundle {bundle} (fingerprint {model.base_fingerprint[:12]}…, bundle "
+            f"{str(recorded.get('fingerprint'))[:12]}…); pass the right --base"
+        )
+    for name in added:
+        load_adapter(model, paths[name], name)
+    precision = manifest["precision"]
+    recipe = None
+    if precision == "int8":
+        q = manifest.get("quantization") or {}
+        recipe_dict = dict(q.get("recipe") or {"weight_bits": q.get("weight_bits", 8), "activations": "dynamic"})
+        recipe_dict["mode"] = "switchable"
+        recipe = QuantConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe_dict.items()})
+    model.set_quant(recipe)
+    vocab = model.base.get_input_embeddings().num_embeddings
+    feeds = validate.generated_feeds(vocab, tuple(manifest["inputs"]))
+    sess = validate.session(proto.SerializeToString())
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (entry, values) in added.items():
+            file = Path(tmp) / f"{name}.onnx_adapter"
+            write_adapter_file(file, values)
+            options, _adapter = validate.adapter_run_options(str(file))
+            logits, pooled = sess.run(["logits", "embeddings"], feeds, options)
+            model.set_adapter(name)
+            ref_logits, ref_pooled = validate.torch_outputs(model, feeds)
+            if not entry["labels"]:  # no task head in the adapter: only the embeddings are its output
+                ref_logits = ref_logits[:, :0]
+            lc, pc = validate.compare("logits", logits, ref_logits), validate.compare("embeddings", pooled, ref_pooled)
+            validate.check_tolerance(precision, f"adapter {name!r}", lc, pc, float(np.abs(ref_pooled).max()))
+            key = "vs_fake_quant_torch" if precision == "int8" else "vs_fp32_torch"
+            report[name] = {key: {"logits": lc.as_dict(), "embeddings": pc.as_dict()}}
+    return report
+
+
+def _write(bundle: Path, manifest: dict, specs: Mapping[str, SlotSpec], added: dict, report: dict) -> dict:
+    """The bundle with the new adapters and a rebuilt bank: unchanged files hard-linked into a temporary
+    sibling, new ones written there, the manifest last, then the whole directory renamed into place."""
+    from . import switchable
+
+    tmp = temp_dir_for(bundle)
+    try:
+        new_files = {f"adapters/{name}.onnx_adapter" for name in added} | {"manifest.json"}
+        banked = any(s.banked for s in specs.values())
+        if banked:
+            new_files.add(switchable.BANK_FILE)
+        for src in sorted(bundle.rglob("*")):
+            rel = src.relative_to(bundle).as_posix()
+            if not src.is_file() or rel in new_files or src.name.endswith(".tmp"):
+                continue
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)  # every writer here replaces files by rename, never in place
+            except OSError:
+                shutil.copy2(src, dst)
+        entries = [a for a in manifest["adapters"] if a["name"] not in added]
+        for name, (entry, values) in added.items():
+            (tmp / "adapters").mkdir(exist_ok=True)
+            switchable.write_adapter_file(tmp / entry["file"], values)
+            entries.append(dict(entry))
+        files = {k: v for k, v in manifest["files"].items() if k not in new_files}
+        for entry in entries:
+            if entry["name"] in added:
+                files[entry["file"]] = entry["sha256"] = sha256_file(tmp / entry["file"])
+        out = dict(manifest, adapters=entries)
+        if banked:
+            order = [a["name"] for a in entries]
+            bank = switchable.build_bank({a["name"]: switchable.read_adapter_file(tmp / a["file"]) for a in entries}, specs)
+            switchable.write_adapter_file(tmp / switchable.BANK_FILE, bank)
+            files[switchable.BANK_FILE] = sha256_file(tmp / switchable.BANK_FILE)
+            out["bank"] = {"file": switchable.BANK_FILE, "adapters": [*order, None]}
+        out["files"] = dict(sorted(files.items()))
+        out["validation"] = dict(manifest.get("validation") or {}, **report)
+        (tmp / "manifest.json").write_text(json.dumps(out, indent=2) + "\n")  # last: with it, the bundle is whole
+        replace_dir(tmp, bundle)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `edgelora add-adapter`."""
+    parser.add_argument("bundle", metavar="BUNDLE", help="switchable bundle directory (rewritten atomically)")
+    parser.add_argument("--adapter", action="append", default=[], required=True, metavar="[NAME=]DIR",
+                        help="adapter directory to add (repeatable); NAME defaults to the adapter's own")
+    parser.add_argument("--base", default=None,
+                        help="base model to check the adapter against torch (default: the one the manifest names)")
+    parser.add_argument("--no-check", action="store_true", help="skip the torch comparison (no base needed)")
+    parser.add_argument("--replace", action="store_true", help="replace an adapter of the same name")
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
+    """`[NAME=]DIR` -> {name: dir}; without NAME, the directory's name (as `edgelora export` does)."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name, spec
+        if name in adapters:
+            raise EdgeloraError(f"--adapter {spec}: the name {name!r} is given twice; write NAME=DIR to rename one")
+        adapters[name] = path
+    return adapters
+
+
+def add_adapter_command(args: argparse.Namespace) -> int:
+    """`edgelora add-adapter`: prints a JSON summary of the bundle's adapters and the new ones' checks."""
+    import sys
+
+    def say(message: str) -> None:
+        if sys.stderr.isatty():
+            print(f"add-adapter: {message}", file=sys.stderr)
+
+    adapters = parse_adapter_specs(args.adapter)
+    manifest = add_adapters(args.bundle, adapters, base=args.base, check=not args.no_check, replace=args.replace,
+                            progress=say)
+    print(json.dumps({"bundle": str(args.bundle), "added": list(adapters),
+                      "adapters": [a["name"] for a in manifest["adapters"]],
+                      "bank": (manifest.get("bank") or {}).get("file"),
+                      "validation": {n: manifest["validation"].get(n) for n in adapters}}))
+    return 0
