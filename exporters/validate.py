@@ -110,17 +110,23 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
     """Worst relative error of any int8 layer against the fake-quant product of the same input.
 
     Exposes each quantized layer's float input and int8 output as graph outputs, runs once, and
-    recomputes every layer in torch with the shared fake quantizer: (max error, worst layer).
+    recomputes every layer in torch with the shared fake quantizer: (max error, worst layer). A fused
+    QAttention is recomputed whole: its three fake-quant projections, then the attention over them.
     """
     from onnx import helper
 
     from edgelora.fake_quant import fake_quantize_activation, fake_quantize_weight
 
+    from .quantize import QuantizedAttention
+
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    names = sorted({t for layer in layers.values() for t in (layer.input, layer.output)})
+    types = {t: onnx.TensorProto.FLOAT for layer in layers.values() for t in (layer.input, layer.output)}
+    types.update({layer.mask: onnx.TensorProto.INT32 for layer in layers.values()
+                  if isinstance(layer, QuantizedAttention) and layer.mask})
+    names = sorted(types)
     existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names if n not in existing)
+    probe.graph.output.extend(helper.make_tensor_value_info(n, types[n], None) for n in names if n not in existing)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every probe tensor
@@ -129,8 +135,43 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
     worst, worst_layer = 0.0, ""
     for name, layer in layers.items():
         x = torch.from_numpy(values[layer.input])
-        ref = torch.nn.functional.linear(fake_quantize_activation(x), fake_quantize_weight(torch.from_numpy(layer.weight), bits))
+        w = fake_quantize_weight(torch.tensor(layer.weight), bits)
+        if isinstance(layer, QuantizedAttention):
+            mask = torch.from_numpy(values[layer.mask]) if layer.mask else None
+            ref = attention_reference(fake_quantize_activation(x), w, torch.tensor(layer.bias), mask, layer.num_heads)
+        else:
+            ref = torch.nn.functional.linear(fake_quantize_activation(x), w)
         err = float((torch.from_numpy(values[layer.output]) - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
         if err > worst:
             worst, worst_layer = err, name
     return worst, worst_layer
+
+
+# ONNX Runtime's Attention adds this to the scores of masked keys (its `mask_filter_value` default).
+MASK_FILTER_VALUE = -10000.0
+
+
+def attention_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,
+                        num_heads: int) -> torch.Tensor:
+    """What ORT's (Q)Attention computes, in torch: softmax(q k^T / sqrt(d) + mask) v over the packed projection.
+
+    Args:
+        x: (batch, seq, in) input; weight: (3 * hidden, in) with Wq, Wk, Wv stacked; bias: (3 * hidden,).
+        mask: a raw (batch, seq) mask of 1 (attend) and 0 (padding), a (batch,) count of leading real
+            tokens (ORT's "mask index"), or None.
+    """
+    batch, seq, _ = x.shape
+    q, k, v = torch.nn.functional.linear(x, weight, bias).chunk(3, dim=-1)  # each (batch, seq, hidden)
+    hidden = q.shape[-1]
+    d = hidden // num_heads
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, seq, num_heads, d).transpose(1, 2)  # (batch, heads, seq, d)
+
+    scores = heads(q) @ heads(k).transpose(-1, -2) / d**0.5  # (batch, heads, seq, seq)
+    if mask is not None:
+        if mask.dim() == 1:  # mask index: the first mask[b] keys are real
+            mask = (torch.arange(seq)[None, :] < mask[:, None]).to(torch.int32)
+        scores = scores + (1.0 - mask[:, None, None, :].to(scores.dtype)) * MASK_FILTER_VALUE
+    context = torch.softmax(scores, dim=-1) @ heads(v)  # (batch, heads, seq, d)
+    return context.transpose(1, 2).reshape(batch, seq, hidden)

@@ -222,8 +222,9 @@ def test_int8_manifest_reports_layers_equal_to_fake_quant(bundle, mode: str, nam
 def test_int8_graph_holds_int8_weights_in_integer_matmuls(bundle) -> None:
     proto = onnx.load(str(bundle("merged", "int8", "lo") / "model.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    integer = [n for n in proto.graph.node if n.op_type == "MatMulInteger"]
-    assert len(integer) == 12
+    integer = [n for n in proto.graph.node if n.op_type in ("MatMulInteger", "QAttention")]
+    # The fused BERT graph: per layer one QAttention (packed q, k, v) and three MatMulIntegers.
+    assert sum(3 if n.op_type == "QAttention" else 1 for n in integer) == 12
     qmax = 2 ** (WEIGHT_BITS - 1) - 1
     for node in integer:
         w = inits[node.input[1]]
@@ -245,7 +246,7 @@ def _dynamic_quantize(x: np.ndarray) -> tuple[np.ndarray, np.float32, np.float32
 def test_int8_layer_recomputed_independently_matches_the_graph(bundle, tiny_bert_dir, adapters, feeds) -> None:
     """One merged LoRA layer, re-derived without the exporter: the int8 weight from W0 + (alpha/r) B A of
     the torch model, the activation quantized by the ONNX spec in numpy, the product compared with ORT's."""
-    layer = "encoder.layer.0.attention.self.query"
+    layer = "encoder.layer.0.intermediate.dense"  # q, k, v sit packed in a QAttention: tests/test_export_int8.py
     proto = onnx.load(str(bundle("merged", "int8", "lo") / "model.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}

