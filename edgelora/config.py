@@ -7,6 +7,8 @@ round-trips through JSON (it is saved in `adapter_config.json` beside the weight
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,7 @@ ADAPTER_KINDS = ("lora", "bottleneck")
 EXPORT_MODES = ("merged", "switchable")
 BOTTLENECK_PLACEMENTS = ("houlsby", "pfeiffer")
 ACTIVATION_MODES = ("dynamic", "none")
+LORA_INITS = ("default", "pissa", "int8-residual")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -34,27 +37,47 @@ class QuantConfig:
             Runtime's DynamicQuantizeLinear does at run time; "none" quantizes weights only.
         mode: which weight training sees: "merged" fake-quantizes W0 + s*B*A (the tensor a merged export
             quantizes), "switchable" fake-quantizes W0 alone and keeps the adapter branch float.
+        skip_layers: layer names (as `AdapterModel.quantizable_names()` gives them) kept fp32 — mixed
+            precision for the layers int8 hurts most (the exporter's `keep_fp32="auto"` measures which).
+            Training skips them in fake quantization and the export leaves them fp32, so both agree.
     """
 
     weight_bits: int = 8
     activations: str = "dynamic"
     mode: str = "merged"
+    skip_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("weight_bits", self.weight_bits, (8, 7))
         _check_choice("activations", self.activations, ACTIVATION_MODES)
         _check_choice("mode", self.mode, EXPORT_MODES)
+        if isinstance(self.skip_layers, str) or not all(isinstance(n, str) and n for n in self.skip_layers):
+            raise EdgeloraError(f"skip_layers={self.skip_layers!r} must be a list of layer names, e.g. "
+                                "['encoder.layer.0.output.dense']")
+        object.__setattr__(self, "skip_layers", tuple(sorted(set(self.skip_layers))))  # JSON lists come back as tuples
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """Low-rank adaptation: y = W0 x + (alpha / r) * B A x, with B zero at start.
+    """Low-rank adaptation: y = W0 x + (alpha / r) * B A x.
 
     Args:
         r: rank of the update. alpha / r keeps the update's size steady as r changes (Hu et al. 2021, §4.1);
             with `use_rslora` the scale is alpha / sqrt(r), which keeps it steady at large r (Kalajdzievski 2023).
         target_modules: module-name suffixes to adapt; None picks the attention projections of the
             architecture (Wq, Wk, Wv, Wo).
+        init: how A and B start; every choice leaves the deployed model equal to the base at step 0.
+            "default": A Kaiming-uniform, B zero.
+            "pissa": A, B from W0's top-r singular triplets (Meng et al. 2024). The layer subtracts that
+            starting product, which plays the part of PiSSA's residual base W0 - B A without touching W0,
+            so training sees exactly what deploys; a saved PiSSA adapter is the plain LoRA
+            [B, -B_init] [A; A_init] of rank 2r that applies to the original base.
+            "int8-residual": A, B the best rank-r fit of W0 - Q(W0), Q the shared fake quantizer at the
+            recipe's bits (LoftQ-like, Li et al. 2023), so that Q(W0) + B A ~ W0 at step 0. Needs the
+            switchable int8 recipe, where the base is Q(W0) and the branch float.
+        rank_pattern: per-layer ranks overriding r, as PEFT's `rank_pattern`: each key is a regex matched
+            against the end of a layer name at a dot (the first key that matches wins), e.g.
+            {"encoder.layer.0.attention.self.query": 2}. Scaling is then alpha / r_layer.
     """
 
     r: int = 8
@@ -63,10 +86,12 @@ class LoraConfig:
     target_modules: tuple[str, ...] | None = None
     include_mlp: bool = False
     use_rslora: bool = False
+    init: str = "default"
+    rank_pattern: tuple[tuple[str, int], ...] | None = None
     kind: str = field(default="lora", init=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
+        if not _positive_int(self.r):
             raise EdgeloraError(f"r={self.r!r} must be a positive integer (the LoRA rank), e.g. 8")
         if not self.alpha > 0:
             raise EdgeloraError(f"alpha={self.alpha!r} must be positive (the update is scaled by alpha/r)")
@@ -76,10 +101,60 @@ class LoraConfig:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
             if not self.target_modules:
                 raise EdgeloraError("target_modules=() adapts nothing; give module names or leave it unset")
+        _check_choice("init", self.init, LORA_INITS)
+        if self.rank_pattern is not None:
+            object.__setattr__(self, "rank_pattern", _rank_pattern(self.rank_pattern) or None)
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+        return self.scaling_for(self.r)
+
+    def scaling_for(self, r: int) -> float:
+        """The update's scale in a layer of rank r: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (r**0.5 if self.use_rslora else r)
+
+    def rank_for(self, layer: str) -> int:
+        """Layer `layer`'s rank: the first `rank_pattern` key matching the end of its name (as PEFT), else r."""
+        for key, rank in self.rank_pattern or ():
+            if re.match(rf"(.*\.)?({key})$", layer):
+                return rank
+        return self.r
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _rank_pattern(value: Any) -> tuple[tuple[str, int], ...]:
+    """A {layer regex: rank} mapping (or its pairs) as an ordered tuple of pairs, each checked."""
+    pairs = list(value.items()) if isinstance(value, Mapping) else value
+    try:
+        pairs = [(key, rank) for key, rank in pairs]
+    except (TypeError, ValueError):
+        raise EdgeloraError(f"rank_pattern={value!r} must map layer names to ranks, e.g. {{'query': 4}}") from None
+    for key, rank in pairs:
+        if not isinstance(key, str) or not key:
+            raise EdgeloraError(f"rank_pattern key {key!r} must be a non-empty layer name or regex")
+        try:
+            re.compile(key)
+        except re.error as exc:
+            raise EdgeloraError(f"rank_pattern key {key!r} is not a valid regex ({exc})") from None
+        if not _positive_int(rank):
+            raise EdgeloraError(f"rank_pattern[{key!r}]={rank!r} must be a positive integer (that layer's rank)")
+    return tuple(pairs)
+
+
+def plain_lora_config(config: LoraConfig) -> LoraConfig:
+    """The config of `config`'s adapter as saved: a plain LoRA (init "default") applying to the original base.
+
+    A PiSSA adapter is saved as [B, -B_init] [A; A_init]: every rank doubles, and alpha changes so that
+    each layer keeps its scale (alpha / r or alpha / sqrt(r)). Any other init only chose the start.
+    """
+    if config.init != "pissa":
+        return dataclasses.replace(config, init="default")
+    pattern = None if config.rank_pattern is None else {k: 2 * r for k, r in config.rank_pattern}
+    alpha = config.alpha * (2**0.5 if config.use_rslora else 2)
+    return dataclasses.replace(config, r=2 * config.r, alpha=alpha, rank_pattern=pattern, init="default")
 
 
 @dataclass(frozen=True)
@@ -111,6 +186,8 @@ def config_to_dict(config: AdapterConfig | QuantConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
     if "target_modules" in data and data["target_modules"] is not None:
         data["target_modules"] = list(data["target_modules"])
+    if data.get("rank_pattern") is not None:
+        data["rank_pattern"] = dict(data["rank_pattern"])
     return data
 
 

@@ -14,11 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgelora import svd
 from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
 from edgelora.fake_quant import fake_quantize_activation, fake_quantize_weight
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+INT8_RESIDUAL_NEEDS_SWITCHABLE = (
+    "init='int8-residual' fits the adapter to the int8 rounding error of a base that stays Q(W0), which only "
+    "the switchable int8 recipe keeps: add the adapter with quant=QuantConfig(mode='switchable') "
+    "(CLI: --qat int8 --deploy-mode switchable)"
+)
 
 
 class Bottleneck(nn.Module):
@@ -37,6 +43,40 @@ class Bottleneck(nn.Module):
         return h + self.up(self.act(self.down(h)))
 
 
+class LoraStart(nn.Module):
+    """PiSSA's frozen starting product B_init @ A_init, subtracted beside the trained branch.
+
+    Buffers, not parameters, and not persistent: the state dict (hence checkpoints and fingerprints)
+    never holds them; they are recomputed from the base weight, which is deterministic.
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("A", A.detach().clone(), persistent=False)  # (r, in)
+        self.register_buffer("B", B.detach().clone(), persistent=False)  # (out, r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A), self.B)
+
+
+def svd_init(weight: torch.Tensor, r: int, scaling: float, init: str,
+             quant: QuantConfig | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Starting (A (r, in), B (out, r)) for init "pissa" or "int8-residual", with scaling * B @ A the fitted part."""
+    W = weight.detach().float()
+    if init == "pissa":
+        A, B, _ = svd.pissa_init(W, r)
+    else:
+        if quant is None or quant.mode != "switchable":
+            raise EdgeloraError(INT8_RESIDUAL_NEEDS_SWITCHABLE)
+        A, B, _ = svd.int8_residual_init(W, r, lambda w: fake_quantize_weight(w, quant.weight_bits))
+    root = scaling**0.5  # split the scale evenly so that scaling * B @ A is the fit, as PEFT's PiSSA does
+    A, B = A / root, B / root
+    if A.shape[0] < r:  # r above min(out, in): the extra components start (and stay) zero
+        A = torch.cat([A, A.new_zeros(r - A.shape[0], A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], r - B.shape[1])], dim=1)
+    return A.to(weight.dtype), B.to(weight.dtype)
+
+
 class AdaptedLinear(nn.Module):
     """Wraps a frozen `nn.Linear`; holds any number of named adapters, one of which is active."""
 
@@ -46,6 +86,7 @@ class AdaptedLinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_start = nn.ModuleDict()  # PiSSA adapters only: the frozen starting product
         self.scaling: dict[str, float] = {}
         self.bottleneck = nn.ModuleDict()
         self.quant: QuantConfig | None = None
@@ -68,13 +109,26 @@ class AdaptedLinear(nn.Module):
     def adapter_names(self) -> list[str]:
         return sorted(set(self.lora_A) | set(self.bottleneck))
 
-    def add_lora(self, name: str, config: LoraConfig) -> None:
-        self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False)
-        self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+    def add_lora(self, name: str, config: LoraConfig, r: int | None = None) -> None:
+        """Add LoRA `name` of rank `r` (default config.r), initialised as `config.init` says."""
+        r = config.r if r is None else r
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.scaling[name] = config.scaling
+        self.scaling[name] = config.scaling_for(r)
+        init = config.init
+        if init == "int8-residual" and self.quant is None:
+            init = "default"  # a layer the recipe keeps fp32 (skip_layers) has no rounding error to absorb
+        if init == "default":
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[name].weight)
+        else:
+            A, B = svd_init(self.base.weight, r, self.scaling[name], init, self.quant)
+            with torch.no_grad():
+                self.lora_A[name].weight.copy_(A)
+                self.lora_B[name].weight.copy_(B)
+            if init == "pissa":
+                self.lora_start[name] = LoraStart(A, B)
         self._to_base_device(name)
 
     def add_bottleneck(self, name: str, config: BottleneckConfig) -> None:
@@ -83,14 +137,14 @@ class AdaptedLinear(nn.Module):
 
     def _to_base_device(self, name: str) -> None:
         ref = self.base.weight
-        for table in (self.lora_A, self.lora_B, self.bottleneck):
+        for table in (self.lora_A, self.lora_B, self.lora_start, self.bottleneck):
             if name in table:
                 table[name].to(device=ref.device, dtype=ref.dtype)
 
     def delete(self, name: str) -> None:
         if self.merged == name:
             self.unmerge()
-        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.bottleneck):
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_start, self.bottleneck):
             if name in table:
                 del table[name]
         self.scaling.pop(name, None)
@@ -98,8 +152,20 @@ class AdaptedLinear(nn.Module):
             self.active = None
 
     def lora_delta(self, name: str) -> torch.Tensor:
-        """s * B @ A as an (out, in) tensor — the update a merged export adds to W0."""
-        return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
+        """s * B @ A (less a PiSSA start) as an (out, in) tensor — the update a merged export adds to W0."""
+        A, B = self.lora_weights(name)
+        return self.scaling[name] * (B @ A)
+
+    def lora_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the plain LoRA, at this layer's scaling, that applies to the original base weight.
+
+        The trained factors themselves, except for PiSSA: [A; A_init] and [B, -B_init], of twice the rank.
+        """
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if name in self.lora_start:
+            start = self.lora_start[name]
+            A, B = torch.cat([A, start.A]), torch.cat([B, -start.B], dim=1)  # (2r, in), (out, 2r)
+        return A, B
 
     def merge(self) -> None:
         """Fold the active LoRA into the base weight; merging twice is a no-op, `unmerge` restores W0 bit for bit."""
@@ -146,7 +212,10 @@ class AdaptedLinear(nn.Module):
 
     def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         h = self.lora_A[name](self.lora_dropout[name](x))  # (..., r)
-        return self.scaling[name] * self.lora_B[name](h)
+        y = self.lora_B[name](h)
+        if name in self.lora_start:  # PiSSA: W0 x - s B_init A_init x is the residual base, as PEFT's (no dropout)
+            y = y - self.lora_start[name](x)
+        return self.scaling[name] * y
 
     def extra_repr(self) -> str:
         q = "" if self.quant is None else f", fake_quant=int{self.quant.weight_bits}/{self.quant.mode}"

@@ -1,0 +1,524 @@
+"""`edgelora extract` and `edgelora reduce`: LoRA adapters from the SVD of weight deltas.
+
+extract: for every adaptable linear whose weight differs between a base and its full fine-tune, the best
+rank-k fit of the delta (Eckart-Young: B A = U_k S_k V_k^T), saved as an ordinary adapter directory that
+`edgelora export` takes. reduce: the same truncation of an existing LoRA adapter's B A, without its base.
+Torch loads inside the functions, so building the CLI parser stays cheap on a runtime-only install.
+
+Example:
+    >>> report = extract_adapter("minilm", "runs/full-ft", "runs/intent-r16", rank=16)  # doctest: +SKIP
+    >>> reduce_adapter("runs/intent-r16", "runs/intent-r4", rank=4)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import re
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgelora.errors import EdgeloraError
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from edgelora.model import AdapterModel
+
+# A delta larger than this fraction of the base weight, in the median layer, means --base is most likely not
+# the model --tuned was fine-tuned from (fine-tunes move weights by ~0.1-10%; unrelated models by ~140%).
+UNRELATED_BASE_REL_DELTA = 0.5
+# What each kind of dropped delta is, in a warning.
+DROPPED = {"bias": "biases", "linear": "linear weights outside the adaptable projections",
+           "other": "other tensors (embeddings, LayerNorm, ...)",
+           "unused": None}  # BERT's [CLS] pooler: edgelora's mean-pooled embedding never reads it, no warning
+HEAD_KEYS = (("classifier.weight", "classifier.bias"), ("score.weight", "score.bias"))
+PLACEHOLDER_LABELS = ["0", "1"]
+
+
+# --- the math on models ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerFit:
+    """One layer's truncated delta: rank kept, energy kept (sum of kept sigma^2 / ||delta||_F^2) and the
+    relative error ||delta - B A||_F / ||delta||_F."""
+
+    layer: str
+    shape: tuple[int, int]  # (out, in)
+    rank: int
+    energy_kept: float
+    relative_error: float
+    delta_norm: float  # ||W_tuned - W_base||_F
+    base_norm: float  # ||W_base||_F
+
+    @property
+    def params(self) -> int:
+        return self.rank * (self.shape[0] + self.shape[1])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "shape": list(self.shape), "params": self.params}
+
+
+@dataclass
+class Extraction:
+    """Per-layer LoRA factors (scaling 1: delta ~ B @ A), their fits, and the deltas a LoRA cannot carry."""
+
+    fits: list[LayerFit]
+    factors: dict[str, tuple[Tensor, Tensor]]  # layer -> A (r, in), B (out, r)
+    dropped: list[dict[str, Any]] = field(default_factory=list)  # {"tensor", "what", "norm", "relative"}: DROPPED
+
+    def summary(self) -> dict[str, Any]:
+        dense = sum(f.shape[0] * f.shape[1] for f in self.fits)
+        lora = sum(f.params for f in self.fits)
+        total = sum(f.delta_norm**2 for f in self.fits)
+        err = sum((f.relative_error * f.delta_norm) ** 2 for f in self.fits)
+        return {
+            "layers": len(self.fits),
+            "ranks": sorted({f.rank for f in self.fits}),
+            "lora_params": lora,
+            "dense_params": dense,
+            "compression_ratio": dense / lora,
+            "relative_error": math.sqrt(err / total) if total > 0 else 0.0,
+            "energy_kept": 1.0 - err / total if total > 0 else 1.0,
+            "dropped_tensors": len(self.dropped),
+        }
+
+
+def check_target(rank: int | None, energy: float | None) -> None:
+    """Exactly one of rank (an integer >= 1) or energy (a fraction in (0, 1])."""
+    if (rank is None) == (energy is None):
+        raise EdgeloraError(f"give exactly one of rank (--rank K) or energy (--energy F), got rank={rank!r}, energy={energy!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise EdgeloraError(f"rank={rank!r} must be an integer >= 1 (components kept per layer)")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
+        raise EdgeloraError(f"energy={energy!r} must be in (0, 1] (fraction of each delta's sigma^2 kept), e.g. 0.9")
+
+
+def _weight(module: nn.Module) -> Tensor:
+    """(out, in) weight of an nn.Linear, an AdaptedLinear's base or GPT-2's Conv1D (stored (in, out))."""
+    from edgelora.layers import AdaptedLinear
+
+    if isinstance(module, AdaptedLinear):
+        module = module.base
+    return module.weight.detach().t() if type(module).__name__ == "Conv1D" else module.weight.detach()
+
+
+def _check_pair(base: nn.Module, tuned: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The two state dicts, once they are known to be the same architecture with the same shapes."""
+    from edgelora.model import base_state_dict, model_type
+
+    kinds = (model_type(base) or type(base).__name__, model_type(tuned) or type(tuned).__name__)
+    if kinds[0] != kinds[1]:
+        raise EdgeloraError(f"the base is a {kinds[0]} model and the tuned one a {kinds[1]} model; "
+                            "--tuned must be a full fine-tune of --base")
+    b, t = base_state_dict(base), base_state_dict(tuned)
+    only_b, only_t = sorted(set(b) - set(t)), sorted(set(t) - set(b))
+    if only_b or only_t:
+        what = "; ".join(f"only in {side}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                         for side, keys in (("base", only_b), ("tuned", only_t)) if keys)
+        raise EdgeloraError(f"base and tuned {kinds[0]} models have different architectures ({what}); "
+                            "--tuned must be a full fine-tune of --base")
+    for key in b:
+        if b[key].shape != t[key].shape:
+            raise EdgeloraError(f"{key} has shape {tuple(b[key].shape)} in the base but {tuple(t[key].shape)} in the "
+                                "tuned model; --tuned must be a full fine-tune of --base")
+    return b, t
+
+
+def _norm(x: Tensor) -> float:
+    return float(x.detach().double().norm())
+
+
+def extract_lora(model: AdapterModel, tuned: nn.Module, *, rank: int | None = None, energy: float | None = None,
+                 method: str = "auto", progress: Callable[[str], None] | None = None) -> Extraction:
+    """LoRA factors of `tuned` - `model.base` for every adaptable linear whose weight differs.
+
+    Args:
+        model: the base, wrapped; `add_extracted_adapter` later puts the result on it.
+        tuned: the same architecture after full fine-tuning (a plain module, e.g. from `load_base`).
+        rank, energy: keep `rank` components per layer (clamped to the layer's size), or per layer the
+            fewest whose sigma^2 hold `energy` of the delta's.
+        method: passed to `svd.truncated_svd` ("auto": exact up to 1024 on the smaller side).
+
+    Bias, embedding, LayerNorm and other linear deltas cannot ride on a LoRA: they are listed in `dropped`.
+    """
+    import torch
+
+    from edgelora.svd import truncated_svd
+
+    check_target(rank, energy)
+    base_sd, tuned_sd = _check_pair(model.base, tuned)
+    adaptable = model.quantizable_names()
+    carried = {f"{n}.weight" for n in adaptable}
+    fits: list[LayerFit] = []
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    for i, name in enumerate(adaptable):
+        W0, W1 = _weight(model.base.get_submodule(name)), _weight(tuned.get_submodule(name))
+        if torch.equal(W0, W1):
+            continue
+        if progress is not None:
+            progress(f"layer {i + 1}/{len(adaptable)}: {name}")
+        delta = W1.float() - W0.float()
+        lr = truncated_svd(delta, rank=rank, energy=energy, method=method)
+        fits.append(LayerFit(name, tuple(delta.shape), lr.rank, lr.energy_kept, lr.relative_error, _norm(delta),
+                             _norm(W0)))
+        factors[name] = (lr.A.float(), lr.B.float())
+    linear_weights = {f"{n}.weight" for n, m in model.base.named_modules() if isinstance(m, torch.nn.Linear)}
+    dropped = []
+    for key, value in base_sd.items():
+        if key in carried or torch.equal(value, tuned_sd[key]) or not value.is_floating_point():
+            continue
+        what = ("unused" if key.startswith("pooler.") else "bias" if key.endswith(".bias")
+                else "linear" if key in linear_weights else "other")
+        diff = _norm(tuned_sd[key].float() - value.float())
+        dropped.append({"tensor": key, "what": what, "norm": diff, "relative": diff / max(_norm(value), 1e-12)})
+    if not fits:
+        others = f" (only {len(dropped)} other tensors differ, e.g. {dropped[0]['tensor']})" if dropped else ""
+        raise EdgeloraError(f"no adaptable linear layer differs between the base and the tuned model{others}; "
+                            "nothing for a LoRA adapter to carry")
+    return Extraction(fits, factors, dropped)
+
+
+def add_extracted_adapter(model: AdapterModel, name: str, extraction: Extraction, labels: list[str],
+                          head: tuple[Tensor, Tensor | None] | None = None) -> None:
+    """Add LoRA `name` holding `extraction` to `model`: r = the largest layer rank, alpha = r, a per-layer
+    `rank_pattern` where ranks differ (their scale r / r_layer folded into B), and `head` (weight, bias)
+    or an all-zero placeholder head."""
+    import torch
+
+    from edgelora.config import LoraConfig
+
+    ranks = {f.layer: f.rank for f in extraction.fits}
+    r = max(ranks.values())
+    config = LoraConfig(r=r, alpha=float(r), target_modules=tuple(ranks),
+                        rank_pattern={layer: k for layer, k in ranks.items() if k != r} or None)
+    model.add_adapter(name, config, labels)
+    layers = dict(model.adapted_layers())
+    with torch.no_grad():
+        for layer_name, (A, B) in extraction.factors.items():
+            layer = layers[layer_name]
+            layer.lora_A[name].weight.copy_(A)
+            layer.lora_B[name].weight.copy_(B / layer.scaling[name])
+        weight, bias = head if head is not None else (torch.zeros_like(model.heads[name].weight), None)
+        model.heads[name].weight.copy_(weight)
+        model.heads[name].bias.copy_(bias if bias is not None else torch.zeros_like(model.heads[name].bias))
+
+
+# --- the task head of the tuned model ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Head:
+    weight: Tensor | None  # (labels, hidden); None: no usable head, use a placeholder
+    bias: Tensor | None
+    labels: list[str]
+    source: str
+    note: str | None = None
+
+
+def _read_tensors(model_dir: Path, keys: set[str]) -> dict[str, Tensor]:
+    """Those of `keys` that the model directory's weight files hold (safetensors, sharded or not, or .bin)."""
+    import torch
+    from safetensors import safe_open
+
+    found: dict[str, Tensor] = {}
+    files = sorted(model_dir.glob("*.safetensors"))
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in keys & set(f.keys()):
+                found[key] = f.get_tensor(key)
+    if not files and (model_dir / "pytorch_model.bin").is_file():
+        state = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        found = {k: v for k, v in state.items() if k in keys}
+    return found
+
+
+def _all_keys(model_dir: Path) -> list[str]:
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            keys += list(f.keys())
+    return keys
+
+
+def read_head(model_dir: str | Path, hidden: int) -> Head:
+    """The tuned model's classification head (`classifier.*` or `score.*`, labels from id2label), else a
+    placeholder with labels ["0", "1"] and a note saying why."""
+    model_dir = Path(model_dir)
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    for w_key, b_key in HEAD_KEYS:
+        tensors = _read_tensors(model_dir, {w_key, b_key})
+        weight = tensors.get(w_key)
+        if weight is None:
+            continue
+        if weight.ndim != 2 or weight.shape[1] != hidden or weight.shape[0] < 2:
+            return Head(None, None, PLACEHOLDER_LABELS, "placeholder",
+                        f"the tuned model's {w_key} has shape {tuple(weight.shape)}, not (labels >= 2, {hidden}); "
+                        f"the adapter gets a placeholder head with labels {PLACEHOLDER_LABELS} (all-zero weights)")
+        id2label = config.get("id2label") or {}
+        try:
+            labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+        except (TypeError, ValueError):
+            labels = []
+        if len(labels) != weight.shape[0]:
+            labels = [str(i) for i in range(weight.shape[0])]
+        note = None
+        seq_cls = [a for a in archs if a.endswith("ForSequenceClassification")]
+        if seq_cls:
+            note = (f"copied the head {w_key} ({len(labels)} labels); {seq_cls[0]} applied it to its own pooled "
+                    "vector (the [CLS] pooler or the last token), edgelora applies it to the mean-pooled embedding, "
+                    "so check the adapter's accuracy before relying on the head")
+        return Head(weight.float(), None if tensors.get(b_key) is None else tensors[b_key].float(), labels, w_key, note)
+    heads = [k for k in _all_keys(model_dir) if k.split(".")[0] in ("classifier", "pre_classifier", "score")]
+    why = (f"its head ({', '.join(heads[:3])}) is not one linear layer" if heads
+           else "the tuned model has no classification head")
+    return Head(None, None, PLACEHOLDER_LABELS, "placeholder",
+                f"{why}; the adapter gets a placeholder head with labels {PLACEHOLDER_LABELS} (all-zero weights: "
+                "every text scores 0), use its embeddings output or train a head")
+
+
+# --- extract: directories in, adapter directory out ------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """A head-bearing checkpoint loaded as a bare model makes transformers log 'weights not used': expected here."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def extract_adapter(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int | None = None,
+                    energy: float | None = None, name: str | None = None, method: str = "auto",
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Extract a LoRA adapter from Hugging Face directories `base` (or "minilm") and `tuned`; save it to `out`.
+
+    Returns the report: per-layer fits, totals (compression ratio, overall relative error), the dropped
+    deltas, the head and any warnings (the CLI prints those; nothing here prints).
+    """
+    from edgelora.model import AdapterModel, hidden_size, load_base
+    from edgelora.peft_format import check_adapter_out, save_adapter
+
+    check_target(rank, energy)
+    check_adapter_out(out)  # before minutes of work
+    name = name or Path(out).resolve().name
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise EdgeloraError(f"adapter name {name!r} must be letters, digits, '_' or '-'; give --name")
+    say = progress or (lambda _msg: None)
+    say("loading models")
+    with _quiet_transformers():
+        base_model, _ = load_base(base)
+        tuned_model, tuned_path = load_base(tuned)
+    model = AdapterModel(base_model)
+    extraction = extract_lora(model, tuned_model, rank=rank, energy=energy, method=method, progress=say)
+    head = read_head(tuned_path, hidden_size(base_model))
+    warns = _warnings(extraction, head)
+    summary = extraction.summary()
+    add_extracted_adapter(model, name, extraction, head.labels,
+                          None if head.weight is None else (head.weight, head.bias))
+    target = {"rank": rank} if rank is not None else {"energy": energy}
+    provenance = {"tuned": str(tuned), **target, **{k: summary[k] for k in ("ranks", "compression_ratio",
+                                                                              "relative_error", "energy_kept")}}
+    say("saving")
+    save_adapter(model, name, out, base_name=str(base), extra={"extraction": provenance})
+    return {
+        "base": str(base), "tuned": str(tuned), "out": str(out), "name": name, **target,
+        "layers": [f.as_dict() for f in extraction.fits],
+        "total": summary,
+        "dropped": extraction.dropped,
+        "head": {"source": head.source, "labels": head.labels, "note": head.note},
+        "warnings": warns,
+    }
+
+
+def _warnings(extraction: Extraction, head: Head) -> list[str]:
+    warns = []
+    by_what: dict[str, list[dict]] = {}
+    for d in extraction.dropped:
+        by_what.setdefault(d["what"], []).append(d)
+    for what, items in sorted(by_what.items()):
+        if DROPPED[what] is None:
+            continue
+        worst = max(items, key=lambda d: d["relative"])
+        warns.append(f"dropped the deltas of {len(items)} {DROPPED[what]}: a LoRA adapter carries linear weights "
+                     f"only; the largest, of {worst['tensor']}, is {100 * worst['relative']:.2g}% of its norm")
+    rel = sorted(f.delta_norm / max(f.base_norm, 1e-12) for f in extraction.fits)
+    median = rel[len(rel) // 2]
+    if median > UNRELATED_BASE_REL_DELTA:
+        warns.append(f"the median layer differs by {100 * median:.0f}% of its norm: is --base really the model "
+                     "--tuned was fine-tuned from?")
+    if head.note:
+        warns.append(head.note)
+    return warns
+
+
+# --- reduce: adapter directory in, adapter directory out ------------------------------------------------
+def reduce_adapter(path: str | Path, out: str | Path, *, rank: int | None = None,
+                   energy: float | None = None) -> dict[str, Any]:
+    """Truncate every layer of the LoRA adapter at `path` to its best rank-k (or energy) approximation of
+    s * B @ A (`svd.reduce_lora_rank`) and write the result to `out`; no base model needed.
+
+    alpha and rsLoRA stay; each layer's new scale is folded into its B, and differing layer ranks go
+    into `rank_pattern`. The head, labels and base fingerprint are kept. Returns the report.
+    """
+    import torch
+
+    from edgelora.atomic import write_dir_atomic
+    from edgelora.config import LoraConfig, config_to_dict
+    from edgelora.peft_format import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, check_adapter_out, read_adapter
+    from edgelora.svd import reduce_lora_rank
+
+    check_target(rank, energy)
+    path, out = Path(path), Path(out)
+    check_adapter_out(out)
+    data, tensors = read_adapter(path)
+    config = adapter_config(data, str(path / CONFIG_FILE))
+    if not isinstance(config, LoraConfig):
+        raise EdgeloraError(f"{path}: a {config.kind} adapter; reduce truncates LoRA adapters (their B A) only")
+    pairs = [(k, k.replace(".lora_A.", ".lora_B.", 1)) for k in sorted(tensors) if ".lora_A." in k]
+    if not pairs:
+        raise EdgeloraError(f"{path / WEIGHTS_FILE}: holds no LoRA weights to reduce")
+    fits, new_factors = [], {}
+    for a_key, b_key in pairs:
+        layer = a_key.partition(".lora_A.")[0].removeprefix(PEFT_PREFIX)
+        A, B = tensors[a_key].float(), tensors.get(b_key)
+        r = config.rank_for(layer)
+        if B is None or A.shape[0] != r or B.shape[1] != r:
+            got = f"{tuple(A.shape)} and {None if B is None else tuple(B.shape)}"
+            raise EdgeloraError(f"{path / WEIGHTS_FILE}: layer {layer} has lora_A/lora_B of shapes {got} but the config "
+                                f"says rank {r}; the adapter is damaged")
+        lr = reduce_lora_rank(A, B.float(), rank=rank, energy=energy, scaling=config.scaling_for(r))
+        delta_norm = float(torch.linalg.vector_norm(lr.singular_values.double()))
+        fits.append({"layer": layer, "shape": [B.shape[0], A.shape[1]], "rank_before": r, "rank": lr.rank,
+                     "energy_kept": lr.energy_kept, "relative_error": lr.relative_error, "delta_norm": delta_norm})
+        new_factors[(a_key, b_key)] = lr
+    new_r = max(f["rank"] for f in fits)
+    pattern = {f["layer"]: f["rank"] for f in fits if f["rank"] != new_r}
+    new_config = dataclasses.replace(config, r=new_r, rank_pattern=pattern or None)
+    new_tensors = {k: v for k, v in tensors.items() if ".lora_A." not in k and ".lora_B." not in k}
+    for (a_key, b_key), lr in new_factors.items():
+        new_tensors[a_key] = lr.A.float().contiguous()
+        new_tensors[b_key] = (lr.B / new_config.scaling_for(lr.rank)).float().contiguous()
+    total = sum(f["delta_norm"] ** 2 for f in fits)
+    err = sum((f["relative_error"] * f["delta_norm"]) ** 2 for f in fits)
+    before = sum(f["rank_before"] * sum(f["shape"]) for f in fits)
+    after = sum(f["rank"] * sum(f["shape"]) for f in fits)
+    summary = {"layers": len(fits), "ranks": sorted({f["rank"] for f in fits}), "lora_params_before": before,
+               "lora_params": after, "relative_error": math.sqrt(err / total) if total > 0 else 0.0}
+    target = {"rank": rank} if rank is not None else {"energy": energy}
+    new_data = {**data, "r": new_r}
+    new_data.pop("rank_pattern", None)
+    if pattern:
+        new_data["rank_pattern"] = pattern
+    extras = dict(data.get("edgelora") or {})
+    if "adapter" in extras:
+        extras["adapter"] = config_to_dict(new_config)
+    extras["reduced"] = {"from": str(path), **target, **summary}
+    new_data["edgelora"] = extras
+
+    def fill(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(new_tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(new_data, indent=2) + "\n")  # last: a directory with it is whole
+
+    write_dir_atomic(out, fill)
+    return {"adapter": str(path), "out": str(out), **target, "layers": fits, "total": summary}
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+def _add_target(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--rank", type=int, help="keep K components in every layer")
+    group.add_argument("--energy", type=float, help="keep per layer the fewest components holding fraction F of "
+                                                    "the delta's sum of sigma^2, e.g. 0.9")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+
+
+def add_extract_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("A LoRA adapter from a full fine-tune: for each linear layer whose weight changed, the best "
+                     "rank-K fit of the change (truncated SVD), saved as an adapter directory `edgelora export` takes.")
+    p.add_argument("--base", required=True, help="the model that was fine-tuned: Hugging Face directory or 'minilm'")
+    p.add_argument("--tuned", required=True, help="the fully fine-tuned model (Hugging Face directory)")
+    p.add_argument("--out", required=True, help="adapter directory to write")
+    p.add_argument("--name", default=None, help="adapter name (default: the --out folder name)")
+    _add_target(p)
+
+
+def add_reduce_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Lower a LoRA adapter's rank: the best rank-K (or energy) approximation of each layer's B A."
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="LoRA adapter directory (ours or PEFT's)")
+    p.add_argument("--out", required=True, help="adapter directory to write")
+    _add_target(p)
+
+
+def _bar(desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
+
+
+def _write_json(path: str, report: dict[str, Any]) -> None:
+    from edgelora.atomic import write_file_atomic
+
+    text = json.dumps(report, indent=2) + "\n"
+    write_file_atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def _table(rows: list[dict[str, Any]], before: bool = False) -> str:
+    width = max(len("layer"), *(len(r["layer"]) for r in rows))
+    head = f"{'layer':<{width}}  {'shape':>11}  " + ("from  " if before else "") + "rank  energy kept  rel. error"
+    lines = [head]
+    for r in rows:
+        shape = f"{r['shape'][0]}x{r['shape'][1]}"
+        lines.append(f"{r['layer']:<{width}}  {shape:>11}  " + (f"{r['rank_before']:>4}  " if before else "")
+                     + f"{r['rank']:>4}  {r['energy_kept']:>11.4f}  {r['relative_error']:>10.4f}")
+    return "\n".join(lines)
+
+
+def extract_command(args: argparse.Namespace) -> int:
+    bar = _bar("extract")
+    try:
+        report = extract_adapter(args.base, args.tuned, args.out, rank=args.rank, energy=args.energy, name=args.name,
+                                 progress=(lambda m: bar.set_description_str(f"extract: {m}")) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    for message in report["warnings"]:
+        warnings.warn(message)
+    t = report["total"]
+    print(_table(report["layers"]))
+    print(f"{t['layers']} layers, ranks {t['ranks']}: {t['lora_params']:,} LoRA parameters for {t['dense_params']:,} "
+          f"dense (compression {t['compression_ratio']:.1f}x); relative error {t['relative_error']:.4f}, "
+          f"energy kept {t['energy_kept']:.4f}")
+    print(f"adapter {report['name']!r} ({len(report['head']['labels'])} labels, head: {report['head']['source']}) "
+          f"written to {report['out']}")
+    if args.json:
+        _write_json(args.json, report)
+    return 0
+
+
+def reduce_command(args: argparse.Namespace) -> int:
+    report = reduce_adapter(args.adapter, args.out, rank=args.rank, energy=args.energy)
+    t = report["total"]
+    print(_table(report["layers"], before=True))
+    print(f"{t['layers']} layers, ranks {t['ranks']}: {t['lora_params']:,} LoRA parameters (was "
+          f"{t['lora_params_before']:,}); relative error {t['relative_error']:.4f}; written to {report['out']}")
+    if args.json:
+        _write_json(args.json, report)
+    return 0
