@@ -1,14 +1,18 @@
 """The `edgelora` command: train, export, run, bench, extract.
 
-Every verb prints a user's mistake as one line (`edgelora: error: ...`) and exits 2; `--debug` shows
-the traceback. Training and export import torch lazily, so `run` and `bench` work on a runtime-only install.
+Every verb prints a user's mistake as one line (`edgelora: error: ...`) and exits 2, and anything
+unexpected as one line and exit 1; `--debug` (anywhere on the line) shows the traceback. Warnings print
+as one `edgelora: warning: ...` line. Training and export import torch lazily, so `run` and `bench` work
+on a runtime-only install.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,48 +59,91 @@ def _add_train(sub) -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where resumable state is saved while training (default: OUT.ckpt beside --out); "
+                        "deleted once the adapter is saved")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="save every N steps, besides the save at each epoch end (0: epoch ends only)")
+    p.add_argument("--init", choices=("default", "pissa", "int8-residual"), default="default",
+                   help="LoRA start: zero B (default), the top-r SVD part of W (pissa), or the best rank-r fit "
+                        "of W - Q8(W) (int8-residual; needs --qat int8 --deploy-mode switchable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint, with the same arguments; "
+                        "the result equals an uninterrupted run's")
     p.set_defaults(func=_cmd_train)
 
 
+def _checkpoint_dir(args: argparse.Namespace) -> Path:
+    if args.checkpoint_dir:
+        return Path(args.checkpoint_dir)
+    out = Path(args.out)
+    return out.with_name(out.name + ".ckpt") if out.name else Path(str(out.resolve()) + ".ckpt")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from edgelora.atomic import check_writable
     from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
     from edgelora.data import load_splits
-    from edgelora.model import AdapterModel, load_base
-    from edgelora.peft_format import save_adapter
+    from edgelora.model import AdapterModel, load_base, max_positions
+    from edgelora.peft_format import check_adapter_out, save_adapter
     from edgelora.tokenize import load_tokenizer
-    from edgelora.train import TrainConfig, train_adapter
+    from edgelora.train import CheckpointConfig, TrainConfig, seed_everything, train_adapter
 
     name = args.name or Path(args.out).name
+    weight_bits = _resolve_bits(args.weight_bits)  # checked even without --qat: a typo should not pass silently
+    if args.max_length < 1:
+        raise EdgeloraError(f"--max-length {args.max_length} must be a positive number of tokens, e.g. 128")
+    # Before minutes of loading and training: an --out that holds other files or cannot be written, a
+    # checkpoint to resume that is not there, or one a fresh start would overwrite.
+    check_adapter_out(args.out)
+    check_writable(Path(args.out), "--out")
+    checkpoint = CheckpointConfig(_checkpoint_dir(args), every=args.checkpoint_every, resume=args.resume)
+    checkpoint.check()
     train_ds, eval_ds = load_splits(args.data, args.eval, seed=args.seed, text_field=args.text_field, label_field=args.label_field)
     if args.kind == "lora":
         targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else None
         config = LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, use_rslora=args.rslora,
-                            target_modules=targets, include_mlp=args.include_mlp)
+                            target_modules=targets, include_mlp=args.include_mlp, init=args.init)
     else:
         config = BottleneckConfig(reduction_factor=args.reduction_factor, placement=args.placement)
-    quant = None
-    if args.qat == "int8":
-        quant = QuantConfig(weight_bits=_resolve_bits(args.weight_bits), mode=args.deploy_mode)
+    quant = QuantConfig(weight_bits=weight_bits, mode=args.deploy_mode) if args.qat == "int8" else None
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
     base, base_path = load_base(args.base)
-    tokenizer = load_tokenizer(base_path, args.max_length)
+    max_length = min(args.max_length, max_positions(base) or args.max_length)  # no text past the position table
+    tokenizer = load_tokenizer(base_path, max_length)
+    if max_length < args.max_length:
+        warnings.warn(f"--max-length {args.max_length} exceeds the base's {max_length} positions; texts are truncated "
+                      f"to {max_length} tokens")
     model = AdapterModel(base)
+    seed_everything(args.seed)  # the adapter's initial weights follow --seed too
     model.add_adapter(name, config, list(train_ds.label_names), quant=quant)
     bar = _progress_bar(train_config.epochs * -(-len(train_ds) // train_config.batch_size), f"train {name}")
+
     def progress(msg: str) -> None:
         if bar is not None:
-            bar.set_postfix_str(msg.rsplit("loss", 1)[-1].strip() and "loss " + msg.rsplit("loss", 1)[-1].strip())
-            bar.update(1)
+            step = re.search(r"step (\d+)/", msg)
+            loss = msg.partition(" loss ")[2]
+            if loss:
+                bar.set_postfix_str("loss " + loss, refresh=False)
+            bar.update((int(step[1]) if step else bar.n + 1) - bar.n)  # a resumed run starts part-way
+
     try:
         result = train_adapter(model, name, tokenizer, train_ds.texts, train_ds.labels, eval_ds.texts, eval_ds.labels,
-                               train_config, progress)
+                               train_config, progress, checkpoint)
+    except KeyboardInterrupt:
+        if checkpoint.path.is_file():
+            print(f"edgelora: interrupted; continue from {checkpoint.path} with the same command and --resume",
+                  file=sys.stderr)
+            return 130
+        raise
     finally:
         if bar is not None:
             bar.close()
     training = {"data": str(args.data), "train_size": len(train_ds), "eval_size": len(eval_ds),
                 "best_eval_accuracy": result.best_accuracy, "best_epoch": result.best_epoch,
-                "history": result.history, "device": result.device, "max_length": args.max_length}
+                "history": result.history, "device": result.device, "max_length": max_length}
     save_adapter(model, name, args.out, base_name=str(args.base), extra={"training": training})
+    checkpoint.remove()  # its work is in --out now
     print(json.dumps({"adapter": name, "out": str(args.out), "eval_accuracy": result.best_accuracy,
                       "best_epoch": result.best_epoch, "device": result.device}))
     return 0
@@ -108,7 +155,7 @@ def _resolve_bits(value: str) -> int:
 
         return recommended_weight_bits(detect_isa().isa)
     if value not in ("7", "8"):
-        raise EdgeloraError(f"--weight-bits {value!r} is not supported; choose 7, 8 or auto")
+        raise EdgeloraError(f"--weight-bits {value} is not supported; choose 7, 8 or auto")
     return int(value)
 
 
@@ -122,6 +169,9 @@ def _add_export(sub) -> None:
     p.add_argument("--weight-bits", type=int, choices=(7, 8), default=None,
                    help="default: the adapters' training recipe, else what this CPU needs")
     p.add_argument("--max-length", type=int, default=128, help="tokenizer truncation length recorded in the bundle")
+    p.add_argument("--slots", choices=("adapters", "attention", "attention+mlp"), default="adapters",
+                   help="switchable mode: LoRA slots on the layers these adapters use, or on more layers so that "
+                        "adapters added later with `edgelora add-adapter` fit")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
     p.set_defaults(func=_cmd_export)
 
@@ -145,10 +195,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         manifest = export_bundle(args.base, parse_adapter_specs(args.adapter), mode=args.mode, precision=args.precision,
                                  out=args.out, weight_bits=args.weight_bits, max_length=args.max_length,
+                                 lora_slots=args.slots,
                                  progress=(lambda m: bar.set_description_str(f"export: {m}")) if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
+    tokenizer = manifest.get("tokenizer")
+    if tokenizer and tokenizer["max_length"] < args.max_length:
+        warnings.warn(f"--max-length {args.max_length} exceeds the base's positions; the bundle truncates texts to "
+                      f"{tokenizer['max_length']} tokens")
     print(json.dumps({"bundle": str(args.out), "mode": manifest["mode"], "precision": manifest["precision"],
                       "adapters": [a["name"] for a in manifest["adapters"]], "validation": manifest["validation"]}))
     return 0
@@ -164,6 +219,26 @@ def _add_runtime_verbs(sub) -> None:
     p = sub.add_parser("bench", help="int8 vs fp32 latency, throughput, size and memory, interleaved in one run")
     bench.add_bench_arguments(p)
     p.set_defaults(func=bench.bench_command)
+    from edgelora.runtime import serve as serving
+
+    p = sub.add_parser("serve", help="HTTP inference with per-request adapter choice")
+    serving.add_serve_arguments(p)
+    p.set_defaults(func=serving.serve_command)
+
+
+def _add_adapter_verbs(sub) -> None:
+    from edgelora import extract
+    from edgelora.exporters.add import add_adapter_arguments, add_adapter_command
+
+    p = sub.add_parser("add-adapter", help="add trained adapters to a switchable bundle without re-exporting its base")
+    add_adapter_arguments(p)
+    p.set_defaults(func=add_adapter_command)
+    p = sub.add_parser("extract", help="SVD: a LoRA adapter of rank K (or energy F) from a full fine-tune and its base")
+    extract.add_extract_arguments(p)
+    p.set_defaults(func=extract.extract_command)
+    p = sub.add_parser("reduce", help="lower a LoRA adapter's rank: truncated SVD of each layer's B A")
+    extract.add_reduce_arguments(p)
+    p.set_defaults(func=extract.reduce_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,22 +250,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_export(sub)
     _add_runtime_verbs(sub)
+    _add_adapter_verbs(sub)
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"edgelora: warning: {str(message).strip().splitlines()[0] if str(message).strip() else category.__name__}",
+          file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]  # accepted after the verb too, where users type it
+    argv = [a for i, a in enumerate(argv) if not (i < end and a == "--debug")]
     parser = build_parser()
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
     args = parser.parse_args(argv)
+    shown = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _one_line_warning
     try:
         return int(args.func(args) or 0)
     except EdgeloraError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"edgelora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgelora: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug or an environment failure: one line, the traceback on request
+        if debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"edgelora: error: unexpected {type(exc).__name__}{': ' + first if first else ''}; "
+              "run with --debug for the traceback", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from torch import nn
 
 from edgelora.config import AdapterConfig, BottleneckConfig, LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
-from edgelora.layers import AdaptedLinear
+from edgelora.layers import INT8_RESIDUAL_NEEDS_SWITCHABLE, AdaptedLinear
 
 DEFAULT_BASE = "minilm"
 
@@ -83,10 +83,13 @@ def load_base(base: str | Path) -> tuple[nn.Module, Path]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our CLI draws its own; theirs would interleave with it
+    from safetensors import SafetensorError
+
     try:
         model = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise EdgeloraError(f"{path}: could not load the base model ({str(exc).splitlines()[0]})") from exc
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # RuntimeError: weights of another shape
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EdgeloraError(f"{path}: could not load the base model ({first}); check the files or re-save it") from exc
     model.float().eval()
     return model, path
 
@@ -122,6 +125,18 @@ def hidden_size(module: nn.Module) -> int:
         if config is not None and isinstance(getattr(config, attr, None), int):
             return getattr(config, attr)
     raise EdgeloraError(f"cannot tell the hidden size of {type(module).__name__}; give a Hugging Face model")
+
+
+def max_positions(module: nn.Module) -> int | None:
+    """How many token positions the base can embed (None: no fixed limit known)."""
+    config = getattr(module, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            if model_type(module) in ("roberta", "xlm-roberta"):  # positions start after the padding index
+                value -= (getattr(config, "pad_token_id", None) or 1) + 1
+            return value
+    return None
 
 
 def _linear_from_conv1d(conv: nn.Module) -> nn.Linear:
@@ -216,7 +231,7 @@ class AdapterModel(nn.Module):
             return module
         linear = module if isinstance(module, nn.Linear) else _linear_from_conv1d(module)
         wrapped = AdaptedLinear(linear)
-        wrapped.quant = self.quant
+        wrapped.quant = self._layer_quant(name)
         wrapped.active = self.active
         setattr(parent, child, wrapped)
         return wrapped
@@ -237,11 +252,14 @@ class AdapterModel(nn.Module):
             raise EdgeloraError(f"adapter {name!r} already exists; delete it first or pick another name")
         if len(labels) < 2:
             raise EdgeloraError(f"adapter {name!r} needs at least 2 labels, got {len(labels)}")
+        recipe = quant if quant is not None else self.quant
+        if getattr(config, "init", None) == "int8-residual" and (recipe is None or recipe.mode != "switchable"):
+            raise EdgeloraError(INT8_RESIDUAL_NEEDS_SWITCHABLE)
         if quant is not None:
             self.set_quant(quant)
         if isinstance(config, LoraConfig):
             for layer_name in self._lora_target_names(config):
-                self._wrap(layer_name).add_lora(name, config)
+                self._wrap(layer_name).add_lora(name, config, config.rank_for(layer_name))
         else:
             for layer_name in self._bottleneck_target_names(config):
                 self._wrap(layer_name).add_bottleneck(name, config)
@@ -257,8 +275,12 @@ class AdapterModel(nn.Module):
         if quant is not None:
             for layer_name in self.quantizable_names():
                 self._wrap(layer_name)
-        for _, layer in self.adapted_layers():
-            layer.quant = quant
+        for name, layer in self.adapted_layers():
+            layer.quant = self._layer_quant(name)
+
+    def _layer_quant(self, name: str) -> QuantConfig | None:
+        """The model's recipe for one layer: None (fp32) for the recipe's `skip_layers`."""
+        return None if self.quant is None or name in self.quant.skip_layers else self.quant
 
     def set_adapter(self, name: str | None) -> None:
         """Activate one adapter (None: the plain base); only its weights and head train."""

@@ -7,7 +7,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +15,31 @@ import numpy as np
 import onnx
 
 from edgelora import __version__
-from edgelora.config import EXPORT_MODES, QuantConfig
+from edgelora.config import EXPORT_MODES, QuantConfig, config_to_dict
 from edgelora.errors import EdgeloraError
-from edgelora.model import AdapterModel, hidden_size, load_base, model_type
+from edgelora.model import AdapterModel, hidden_size, load_base, max_positions, model_type
 from edgelora.peft_format import load_adapter
 from edgelora.runtime.cpu import detect_isa, recommended_weight_bits
 from edgelora.tokenize import DEFAULT_MAX_LENGTH
 
 from . import validate
 from .bundle import check_out, write_bundle
+from .fusion import DEFAULT_FUSIONS, Fusion, fuse_graph
 from .onnx_graph import OUTPUTS, export_graph
-from .quantize import quantize_graph
-from .switchable import adapter_tensors, make_slots_inputs, slot_plan, write_adapter_file
+from .mixed_precision import TARGET_COSINE, calibration_feeds, choose_fp32_layers, expand_to_units
+from .quantize import QuantizedAttention, count_layers, quantization_units, quantize_graph
+from .switchable import (
+    BANK_FILE,
+    LORA_SLOT_POLICIES,
+    adapter_tensors,
+    build_bank,
+    check_bank,
+    make_slots_inputs,
+    slot_plan,
+    slot_specs,
+    slots_manifest,
+    write_adapter_file,
+)
 
 PRECISIONS = ("fp32", "int8")
 
@@ -48,6 +61,39 @@ def _weight_bits(model: AdapterModel, requested: int | None, isa: str) -> tuple[
     return recommended_weight_bits(isa), f"CPU ({isa})"
 
 
+def _fp32_layers(model: AdapterModel, keep_fp32, units, bits: int, mode: str, base_path: Path,
+                 feed_names: tuple[str, ...], target: float) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The layers an int8 export keeps fp32 and where that choice came from (for the manifest)."""
+    trained = tuple(model.quant.skip_layers) if model.quant is not None else ()
+    known = set(model.quantizable_names())
+    if keep_fp32 is None or (keep_fp32 == "auto" and trained):
+        if not trained:
+            return (), {"from": "none"}
+        layers = expand_to_units(trained, units)
+        choice: dict[str, Any] = {"from": "adapter training recipe"}
+        if layers != trained:
+            choice["note"] = "widened to whole fused attention blocks; the adapters fake-quantized part of them"
+        return layers, choice
+    if keep_fp32 == "auto":
+        vocab = model.base.get_input_embeddings().num_embeddings
+        feeds, described = calibration_feeds(base_path, feed_names, vocab)
+        recipe = QuantConfig(weight_bits=bits, activations="dynamic", mode=mode)
+        chosen = choose_fp32_layers(model, recipe, units, feeds, target=target, calibration=described)
+        return chosen.fp32_layers, {"from": "measured sensitivity", "sensitivity": chosen.as_manifest()}
+    if isinstance(keep_fp32, str):
+        raise EdgeloraError(f"--keep-fp32 {keep_fp32!r}: give layer names or 'auto'")
+    unknown = sorted(set(keep_fp32) - known)
+    if unknown:
+        raise EdgeloraError(f"--keep-fp32: {unknown[0]!r} is not a quantizable layer; e.g. {sorted(known)[0]!r}")
+    layers = expand_to_units(tuple(keep_fp32), units)
+    if trained and set(layers) != set(expand_to_units(trained, units)):
+        raise EdgeloraError(
+            f"--keep-fp32 {sorted(keep_fp32)} differs from the fp32 layers the adapters were trained with "
+            f"({sorted(trained)}); drop the flag or retrain"
+        )
+    return layers, {"from": "request"}
+
+
 def export_bundle(
     base: str | Path,
     adapters: Mapping[str, str | Path],
@@ -57,15 +103,37 @@ def export_bundle(
     out: str | Path,
     weight_bits: int | None = None,
     max_length: int = DEFAULT_MAX_LENGTH,
+    fusions: Sequence[str] | None = None,
+    keep_fp32: Sequence[str] | str | None = None,
+    target_cosine: float = TARGET_COSINE,
+    lora_slots: str = "adapters",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Export `base` with `adapters` (name -> adapter directory) to a bundle; returns its manifest."""
+    """Export `base` with `adapters` (name -> adapter directory) to a bundle; returns its manifest.
+
+    Args:
+        fusions: in merged mode, ONNX Runtime's BERT fusions to apply to BERT bases (names from
+            `fusion.FUSIONS`; None: `fusion.DEFAULT_FUSIONS`, the fastest measured; (): none), fp32 and
+            int8 alike, so int8/fp32 compares like with like. Other bases and switchable graphs stay
+            unfused; the manifest says what was fused, or why not.
+        keep_fp32: int8 mixed precision: layer names to keep fp32, or "auto" to measure each layer's
+            effect on the embeddings and keep the most sensitive fp32 until their worst cosine to fp32
+            reaches `target_cosine` (see `mixed_precision.py`). None: what the adapters were trained
+            with (`QuantConfig.skip_layers`), else nothing. The choice is recorded in the manifest.
+        lora_slots: in switchable mode, which layers get a LoRA slot: "adapters" (those these adapters
+            adapt), or "attention" / "attention+mlp" (every such projection), so that LoRA adapters trained
+            later on them can be added with `edgelora add-adapter` (see `switchable.slot_plan`).
+    """
     if mode not in EXPORT_MODES:
         raise EdgeloraError(f"--mode {mode!r} is not supported; choose from {', '.join(EXPORT_MODES)}")
     if precision not in PRECISIONS:
         raise EdgeloraError(f"--precision {precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
     if not adapters:
         raise EdgeloraError("give at least one --adapter [NAME=]DIR to export")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise EdgeloraError(f"--max-length {max_length!r} must be a positive number of tokens, e.g. 128")
+    if lora_slots not in LORA_SLOT_POLICIES:
+        raise EdgeloraError(f"--slots {lora_slots!r} is not supported; choose from {', '.join(LORA_SLOT_POLICIES)}")
     if mode == "merged" and len(adapters) != 1:
         raise EdgeloraError(f"merged mode bakes one adapter into the graph, got {len(adapters)}; use --mode switchable for several")
     check_out(Path(out))  # before minutes of export work, not only when writing
@@ -73,6 +141,8 @@ def export_bundle(
     say("loading base")
     hf_model, base_path = load_base(base)
     model = AdapterModel(hf_model)
+    # Texts are truncated to what the base can embed: longer inputs would index past its position table.
+    max_length = min(max_length, max_positions(hf_model) or max_length)
     for name, path in adapters.items():
         load_adapter(model, path, name)
     names = list(adapters)
@@ -83,19 +153,38 @@ def export_bundle(
     say("exporting graph")
     if mode == "merged":
         graph = export_graph(model, mode="merged", adapter=names[0])
-        slot_names: list[str] = []
+        plan, specs = None, {}
     else:
-        graph = export_graph(model, mode="switchable", adapter=None, slots=slot_plan(model, names))
-        slot_names = make_slots_inputs(graph)
+        plan = slot_plan(model, names, lora_slots)
+        graph = export_graph(model, mode="switchable", adapter=None, slots=plan)
+        make_slots_inputs(graph)  # adapter banks gathered by adapter_ids (see switchable.py)
+        specs = slot_specs(graph.model)
+    if mode == "merged":
+        say("fusing")
+        vocab = model.base.get_input_embeddings().num_embeddings
+        requested = DEFAULT_FUSIONS if fusions is None else tuple(fusions)
+        fusion = fuse_graph(graph, model, validate.generated_feeds(vocab, graph.feeds), requested)
+    else:
+        fusion = Fusion(note="unfused: switchable graphs keep the adapter branches as graph inputs, unfused")
     quantized: dict = {}
+    fp32_layers: tuple[str, ...] = ()
+    fp32_choice: dict[str, Any] = {"from": "none"}
     if precision == "int8":
+        units = quantization_units(model.quantizable_names(), fusion.attention)
+        if keep_fp32 == "auto" and not (model.quant and model.quant.skip_layers):
+            say("measuring layer sensitivity")
+        fp32_layers, fp32_choice = _fp32_layers(model, keep_fp32, units, bits, mode, base_path, graph.feeds, target_cosine)
         say("quantizing")
-        quantized = quantize_graph(graph.model, graph.weights, bits)
+        quantized = quantize_graph(graph.model, graph.weights, bits, fusion.attention, skip=fp32_layers)
+    recipe = QuantConfig(weight_bits=bits, activations="dynamic", mode=mode, skip_layers=fp32_layers)
     model_bytes = graph.model.SerializeToString()
-    adapter_values = {n: adapter_tensors(model, n, slot_names) for n in names} if mode == "switchable" else {}
+    adapter_values = {n: adapter_tensors(model, n, specs) for n in names} if mode == "switchable" else {}
+    bank = build_bank(adapter_values, specs) if mode == "switchable" else {}
 
     say("validating against torch")
-    report = _validate(model, graph.model, graph.feeds, names, mode, precision, bits, adapter_values, quantized)
+    report = _validate(model, graph.model, graph.feeds, names, mode, precision, recipe, adapter_values, quantized)
+    if bank:
+        report["mixed batch (bank)"] = check_bank(model, graph.model, graph.feeds, names, precision, recipe, bank)
 
     manifest = {
         "edgelora_version": __version__,
@@ -128,14 +217,25 @@ def export_bundle(
             "weight_bits": bits,
             "weight_bits_from": bits_source,
             "isa": cpu.isa,
-            "quantized_matmuls": len(quantized),
+            "quantized_matmuls": count_layers(quantized),
+            "qattention_nodes": sum(isinstance(q, QuantizedAttention) for q in quantized.values()),
+            "recipe": dict(config_to_dict(recipe), skip_layers=list(recipe.skip_layers)),
+            "fp32_layers": list(fp32_layers),
+            "fp32_layers_from": fp32_choice,
             "excluded": "embeddings, attention score products, adapter branches, heads",
         },
+        "fusions": fusion.as_manifest(),
+        "isa": cpu.isa,
         "validation": report,
     }
     if trained_modes and mode not in trained_modes:
         manifest["warnings"] = [f"adapters were fake-quantized for {trained_modes} deployment, exported as {mode}"]
+    if mode == "switchable":
+        manifest["slots"] = slots_manifest(plan, lora_slots)
+        manifest["bank"] = {"file": BANK_FILE, "adapters": [*names, None]}  # entry i: adapter_ids == i
     writers: dict[str, Callable[[Path], None]] = {"model.onnx": lambda p: p.write_bytes(model_bytes)}
+    if bank:
+        writers[BANK_FILE] = lambda p: write_adapter_file(p, bank)
     for n, values in adapter_values.items():
         writers[f"adapters/{n}.onnx_adapter"] = lambda p, values=values: write_adapter_file(p, values)
     say("writing bundle")
@@ -143,7 +243,7 @@ def export_bundle(
     return manifest
 
 
-def _validate(model, proto, feeds_names, names, mode, precision, bits, adapter_values, quantized) -> dict[str, Any]:
+def _validate(model, proto, feeds_names, names, mode, precision, recipe, adapter_values, quantized) -> dict[str, Any]:
     """Run the graph on generated inputs for every adapter (and no adapter in switchable mode) and
     compare with torch: fp32 against the float model, int8 against the fake-quant model layer by layer
     and end to end. Raises EdgeloraError outside tolerance; returns the figures for the manifest."""
@@ -157,7 +257,7 @@ def _validate(model, proto, feeds_names, names, mode, precision, bits, adapter_v
     fq_model = None
     if precision == "int8":
         fq_model = copy.deepcopy(model)
-        fq_model.set_quant(QuantConfig(weight_bits=bits, activations="dynamic", mode=mode))
+        fq_model.set_quant(recipe)
     report: dict[str, Any] = {
         "inputs": {"batch": int(feeds["input_ids"].shape[0]), "seq": int(feeds["input_ids"].shape[1]),
                    "kind": "random token ids, ragged padding"},
@@ -185,7 +285,7 @@ def _validate(model, proto, feeds_names, names, mode, precision, bits, adapter_v
                 if (ref_name == "vs_fp32_torch") == (precision == "fp32"):
                     validate.check_tolerance(precision, label, lc, pc, float(np.abs(ref_pooled).max()))
             if quantized:
-                err, layer = validate.layerwise_error(proto, feeds, quantized, bits, run_options)
+                err, layer = validate.layerwise_error(proto, feeds, quantized, recipe.weight_bits, run_options)
                 entry["int8_layers_vs_fake_quant"] = {"max_rel_error": err, "worst_layer": layer}
                 if err > validate.INT8_LAYER_REL_TOL:
                     raise EdgeloraError(
