@@ -176,19 +176,8 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
-def parse_adapter_specs(specs: Sequence[str]) -> dict[str, str]:
-    adapters: dict[str, str] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec.rstrip("/")).name, spec
-        if name in adapters:
-            raise EdgeloraError(f"--adapter {spec}: the name {name!r} is given twice; write NAME=DIR to rename one")
-        adapters[name] = path
-    return adapters
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
+    from edgelora.exporters.add import parse_adapter_specs
     from edgelora.exporters.export import export_bundle
 
     bar = _progress_bar(None, "export")
