@@ -7,7 +7,6 @@ removes what a killed one left behind (`edgelora.atomic`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -16,18 +15,11 @@ from typing import Any
 
 from edgelora.atomic import replace_dir, temp_dir_for
 from edgelora.errors import EdgeloraError
+from edgelora.runtime.runtime import sha256_file  # the digest the runtime checks on load
 
 BUNDLE_FORMAT = "edgelora-bundle"
 BUNDLE_FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json",)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_out(out: Path) -> None:

@@ -33,7 +33,8 @@ ADAPTER_IDS = "adapter_ids"  # int64 [batch] overridable initializer of banked s
 _PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<PAD>")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks: the digest bundle manifests record for every file."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -157,7 +158,7 @@ def _verify_files(bundle: Path, m: dict, path: Path) -> None:
         f = bundle / rel
         if not f.is_file():
             raise EdgeloraError(f"{f}: missing (listed in manifest.json); the bundle is incomplete, re-export it")
-        if _sha256(f) != str(digest).lower():
+        if sha256_file(f) != str(digest).lower():
             raise EdgeloraError(
                 f"{f}: sha256 does not match manifest.json (changed or corrupt); restore the file or re-export"
             )
