@@ -1,6 +1,7 @@
 """Our int8 export of the plain all-MiniLM-L6-v2 against Optimum's: speed and sentence-embedding fidelity.
 
-Optimum's models come from its own venv (it pins transformers<4.58, ours is 5.x), made once by hand:
+Optimum's models come from its own venv (it pins transformers<4.58, ours is 5.x); without `--optimum` this
+script makes them there itself (`make_optimum_models`, also used by baselines.py), or by hand:
 
     python -m venv .venv-optimum && .venv-optimum/bin/pip install torch==2.13.0 \\
         && .venv-optimum/bin/pip install optimum-onnx onnxruntime
@@ -10,7 +11,7 @@ Optimum's models come from its own venv (it pins transformers<4.58, ours is 5.x)
 
 then, in our venv:
 
-    .venv/bin/python benchmarks/optimum_compare.py --optimum OPT --out OUT [--keep-fp32 auto] [--rounds 30]
+    .venv/bin/python benchmarks/optimum_compare.py [--optimum OPT] --out OUT [--keep-fp32 auto] [--rounds 30]
 
 Ours is the base with a zero LoRA adapter (B = 0, so exactly the base) exported merged, fp32 and int8.
 Fidelity: cosine of each model's mean-pooled embedding to the fp32 torch model's, one sentence per run
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,77 +33,67 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8_speed import format_rows, time_models  # noqa: E402
 
-SENTENCES = [
-    "The cat sat quietly on the windowsill, watching the rain.",
-    "Can you recommend a good Italian restaurant near the station?",
-    "Interest rates rose for the third time this year.",
-    "My flight to Chicago was cancelled because of the snowstorm.",
-    "Photosynthesis converts light energy into chemical energy.",
-    "Please turn off the lights in the living room.",
-    "The committee will publish its final report next Tuesday.",
-    "I absolutely loved the ending of that movie!",
-    "This product broke after two days and support never answered.",
-    "How do I reset my password if I no longer have access to my email?",
-    "The museum is closed on Mondays and public holidays.",
-    "She finished the marathon in just under four hours.",
-    "Add two cups of flour and stir until the batter is smooth.",
-    "The new firmware update fixes a bug in the Bluetooth driver.",
-    "What time does the pharmacy open tomorrow morning?",
-    "The defendant pleaded not guilty to all charges.",
-    "Our quarterly revenue exceeded analyst expectations by twelve percent.",
-    "A strong earthquake struck off the coast early on Sunday.",
-    "Set an alarm for six thirty.",
-    "The orchestra performed Beethoven's ninth symphony to a sold-out hall.",
-    "Children under twelve must be accompanied by an adult.",
-    "He apologized for the misunderstanding and offered a full refund.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-    "The hiking trail is steep, rocky and poorly marked in places.",
-    "I'm not sure whether I locked the front door.",
-    "The senator announced she would not seek re-election.",
-    "Transfer five hundred dollars from my savings to my checking account.",
-    "The quarterback threw for three touchdowns in the second half.",
-    "Researchers identified a protein that slows tumour growth in mice.",
-    "This hotel room smelled of smoke and the sheets were stained.",
-    "Could you translate this paragraph into Spanish?",
-    "The bridge will be closed for repairs until the end of May.",
-    "Honestly, the service was slow but the food made up for it.",
-    "Neural networks learn representations from large amounts of data.",
-    "The library extended its opening hours during exam season.",
-    "Please remind me to call my grandmother on Sunday.",
-    "The company recalled thousands of cars over a braking defect.",
-    "A gentle breeze carried the smell of fresh bread down the street.",
-    "Is it going to rain in Seattle this weekend?",
-    "The treaty was signed by twenty-seven countries in Lisbon.",
-    "My package says delivered, but it isn't on my porch.",
-    "Shakespeare wrote many of his sonnets during the plague years.",
-    "The startup raised forty million dollars in its latest funding round.",
-    "Keep the medicine out of reach of children and store below 25 degrees.",
-    "What's the difference between a virus and a bacterium?",
-    "The referee's decision sparked angry protests from the home fans.",
-    "I would like to cancel my subscription, effective immediately.",
-    "Glaciers in the Alps have lost more than half their volume since 1900.",
-    "Play some relaxing jazz in the kitchen.",
-    "The painting was sold at auction for a record price.",
-    "ok",
-    "Why won't my laptop connect to the office Wi-Fi after the update, even though my phone connects fine?",
-]
+from edgelora.errors import EdgeloraError  # noqa: E402
+from edgelora.runtime.bench import FIDELITY_TEXTS as SENTENCES  # noqa: E402  (real sentences, one list)
+
+OPTIMUM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-optimum" / "bin" / "python"
 
 
-def _zero_adapter(out: Path) -> Path:
-    """A LoRA adapter with B = 0 on the plain base: merged, it is the base itself."""
+def optimum_missing(python: Path = OPTIMUM_PYTHON) -> str | None:
+    """Why Optimum's pipeline cannot run with `python` (None: it can): no such venv, or no optimum-onnx in it."""
+    if not Path(python).is_file():
+        return f"no Optimum venv at {Path(python).parent.parent} (see benchmarks/optimum_compare.py to make one)"
+    probe = subprocess.run([str(python), "-c", "import optimum.exporters.onnx, optimum.onnxruntime"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        tail = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
+        return f"optimum-onnx does not import in {python} ({tail})"
+    return None
+
+
+def make_optimum_models(model_dir: Path, out: Path, python: Path = OPTIMUM_PYTHON) -> dict[str, Path]:
+    """Optimum's pipeline on a Hugging Face model directory, run in its own venv: export to ONNX
+    (feature-extraction: the last hidden state), then `onnxruntime quantize --avx2 --per_channel`.
+
+    Returns {"fp32": .../fp32/model.onnx, "int8": .../int8/model_quantized.onnx}; raises EdgeloraError with
+    the failing step's last line.
+    """
+    cli = str(Path(python).parent / "optimum-cli")
+    steps = [
+        ("export", [cli, "export", "onnx", "--model", str(model_dir), "--task", "feature-extraction",
+                    str(out / "fp32")]),
+        ("quantize", [cli, "onnxruntime", "quantize", "--onnx_model", str(out / "fp32"), "--avx2", "--per_channel",
+                      "-o", str(out / "int8")]),
+    ]
+    for step, cmd in steps:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise EdgeloraError(f"optimum {step} of {model_dir} failed ({tail}); run `{' '.join(cmd)}` to see why")
+    return {"fp32": out / "fp32" / "model.onnx", "int8": out / "int8" / "model_quantized.onnx"}
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of the last hidden state over real tokens: (batch, seq, hidden), (batch, seq) -> (batch, hidden)."""
+    m = mask[..., None].astype(hidden.dtype)  # (batch, seq, 1)
+    return (hidden * m).sum(1) / np.maximum(m.sum(1), 1.0)
+
+
+def zero_adapter(out: Path, base: str = "minilm") -> Path:
+    """A LoRA adapter named "base" with B = 0 on the plain base: merged, it is the base itself."""
     from edgelora.config import LoraConfig
     from edgelora.model import AdapterModel, load_base
     from edgelora.peft_format import save_adapter
 
-    model = AdapterModel(load_base("minilm")[0])
+    model = AdapterModel(load_base(base)[0])
     model.add_adapter("base", LoraConfig(r=8), labels=["a", "b"])
-    return save_adapter(model, "base", out / "base", base_name="minilm")
+    return save_adapter(model, "base", out / "base", base_name=base)
 
 
 def export_ours(out: Path, keep_fp32: str | None) -> dict[str, Path]:
     from edgelora.exporters.export import export_bundle
 
-    adapter = _zero_adapter(out / "adapters")
+    adapter = zero_adapter(out / "adapters")
     made = {}
     for precision in ("fp32", "int8"):
         bundle = out / f"ours-{precision}"
@@ -132,8 +124,7 @@ def embeddings(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
             rows.append(sess.run(["embeddings"], f)[0][0])
         else:
             hidden = sess.run(["last_hidden_state"], f)[0]  # (1, seq, hidden)
-            mask = f["attention_mask"][..., None].astype(np.float32)
-            rows.append(((hidden * mask).sum(1) / mask.sum(1))[0])
+            rows.append(mean_pool(hidden, f["attention_mask"])[0])
     return np.stack(rows)
 
 
@@ -154,7 +145,8 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--optimum", type=Path, required=True, help="directory holding Optimum's fp32/ and int8/")
+    parser.add_argument("--optimum", type=Path, default=None,
+                        help="directory holding Optimum's fp32/ and int8/ (default: make them in OUT/optimum)")
     parser.add_argument("--out", type=Path, default=None, help="where our bundles and the JSON go (default: a temp dir)")
     parser.add_argument("--keep-fp32", default=None, help="our int8 export's mixed precision (e.g. auto)")
     parser.add_argument("--rounds", type=int, default=30)
@@ -169,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgelora.model import resolve_base_path
 
+    if args.optimum is None:
+        missing = optimum_missing()
+        if missing:
+            parser.error(missing)
+        make_optimum_models(resolve_base_path("minilm"), out / "optimum")
+        args.optimum = out / "optimum"
     ours = export_ours(out, args.keep_fp32)
     tok = Tokenizer.from_file(str(resolve_base_path("minilm") / "tokenizer.json"))
     tok.no_padding()

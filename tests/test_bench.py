@@ -1,16 +1,19 @@
-"""The benchmark harness on tiny bundles: interleaving, statistics, speed-ups, JSON, PNG, table, CLI glue."""
+"""The benchmark harness on tiny bundles: interleaving, statistics, speed-ups, fidelity, JSON, PNG, table, CLI glue."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgelora.errors import EdgeloraError
 from edgelora.runtime import bench
-from test_runtime import TEXTS, make_bundle  # the tiny-bundle builder; tests/ is on sys.path under pytest
+from test_runtime import TEXTS, WORDS, make_bundle  # the tiny-bundle builder; tests/ is on sys.path under pytest
 
 ROUNDS = 3
 BATCHES, SEQS = (1, 2), (4, 8)
@@ -117,3 +120,187 @@ def test_run_command_prints_predictions(bundles: list[Path], tmp_path: Path, cap
     assert all(o["label"] in ("neg", "pos") and set(o["scores"]) == {"neg", "pos"} for o in out)
     with pytest.raises(EdgeloraError, match=r"nothing to classify"):
         bench.run_command(parser.parse_args([str(bundles[0])]))
+
+
+# -- fidelity beside speed --------------------------------------------------------------------------
+
+# Two workers running the same fp32 graph on the same inputs produce bitwise-equal outputs; only the
+# float64 cosine of identical rows can round below 1 (by a few ulp).
+SAME_GRAPH_COS_TOL = 1e-12
+# The harness's figures against ours recomputed here from the same ORT graphs and inputs, one thread:
+# the outputs are bitwise equal, so only float64 summation order may differ.
+RECOMPUTE_TOL = 1e-9
+
+
+def test_fp32_graph_against_itself_has_cosine_one_and_diff_zero(result: dict) -> None:
+    # bundles[1] holds the same fp32 graph as bundles[0] under an "int8" label, in another process
+    for r in result["rows"]:
+        f = r["fidelity"]
+        assert f["reference"] == 0 and f["inputs"] == "texts" and f["rows"] == len(bench.FIDELITY_TEXTS)
+        assert f["output"] == "logits" and set(f["outputs"]) == {"logits", "embeddings"}
+        assert f["worst_cosine"] == pytest.approx(1.0, abs=SAME_GRAPH_COS_TOL) and f["max_abs_diff"] == 0.0
+        assert f["accuracy"] is None  # no labelled data given
+
+
+def test_compare_outputs_matches_numpy() -> None:
+    rng = np.random.default_rng(0)
+    ref = {"embeddings": rng.standard_normal((5, 8)), "logits": rng.standard_normal((5, 3))}
+    cand = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in ref.items()}
+    cand["embeddings"][2] = 0.0  # zero on one side only: orthogonal
+    out = bench.compare_outputs(cand, ref)
+    for name in ("embeddings", "logits"):
+        a, b = cand[name], ref[name]
+        cos = [x @ y / (np.linalg.norm(x) * np.linalg.norm(y)) if np.linalg.norm(x) else 0.0 for x, y in zip(a, b)]
+        assert out[name]["worst_cosine"] == pytest.approx(min(cos), abs=RECOMPUTE_TOL)
+        assert out[name]["worst_row"] == int(np.argmin(cos))
+        assert out[name]["max_abs_diff"] == pytest.approx(np.abs(a - b).max(), abs=RECOMPUTE_TOL)
+    assert out["embeddings"]["worst_cosine"] == 0.0
+    both_zero = bench.compare_outputs({"logits": np.zeros((2, 3))}, {"logits": np.zeros((2, 3))})
+    assert both_zero["logits"]["worst_cosine"] == 1.0
+    assert bench.compare_outputs({"logits": np.zeros((2, 0))}, {"logits": np.zeros((2, 0))}) == {}
+
+
+@pytest.fixture(scope="module")
+def int8_pair(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny BERT with a random LoRA, exported merged in fp32 and in real int8."""
+    from conftest import randomize_adapters
+
+    from edgelora.config import LoraConfig
+    from edgelora.exporters.export import export_bundle
+    from edgelora.model import AdapterModel, load_base
+    from edgelora.peft_format import save_adapter
+
+    root = tmp_path_factory.mktemp("bench_int8")
+    model = AdapterModel(load_base(tiny_bert_dir)[0])
+    model.add_adapter("lo", LoraConfig(r=4, alpha=8.0, include_mlp=True), labels=["neg", "pos"])
+    randomize_adapters(model)
+    adapter = save_adapter(model, "lo", root / "lo")
+    for precision in ("fp32", "int8"):
+        export_bundle(str(tiny_bert_dir), {"lo": adapter}, mode="merged", precision=precision, out=root / precision)
+    return root / "fp32", root / "int8"
+
+
+def _numpy_fidelity(fp32: Path, int8: Path, batch: int) -> dict[str, tuple[float, float]]:
+    """(worst cosine, max abs diff) per output, recomputed in this process from the two bundles."""
+    from edgelora.runtime import Runtime
+
+    outs = []
+    for path in (fp32, int8):
+        rt = Runtime(path, intra_op_threads=1, optimized_cache=False)
+        texts = list(bench.FIDELITY_TEXTS)
+        parts = [rt.run(texts[i : i + batch]) for i in range(0, len(texts), batch)]
+        outs.append({k: np.concatenate([p[k] for p in parts]).astype(np.float64) for k in ("logits", "embeddings")})
+    figures = {}
+    for name in ("logits", "embeddings"):
+        b, a = outs[0][name], outs[1][name]
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        figures[name] = (float(cos.min()), float(np.abs(a - b).max()))
+    return figures
+
+
+def test_int8_fidelity_matches_a_direct_numpy_computation(int8_pair: tuple[Path, Path]) -> None:
+    fp32, int8 = int8_pair
+    out = bench.run_benchmark([str(fp32), str(int8)], batches=(1, 4), seqs=(8,), rounds=1, warmup=0, threads=1)
+    assert [b["label"] for b in out["bundles"]] == ["fp32", "int8"]
+    for r in out["rows"]:
+        f = r["fidelity"]
+        assert f["reference"] == 0 and f["reference_label"] == "fp32"
+        expected = _numpy_fidelity(fp32, int8, r["batch"])
+        for name, (cos, diff) in expected.items():
+            got = f["outputs"][name]
+            if r["bundle"] == 0:  # the reference against itself
+                assert got["worst_cosine"] == pytest.approx(1.0, abs=SAME_GRAPH_COS_TOL) and got["max_abs_diff"] == 0
+                continue
+            assert cos < 1.0 and diff > 0  # int8 is not fp32: the check can see a difference
+            assert got["worst_cosine"] == pytest.approx(cos, abs=RECOMPUTE_TOL)
+            assert got["max_abs_diff"] == pytest.approx(diff, abs=RECOMPUTE_TOL)
+    table = bench.format_table(out)
+    int8_row = next(r for r in out["rows"] if r["bundle"] == 1)
+    assert f"{int8_row['fidelity']['worst_cosine']:.5f}" in table
+
+
+def test_rows_without_an_fp32_reference_say_so(bundles: list[Path], tmp_path: Path) -> None:
+    lone = bench.run_benchmark([str(bundles[1])], batches=(1,), seqs=(4,), rounds=1, warmup=0, threads=1)
+    f = lone["rows"][0]["fidelity"]
+    assert f["note"] == "no fp32 reference" and f["worst_cosine"] is None and f["max_abs_diff"] is None
+    assert "no fp32 reference" in bench.format_table(lone)
+
+
+def test_fp32_references_match_base_adapter_and_labels() -> None:
+    def b(mode: str, precision: str, base: str = "f1", task: str = "t", labels: tuple = ("a", "b")) -> dict:
+        return {"mode": mode, "precision": precision, "base": base, "task": task, "labels": list(labels)}
+
+    info = [b("merged", "int8"), b("switchable", "fp32"), b("merged", "fp32"), b("switchable", "int8"),
+            b("merged", "int8", base="f2"), b("merged", "int8", task="u"), b("merged", "int8", labels=("x", "y"))]
+    assert bench.fp32_references(info) == [2, 1, 2, 1, None, None, None]
+    assert bench.fp32_references([{"mode": "merged", "precision": "int8", "base": None, "task": None, "labels": []},
+                                  {"mode": "merged", "precision": "fp32", "base": None, "task": None, "labels": []}]) \
+        == [None, 1]  # no fingerprint, no match
+
+
+def test_labelled_data_gives_accuracy(bundles: list[Path]) -> None:
+    from edgelora.runtime import Runtime
+
+    texts = ["the good film", "a bad movie", "great", "awful film", "good movie"]
+    gold = ["pos", "neg", "pos", "neg", "neg"]
+    out = bench.run_benchmark([str(bundles[0])], batches=(2,), seqs=(4,), rounds=1, warmup=0, threads=1,
+                              data=(texts, gold), data_source="five reviews")
+    pred = [p["label"] for p in Runtime(bundles[0], intra_op_threads=1).predict(texts)]
+    f = out["rows"][0]["fidelity"]
+    assert f["rows"] == len(texts) and f["accuracy"] == pytest.approx(np.mean(np.array(pred) == np.array(gold)))
+    assert out["fidelity"]["source"] == "five reviews" and out["fidelity"]["labelled"] is True
+    other = bench.run_benchmark([str(bundles[0])], batches=(2,), seqs=(4,), rounds=1, warmup=0, threads=1,
+                                data=(texts, ["up"] * len(texts)))
+    assert other["rows"][0]["fidelity"]["accuracy"] is None
+    assert "not the adapter's (neg, pos)" in other["rows"][0]["fidelity"]["accuracy_note"]
+    with pytest.raises(EdgeloraError, match=r"2 gold labels for 5 texts"):
+        bench.run_benchmark([str(bundles[0])], batches=(1,), seqs=(4,), rounds=1, data=(texts, gold[:2]))
+
+
+def test_bundle_without_tokenizer_uses_generated_ids(tmp_path: Path) -> None:
+    from test_runtime import write_manifest
+
+    pair = [make_bundle(tmp_path / p, "merged", p).path for p in ("fp32", "int8")]
+    for path in pair:
+        m = json.loads((path / "manifest.json").read_text())
+        m["tokenizer"] = None
+        m["base"]["vocab_size"] = len(WORDS)  # where ids come from without a tokenizer
+        m["files"].pop("tokenizer.json")
+        (path / "tokenizer.json").unlink()
+        write_manifest(path, m)
+    out = bench.run_benchmark([str(p) for p in pair], batches=(8,), seqs=(4,), rounds=1, warmup=0, threads=1)
+    f = out["rows"][1]["fidelity"]
+    assert f["inputs"] == "generated ids" and f["rows"] == bench.GENERATED_ROWS
+    assert f["worst_cosine"] == pytest.approx(1.0, abs=SAME_GRAPH_COS_TOL) and f["max_abs_diff"] == 0.0
+
+
+def test_bench_command_reads_labelled_data(bundles: list[Path], tmp_path: Path, capsys) -> None:
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
+                            for t, y in [("the good film", "pos"), ("a bad movie", "neg")]))
+    parser = argparse.ArgumentParser()
+    bench.add_bench_arguments(parser)
+    args = parser.parse_args([str(bundles[0]), "--batch", "1", "--seq", "4", "--rounds", "1", "--warmup", "0",
+                              "--threads", "1", "--data", str(data), "--json", str(tmp_path / "r.json")])
+    assert bench.bench_command(args) == 0
+    assert "acc: accuracy on its labels" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["fidelity"]["source"] == str(data) and saved["rows"][0]["fidelity"]["accuracy"] is not None
+    with pytest.raises(EdgeloraError, match=r"nowhere.jsonl: no such file"):
+        bench.bench_command(parser.parse_args([str(bundles[0]), "--data", str(tmp_path / "nowhere.jsonl")]))
+
+
+def test_builtin_data_loads_without_torch() -> None:
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from edgelora.runtime import bench\n"
+            "texts, gold = bench.load_labelled('builtin:intent:16')\n"
+            "assert len(texts) == len(gold) == 16 and sys.modules['torch'] is None")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_module_entry_point_reports_errors_like_the_cli(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "edgelora.runtime.bench", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("edgelora: error: ") and "bundle directory not found" in proc.stderr
