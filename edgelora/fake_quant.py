@@ -2,9 +2,11 @@
 
 Weights: symmetric, per output channel, round half to even, clamp to [-qmax, qmax] with qmax = 127 for
 8-bit or 63 for 7-bit (CPUs whose u8 x s8 kernel saturates 16-bit pair sums: AVX2/AVX-512 without VNNI).
-Activations: dynamic per-tensor asymmetric uint8, computed exactly as ONNX Runtime's DynamicQuantizeLinear.
-Gradients pass straight through the rounding; neither clamp ever cuts, since both ranges come from the
-tensor's own extremes.
+Activations: per-tensor asymmetric uint8, either dynamic — computed exactly as ONNX Runtime's
+DynamicQuantizeLinear, from each tensor's own extremes — or static, with a scale and zero point fixed by
+calibration (see `edgelora/calibrate.py`) and applied exactly as ONNX Runtime's QuantizeLinear does.
+Gradients pass straight through the rounding. In the weight and dynamic quantizers no clamp ever cuts, since
+the ranges come from the tensor's own extremes; the static clamp does cut, and no gradient flows through it.
 """
 
 from __future__ import annotations
@@ -63,15 +65,27 @@ def fake_quantize_weight(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return _WeightFakeQuant.apply(weight, bits)
 
 
+UINT8_MAX = 255
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) of uint8 over [lo, hi] widened to include 0, as DynamicQuantizeLinear chooses them.
+
+    float32 scale = (max(hi, 0) - min(lo, 0)) / 255 (1 for an all-zero range), zero point round(-lo / scale)
+    saturated to [0, 255] and held as a float32 integer. Static quantization uses the same rule on a
+    calibrated range, so one definition serves both modes.
+    """
+    lo = torch.clamp(lo.detach().to(torch.float32), max=0.0)
+    hi = torch.clamp(hi.detach().to(torch.float32), min=0.0)
+    scale = (hi - lo) / float(UINT8_MAX)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, UINT8_MAX)
+    return scale, zero_point
+
+
 def activation_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) of DynamicQuantizeLinear: the range always includes 0, uint8 [0, 255]."""
-    lo, hi = torch.aminmax(x.detach())
-    lo = torch.clamp(lo.to(torch.float32), max=0.0)
-    hi = torch.clamp(hi.to(torch.float32), min=0.0)
-    scale = (hi - lo) / 255.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero_point = torch.clamp(torch.round(-lo / scale), 0, 255)
-    return scale, zero_point
+    return qparams_from_range(*torch.aminmax(x.detach()))
 
 
 class _ActFakeQuant(torch.autograd.Function):
@@ -93,3 +107,34 @@ def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
     ORT sees it), so no value falls outside it and the straight-through gradient is exact there.
     """
     return _ActFakeQuant.apply(x)
+
+
+def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """The uint8 tensor ONNX Runtime's QuantizeLinear(x, scale, zero_point) gives: x / scale rounded half to
+    even, plus the zero point, saturated to [0, 255]."""
+    q = torch.round(x.detach().to(torch.float32) / scale).add_(zero_point)
+    return q.clamp_(0, UINT8_MAX).to(torch.uint8)
+
+
+class _StaticActFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        q = torch.round_(x.to(torch.float32) / scale).add_(zero_point)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((q >= 0) & (q <= UINT8_MAX))  # inside the grid: where the gradient passes
+        return q.clamp_(0, UINT8_MAX).sub_(zero_point).mul_(scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return grad * inside.to(grad.dtype), None, None
+
+
+def fake_quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor uint8 quantize-dequantize with fixed (scale, zero_point), as QuantizeLinear does.
+
+    Values outside the calibrated range saturate at 0 or 255, and their gradient is zero (the clamp cuts,
+    as in PyTorch's FakeQuantize); inside it the gradient passes straight through the rounding.
+    `scale` and `zero_point` are float32 scalars (`qparams_from_range` gives them).
+    """
+    return _StaticActFakeQuant.apply(x, scale, zero_point)

@@ -1,11 +1,15 @@
 """Claims about edgelora.fake_quant, the one quantizer training and export share.
 
 Hand-computed grids pin the rounding rule and the per-channel scale; one-node ONNX graphs run in ONNX
-Runtime pin that our activation parameters are DynamicQuantizeLinear's and that an int8 layer built from
-`quantize_weight` computes what the fake-quantized torch layer computes.
+Runtime pin that our activation parameters are DynamicQuantizeLinear's, that the static fake quantizer is
+QuantizeLinear bit for bit (saturation included), and that an int8 layer built from `quantize_weight`
+computes what the fake-quantized torch layer computes.
 """
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,7 +24,10 @@ from edgelora.errors import EdgeloraError
 from edgelora.fake_quant import (
     activation_qparams,
     fake_quantize_activation,
+    fake_quantize_activation_static,
     fake_quantize_weight,
+    qparams_from_range,
+    quantize_activation_static,
     quantize_weight,
     weight_qmax,
     weight_scale,
@@ -222,3 +229,137 @@ def test_int8_graph_matches_fake_quant(seed: int, optimize: bool) -> None:
     assert err <= INT8_LAYER_REL_TOL, f"relative error {err:.2e}"
     # and the quantization itself is visible: the int8 layer is not the float one
     assert (ref - F.linear(x, w)).abs().max() > 1e-4
+
+
+# --- activations: static QuantizeLinear -----------------------------------------------------------------
+
+
+def _quantize_linear() -> ort.InferenceSession:
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "scale", "zero_point"], ["y"])],
+        "ql",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("zero_point", TensorProto.UINT8, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, ["n"])],
+    )
+    return _session(_model(graph))
+
+
+def _static_cases() -> dict[str, tuple[torch.Tensor, float, float]]:
+    """(x, lo, hi): a calibrated range [lo, hi] and values that fall inside it and, mostly, beyond it."""
+    g = torch.Generator().manual_seed(7)
+    return {
+        "inside": (torch.randn(4, 9, 16, generator=g), -5.0, 5.0),
+        "beyond_both_ends": (torch.randn(2, 512, generator=g) * 4.0, -1.5, 2.0),
+        "far_beyond": (torch.randn(300, generator=g) * 1e4, -0.5, 0.25),
+        "all_positive_range": (torch.randn(3, 64, generator=g) + 1.0, 0.5, 3.0),  # zero point 0, negatives clip
+        "all_negative_range": (torch.randn(3, 64, generator=g) - 1.0, -3.0, -0.5),  # zero point 255
+        "tiny_range": (torch.randn(3, 64, generator=g) * 1e-4, -1e-4, 1e-4),
+        "zero_range": (torch.randn(3, 8, generator=g), 0.0, 0.0),  # scale 1: a coarse but valid grid
+        # scale 31.875 / 255 = 0.125, zero point 0: every x / scale below is a .5 tie, and some lie beyond 255
+        "ties": ((torch.arange(-20, 300) + 0.5) * 0.125, 0.0, 31.875),
+        # zero point 10.5 -> 10 (even); the ties sit around it and across both ends of the grid
+        "tied_zero_point": ((torch.arange(-30, 270) + 0.5) * 0.125, -1.3125, 30.5625),
+    }
+
+
+@pytest.mark.parametrize("case", list(_static_cases()))
+def test_static_fake_quant_is_quantize_linear_bit_for_bit(case: str) -> None:
+    x, lo, hi = _static_cases()[case]
+    scale, zp = qparams_from_range(torch.tensor(lo), torch.tensor(hi))
+    (y,) = _quantize_linear().run(None, {"x": x.reshape(-1).numpy(), "scale": scale.numpy(),
+                                          "zero_point": np.array(int(zp), np.uint8)})
+    y = torch.from_numpy(y.reshape(x.shape))
+    assert torch.equal(quantize_activation_static(x, scale, zp), y)  # ORT's integers, saturation included
+    expected = (y.to(torch.float32) - zp) * scale  # ... and our dequantized value is exactly theirs
+    assert torch.equal(fake_quantize_activation_static(x, scale, zp), expected)
+    if case.startswith("beyond") or case.startswith("far"):
+        assert int(y.min()) == 0 and int(y.max()) == 255  # the case really saturates
+
+
+def test_static_with_the_tensors_own_range_is_dynamic_bit_for_bit() -> None:
+    x = torch.randn(4, 7, 33, generator=torch.Generator().manual_seed(8)) * 3 + 0.5
+    scale, zp = qparams_from_range(x.min(), x.max())
+    assert (scale, zp) == activation_qparams(x)
+    assert torch.equal(fake_quantize_activation_static(x, scale, zp), fake_quantize_activation(x))
+
+
+def test_static_gradient_passes_inside_the_range_and_is_zero_outside() -> None:
+    scale, zp = qparams_from_range(torch.tensor(-1.0), torch.tensor(2.0))
+    x = torch.tensor([-5.0, -1.0, -0.3, 0.0, 0.7, 2.0, 2.004, 9.0], requires_grad=True)
+    upstream = torch.arange(1.0, 9.0)
+    fake_quantize_activation_static(x, scale, zp).backward(upstream)
+    # -1 and 2 are the range's ends and round onto the grid's ends; 2.004 still rounds to 255 (inside);
+    # -5 and 9 saturate: the clamp cuts and no gradient flows, as in PyTorch's FakeQuantize.
+    inside = torch.round(x.detach() / scale) + zp
+    assert inside.tolist()[6] == 255 and inside.tolist()[0] < 0 and inside.tolist()[7] > 255
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 0.0]
+
+
+def _static_int8_linear_graph(q: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor,
+                              fused: bool) -> onnx.ModelProto:
+    """x -> QuantizeLinear(const scale, zp) -> MatMulIntegerToFloat, or -> MatMulInteger -> Cast -> Mul -> Mul."""
+    n_out, n_in = q.shape
+    inits = [
+        numpy_helper.from_array(q.t().contiguous().numpy().astype(np.int8), "w_q"),
+        numpy_helper.from_array(w_scale.numpy().astype(np.float32), "w_scale"),
+        numpy_helper.from_array(x_scale.numpy().astype(np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(int(x_zp), np.uint8), "x_zp"),
+    ]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"])]
+    if fused:
+        nodes.append(helper.make_node("MatMulIntegerToFloat", ["x_q", "w_q", "x_scale", "w_scale", "x_zp"], ["y"],
+                                      domain="com.microsoft"))
+    else:
+        nodes += [
+            helper.make_node("MatMulInteger", ["x_q", "w_q", "x_zp"], ["acc"]),
+            helper.make_node("Cast", ["acc"], ["acc_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["x_scale", "w_scale"], ["xw_scale"]),
+            helper.make_node("Mul", ["acc_f", "xw_scale"], ["y"]),
+        ]
+    graph = helper.make_graph(
+        nodes, "static_int8_linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n_out])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["MatMulIntegerToFloat", "MatMulInteger"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_static_int8_graph_matches_fake_quant(seed: int, fused: bool) -> None:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(24, 48, generator=g) * 0.2
+    x = torch.randn(5, 48, generator=g) * 2 + 0.3  # wider than the calibrated range below: some values clip
+    scale, zp = qparams_from_range(torch.tensor(-2.0), torch.tensor(3.0))
+    q, w_scale = quantize_weight(w, bits=7)
+    (y,) = _session(_static_int8_linear_graph(q, w_scale, scale, zp, fused), optimize=True).run(None, {"x": x.numpy()})
+    ref = F.linear(fake_quantize_activation_static(x, scale, zp), fake_quantize_weight(w, 7))
+    err = (torch.from_numpy(y) - ref).abs().max() / ref.abs().max()
+    assert err <= INT8_LAYER_REL_TOL, f"relative error {err:.2e}"
+
+
+def test_ort_does_not_fuse_the_constant_scale_pattern() -> None:
+    """Why the static export writes MatMulIntegerToFloat itself: with constant scales, ONNX Runtime folds
+    Mul(x_scale, w_scale) into one constant before its MatMulIntegerToFloat fusion looks for that Mul, so
+    MatMulInteger -> Cast -> Mul stays three kernels. If this fails, ORT learned to fuse it: revisit."""
+    q, w_scale = quantize_weight(torch.randn(8, 16, generator=torch.Generator().manual_seed(9)), bits=7)
+    scale, zp = qparams_from_range(torch.tensor(-1.0), torch.tensor(1.0))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ops = {}
+    for fused in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+            ort.InferenceSession(_static_int8_linear_graph(q, w_scale, scale, zp, fused).SerializeToString(), opts,
+                                 providers=["CPUExecutionProvider"])
+            ops[fused] = sorted(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+    assert ops[False] == ["Cast", "MatMulInteger", "Mul", "QuantizeLinear"]
+    assert ops[True] == ["MatMulIntegerToFloat", "QuantizeLinear"]

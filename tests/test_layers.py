@@ -315,7 +315,8 @@ def test_lora_scaling_alpha_over_r_or_sqrt_r(rslora: bool, expected: float) -> N
         (lambda: BottleneckConfig(reduction_factor=0), r"reduction_factor=0 must be a positive integer"),
         (lambda: BottleneckConfig(activation="tanh"), r"activation='tanh' is not supported; choose from relu, gelu, silu"),
         (lambda: QuantConfig(mode="both"), r"mode='both' is not supported; choose from merged, switchable"),
-        (lambda: QuantConfig(activations="static"), r"activations='static' is not supported"),
+        (lambda: QuantConfig(activations="per_token"),
+         r"activations='per_token' is not supported; choose from dynamic, static, none"),
     ],
 )
 def test_bad_configs_are_refused(make, message: str) -> None:
