@@ -11,9 +11,11 @@ script makes them there itself (`make_optimum_models`, also used by baselines.py
 
 then, in our venv:
 
-    .venv/bin/python benchmarks/optimum_compare.py [--optimum OPT] --out OUT [--keep-fp32 auto] [--rounds 30]
+    .venv/bin/python benchmarks/optimum_compare.py [--optimum OPT] --out OUT [--smooth 0.7] [--rounds 30]
 
-Ours is the base with a zero LoRA adapter (B = 0, so exactly the base) exported merged, fp32 and int8.
+Ours is the base with a zero LoRA adapter (B = 0, so exactly the base) exported merged: fp32, plain int8,
+int8 with post-training SmoothQuant (--smooth), and int8 smoothed with the most sensitive layers kept fp32
+(--keep-fp32, default auto).
 Fidelity: cosine of each model's mean-pooled embedding to the fp32 torch model's, one sentence per run
 (batch 1, as a sentence embedder serves), over the real sentences below; the worst one is the figure.
 Speed: raw ORT sessions, each in a worker process of its own, interleaved (`int8_speed.time_models`).
@@ -90,16 +92,25 @@ def zero_adapter(out: Path, base: str = "minilm") -> Path:
     return save_adapter(model, "base", out / "base", base_name=base)
 
 
-def export_ours(out: Path, keep_fp32: str | None) -> dict[str, Path]:
+def our_recipes(smooth: float, keep_fp32: str) -> dict[str, dict]:
+    """Our exports, by name: fp32, plain int8, int8 with SmoothQuant, and int8 smoothed + mixed precision."""
+    return {
+        "fp32": {"precision": "fp32"},
+        "int8": {"precision": "int8"},
+        "int8-smooth": {"precision": "int8", "smooth_alpha": smooth},
+        "int8-smooth-mixed": {"precision": "int8", "smooth_alpha": smooth, "keep_fp32": keep_fp32},
+    }
+
+
+def export_ours(out: Path, recipes: dict[str, dict]) -> dict[str, Path]:
     from edgelora.exporters.export import export_bundle
 
     adapter = zero_adapter(out / "adapters")
     made = {}
-    for precision in ("fp32", "int8"):
-        bundle = out / f"ours-{precision}"
-        kwargs = {"keep_fp32": keep_fp32} if (precision == "int8" and keep_fp32) else {}
-        export_bundle("minilm", {"base": adapter}, mode="merged", precision=precision, out=bundle, **kwargs)
-        made[precision] = bundle
+    for name, kwargs in recipes.items():
+        bundle = out / f"ours-{name}"
+        export_bundle("minilm", {"base": adapter}, mode="merged", out=bundle, **kwargs)
+        made[name] = bundle
     return made
 
 
@@ -148,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimum", type=Path, default=None,
                         help="directory holding Optimum's fp32/ and int8/ (default: make them in OUT/optimum)")
     parser.add_argument("--out", type=Path, default=None, help="where our bundles and the JSON go (default: a temp dir)")
-    parser.add_argument("--keep-fp32", default=None, help="our int8 export's mixed precision (e.g. auto)")
+    parser.add_argument("--keep-fp32", default="auto", help="the mixed-precision export's fp32 layers (default auto)")
+    parser.add_argument("--smooth", type=float, default=0.7, help="SmoothQuant alpha of the smoothed exports")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--seq", default="32,128")
@@ -167,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(missing)
         make_optimum_models(resolve_base_path("minilm"), out / "optimum")
         args.optimum = out / "optimum"
-    ours = export_ours(out, args.keep_fp32)
+    from edgelora.cli import parse_keep_fp32
+
+    ours = export_ours(out, our_recipes(args.smooth, parse_keep_fp32(args.keep_fp32)))
     tok = Tokenizer.from_file(str(resolve_base_path("minilm") / "tokenizer.json"))
     tok.no_padding()
     tok.enable_truncation(128)
@@ -178,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                       "token_type_ids": np.asarray([e.type_ids], np.int64)})
     ref = reference(feeds)
     models = {"optimum-fp32": args.optimum / "fp32" / "model.onnx", "optimum-int8": args.optimum / "int8" / "model_quantized.onnx",
-              "ours-fp32": ours["fp32"] / "model.onnx", "ours-int8": ours["int8"] / "model.onnx"}
+              **{f"ours-{name}": bundle / "model.onnx" for name, bundle in ours.items()}}
     fidelity = {}
     for name, path in models.items():
         c = cosines(embeddings(path, feeds), ref)
@@ -187,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<14} cosine to fp32 torch over {len(SENTENCES)} sentences: worst {c.min():.5f}, mean {c.mean():.5f}"
               f"  (worst: {SENTENCES[worst][:50]!r})")
     result = {"fidelity": fidelity, "models": {k: str(v) for k, v in models.items()},
-              "our_manifest_quantization": json.loads((ours["int8"] / "manifest.json").read_text())["quantization"]}
+              "our_manifest_quantization": {name: json.loads((bundle / "manifest.json").read_text())["quantization"]
+                                            for name, bundle in ours.items() if name != "fp32"}}
     if not args.skip_speed:
         labels = list(models)
         speed = time_models([str(models[k]) for k in labels], labels=labels, rounds=args.rounds,
@@ -196,8 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         print(format_rows(speed))
         rows = {(r["model"], r["batch"], r["seq"]): r for r in speed["rows"]}
         for b, s in dict.fromkeys((r["batch"], r["seq"]) for r in speed["rows"]):
-            ratio = rows[("optimum-int8", b, s)]["p50_ms"] / rows[("ours-int8", b, s)]["p50_ms"]
-            print(f"ours-int8 over optimum-int8 at {b}x{s}: {ratio:.2f}x")
+            for name in ours:
+                if name == "fp32":
+                    continue
+                over_opt = rows[("optimum-int8", b, s)]["p50_ms"] / rows[(f"ours-{name}", b, s)]["p50_ms"]
+                over_fp32 = rows[("ours-fp32", b, s)]["p50_ms"] / rows[(f"ours-{name}", b, s)]["p50_ms"]
+                print(f"ours-{name} at {b}x{s}: {over_opt:.2f}x optimum-int8's speed, {over_fp32:.2f}x ours-fp32's")
         result["speed"] = speed
     (out / "optimum_compare.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out / 'optimum_compare.json'}")

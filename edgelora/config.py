@@ -17,7 +17,7 @@ from edgelora.errors import EdgeloraError
 ADAPTER_KINDS = ("lora", "bottleneck")
 EXPORT_MODES = ("merged", "switchable")
 BOTTLENECK_PLACEMENTS = ("houlsby", "pfeiffer")
-ACTIVATION_MODES = ("dynamic", "none")
+ACTIVATION_MODES = ("dynamic", "static", "none")
 LORA_INITS = ("default", "pissa", "int8-residual")
 
 
@@ -34,18 +34,24 @@ class QuantConfig:
         weight_bits: 8, or 7 for CPUs whose u8 x s8 kernel saturates (AVX2 / AVX-512 without VNNI);
             training and export must agree, so the recipe travels in the adapter's config.
         activations: "dynamic" fake-quantizes each quantized layer's input per tensor to uint8 as ONNX
-            Runtime's DynamicQuantizeLinear does at run time; "none" quantizes weights only.
+            Runtime's DynamicQuantizeLinear does at run time; "static" uses a per-tensor uint8 scale and
+            zero point fixed by calibration (`edgelora.calibrate`), which the export writes as constants
+            and which save with the adapter; "none" quantizes weights only.
         mode: which weight training sees: "merged" fake-quantizes W0 + s*B*A (the tensor a merged export
             quantizes), "switchable" fake-quantizes W0 alone and keeps the adapter branch float.
         skip_layers: layer names (as `AdapterModel.quantizable_names()` gives them) kept fp32 — mixed
             precision for the layers int8 hurts most (the exporter's `keep_fp32="auto"` measures which).
             Training skips them in fake quantization and the export leaves them fp32, so both agree.
+        smoothing: SmoothQuant migration strength alpha in [0, 1] (`edgelora.smooth`), or None for none.
+            The factors it gives are computed once from the frozen base on calibration text, then training
+            and export both apply them; they save with the adapter (`smoothing.safetensors`).
     """
 
     weight_bits: int = 8
     activations: str = "dynamic"
     mode: str = "merged"
     skip_layers: tuple[str, ...] = ()
+    smoothing: float | None = None
 
     def __post_init__(self) -> None:
         _check_choice("weight_bits", self.weight_bits, (8, 7))
@@ -55,6 +61,10 @@ class QuantConfig:
             raise EdgeloraError(f"skip_layers={self.skip_layers!r} must be a list of layer names, e.g. "
                                 "['encoder.layer.0.output.dense']")
         object.__setattr__(self, "skip_layers", tuple(sorted(set(self.skip_layers))))  # JSON lists come back as tuples
+        if self.smoothing is not None and (isinstance(self.smoothing, bool) or not isinstance(self.smoothing, (int, float))
+                                           or not 0.0 <= self.smoothing <= 1.0):
+            raise EdgeloraError(f"smoothing={self.smoothing!r} must be a number between 0 and 1 (SmoothQuant's alpha, "
+                                "e.g. 0.7) or null for none")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,10 @@ from edgelora.errors import EdgeloraError
 from edgelora.fake_quant import fake_quantize_activation, fake_quantize_weight
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+STATIC_NEEDS_CALIBRATION = (
+    "activations='static' needs calibrated input ranges; run edgelora.calibrate.calibrate(model, batches) first "
+    "(CLI: edgelora train --qat int8 --activations static)"
+)
 INT8_RESIDUAL_NEEDS_SWITCHABLE = (
     "init='int8-residual' fits the adapter to the int8 rounding error of a base that stays Q(W0), which only "
     "the switchable int8 recipe keeps: add the adapter with quant=QuantConfig(mode='switchable') "
@@ -90,6 +94,14 @@ class AdaptedLinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.bottleneck = nn.ModuleDict()
         self.quant: QuantConfig | None = None
+        # Static activations: the layer input's calibrated range and uint8 (scale, zero_point), and the static
+        # fake quantizer (`edgelora.calibrate.ActivationObserver`); set by `calibrate` or by loading an adapter.
+        self.register_module("act_observer", None)
+        # SmoothQuant (see `edgelora/smooth.py`): per-input-channel factors s, the int8 path computes
+        # Q(x * (1/s)) Q(W diag(s)) instead of Q(x) Q(W); None: no smoothing. Buffers, not persistent:
+        # they travel in the adapter's own file, not in the base state dict or its fingerprint.
+        self.register_buffer("smooth", None, persistent=False)  # (in,)
+        self.register_buffer("smooth_inv", None, persistent=False)  # (in,) float32 1/s, the graph's Mul constant
         self.active: str | None = None
         self.merged: str | None = None
         self._unmerged_weight: torch.Tensor | None = None
@@ -198,17 +210,47 @@ class AdaptedLinear(nn.Module):
             if lora is not None:
                 y = y + self._lora_branch(lora, x)
         else:
-            xq = fake_quantize_activation(x) if self.quant.activations == "dynamic" else x
+            xs = x if self.smooth_inv is None else x * self.smooth_inv
+            xq = self._quantize_input(xs)
             if lora is not None and self.quant.mode == "merged":
                 # Training sees the very tensor the merged export quantizes: Q(W0 + s B A).
-                y = F.linear(xq, fake_quantize_weight(weight + self.lora_delta(lora), self.quant.weight_bits), bias)
+                y = F.linear(xq, self._fake_quant_weight(weight + self.lora_delta(lora)), bias)
             else:
-                y = F.linear(xq, fake_quantize_weight(weight, self.quant.weight_bits), bias)
+                y = F.linear(xq, self._fake_quant_weight(weight), bias)
                 if lora is not None:
                     y = y + self._lora_branch(lora, x)  # the switchable branch stays float
         if name is not None and name in self.bottleneck:
             y = self.bottleneck[name](y)
         return y
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The int8 path's input as the recipe quantizes it: dynamic, static (calibrated) or not at all."""
+        if self.quant.activations == "dynamic":
+            return fake_quantize_activation(x)
+        if self.quant.activations == "static":
+            if self.act_observer is None:
+                raise EdgeloraError(STATIC_NEEDS_CALIBRATION)
+            return self.act_observer(x)
+        return x
+
+    def set_smoothing(self, smooth: torch.Tensor | None) -> None:
+        """Smooth this layer's int8 input by per-channel factors `smooth` (in,); None removes smoothing."""
+        if smooth is None:
+            self.smooth = self.smooth_inv = None
+            return
+        ref = self.base.weight
+        if smooth.shape != (self.in_features,) or not bool(torch.all(smooth > 0)):
+            raise EdgeloraError(f"smoothing factors must be {self.in_features} positive numbers, got shape "
+                                f"{tuple(smooth.shape)}; recompute them with edgelora.smooth.smoothing_factors")
+        self.smooth = smooth.detach().to(device=ref.device, dtype=torch.float32).clone()
+        self.smooth_inv = (1.0 / self.smooth).to(torch.float32)
+
+    def smoothed_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W diag(s): the (out, in) tensor the int8 grid holds when the layer is smoothed (W itself if not)."""
+        return weight if self.smooth is None else weight * self.smooth.to(weight.dtype)
+
+    def _fake_quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_weight(self.smoothed_weight(weight), self.quant.weight_bits)
 
     def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         h = self.lora_A[name](self.lora_dropout[name](x))  # (..., r)

@@ -2,7 +2,8 @@
 
 LoRA weights are stored under PEFT's keys (`base_model.model.<module>.lora_A.weight`), so PEFT loads our
 LoRA adapters and we load PEFT's. Our extras (kind, quantization recipe, labels, head, base fingerprint)
-sit in the same JSON under "edgelora", and the head under `edgelora_head.*`, which PEFT ignores.
+sit in the same JSON under "edgelora", and the head under `edgelora_head.*`, which PEFT ignores. A static
+int8 recipe's calibrated activation ranges (per layer scale and zero point) are extras too, in the JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from edgelora import smooth
 from edgelora.atomic import interrupted_write_note, write_dir_atomic
+from edgelora.calibrate import RANGES_KEY, load_ranges, ranges_to_dict
 from edgelora.config import (
     BottleneckConfig,
     LoraConfig,
@@ -85,6 +88,7 @@ def save_adapter(
         "base_fingerprint": model.base_fingerprint,
         "name": name,
         **({"init": init} if init is not None else {}),
+        **({RANGES_KEY: ranges_to_dict(model)} if model.quant is not None and model.quant.activations == "static" else {}),
         **(extra or {}),
     }
     if isinstance(config, LoraConfig):
@@ -108,8 +112,11 @@ def save_adapter(
     else:
         data = {"peft_type": "EDGELORA_BOTTLENECK", "base_model_name_or_path": base_name, "target_modules": target_modules}
     data["edgelora"] = extras
+    factors = smooth.current_factors(model) if model.quant is not None and model.quant.smoothing is not None else {}
+
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        smooth.save_factors(factors, tmp)  # the SmoothQuant factors the adapter was trained against
         (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")  # last: a directory with it is whole
 
     write_dir_atomic(Path(out_dir), fill)
@@ -205,7 +212,9 @@ def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None,
     if isinstance(config, LoraConfig):  # saved weights, never re-initialised: init "default"
         config = dataclasses.replace(config, target_modules=tuple(sorted(resolved.values())), include_mlp=False,
                                      init="default")
-    model.add_adapter(name, config, labels, quant=QuantConfig(**quant) if quant else model.quant)
+    recipe = QuantConfig(**quant) if quant else model.quant
+    _check_same_recipe(model, recipe, path)
+    model.add_adapter(name, config, labels, quant=recipe)
     state = _module_state(name, tensors, resolved)
     own = {k: v for k, v in model.state_dict().items() if k in state}
     for key, value in state.items():
@@ -219,6 +228,17 @@ def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None,
                 "the adapter is for another base or rank"
             )
     model.load_state_dict(state, strict=False)
+    try:
+        _load_smoothing(model, path, quant)
+    except EdgeloraError:
+        model.delete_adapter(name)
+        raise
+    if model.quant is not None and model.quant.activations == "static" and quant:
+        try:  # the recipe's calibrated ranges follow the adapter they were calibrated (and trained) with
+            load_ranges(model, extras.get(RANGES_KEY), source)
+        except EdgeloraError:
+            model.delete_adapter(name)
+            raise
     return name
 
 
@@ -247,3 +267,39 @@ def _module_state(name: str, tensors: dict[str, torch.Tensor], resolved: dict[st
                 rest = rest.split(".")[-1] if marker != ".bottleneck." else rest  # PEFT may keep ".default."
                 state[f"base.{resolved[layer]}{marker}{name}.{rest}"] = value
     return state
+
+
+# Recipe fields every adapter of one model (hence one bundle) must share: the graph has one base.
+SHARED_RECIPE_FIELDS = ("weight_bits", "activations", "mode", "skip_layers", "smoothing")
+
+
+def _check_same_recipe(model: AdapterModel, recipe: QuantConfig | None, path: Path) -> None:
+    """Refuse an adapter whose int8 recipe differs from the one the model's other adapters were trained with."""
+    held = model.quant
+    if not model.configs or held is None or recipe is None:
+        return
+    for field in SHARED_RECIPE_FIELDS:
+        mine, theirs = getattr(recipe, field), getattr(held, field)
+        if mine != theirs:
+            raise EdgeloraError(f"{path}: trained with {field}={mine!r} but the adapters already loaded use {theirs!r}; "
+                                "adapters exported together must share one int8 recipe: retrain it, or export apart")
+
+
+def _load_smoothing(model: AdapterModel, path: Path, quant: dict | None) -> None:
+    """Apply the SmoothQuant factors saved beside an adapter; adapters sharing a model must share them."""
+    factors = smooth.load_factors(path)
+    if bool(factors) != bool(quant and quant.get("smoothing") is not None):
+        raise EdgeloraError(f"{path}: its config and {smooth.SMOOTHING_FILE} disagree on smoothing; re-save the adapter")
+    held = smooth.current_factors(model)
+    if not factors:
+        if held:
+            raise EdgeloraError(f"{path}: adapter was trained without smoothing but the model's other adapters use "
+                                "SmoothQuant factors; export them separately or retrain with --smooth")
+        return
+    if held:
+        same = set(held) == set(factors) and all(torch.equal(held[k].cpu(), factors[k]) for k in factors)
+        if not same:
+            raise EdgeloraError(f"{path / smooth.SMOOTHING_FILE}: other SmoothQuant factors than the model's other "
+                                "adapters; adapters in one bundle must be trained with the same factors")
+        return
+    smooth.apply_smoothing(model, factors)

@@ -8,6 +8,13 @@ of the three layers side by side, so QAttention computes exactly the three quant
 W_s8 and w_scale come from `edgelora.fake_quant.quantize_weight` on the very (out, in) tensor training
 fake-quantized, and DynamicQuantizeLinear is what training's activation fake quantizer imitates, so the
 graph reproduces the fake-quantized model up to float summation order.
+
+Static activations (calibrated, see `edgelora/calibrate.py`) replace DynamicQuantizeLinear by
+QuantizeLinear(x, scale, zero_point) with constant qparams, one per input tensor as well, feeding QAttention
+or `MatMulIntegerToFloat` (contrib op: the int8 product times x_scale * w_scale, in one kernel). The plain
+MatMulInteger -> Cast -> Mul form is not fused by ONNX Runtime when the scales are constants: constant
+folding turns Mul(x_scale, w_scale) into one initializer first, and the MatMulIntegerToFloat fusion then
+no longer matches; so we write the fused node ourselves (measured on ORT 1.32: the same output, bit for bit).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from edgelora.errors import EdgeloraError
 from edgelora.fake_quant import quantize_weight
 
 MS_DOMAIN = "com.microsoft"
@@ -32,6 +40,7 @@ class QuantizedLayer:
     input: str
     output: str
     weight: np.ndarray  # (out, in) float32: the tensor the shared quantizer rounded
+    act_qparams: tuple[float, int] | None = None  # static input (scale, zero_point); None: dynamic
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class QuantizedAttention:
     bias: np.ndarray  # (3 * hidden,)
     num_heads: int
     layers: tuple[str, str, str]
+    act_qparams: tuple[float, int] | None = None  # static input (scale, zero_point); None: dynamic
 
 
 def qattention_compatible(node: onnx.NodeProto) -> bool:
@@ -74,6 +84,8 @@ def quantize_graph(
     bits: int,
     attention: Mapping[str, tuple[str, str, str]] | None = None,
     skip: Collection[str] = (),
+    static: Mapping[str, tuple[float, int]] | None = None,
+    smoothing: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, QuantizedLayer | QuantizedAttention]:
     """Rewrite, in place, the MatMuls whose weight initializer is named in `weights` (layer -> initializer)
     and the fused Attention nodes named in `attention` (node name -> its query, key, value layers).
@@ -81,6 +93,11 @@ def quantize_graph(
     Args:
         skip: layers to keep fp32 (mixed precision). A fused Attention stays fp32 if any of its three
             layers is skipped, so callers skip query, key and value together (see `quantization_units`).
+        static: static activations: layer -> calibrated input (scale, zero_point), for every layer
+            quantized (`edgelora.calibrate.static_qparams`). None: dynamic activations.
+        smoothing: SmoothQuant factors by layer, (s, 1/s) float32 (in,) each, as the layer holds them
+            (`edgelora.smooth`): the layer's input goes through a Mul by 1/s before its quantizer, and its weight is W diag(s);
+            layers that read one tensor share one s, hence one Mul and one quantizer.
 
     Returns, per quantized layer (or per QAttention node), the tensors a layer-by-layer check needs.
     Layers absent from `weights` (adapter branches, heads, attention score products) stay fp32.
@@ -91,16 +108,59 @@ def quantize_graph(
     inits = {init.name: init for init in graph.initializer}
     layer_of = {init: layer for layer, init in weights.items() if layer not in skip}
     layers: dict[str, QuantizedLayer | QuantizedAttention] = {}
-    quantized_inputs: dict[str, tuple[str, str, str]] = {}  # activation -> (x_u8, x_scale, x_zp)
+    quantized_inputs: dict[tuple, tuple[str, str, str]] = {}  # (activation, qparams) -> (x_u8, x_scale, x_zp)
     new_nodes: list[onnx.NodeProto] = []
     dropped: set[str] = set()
 
-    def quantize_input(x: str) -> tuple[str, str, str]:
-        if x not in quantized_inputs:
-            qx = (f"{x}_quant", f"{x}_scale", f"{x}_zero_point")
-            new_nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(qx), name=f"{x}_DynamicQuantizeLinear"))
-            quantized_inputs[x] = qx
-        return quantized_inputs[x]
+    def qparams_of(layers_: Collection[str]) -> tuple[float, int] | None:
+        if static is None:
+            return None
+        missing = [n for n in layers_ if n not in static]
+        if missing:
+            raise EdgeloraError(f"layer {missing[0]} has no calibrated static activation range; calibrate the model")
+        found = {static[n] for n in layers_}
+        if len(found) > 1:  # one QAttention input: q, k and v saw the same tensor, so calibration agrees
+            raise EdgeloraError(f"layers {', '.join(layers_)} share one input but hold different static ranges "
+                                f"{sorted(found)}; calibrate them together (edgelora.calibrate.calibrate)")
+        return found.pop()
+
+    def quantize_input(x: str, qparams: tuple[float, int] | None) -> tuple[str, str, str]:
+        if (x, qparams) not in quantized_inputs:
+            tag = "" if not any(key[0] == x for key in quantized_inputs) else f"_{len(quantized_inputs)}"
+            qx = (f"{x}_quant{tag}", f"{x}_scale{tag}", f"{x}_zero_point{tag}")
+            if qparams is None:
+                new_nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(qx), name=f"{x}_DynamicQuantizeLinear"))
+            else:
+                graph.initializer.append(numpy_helper.from_array(np.array(qparams[0], np.float32), qx[1]))
+                graph.initializer.append(numpy_helper.from_array(np.array(qparams[1], np.uint8), qx[2]))
+                new_nodes.append(helper.make_node("QuantizeLinear", [x, qx[1], qx[2]], [qx[0]],
+                                                  name=f"{x}_QuantizeLinear{tag}"))
+            quantized_inputs[(x, qparams)] = qx
+        return quantized_inputs[(x, qparams)]
+
+    smoothed_inputs: dict[tuple[str, bytes], str] = {}  # (activation, 1/s) -> the Mul's output
+
+    def smooth_of(layers_: Collection[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(s, 1/s) float32 shared by `layers_`, or None when they are unsmoothed."""
+        found = [(smoothing or {}).get(n) for n in layers_]
+        if all(f is None for f in found):
+            return None
+        if any(f is None for f in found) or any(not np.array_equal(f[0], found[0][0]) for f in found):
+            raise EdgeloraError(f"layers {', '.join(layers_)} share one input but not one smoothing; compute the "
+                                "factors with edgelora.smooth.smoothing_factors, which groups them")
+        return found[0]
+
+    def smooth_input(x: str, smooth: tuple[np.ndarray, np.ndarray] | None) -> str:
+        if smooth is None:
+            return x
+        key = (x, smooth[1].tobytes())
+        if key not in smoothed_inputs:
+            tag = f"_{len(smoothed_inputs)}"
+            inv_name, out = f"{x}_smooth_inv{tag}", f"{x}_smoothed{tag}"
+            graph.initializer.append(numpy_helper.from_array(smooth[1].astype(np.float32), inv_name))
+            new_nodes.append(helper.make_node("Mul", [x, inv_name], [out], name=f"{x}_SmoothMul{tag}"))
+            smoothed_inputs[key] = out
+        return smoothed_inputs[key]
 
     def add_weight(w_t: np.ndarray, base: str) -> tuple[str, str, np.ndarray]:
         """(int8 (in, out) initializer, scale initializer, the float (out, in) weight) from an (in, out) weight."""
@@ -117,9 +177,17 @@ def quantize_graph(
             mask = node.input[3] if len(node.input) > 3 else ""
             if not qattention_compatible(node):
                 raise RuntimeError(f"fused {node.name} uses features QAttention lacks; fusion.py should have refused it")
-            q_name, s_name, w = add_weight(numpy_helper.to_array(inits[w_name]), f"{node.name}.qkv")
+            smooth = smooth_of(attention[node.name])
+            w_t = numpy_helper.to_array(inits[w_name])
+            w_t = w_t if smooth is None else w_t * smooth[0][:, None]  # (in, 3 hidden): W diag(s), as training
+            q_name, s_name, w = add_weight(w_t, f"{node.name}.qkv")
             dropped.add(w_name)
-            x_q, x_scale, x_zp = quantize_input(x)
+            act = qparams_of(attention[node.name])
+            x = smooth_input(x, smooth)
+            x_q, x_scale, x_zp = quantize_input(x, act)
+            # QAttention runs one small u8s8 GEMM per head, yet measured (ORT 1.32, AVX2) it beats one wide
+            # DynamicQuantizeMatMul for [Wq|Wk|Wv] followed by Split and MultiHeadAttention: same output bit
+            # for bit, the block 13-16% slower (the whole model 3-6%) at 1x32 and 8x128: extra copies, transposes.
             q_node = helper.make_node(
                 "QAttention", [x_q, q_name, b_name, x_scale, s_name, mask, x_zp], list(node.output),
                 name=f"{node.name}.QAttention", domain=MS_DOMAIN,
@@ -128,7 +196,7 @@ def quantize_graph(
             new_nodes.append(q_node)
             layers[node.name] = QuantizedAttention(
                 x, node.output[0], mask, w, numpy_helper.to_array(inits[b_name]).astype(np.float32),
-                int(_attr(node, "num_heads")), tuple(attention[node.name]),
+                int(_attr(node, "num_heads")), tuple(attention[node.name]), act,
             )
             continue
         if node.op_type != "MatMul" or node.input[1] not in layer_of:
@@ -136,17 +204,30 @@ def quantize_graph(
             continue
         x, w_name = node.input[0], node.input[1]
         base = w_name.removesuffix(".weight_t")
-        q_name, s_name, w = add_weight(numpy_helper.to_array(inits[w_name]), base)
+        smooth = smooth_of([layer_of[w_name]])
+        w_t = numpy_helper.to_array(inits[w_name])
+        w_t = w_t if smooth is None else w_t * smooth[0][:, None]  # (in, out): W diag(s), as training
+        q_name, s_name, w = add_weight(w_t, base)
         dropped.add(w_name)
-        x_q, x_scale, x_zp = quantize_input(x)
+        act = qparams_of([layer_of[w_name]])
+        x = smooth_input(x, smooth)
+        x_q, x_scale, x_zp = quantize_input(x, act)
         out = node.output[0]
-        new_nodes += [
-            helper.make_node("MatMulInteger", [x_q, q_name, x_zp], [f"{out}_int32"], name=f"{base}.MatMulInteger"),
-            helper.make_node("Cast", [f"{out}_int32"], [f"{out}_cast"], to=TensorProto.FLOAT, name=f"{base}.Cast"),
-            helper.make_node("Mul", [x_scale, s_name], [f"{out}_scale"], name=f"{base}.ScaleMul"),
-            helper.make_node("Mul", [f"{out}_cast", f"{out}_scale"], [out], name=f"{base}.OutputMul"),
-        ]
-        layers[layer_of[w_name]] = QuantizedLayer(x, out, w)
+        if act is not None:
+            new_nodes.append(helper.make_node("MatMulIntegerToFloat", [x_q, q_name, x_scale, s_name, x_zp], [out],
+                                              name=f"{base}.MatMulIntegerToFloat", domain=MS_DOMAIN))
+        else:
+            # ORT (ENABLE_EXTENDED and up) fuses these four nodes and the layer's bias Add after them into one
+            # DynamicQuantizeMatMul, so writing that op ourselves gains nothing (pinned in test_export_int8.py).
+            # Measured on ORT 1.32, AVX2 EPYC, one GEMM: uint8 weights with zero point 128 ran 15-20% slower than
+            # int8, and 8-bit weights exactly as fast as 7-bit (the same u8s8 kernel).
+            new_nodes += [
+                helper.make_node("MatMulInteger", [x_q, q_name, x_zp], [f"{out}_int32"], name=f"{base}.MatMulInteger"),
+                helper.make_node("Cast", [f"{out}_int32"], [f"{out}_cast"], to=TensorProto.FLOAT, name=f"{base}.Cast"),
+                helper.make_node("Mul", [x_scale, s_name], [f"{out}_scale"], name=f"{base}.ScaleMul"),
+                helper.make_node("Mul", [f"{out}_cast", f"{out}_scale"], [out], name=f"{base}.OutputMul"),
+            ]
+        layers[layer_of[w_name]] = QuantizedLayer(x, out, w, act)
     del graph.node[:]
     graph.node.extend(new_nodes)
     still_used = {i for n in graph.node for i in n.input}
