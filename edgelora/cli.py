@@ -32,7 +32,8 @@ def _progress_bar(total: int | None, desc: str):
 # --- train ---------------------------------------------------------------------------------------
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a LoRA or bottleneck adapter (and its head) on a frozen base",
-                       description="Train one adapter and save it as a PEFT-layout directory.")
+                       description="Train one adapter and save it as a PEFT-layout directory. Data-parallel on N "
+                                   "GPUs (or N CPU processes): torchrun --nproc_per_node N -m edgelora.cli train ...")
     p.add_argument("--base", default="minilm", help="Hugging Face model directory, or 'minilm' (embedded all-MiniLM-L6-v2)")
     p.add_argument("--data", required=True, help="train data: .jsonl/.csv with text and label, or builtin:intent|sentiment[:N]")
     p.add_argument("--eval", default=None, help="held-out data (default: a seeded split of --data)")
@@ -53,8 +54,22 @@ def _add_train(sub) -> None:
     p.add_argument("--weight-bits", default="auto", help="7, 8 or auto (7 where this CPU's int8 kernel saturates)")
     p.add_argument("--deploy-mode", choices=("merged", "switchable"), default="merged",
                    help="the export mode the fake quantizer prepares for")
+    p.add_argument("--activations", choices=("dynamic", "static", "none"), default="dynamic",
+                   help="with --qat int8: activations quantized per call (dynamic), with ranges calibrated before "
+                        "training (static: constant scales in the graph, no per-call min/max), or not at all")
+    p.add_argument("--calib-batches", type=int, default=8, metavar="N",
+                   help="--activations static: training batches the observers see before training")
+    p.add_argument("--observer", choices=("minmax", "moving_average", "percentile"), default="minmax",
+                   help="--activations static: how the observed values become a range")
+    p.add_argument("--observe-steps", type=int, default=0, metavar="K",
+                   help="--activations static: keep observing the first K training steps, then freeze (0: freeze "
+                        "after calibration)")
+    p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                   help="with --qat int8: SmoothQuant, moving activation outliers into the weights with migration "
+                        "strength ALPHA in [0, 1] (0.7 measured best on MiniLM), factors from --calib-batches batches")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="examples per optimizer step in all; under torchrun each of N processes takes 1/N of them")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -81,9 +96,24 @@ def _checkpoint_dir(args: argparse.Namespace) -> Path:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from edgelora.distributed import launch_from_env, process_group
+    from edgelora.train import pick_device
+
+    launch = launch_from_env()  # set by torchrun: one process per GPU (or CPU worker)
+    if launch is None:
+        return _train(args, rank=0)
+    with process_group(launch, pick_device(args.device)), warnings.catch_warnings():
+        if launch.rank != 0:
+            warnings.simplefilter("ignore")  # rank 0 says it once
+        return _train(args, rank=launch.rank)
+
+
+def _train(args: argparse.Namespace, rank: int) -> int:
+    """The train verb in one process; under torchrun, rank 0 alone draws progress, saves and prints."""
     from edgelora.atomic import check_writable
     from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
     from edgelora.data import load_splits
+    from edgelora.distributed import on_rank0
     from edgelora.model import AdapterModel, load_base, max_positions
     from edgelora.peft_format import check_adapter_out, save_adapter
     from edgelora.tokenize import load_tokenizer
@@ -91,14 +121,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     name = args.name or Path(args.out).name
     weight_bits = _resolve_bits(args.weight_bits)  # checked even without --qat: a typo should not pass silently
+    if args.activations != "dynamic" and args.qat != "int8":
+        raise EdgeloraError(f"--activations {args.activations} applies to int8 training; add --qat int8")
+    if args.activations == "static" and args.calib_batches < 1:
+        raise EdgeloraError(f"--calib-batches {args.calib_batches} must be a positive number of batches, e.g. 8")
+    if args.activations == "static" and args.observe_steps < 0:
+        raise EdgeloraError(f"--observe-steps {args.observe_steps} must be 0 (freeze after calibration) or more steps")
     if args.max_length < 1:
         raise EdgeloraError(f"--max-length {args.max_length} must be a positive number of tokens, e.g. 128")
     # Before minutes of loading and training: an --out that holds other files or cannot be written, a
     # checkpoint to resume that is not there, or one a fresh start would overwrite.
-    check_adapter_out(args.out)
-    check_writable(Path(args.out), "--out")
     checkpoint = CheckpointConfig(_checkpoint_dir(args), every=args.checkpoint_every, resume=args.resume)
-    checkpoint.check()
+
+    def check_outputs() -> None:
+        check_adapter_out(args.out)
+        check_writable(Path(args.out), "--out")
+        checkpoint.check()
+
+    on_rank0(check_outputs)  # under torchrun, one process probes the directories and all stop on its error
     train_ds, eval_ds = load_splits(args.data, args.eval, seed=args.seed, text_field=args.text_field, label_field=args.label_field)
     if args.kind == "lora":
         targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else None
@@ -106,7 +146,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             target_modules=targets, include_mlp=args.include_mlp, init=args.init)
     else:
         config = BottleneckConfig(reduction_factor=args.reduction_factor, placement=args.placement)
-    quant = QuantConfig(weight_bits=weight_bits, mode=args.deploy_mode) if args.qat == "int8" else None
+    if args.smooth is not None and args.qat != "int8":
+        raise EdgeloraError("--smooth applies to int8 training; add --qat int8")
+    if args.smooth is not None and not 0.0 <= args.smooth <= 1.0:
+        raise EdgeloraError(f"--smooth {args.smooth} must be between 0 and 1 (SmoothQuant's alpha, e.g. 0.7)")
+    if args.smooth is not None and args.init == "int8-residual":
+        raise EdgeloraError("--smooth with --init int8-residual: the init fits the rounding error of the unsmoothed "
+                            "base, which smoothing changes; drop one of them")
+    quant = (QuantConfig(weight_bits=weight_bits, mode=args.deploy_mode, activations=args.activations,
+                         smoothing=args.smooth)
+             if args.qat == "int8" else None)
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
     base, base_path = load_base(args.base)
     max_length = min(args.max_length, max_positions(base) or args.max_length)  # no text past the position table
@@ -117,7 +166,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model = AdapterModel(base)
     seed_everything(args.seed)  # the adapter's initial weights follow --seed too
     model.add_adapter(name, config, list(train_ds.label_names), quant=quant)
-    bar = _progress_bar(train_config.epochs * -(-len(train_ds) // train_config.batch_size), f"train {name}")
+    smoothing = _smooth(args, model, tokenizer, train_ds.texts) if args.smooth is not None else None
+    calibration = _calibrate(args, model, tokenizer, train_ds.texts) if args.activations == "static" else None
+    bar = None
+    if rank == 0:
+        bar = _progress_bar(train_config.epochs * -(-len(train_ds) // train_config.batch_size), f"train {name}")
 
     def progress(msg: str) -> None:
         if bar is not None:
@@ -131,7 +184,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train_adapter(model, name, tokenizer, train_ds.texts, train_ds.labels, eval_ds.texts, eval_ds.labels,
                                train_config, progress, checkpoint)
     except KeyboardInterrupt:
-        if checkpoint.path.is_file():
+        if checkpoint.path.is_file() and rank == 0:
             print(f"edgelora: interrupted; continue from {checkpoint.path} with the same command and --resume",
                   file=sys.stderr)
             return 130
@@ -139,14 +192,41 @@ def _cmd_train(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if rank != 0:
+        return 0
     training = {"data": str(args.data), "train_size": len(train_ds), "eval_size": len(eval_ds),
                 "best_eval_accuracy": result.best_accuracy, "best_epoch": result.best_epoch,
-                "history": result.history, "device": result.device, "max_length": max_length}
+                "history": result.history, "device": result.device, "max_length": max_length,
+                "processes": result.processes, "batch_size": train_config.batch_size,
+                **({"calibration": calibration} if calibration else {}),
+                **({"smoothing": smoothing} if smoothing else {})}
     save_adapter(model, name, args.out, base_name=str(args.base), extra={"training": training})
     checkpoint.remove()  # its work is in --out now
     print(json.dumps({"adapter": name, "out": str(args.out), "eval_accuracy": result.best_accuracy,
                       "best_epoch": result.best_epoch, "device": result.device}))
     return 0
+
+
+def _calibrate(args: argparse.Namespace, model, tokenizer, texts) -> dict:
+    """Static activations: fill every layer's observer from --calib-batches batches of the training texts."""
+    from edgelora.calibrate import ObserverConfig, calibrate, text_batches
+    from edgelora.distributed import world
+
+    if args.observe_steps and world()[1] > 1:
+        raise EdgeloraError("--observe-steps needs one process: under torchrun each process would observe its own "
+                            "shard and the ranges would differ; use --observe-steps 0")
+    batches = text_batches(tokenizer, texts, args.calib_batches, args.batch_size, seed=args.seed)
+    return calibrate(model, batches, ObserverConfig(kind=args.observer), qat_steps=args.observe_steps).as_dict()
+
+
+def _smooth(args: argparse.Namespace, model, tokenizer, texts) -> dict:
+    """SmoothQuant factors from --calib-batches batches of the training texts, set before training starts."""
+    from edgelora.calibrate import text_batches
+    from edgelora.smooth import smooth_model
+
+    # Same seed on every torchrun process: each computes the same factors from the same batches.
+    batches = text_batches(tokenizer, texts, args.calib_batches, args.batch_size, seed=args.seed)
+    return smooth_model(model, batches, args.smooth)
 
 
 def _resolve_bits(value: str) -> int:
@@ -172,6 +252,17 @@ def _add_export(sub) -> None:
     p.add_argument("--slots", choices=("adapters", "attention", "attention+mlp"), default="adapters",
                    help="switchable mode: LoRA slots on the layers these adapters use, or on more layers so that "
                         "adapters added later with `edgelora add-adapter` fit")
+    p.add_argument("--keep-fp32", default=None, metavar="auto|LAYER,...",
+                   help="int8 mixed precision: 'auto' keeps the layers int8 hurts most fp32 until the worst sentence "
+                        "cosine to fp32 reaches --target-cosine; or comma-separated layer names")
+    p.add_argument("--target-cosine", type=float, default=None, help="--keep-fp32 auto: the worst-sentence goal "
+                                                                      "(default 0.995)")
+    p.add_argument("--fusions", default=None, metavar="NAME,...|none",
+                   help="ONNX Runtime BERT fusions: comma-separated from attention, embed_layer_norm, "
+                        "skip_layer_norm, bias_gelu, or 'none' (default: attention, the fastest measured)")
+    p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                   help="int8: SmoothQuant with migration strength ALPHA for adapters trained without it "
+                        "(adapters trained with --smooth always export with their own factors)")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
     p.set_defaults(func=_cmd_export)
 
@@ -184,7 +275,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         manifest = export_bundle(args.base, parse_adapter_specs(args.adapter), mode=args.mode, precision=args.precision,
                                  out=args.out, weight_bits=args.weight_bits, max_length=args.max_length,
-                                 lora_slots=args.slots,
+                                 lora_slots=args.slots, fusions=parse_fusions(args.fusions),
+                                 keep_fp32=parse_keep_fp32(args.keep_fp32), smooth_alpha=args.smooth,
+                                 **({"target_cosine": args.target_cosine} if args.target_cosine is not None else {}),
                                  progress=(lambda m: bar.set_description_str(f"export: {m}")) if bar is not None else None)
     finally:
         if bar is not None:
@@ -196,6 +289,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(json.dumps({"bundle": str(args.out), "mode": manifest["mode"], "precision": manifest["precision"],
                       "adapters": [a["name"] for a in manifest["adapters"]], "validation": manifest["validation"]}))
     return 0
+
+
+def parse_fusions(value: str | None) -> tuple[str, ...] | None:
+    from edgelora.exporters.fusion import FUSIONS
+
+    if value is None:
+        return None
+    if value.strip() == "none":
+        return ()
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [n for n in names if n not in FUSIONS]
+    if unknown or not names:
+        raise EdgeloraError(f"--fusions {value!r}: choose from {', '.join(FUSIONS)}, comma-separated, or 'none'")
+    return names
+
+
+def parse_keep_fp32(value: str | None) -> tuple[str, ...] | str | None:
+    if value is None or value.strip() == "auto":
+        return None if value is None else "auto"
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names:
+        raise EdgeloraError(f"--keep-fp32 {value!r}: give 'auto' or comma-separated layer names")
+    return names
 
 
 # --- run / bench (no torch) -------------------------------------------------------------------------

@@ -336,9 +336,22 @@ class AdapterModel(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (batch, hidden)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """(logits, pooled); with `labels` (class ids), (loss, logits, pooled) with the mean cross-entropy first,
+        as Hugging Face models return it, so a `transformers.Trainer` trains this model as it is."""
         pooled = self.encode(input_ids, attention_mask, token_type_ids)
         if self.active is None:
-            return pooled.new_zeros(pooled.shape[0], 0), pooled
-        return self.heads[self.active](pooled), pooled
+            logits = pooled.new_zeros(pooled.shape[0], 0)
+        else:
+            logits = self.heads[self.active](pooled)
+        if labels is None:
+            return logits, pooled
+        if self.active is None:
+            raise EdgeloraError("labels were given but no adapter is active; call set_adapter(name) first")
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(logits.device).long())
+        return loss, logits, pooled

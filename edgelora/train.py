@@ -5,6 +5,9 @@ epoch and keeps the best epoch's weights. Works on any `AdapterModel`, fake-quan
 With a `CheckpointConfig` it saves everything the loop depends on (adapter, head, optimizer, schedule,
 every RNG, the epoch's data order and position, best-so-far) atomically, and a resumed run ends with
 the same weights, bit for bit on CPU, as one that was never interrupted.
+Inside a torch.distributed process group (`torchrun`, see `edgelora.distributed`) it trains data-parallel:
+every process takes its shard of each global batch, DistributedDataParallel averages the gradients, and
+rank 0 alone evaluates, reports progress and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
+from edgelora import distributed, smooth
 from edgelora.atomic import check_writable, write_file_atomic
 from edgelora.config import config_to_dict
 from edgelora.errors import EdgeloraError
@@ -36,6 +41,14 @@ CHECKPOINT_VERSION = 1
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Settings of `train_adapter`.
+
+    Args:
+        batch_size: examples per optimizer step, in all: under torchrun each of N processes takes about
+            batch_size / N of them, so N processes take the steps (and follow the schedule) one process would.
+        seed: data order, and dropout on rank 0; process k draws its dropout from seed + k.
+    """
+
     epochs: int = 3
     batch_size: int = 32
     lr: float = 2e-3
@@ -117,6 +130,7 @@ class TrainResult:
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     device: str = "cpu"
+    processes: int = 1
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -181,12 +195,17 @@ def train_adapter(
         ...               checkpoint=CheckpointConfig("runs/intent.ckpt", resume=True))  # doctest: +SKIP
 
     Args:
-        progress: called with a short status line per step; the CLI passes a progress bar.
+        progress: called with a short status line per step (on rank 0 only); the CLI passes a progress bar.
         checkpoint: save resumable state there (and resume from it with `resume=True`). The checkpoint
-            must come from the same model, adapter, data and settings; anything else is refused by name.
+            must come from the same model, adapter, data, settings and number of processes; anything else
+            is refused by name. Under torchrun all processes read it and rank 0 writes it.
     """
     if len(train_texts) == 0:
         raise EdgeloraError("the training set is empty")
+    rank, world = distributed.world()
+    if config.batch_size < world:
+        raise EdgeloraError(f"batch_size={config.batch_size} is smaller than the {world} processes that share each "
+                            f"batch; use --batch-size {world} or more")
     model.set_adapter(name)  # refuses an unknown adapter by name
     n_labels = len(model.labels[name])
     for split, texts, labels in (("training", train_texts, train_labels), ("evaluation", eval_texts, eval_labels)):
@@ -205,9 +224,11 @@ def train_adapter(
             f"use max_length <= {limit}"
         )
     if checkpoint is not None:
-        checkpoint.check()
-    seed_everything(config.seed)
+        distributed.on_rank0(checkpoint.check)
+    seed_everything(config.seed + rank)  # dropout differs per process; the data order (order_rng) is shared
     device = pick_device(config.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this process's GPU (set by process_group)
     model.to(device)
     params = model.trainable_parameters()
     head_params = list(model.heads[name].parameters())
@@ -225,41 +246,69 @@ def train_adapter(
     )
     order_rng = np.random.default_rng(config.seed)
     labels_np = np.asarray(train_labels)
-    result = TrainResult(best_accuracy=-1.0, best_epoch=-1, device=str(device))
+    result = TrainResult(best_accuracy=-1.0, best_epoch=-1, device=str(device), processes=world)
     loop = _Loop()
     saver = None
     if checkpoint is not None:
         saver = _Saver(checkpoint, _signature(model, name, tokenizer, train_texts, train_labels, eval_texts,
-                                              eval_labels, config))
+                                              eval_labels, config, world))
         if checkpoint.resume:
             saver.restore(model, name, optimizer, scheduler, order_rng, loop, result)
+    step_model: torch.nn.Module = model
+    if world > 1 and any(layer.act_observer is not None and not layer.act_observer.frozen
+                         for _, layer in model.adapted_layers()):
+        raise EdgeloraError("static activation observers still observing would learn a different range on each "
+                            "process; calibrate with qat_steps=0 (CLI: --observe-steps 0) when training on several")
+    if world > 1:
+        # Gradients are averaged for the parameters that require them (the active adapter and head); the frozen
+        # base is copied from rank 0 once, here, and its buffers never change, so none are re-sent per step.
+        # Every trainable parameter takes part in every forward: find_unused_parameters stays off.
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                             broadcast_buffers=False)
     while loop.epoch < config.epochs:
-        model.train()
+        step_model.train()
         if loop.order is None:
             loop.order, loop.batch, loop.losses = order_rng.permutation(len(train_texts)), 0, []
         while loop.batch < steps_per_epoch:
             idx = loop.order[loop.batch * config.batch_size : (loop.batch + 1) * config.batch_size]
-            feeds = _batches(encode(tokenizer, [train_texts[j] for j in idx]), device)
-            target = torch.from_numpy(labels_np[idx]).to(device)
+            rows = idx if world == 1 else distributed.shard(idx, rank, world)
+            # A last batch with fewer rows than processes leaves some without any: they run one row weighted 0,
+            # so every process still joins the gradient all-reduce.
+            weight = 1.0 if len(rows) else 0.0
+            rows = rows if len(rows) else idx[:1]
+            feeds = _batches(encode(tokenizer, [train_texts[j] for j in rows]), device)
+            target = torch.from_numpy(labels_np[rows]).to(device)
             with _autocast(device):
-                logits, _ = model(**feeds)
-            loss = F.cross_entropy(logits.float(), target)
-            if not torch.isfinite(loss):
-                raise EdgeloraError(f"loss became {loss.item()} at step {loop.step}; lower --lr (now {config.lr})"
+                logits, _ = step_model(**feeds)
+            if world == 1:
+                loss = reported = F.cross_entropy(logits.float(), target)
+            else:
+                # DDP divides the summed gradients by the number of processes; scaling this process's summed loss
+                # by world / len(idx) makes the result the gradient of the global batch's mean loss, as one
+                # process computes it, however unevenly the rows are shared.
+                summed = F.cross_entropy(logits.float(), target, reduction="sum") * weight
+                loss = summed * (world / len(idx))
+                reported = distributed.all_sum(summed) / len(idx)  # the global batch's mean loss, on every rank
+            if not torch.isfinite(reported):
+                raise EdgeloraError(f"loss became {reported.item()} at step {loop.step}; lower --lr (now {config.lr})"
                                     + (saver.kept_note() if saver else ""))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            loop.losses.append(loss.item())
+            loop.losses.append(reported.item())
             loop.step += 1
             loop.batch += 1
             if saver and checkpoint.every and loop.step % checkpoint.every == 0 and loop.batch < steps_per_epoch:
                 saver.save(model, name, optimizer, scheduler, order_rng, loop, result)
-            if progress:
-                progress(f"epoch {loop.epoch + 1}/{config.epochs} step {loop.step}/{total} loss {loss.item():.4f}")
-        acc = accuracy(model, tokenizer, eval_texts, eval_labels) if len(eval_texts) else float("nan")
+            if progress and rank == 0:
+                progress(f"epoch {loop.epoch + 1}/{config.epochs} step {loop.step}/{total} loss {reported.item():.4f}")
+        acc = float("nan")
+        if rank == 0 and len(eval_texts):
+            acc = accuracy(model, tokenizer, eval_texts, eval_labels)
+        if world > 1:
+            acc = distributed.broadcast(acc)  # every process keeps the same best epoch
         result.history.append({"epoch": loop.epoch + 1, "train_loss": float(np.mean(loop.losses)), "eval_accuracy": acc})
         if not len(eval_texts) or acc > result.best_accuracy:
             result.best_accuracy, result.best_epoch = acc, loop.epoch + 1
@@ -267,6 +316,7 @@ def train_adapter(
         loop.epoch, loop.order, loop.batch, loop.losses = loop.epoch + 1, None, 0, []
         if saver:  # every epoch end; the last one holds the finished run until the caller has saved the adapter
             saver.save(model, name, optimizer, scheduler, order_rng, loop, result)
+    del step_model  # removes DDP's gradient hooks from the parameters
     if loop.best_state is not None:
         model.load_state_dict(loop.best_state, strict=False)
     model.eval()
@@ -286,10 +336,15 @@ class _Loop:
     best_state: dict[str, torch.Tensor] | None = None
 
 
-def _signature(model, name, tokenizer, train_texts, train_labels, eval_texts, eval_labels, config) -> dict[str, Any]:
+def _signature(model, name, tokenizer, train_texts, train_labels, eval_texts, eval_labels, config,
+               world: int = 1) -> dict[str, Any]:
     """What a run's result depends on besides the checkpointed state; a resume must match it exactly."""
     data = json.dumps([list(train_texts), [int(y) for y in train_labels], list(eval_texts), [int(y) for y in eval_labels]])
+    # Each process draws its own dropout: a checkpoint holds one RNG state per process, so the count must match.
+    # A single process writes no such key, so its checkpoints read as they always have.
+    processes = {"number of processes": world} if world > 1 else {}
     return {
+        **processes,
         "adapter": name,
         "adapter config": config_to_dict(model.configs[name]),
         "quantization": None if model.quant is None else config_to_dict(model.quant),
@@ -299,6 +354,9 @@ def _signature(model, name, tokenizer, train_texts, train_labels, eval_texts, ev
         "data": hashlib.sha256(data.encode()).hexdigest(),
         "tokenizer": {"truncation": getattr(tokenizer, "truncation", None),
                       "vocab": tokenizer.get_vocab_size() if hasattr(tokenizer, "get_vocab_size") else None},
+        # SmoothQuant factors are set before training, outside the checkpointed state: a resume recomputes
+        # them, and must land on the very same ones (another --calib-batches would not).
+        "smoothing factors": smooth.factors_digest(smooth.current_factors(model)),
     }
 
 
@@ -335,11 +393,18 @@ class _Saver:
         return f"; the last good checkpoint (step {self.saved_step}) is kept at {self.checkpoint.path}"
 
     def save(self, model, name, optimizer, scheduler, order_rng, loop: _Loop, result: TrainResult) -> None:
+        """Called on every process (the weights are the same on all; the RNG states are gathered); rank 0 writes."""
         adapter = {k: v.detach().to("cpu", copy=True) for k, v in _adapter_state(model, name).items()}
         bad = next((k for k, v in adapter.items() if not torch.isfinite(v).all()), None)
         if bad is not None:  # never replace a good checkpoint with a diverged one
             raise EdgeloraError(f"adapter weight {bad} is no longer finite at step {loop.step}; lower --lr"
                                 + self.kept_note())
+        rank, world = distributed.world()
+        rng = _rng_state(order_rng)
+        rank_rng = distributed.gather(rng) if world > 1 else None
+        if rank != 0:
+            self.saved_step = loop.step
+            return
         payload = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -356,7 +421,8 @@ class _Saver:
             "adapter": adapter,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(order_rng),
+            "rng": rng,
+            **({"rank_rng": rank_rng} if rank_rng is not None else {}),
         }
         write_file_atomic(self.checkpoint.path, lambda tmp: torch.save(payload, tmp))
         self.saved_step = loop.step
@@ -382,7 +448,8 @@ class _Saver:
         model.load_state_dict(payload["adapter"], strict=False)
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
-        _set_rng_state(payload["rng"], order_rng)
+        rank, world = distributed.world()
+        _set_rng_state(payload["rank_rng"][rank] if world > 1 else payload["rng"], order_rng)
         loop.step, loop.epoch, loop.batch = payload["step"], payload["epoch"], payload["batch"]
         loop.order = None if payload["order"] is None else payload["order"].numpy()
         loop.losses = list(payload["losses"])
@@ -393,5 +460,6 @@ class _Saver:
 
 
 def _adapter_state(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:
-    keys = (f".lora_A.{name}.", f".lora_B.{name}.", f".bottleneck.{name}.", f"heads.{name}.")
+    # Static activation observers (edgelora/calibrate.py) go with the adapter: they may still observe in QAT.
+    keys = (f".lora_A.{name}.", f".lora_B.{name}.", f".bottleneck.{name}.", f"heads.{name}.", ".act_observer.")
     return {k: v for k, v in model.state_dict().items() if any(m in k or k.startswith(m) for m in keys)}
