@@ -3,19 +3,22 @@
 Builds (once, under --out) random-but-realistic LoRA adapters (r=8 on the attention projections, B drawn
 with a small std, heads of 2 to 5 labels), a switchable int8 bundle holding 1 adapter (exported) and
 copies grown to 2, 4 and 8 adapters with `add_adapters` (the base is not re-exported), a switchable fp32
-bundle of 4, and merged int8 bundles of the first adapter (attention fused, the export default, and
-unfused). Then measures, each configuration in a worker process of its own (two ORT sessions in one
+bundle of 4, the same switchable int8 bundle of 4 unfused, and merged int8 bundles of the first adapter
+(attention fused, the export default, and unfused). Then measures, each configuration in a worker process of its own (two ORT sessions in one
 process distort each other; see DESIGN.md), spinning off, medians:
 
   switch      a run with adapter X right after one with adapter Y vs right after X (paired, one
               session), the RunOptions lookup, and building a RunOptions; against reloading a merged
               bundle (Runtime construction, optimized-graph cache warm and cold)
-  latency     switchable int8 (4 adapters, one chosen) vs merged int8, interleaved workers (runtime.bench)
+  latency     switchable int8 (4 adapters, one chosen; attention fused, the export default, and unfused) vs
+              merged int8, interleaved workers (runtime.bench), at each --threads count; and the same three
+              paired in one process (spinning off, order rotated each round): the median of per-round
+              ratios, which a shared, noisy machine moves far less than separate p50s
   memory      resident memory after loading N = 1, 2, 4, 8 adapters, after running each, after a mixed batch
   mixed       one batch of N tasks (per-row adapters, one run) vs N single-task batches vs one uniform batch
   fidelity    a mixed batch's rows vs the same rows run alone, int8 and fp32
 
-    python benchmarks/switching.py --out runs/switching          # table on stdout, JSON in runs/switching/
+    python benchmarks/switching.py --out runs/switching --threads 1,2   # table on stdout, JSON in runs/switching/
 """
 
 from __future__ import annotations
@@ -85,6 +88,11 @@ def build(out: Path, progress) -> dict:
         previous = n
     progress("exporting switchable fp32 (4 adapters)")
     export_bundle(BASE, {m: adapters[m] for m in names[:4]}, mode="switchable", precision="fp32", out=bundles / "sw4-fp32")
+    progress("exporting switchable int8 unfused (4 adapters)")
+    t = time.perf_counter()
+    export_bundle(BASE, {m: adapters[m] for m in names[:4]}, mode="switchable", precision="int8",
+                  out=bundles / "sw4-unfused", fusions=())
+    timings["export_switchable_int8_unfused_4_adapters_s"] = time.perf_counter() - t
     for label, fusions in (("merged", None), ("merged-unfused", ())):
         progress(f"exporting {label} int8")
         t = time.perf_counter()
@@ -290,7 +298,40 @@ def worker_fidelity(int8: str, fp32: str, threads: int) -> dict:
     }
 
 
-WORKERS = {"switch": worker_switch, "reload": worker_reload, "memory": worker_memory, "mixed": worker_mixed,
+def worker_paired(bundles: dict[str, str], threads: int, rounds: int, shapes: list) -> dict:
+    """Bundles (label -> dir[@adapter]) run in turn in one process, order rotated each round: per shape, the
+    median over rounds of each one's time over the first one's (wall and process CPU time)."""
+    from edgelora.runtime import Runtime
+
+    runs = {}
+    for label, spec in bundles.items():
+        path, _, adapter = spec.partition("@")
+        runs[label] = (Runtime(path, intra_op_threads=threads, allow_spinning=False), adapter or None)
+    first = next(iter(runs))
+    out: dict = {"reference": first, "threads": threads, "shapes": {}}
+    for batch, seq in shapes:
+        feeds = _feeds(runs[first][0], batch, seq)
+        for rt, adapter in runs.values():
+            for _ in range(3):
+                rt.run(feeds, adapter=adapter)
+        wall: dict[str, list[float]] = {k: [] for k in runs}
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
+        order = list(runs)
+        for r in range(rounds * 5 if batch * seq <= 64 else rounds):  # small shapes: cheap, and noisier
+            for label in order[r % len(order):] + order[: r % len(order)]:
+                rt, adapter = runs[label]
+                c, t = time.process_time(), time.perf_counter()
+                rt.run(feeds, adapter=adapter)
+                wall[label].append((time.perf_counter() - t) * 1e3)
+                cpu[label].append((time.process_time() - c) * 1e3)
+        ratios = {k: float(np.median(np.asarray(v) / np.asarray(wall[first]))) for k, v in wall.items() if k != first}
+        cpu_ratios = {k: float(np.median(np.asarray(v) / np.asarray(cpu[first]))) for k, v in cpu.items() if k != first}
+        out["shapes"][f"{batch}x{seq}"] = {"ms": {k: _stats(v) for k, v in wall.items()}, "ratio": ratios,
+                                           "cpu_ratio": cpu_ratios}
+    return out
+
+
+WORKERS = {"paired": worker_paired, "switch": worker_switch, "reload": worker_reload, "memory": worker_memory, "mixed": worker_mixed,
            "fidelity": worker_fidelity}
 
 
@@ -312,18 +353,30 @@ def run_worker(kind: str, **kwargs) -> dict:
 # --- driver -------------------------------------------------------------------------------------------
 
 
-def measure(paths: dict, threads: int, rounds: int, progress) -> dict:
+def measure(paths: dict, thread_counts: list[int], rounds: int, progress) -> dict:
+    """Latency at every thread count in `thread_counts`; everything else at the first."""
     from edgelora.runtime.bench import run_benchmark
 
     b = paths["bundles"]
+    threads = thread_counts[0]
     result: dict = {}
     progress("switching")
     result["switch"] = run_worker("switch", bundle=b["sw4"], threads=threads, rounds=rounds, shapes=[[1, 32], [8, 128]])
     progress("reloading merged")
     result["reload_merged"] = run_worker("reload", bundle=b["merged"], threads=threads, repeats=10)
-    progress("latency")
-    result["latency"] = run_benchmark([b["merged"], b["merged-unfused"], f"{b['sw4']}@task0"], batches=(1, 8),
-                                      seqs=(32, 128), rounds=rounds, warmup=3, threads=threads)
+    result["latency"] = {}
+    for count in thread_counts:
+        progress(f"latency, {count} thread(s)")
+        result["latency"][str(count)] = run_benchmark(
+            [b["merged"], b["merged-unfused"], f"{b['sw4']}@task0", f"{b['sw4-unfused']}@task0"], batches=(1, 8),
+            seqs=(32, 128), rounds=rounds, warmup=3, threads=count)
+    result["latency_paired"] = {}
+    for count in thread_counts:
+        progress(f"latency paired in one process, {count} thread(s)")
+        result["latency_paired"][str(count)] = run_worker(
+            "paired", bundles={"merged": b["merged"], "switchable": f"{b['sw4']}@task0",
+                               "switchable-unfused": f"{b['sw4-unfused']}@task0"},
+            threads=count, rounds=rounds, shapes=[[1, 32], [1, 128], [8, 32], [8, 128]])
     progress("memory")
     memory: dict[str, list] = {}
     for _ in range(3):  # interleaved repeats, one fresh process each
@@ -363,16 +416,24 @@ def summarize(paths: dict, m: dict) -> dict:
         "reload_merged_uncached_ms": m["reload_merged"]["construct_uncached_ms"]["median"],
         "reload_over_switch": {k: reload_ms / v for k, v in switch_ms.items()},
     }
-    rows = {(r["label"], r["batch"], r["seq"]): r["p50_ms"] for r in m["latency"]["rows"]}
-    labels = [b["label"] for b in m["latency"]["bundles"]]
-    lat = {}
-    for batch in (1, 8):
-        for seq in (32, 128):
-            merged, unfused, switch = (rows[(lab, batch, seq)] for lab in labels)
-            lat[f"{batch}x{seq}"] = {"merged_ms": merged, "merged_unfused_ms": unfused, "switchable_ms": switch,
-                                     "switchable_over_merged": switch / merged,
-                                     "switchable_over_merged_unfused": switch / unfused}
-    s["latency"] = lat
+    s["latency"] = {}
+    for count, bench in m["latency"].items():  # by thread count
+        rows = {(r["label"], r["batch"], r["seq"]): r["p50_ms"] for r in bench["rows"]}
+        labels = [b["label"] for b in bench["bundles"]]
+        lat = {}
+        for batch in (1, 8):
+            for seq in (32, 128):
+                merged, unfused, switch, switch_unfused = (rows[(lab, batch, seq)] for lab in labels)
+                lat[f"{batch}x{seq}"] = {
+                    "merged_ms": merged, "merged_unfused_ms": unfused, "switchable_ms": switch,
+                    "switchable_unfused_ms": switch_unfused, "switchable_over_merged": switch / merged,
+                    "switchable_over_merged_unfused": switch / unfused,
+                    "switchable_unfused_over_merged": switch_unfused / merged}
+        s["latency"][count] = lat
+    s["latency_paired"] = {
+        count: {shape: {"wall": r["ratio"], "cpu": r["cpu_ratio"]} for shape, r in paired["shapes"].items()}
+        for count, paired in m.get("latency_paired", {}).items()
+    }
     mem = {}
     for key, reps in m["memory"].items():
         med = {stage: float(np.median([r[stage]["rss"] for r in reps])) * mb
@@ -400,11 +461,17 @@ def table(s: dict) -> str:
     for shape, ms in sw["run_after_other_minus_after_same_ms"].items():
         lines.append(f"  {shape:>5}: run after another adapter - after the same {ms:+.3f} ms (median, paired); "
                      f"switch cost {sw['switch_cost_ms'][shape]:.4f} ms; reload / switch {sw['reload_over_switch'][shape]:.0f}x")
-    lines += ["",
-              "latency p50 (ms)   merged  merged-unfused  switchable   sw/merged  sw/unfused"]
-    for shape, r in s["latency"].items():
-        lines.append(f"  {shape:>8}     {r['merged_ms']:7.2f}  {r['merged_unfused_ms']:14.2f}  {r['switchable_ms']:10.2f}"
-                     f"   {r['switchable_over_merged']:8.3f}  {r['switchable_over_merged_unfused']:10.3f}")
+    for count, lat in s["latency"].items():
+        lines += ["", f"latency p50 (ms), {count} thread(s)   merged  merged-unfused  switchable  sw-unfused   "
+                      "sw/merged  sw-unfused/merged"]
+        for shape, r in lat.items():
+            lines.append(f"  {shape:>26}  {r['merged_ms']:7.2f}  {r['merged_unfused_ms']:14.2f}  {r['switchable_ms']:10.2f}"
+                         f"  {r['switchable_unfused_ms']:10.2f}   {r['switchable_over_merged']:9.3f}"
+                         f"  {r['switchable_unfused_over_merged']:17.3f}")
+    for count, paired in s["latency_paired"].items():
+        lines += ["", f"paired in one process, {count} thread(s): median per-round ratio over merged (wall; CPU time)"]
+        for shape, r in paired.items():
+            lines.append(f"  {shape:>8}  " + "  ".join(f"{k} {r['wall'][k]:.3f} ({r['cpu'][k]:.3f})" for k in r["wall"]))
     lines += ["", "memory RSS (MB)   adapters  loaded  ran each  ran mixed  +/adapter(loaded)  +/adapter(ran)  adapter file"]
     for key, r in s["memory"].items():
         lines.append(f"  {key:>14}  {r['adapters']:8d}  {r['loaded_mb']:6.1f}  {r['ran_each_mb']:8.1f}  "
@@ -433,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/switching", help="bundles and switching.json go here")
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of every session")
+    parser.add_argument("--threads", default="1", help="intra-op threads of every session; a list (1,2) measures "
+                        "latency at each, everything else at the first")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -441,8 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     def progress(msg: str) -> None:
         print(f"[switching] {msg}", file=sys.stderr, flush=True)
 
+    try:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        parser.error(f"--threads {args.threads!r}: give thread counts such as 1 or 1,2")
     paths = build(out, progress)
-    measured = measure(paths, args.threads, args.rounds, progress)
+    measured = measure(paths, thread_counts, args.rounds, progress)
     summary = summarize(paths, measured)
     from edgelora.runtime import detect_isa
 
@@ -450,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     result = {"summary": summary, "measured": measured, "build": paths,
-              "settings": {"base": BASE, "threads": args.threads, "rounds": args.rounds, "spinning": False,
+              "settings": {"base": BASE, "threads": thread_counts, "rounds": args.rounds, "spinning": False,
                            "lora": {"r": 8, "alpha": 16.0, "targets": "attention (q, k, v, o)", "b_std": LORA_B_STD}},
               "machine": {"isa": cpu.isa, "model": cpu.model, "logical_cores": os.cpu_count(),
                           "platform": platform.platform()}, "onnxruntime": ort.__version__}

@@ -2,10 +2,11 @@
 
 The adapter's tensors (read from its directory, no base model needed) are checked against the bundle:
 its base fingerprint against the manifest, every tensor against the graph's adapter inputs, its layers
-against the layers that have slots. Then the bundle is rewritten as a whole — unchanged files hard-linked
-into a temporary sibling, the new `.onnx_adapter`, the rebuilt adapter bank, the manifest last — and
-renamed into place, so a failure leaves the bundle as it was. With the base at hand the new adapter is
-also run through the graph and compared with torch, as `edgelora export` does.
+against the layers that have slots. Then the bundle is rewritten as a whole by the exporter's writer
+(`bundle.write_bundle`: unchanged files hard-linked into a temporary sibling, the new `.onnx_adapter`, the
+rebuilt adapter bank, the manifest last) and renamed into place, so a failure leaves the bundle as it was.
+With the base at hand the new adapter is also run through the graph and compared with torch, as
+`edgelora export` does.
 
 torch, onnx and the exporter are imported inside the functions, so the CLI can offer this verb (its
 arguments) on a runtime-only install, as it does `export`.
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,12 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgelora.atomic import replace_dir, temp_dir_for
 from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
 from edgelora.runtime.runtime import read_manifest
-
-from .bundle import sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -80,6 +76,8 @@ def add_adapters(
     proto = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
     specs = slot_specs(proto)
     layers = {m[1] for init in proto.graph.initializer if (m := _LAYER_WEIGHT.match(init.name))}
+    fused = (manifest.get("fusions") or {}).get("attention_layers") or {}
+    layers |= {layer for group in fused.values() for layer in group}  # q, k, v packed into one Attention weight
     existing = {a["name"] for a in manifest["adapters"]}
 
     say("checking adapters")
@@ -128,6 +126,13 @@ def _convert(path: Path, name: str, bundle: Path, manifest: dict, specs: Mapping
         raise EdgeloraError(
             f"{path}: adapter was trained with {trained.get('weight_bits')}-bit weights, bundle {bundle} is "
             f"{quant.get('weight_bits')}-bit; retrain with --weight-bits {quant.get('weight_bits')} or export anew"
+        )
+    if quant:
+        _check_smoothing(path, bundle, quant)
+    if (quant.get("activations") or {}).get("mode") == "static":
+        raise EdgeloraError(
+            f"{bundle}: its int8 activation ranges are static, calibrated with the adapters it was exported with; "
+            "export a new bundle with all the adapters instead"
         )
     slots = manifest.get("slots") or {}
     if isinstance(config, BottleneckConfig) and config.activation != slots.get("bottleneck_activation"):
@@ -213,6 +218,23 @@ def _convert(path: Path, name: str, bundle: Path, manifest: dict, specs: Mapping
     return entry, values
 
 
+def _check_smoothing(path: Path, bundle: Path, quant: dict) -> None:
+    """An int8 bundle's SmoothQuant factors are baked into its base graph: a new adapter must have trained with them."""
+    from edgelora import smooth
+
+    theirs = (quant.get("smoothing") or {}).get("digest")
+    mine = smooth.factors_digest(smooth.load_factors(path))
+    if mine == theirs:
+        return
+    if mine and theirs:
+        why = f"trained with other SmoothQuant factors than bundle {bundle} holds"
+    elif mine:
+        why = f"trained with SmoothQuant (--smooth) but bundle {bundle} is not smoothed"
+    else:
+        why = f"trained without SmoothQuant but bundle {bundle} smooths its int8 inputs"
+    raise EdgeloraError(f"{path}: {why}; export a new bundle with all the adapters")
+
+
 def _resolve(name: str, layers: set[str]) -> str | None:
     """PEFT keys may carry the task model's backbone attribute (`bert.encoder...`): drop leading parts."""
     parts = name.split(".")
@@ -278,50 +300,34 @@ def _check_against_torch(bundle: Path, manifest: dict, proto: onnx.ModelProto, b
 
 
 def _write(bundle: Path, manifest: dict, specs: Mapping[str, SlotSpec], added: dict, report: dict) -> dict:
-    """The bundle with the new adapters and a rebuilt bank: unchanged files hard-linked into a temporary
-    sibling, new ones written there, the manifest last, then the whole directory renamed into place."""
+    """The bundle with the new adapters and a rebuilt bank, through the exporter's one writer
+    (`bundle.write_bundle`): unchanged files carried over, the new ones written, the manifest last."""
     from . import switchable
+    from .bundle import write_bundle
 
-    tmp = temp_dir_for(bundle)
-    try:
-        new_files = {f"adapters/{name}.onnx_adapter" for name in added} | {"manifest.json"}
-        banked = any(s.banked for s in specs.values())
-        if banked:
-            new_files.add(switchable.BANK_FILE)
-        for src in sorted(bundle.rglob("*")):
-            rel = src.relative_to(bundle).as_posix()
-            if not src.is_file() or rel in new_files or src.name.endswith(".tmp"):
-                continue
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, dst)  # every writer here replaces files by rename, never in place
-            except OSError:
-                shutil.copy2(src, dst)
-        entries = [a for a in manifest["adapters"] if a["name"] not in added]
-        for name, (entry, values) in added.items():
-            (tmp / "adapters").mkdir(exist_ok=True)
-            switchable.write_adapter_file(tmp / entry["file"], values)
-            entries.append(dict(entry))
-        files = {k: v for k, v in manifest["files"].items() if k not in new_files}
-        for entry in entries:
-            if entry["name"] in added:
-                files[entry["file"]] = entry["sha256"] = sha256_file(tmp / entry["file"])
-        out = dict(manifest, adapters=entries)
-        if banked:
-            order = [a["name"] for a in entries]
-            bank = switchable.build_bank({a["name"]: switchable.read_adapter_file(tmp / a["file"]) for a in entries}, specs)
-            switchable.write_adapter_file(tmp / switchable.BANK_FILE, bank)
-            files[switchable.BANK_FILE] = sha256_file(tmp / switchable.BANK_FILE)
-            out["bank"] = {"file": switchable.BANK_FILE, "adapters": [*order, None]}
-        out["files"] = dict(sorted(files.items()))
-        out["validation"] = dict(manifest.get("validation") or {}, **report)
-        (tmp / "manifest.json").write_text(json.dumps(out, indent=2) + "\n")  # last: with it, the bundle is whole
-        replace_dir(tmp, bundle)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    banked = any(s.banked for s in specs.values())
+    entries = [a for a in manifest["adapters"] if a["name"] not in added] + [dict(e) for e, _ in added.values()]
+    writers: dict[str, Callable[[Path], None]] = {
+        entry["file"]: (lambda p, values=values: switchable.write_adapter_file(p, values))
+        for entry, values in added.values()
+    }
+    out = dict(manifest, adapters=entries)
+    if banked:
+        values = {a["name"]: added[a["name"]][1] if a["name"] in added
+                  else switchable.read_adapter_file(bundle / a["file"]) for a in entries}
+        bank = switchable.build_bank(values, specs)
+        writers[switchable.BANK_FILE] = lambda p: switchable.write_adapter_file(p, bank)
+        out["bank"] = {"file": switchable.BANK_FILE, "adapters": [*values, None]}
+    out["validation"] = dict(manifest.get("validation") or {}, **report)
+    for key in ("files", "format", "format_version"):
+        out.pop(key, None)  # write_bundle records them anew
+    keep: dict[str, str | None] = {rel: sha for rel, sha in manifest["files"].items() if rel not in writers}
+    cache = bundle / ".cache"  # the runtime's optimized graph of the unchanged model.onnx stays valid
+    if cache.is_dir():
+        keep.update({p.relative_to(bundle).as_posix(): None for p in cache.rglob("*")
+                     if p.is_file() and not p.name.endswith(".tmp")})
+    write_bundle(bundle, out, writers, None, keep=keep)
+    return read_manifest(bundle)
 
 
 # --- CLI ------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgelora import __version__
+from edgelora import __version__, smooth
+from edgelora.calibrate import ranges_to_dict, static_qparams
 from edgelora.config import EXPORT_MODES, QuantConfig, config_to_dict
 from edgelora.errors import EdgeloraError
 from edgelora.model import AdapterModel, hidden_size, load_base, max_positions, model_type
@@ -24,7 +25,7 @@ from edgelora.tokenize import DEFAULT_MAX_LENGTH
 
 from . import validate
 from .bundle import check_out, write_bundle
-from .fusion import DEFAULT_FUSIONS, Fusion, fuse_graph
+from .fusion import DEFAULT_FUSIONS, fuse_graph, fuse_switchable
 from .onnx_graph import OUTPUTS, export_graph
 from .mixed_precision import TARGET_COSINE, calibration_feeds, choose_fp32_layers, expand_to_units
 from .quantize import QuantizedAttention, count_layers, quantization_units, quantize_graph
@@ -61,6 +62,54 @@ def _weight_bits(model: AdapterModel, requested: int | None, isa: str) -> tuple[
     return recommended_weight_bits(isa), f"CPU ({isa})"
 
 
+def _activations(model: AdapterModel) -> str:
+    """The int8 activation mode: "static" where the adapters were trained (and calibrated) so, else dynamic."""
+    return "static" if model.quant is not None and model.quant.activations == "static" else "dynamic"
+
+
+def _activations_manifest(model: AdapterModel, recipe: QuantConfig) -> dict[str, Any]:
+    if recipe.activations != "static":
+        return {"mode": "dynamic", "from": "DynamicQuantizeLinear at run time"}
+    ranges = ranges_to_dict(model)
+    return {"mode": "static", "from": "adapter calibration", "observer": ranges["observer"],
+            "batches_observed": ranges["batches_observed"],
+            "qparams": {n: [r["scale"], r["zero_point"]] for n, r in ranges["layers"].items()
+                        if n not in recipe.skip_layers}}
+
+
+def _smoothing(model: AdapterModel, requested: float | None, bits: int, base_path: Path,
+               feed_names: tuple[str, ...]) -> tuple[float | None, dict[str, Any]]:
+    """SmoothQuant alpha and where it came from: the adapters' training, or computed now (post-training)."""
+    trained = smooth.current_factors(model)
+    alpha = model.quant.smoothing if model.quant is not None else None
+    if trained:
+        if requested is not None and requested != alpha:
+            raise EdgeloraError(f"--smooth {requested} differs from the smoothing the adapters were trained with "
+                                f"({alpha}); drop the flag or retrain")
+        return alpha, {"alpha": alpha, "from": "adapter training recipe", "layers": len(trained),
+                       "digest": smooth.factors_digest(trained)}
+    if requested is None:
+        return None, {"alpha": None, "from": "none"}
+    if _activations(model) == "static":
+        raise EdgeloraError(f"--smooth {requested}: the adapters' static activation ranges were calibrated on "
+                            "unsmoothed inputs; drop --smooth, or retrain with --smooth and --activations static")
+    previous = model.quant
+    model.set_quant(QuantConfig(weight_bits=bits))  # wraps every quantizable linear, so each can hold factors
+    model.set_quant(previous)
+    vocab = model.base.get_input_embeddings().num_embeddings
+    feeds, described = calibration_feeds(base_path, feed_names, vocab)
+    summary = smooth.smooth_model(model, feeds, requested)  # the base's ranges, as training computes them
+    return requested, {"alpha": requested, "from": "export (post-training, the adapters did not train with it)",
+                       "layers": summary["layers"], "calibration": described,
+                       "digest": smooth.factors_digest(smooth.current_factors(model))}
+
+
+def _smoothing_arrays(model: AdapterModel) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(s, 1/s) as float32 numpy per smoothed layer: the very constants the fake quantizer used."""
+    return {name: (layer.smooth.cpu().numpy(), layer.smooth_inv.cpu().numpy())
+            for name, layer in model.adapted_layers() if layer.smooth is not None}
+
+
 def _fp32_layers(model: AdapterModel, keep_fp32, units, bits: int, mode: str, base_path: Path,
                  feed_names: tuple[str, ...], target: float) -> tuple[tuple[str, ...], dict[str, Any]]:
     """The layers an int8 export keeps fp32 and where that choice came from (for the manifest)."""
@@ -77,7 +126,7 @@ def _fp32_layers(model: AdapterModel, keep_fp32, units, bits: int, mode: str, ba
     if keep_fp32 == "auto":
         vocab = model.base.get_input_embeddings().num_embeddings
         feeds, described = calibration_feeds(base_path, feed_names, vocab)
-        recipe = QuantConfig(weight_bits=bits, activations="dynamic", mode=mode)
+        recipe = QuantConfig(weight_bits=bits, activations=_activations(model), mode=mode)
         chosen = choose_fp32_layers(model, recipe, units, feeds, target=target, calibration=described)
         return chosen.fp32_layers, {"from": "measured sensitivity", "sensitivity": chosen.as_manifest()}
     if isinstance(keep_fp32, str):
@@ -106,20 +155,25 @@ def export_bundle(
     fusions: Sequence[str] | None = None,
     keep_fp32: Sequence[str] | str | None = None,
     target_cosine: float = TARGET_COSINE,
+    smooth_alpha: float | None = None,
     lora_slots: str = "adapters",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Export `base` with `adapters` (name -> adapter directory) to a bundle; returns its manifest.
 
     Args:
-        fusions: in merged mode, ONNX Runtime's BERT fusions to apply to BERT bases (names from
-            `fusion.FUSIONS`; None: `fusion.DEFAULT_FUSIONS`, the fastest measured; (): none), fp32 and
-            int8 alike, so int8/fp32 compares like with like. Other bases and switchable graphs stay
-            unfused; the manifest says what was fused, or why not.
+        fusions: ONNX Runtime's BERT fusions to apply to BERT bases (names from `fusion.FUSIONS`;
+            None: `fusion.DEFAULT_FUSIONS`, the fastest measured; (): none), fp32 and int8 alike, so
+            int8/fp32 compares like with like. Switchable graphs take the attention fusion only, with
+            their adapter branches joined again (`fusion.fuse_switchable`). Other bases stay unfused;
+            the manifest says what was fused, or why not.
         keep_fp32: int8 mixed precision: layer names to keep fp32, or "auto" to measure each layer's
             effect on the embeddings and keep the most sensitive fp32 until their worst cosine to fp32
             reaches `target_cosine` (see `mixed_precision.py`). None: what the adapters were trained
             with (`QuantConfig.skip_layers`), else nothing. The choice is recorded in the manifest.
+        smooth_alpha: SmoothQuant for int8 (`edgelora.smooth`): adapters trained with smoothing always
+            export with their factors; for adapters trained without, this alpha computes factors now from
+            the base on calibration text (post-training smoothing). None: none beyond the adapters'.
         lora_slots: in switchable mode, which layers get a LoRA slot: "adapters" (those these adapters
             adapt), or "attention" / "attention+mlp" (every such projection), so that LoRA adapters trained
             later on them can be added with `edgelora add-adapter` (see `switchable.slot_plan`).
@@ -136,6 +190,13 @@ def export_bundle(
         raise EdgeloraError(f"--slots {lora_slots!r} is not supported; choose from {', '.join(LORA_SLOT_POLICIES)}")
     if mode == "merged" and len(adapters) != 1:
         raise EdgeloraError(f"merged mode bakes one adapter into the graph, got {len(adapters)}; use --mode switchable for several")
+    if isinstance(target_cosine, bool) or not isinstance(target_cosine, (int, float)) or not 0.0 < target_cosine <= 1.0:
+        raise EdgeloraError(f"--target-cosine {target_cosine!r} must be in (0, 1], e.g. 0.995")
+    if smooth_alpha is not None and precision != "int8":
+        raise EdgeloraError("--smooth applies to int8 exports; drop it or add --precision int8")
+    if smooth_alpha is not None and (isinstance(smooth_alpha, bool) or not isinstance(smooth_alpha, (int, float))
+                                     or not 0.0 <= smooth_alpha <= 1.0):
+        raise EdgeloraError(f"--smooth {smooth_alpha!r} must be between 0 and 1 (SmoothQuant's alpha, e.g. 0.7)")
     check_out(Path(out))  # before minutes of export work, not only when writing
     say = progress or (lambda _msg: None)
     say("loading base")
@@ -159,24 +220,27 @@ def export_bundle(
         graph = export_graph(model, mode="switchable", adapter=None, slots=plan)
         make_slots_inputs(graph)  # adapter banks gathered by adapter_ids (see switchable.py)
         specs = slot_specs(graph.model)
-    if mode == "merged":
-        say("fusing")
-        vocab = model.base.get_input_embeddings().num_embeddings
-        requested = DEFAULT_FUSIONS if fusions is None else tuple(fusions)
-        fusion = fuse_graph(graph, model, validate.generated_feeds(vocab, graph.feeds), requested)
-    else:
-        fusion = Fusion(note="unfused: switchable graphs keep the adapter branches as graph inputs, unfused")
+    say("fusing")
+    vocab = model.base.get_input_embeddings().num_embeddings
+    requested = DEFAULT_FUSIONS if fusions is None else tuple(fusions)
+    fuse = fuse_graph if mode == "merged" else fuse_switchable  # switchable: adapter branches rejoined float
+    fusion = fuse(graph, model, validate.generated_feeds(vocab, graph.feeds), requested)
     quantized: dict = {}
     fp32_layers: tuple[str, ...] = ()
     fp32_choice: dict[str, Any] = {"from": "none"}
+    alpha, smoothing_choice = None, {"alpha": None, "from": "none"}
     if precision == "int8":
+        alpha, smoothing_choice = _smoothing(model, smooth_alpha, bits, base_path, graph.feeds)
         units = quantization_units(model.quantizable_names(), fusion.attention)
         if keep_fp32 == "auto" and not (model.quant and model.quant.skip_layers):
             say("measuring layer sensitivity")
         fp32_layers, fp32_choice = _fp32_layers(model, keep_fp32, units, bits, mode, base_path, graph.feeds, target_cosine)
         say("quantizing")
-        quantized = quantize_graph(graph.model, graph.weights, bits, fusion.attention, skip=fp32_layers)
-    recipe = QuantConfig(weight_bits=bits, activations="dynamic", mode=mode, skip_layers=fp32_layers)
+        static = static_qparams(model) if _activations(model) == "static" else None
+        quantized = quantize_graph(graph.model, graph.weights, bits, fusion.attention, skip=fp32_layers, static=static,
+                                  smoothing=_smoothing_arrays(model))
+    recipe = QuantConfig(weight_bits=bits, activations=_activations(model), mode=mode, skip_layers=fp32_layers,
+                         smoothing=alpha)
     model_bytes = graph.model.SerializeToString()
     adapter_values = {n: adapter_tensors(model, n, specs) for n in names} if mode == "switchable" else {}
     bank = build_bank(adapter_values, specs) if mode == "switchable" else {}
@@ -213,7 +277,9 @@ def export_bundle(
         "quantization": None
         if precision == "fp32"
         else {
-            "scheme": "weights int8 symmetric per output channel (shared quantizer), activations dynamic uint8 per tensor",
+            "scheme": "weights int8 symmetric per output channel (shared quantizer), activations "
+                      f"{recipe.activations} uint8 per tensor",
+            "activations": _activations_manifest(model, recipe),
             "weight_bits": bits,
             "weight_bits_from": bits_source,
             "isa": cpu.isa,
@@ -222,6 +288,7 @@ def export_bundle(
             "recipe": dict(config_to_dict(recipe), skip_layers=list(recipe.skip_layers)),
             "fp32_layers": list(fp32_layers),
             "fp32_layers_from": fp32_choice,
+            "smoothing": smoothing_choice,
             "excluded": "embeddings, attention score products, adapter branches, heads",
         },
         "fusions": fusion.as_manifest(),

@@ -111,11 +111,16 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
 
     Exposes each quantized layer's float input and int8 output as graph outputs, runs once, and
     recomputes every layer in torch with the shared fake quantizer: (max error, worst layer). A fused
-    QAttention is recomputed whole: its three fake-quant projections, then the attention over them.
+    QAttention is recomputed whole: its three fake-quant projections, then the attention over them. A
+    fused MultiHeadAttention (switchable graphs: q, k, v from int8 projections plus float adapter
+    branches) is recomputed from the q, k and v it is given, so the fused node is checked too.
+    A static layer's input is fake-quantized with its constant (scale, zero_point), as its QuantizeLinear
+    does: given the same float input both compute the same integers (tests/test_static.py pins
+    QuantizeLinear bit for bit), so only float summation order differs and the dynamic tolerance holds.
     """
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
-    from edgelora.fake_quant import fake_quantize_activation, fake_quantize_weight
+    from edgelora.fake_quant import fake_quantize_activation, fake_quantize_activation_static, fake_quantize_weight
 
     from .quantize import QuantizedAttention
 
@@ -124,6 +129,9 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
     types = {t: onnx.TensorProto.FLOAT for layer in layers.values() for t in (layer.input, layer.output)}
     types.update({layer.mask: onnx.TensorProto.INT32 for layer in layers.values()
                   if isinstance(layer, QuantizedAttention) and layer.mask})
+    cores = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    types.update({t: onnx.TensorProto.FLOAT for n in cores for t in (*n.input[:3], n.output[0])})
+    types.update({n.input[4]: onnx.TensorProto.INT32 for n in cores if len(n.input) > 4 and n.input[4]})
     names = sorted(types)
     existing = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_tensor_value_info(n, types[n], None) for n in names if n not in existing)
@@ -136,14 +144,29 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
     for name, layer in layers.items():
         x = torch.from_numpy(values[layer.input])
         w = fake_quantize_weight(torch.tensor(layer.weight), bits)
+        if layer.act_qparams is None:
+            xq = fake_quantize_activation(x)
+        else:
+            scale, zero_point = (torch.tensor(v, dtype=torch.float32) for v in layer.act_qparams)
+            xq = fake_quantize_activation_static(x, scale, zero_point)
         if isinstance(layer, QuantizedAttention):
             mask = torch.from_numpy(values[layer.mask]) if layer.mask else None
-            ref = attention_reference(fake_quantize_activation(x), w, torch.tensor(layer.bias), mask, layer.num_heads)
+            ref = attention_reference(xq, w, torch.tensor(layer.bias), mask, layer.num_heads)
         else:
-            ref = torch.nn.functional.linear(fake_quantize_activation(x), w)
+            ref = torch.nn.functional.linear(xq, w)
         err = float((torch.from_numpy(values[layer.output]) - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
         if err > worst:
             worst, worst_layer = err, name
+    inits = {init.name: init for init in model.graph.initializer}
+    for node in cores:
+        q, k, v = (torch.from_numpy(values[t]) for t in node.input[:3])
+        bias = torch.from_numpy(numpy_helper.to_array(inits[node.input[3]]).copy())
+        mask = torch.from_numpy(values[node.input[4]]) if len(node.input) > 4 and node.input[4] else None
+        heads = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "num_heads")
+        ref = multi_head_reference(q, k, v, bias, mask, heads)
+        err = float((torch.from_numpy(values[node.output[0]]) - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+        if err > worst:
+            worst, worst_layer = err, node.name
     return worst, worst_layer
 
 
@@ -160,9 +183,20 @@ def attention_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         mask: a raw (batch, seq) mask of 1 (attend) and 0 (padding), a (batch,) count of leading real
             tokens (ORT's "mask index"), or None.
     """
-    batch, seq, _ = x.shape
     q, k, v = torch.nn.functional.linear(x, weight, bias).chunk(3, dim=-1)  # each (batch, seq, hidden)
-    hidden = q.shape[-1]
+    return _attend(q, k, v, mask, num_heads)
+
+
+def multi_head_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                         mask: torch.Tensor | None, num_heads: int) -> torch.Tensor:
+    """What ORT's MultiHeadAttention computes from separate (batch, seq, hidden) q, k, v and a (3 * hidden,)
+    bias [bq | bk | bv]: the attention of `attention_reference` after its projections."""
+    bq, bk, bv = bias.chunk(3)
+    return _attend(q + bq, k + bk, v + bv, mask, num_heads)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, num_heads: int) -> torch.Tensor:
+    batch, seq, hidden = q.shape
     d = hidden // num_heads
 
     def heads(t: torch.Tensor) -> torch.Tensor:
