@@ -121,6 +121,9 @@ def _train(args: argparse.Namespace, rank: int) -> int:
 
     name = args.name or Path(args.out).name
     weight_bits = _resolve_bits(args.weight_bits)  # checked even without --qat: a typo should not pass silently
+    if args.activations != "static" and (args.observer != "minmax" or args.observe_steps):
+        raise EdgeloraError("--observer and --observe-steps set how static ranges are calibrated; add "
+                            "--activations static or drop them")
     if args.activations != "dynamic" and args.qat != "int8":
         raise EdgeloraError(f"--activations {args.activations} applies to int8 training; add --qat int8")
     if args.activations == "static" and args.calib_batches < 1:
@@ -271,6 +274,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from edgelora.exporters.add import parse_adapter_specs
     from edgelora.exporters.export import export_bundle
 
+    if args.target_cosine is not None and (args.keep_fp32 or "").strip() != "auto":
+        raise EdgeloraError("--target-cosine is the goal of --keep-fp32 auto; add --keep-fp32 auto or drop it")
     bar = _progress_bar(None, "export")
     try:
         manifest = export_bundle(args.base, parse_adapter_specs(args.adapter), mode=args.mode, precision=args.precision,

@@ -236,9 +236,10 @@ def test_cli_trains_with_smoothing_and_exports_with_chosen_fusions_and_fp32_laye
 @pytest.mark.parametrize("args, fragment", [
     (["--fusions", "attention,bogus"], "--fusions 'attention,bogus': choose from"),
     (["--keep-fp32", ","], "--keep-fp32 ',': give 'auto'"),
-    (["--target-cosine", "2"], "--target-cosine 2.0 must be in (0, 1]"),
+    (["--keep-fp32", "auto", "--target-cosine", "2"], "--target-cosine 2.0 must be in (0, 1]"),
     (["--smooth", "0.5", "--precision", "fp32"], "--smooth applies to int8"),
     (["--smooth", "1.5"], "--smooth 1.5 must be between 0 and 1"),
+    (["--target-cosine", "0.99"], "--target-cosine is the goal of --keep-fp32 auto"),
 ])
 def test_cli_export_flag_mistakes_are_one_line(tiny_bert_dir: Path, tmp_path: Path, args: list[str], fragment: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
@@ -256,6 +257,7 @@ def test_cli_export_flag_mistakes_are_one_line(tiny_bert_dir: Path, tmp_path: Pa
 @pytest.mark.parametrize("args, fragment", [
     (["--smooth", "0.5"], "--smooth applies to int8 training"),
     (["--qat", "int8", "--smooth", "-0.5"], "--smooth -0.5 must be between 0 and 1"),
+    (["--qat", "int8", "--observer", "percentile"], "--observer and --observe-steps set how static ranges"),
     (["--qat", "int8", "--deploy-mode", "switchable", "--init", "int8-residual", "--smooth", "0.5"],
      "--smooth with --init int8-residual"),
 ])
