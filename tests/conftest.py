@@ -20,6 +20,7 @@ Fixtures other test files may reuse:
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,15 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_base("bert").save_pretrained(directory)
     write_tokenizer(directory)
     return directory
+
+
+def make_keyword_task(n: int, seed: int, filler: list[str], labels: list[str]) -> tuple[list[str], list[int]]:
+    """`n` texts of 3-6 filler words with the class's keyword inserted at a random place; classes alternate."""
+    rng = random.Random(seed)
+    texts, ys = [], []
+    for i in range(n):
+        words = rng.sample(filler, rng.randint(3, 6))
+        words.insert(rng.randint(0, len(words)), labels[i % 2])
+        texts.append(" ".join(words))
+        ys.append(i % 2)
+    return texts, ys

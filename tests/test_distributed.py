@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, make_base, write_tokenizer
+from conftest import WORDS, make_base, make_keyword_task, write_tokenizer
 
 from edgelora.cli import main
 from edgelora.config import LoraConfig
@@ -55,14 +54,7 @@ LOSS_RTOL = 1e-5
 
 def keyword_task(n: int, seed: int) -> tuple[list[str], list[int]]:
     """Texts of filler words with 'alpha' (class 0) or 'beta' (class 1) among them."""
-    rng = random.Random(seed)
-    texts, labels = [], []
-    for i in range(n):
-        words = rng.sample(FILLER, rng.randint(3, 6))
-        words.insert(rng.randint(0, len(words)), LABELS[i % 2])
-        texts.append(" ".join(words))
-        labels.append(i % 2)
-    return texts, labels
+    return make_keyword_task(n, seed, FILLER, LABELS)
 
 
 # A test that waits on a torchrun launch: ~20 s each on the 2-core dev machine, ~35 s when it is busy.

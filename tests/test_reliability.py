@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, make_base
+from conftest import WORDS, make_base, make_keyword_task
 from safetensors.torch import load_file, save_file
 
 import edgelora.atomic as atomic
@@ -43,14 +42,8 @@ FILLER = [w for w in WORDS if w not in ("alpha", "beta", "good", "bad")]
 
 
 def keyword_task(n: int, seed: int) -> tuple[list[str], list[int]]:
-    rng = random.Random(seed)
-    texts, labels = [], []
-    for i in range(n):
-        words = rng.sample(FILLER, rng.randint(3, 6))
-        words.insert(rng.randint(0, len(words)), LABELS[i % 2])
-        texts.append(" ".join(words))
-        labels.append(i % 2)
-    return texts, labels
+    """Texts of filler words with 'alpha' (class 0) or 'beta' (class 1) among them."""
+    return make_keyword_task(n, seed, FILLER, LABELS)
 
 
 def write_jsonl(path: Path, n: int = 60) -> Path:
