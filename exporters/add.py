@@ -29,7 +29,7 @@ import numpy as np
 
 from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
-from edgelora.runtime.runtime import read_manifest
+from edgelora.runtime.runtime import read_manifest, sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -106,7 +106,7 @@ def _convert(path: Path, name: str, bundle: Path, manifest: dict, specs: Mapping
     """An adapter directory -> (its manifest entry, its tensors in the graph's slot form), checked."""
     import torch
 
-    from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX, adapter_config, read_adapter
+    from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, read_adapter
 
     data, tensors = read_adapter(path)
     source = str(path / "adapter_config.json")
@@ -211,6 +211,7 @@ def _convert(path: Path, name: str, bundle: Path, manifest: dict, specs: Mapping
         "labels": labels,
         "file": f"adapters/{name}.onnx_adapter",
         "sha256": None,
+        "source_sha256": sha256_file(path / WEIGHTS_FILE),  # the adapter weights added
         "trained_with": {"weight_bits": trained["weight_bits"], "modes": [trained.get("mode", "merged")]} if trained else None,
     }
     if trained and trained.get("mode") not in (None, "switchable"):

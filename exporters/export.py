@@ -19,8 +19,9 @@ from edgelora.calibrate import ranges_to_dict, static_qparams
 from edgelora.config import EXPORT_MODES, QuantConfig, config_to_dict
 from edgelora.errors import EdgeloraError
 from edgelora.model import AdapterModel, hidden_size, load_base, max_positions, model_type
-from edgelora.peft_format import load_adapter
+from edgelora.peft_format import WEIGHTS_FILE, load_adapter
 from edgelora.runtime.cpu import detect_isa, recommended_weight_bits
+from edgelora.runtime.runtime import sha256_file
 from edgelora.tokenize import DEFAULT_MAX_LENGTH
 
 from . import validate
@@ -270,6 +271,7 @@ def export_bundle(
                 "labels": model.labels[n],
                 "file": f"adapters/{n}.onnx_adapter" if mode == "switchable" else None,
                 "sha256": None,
+                "source_sha256": sha256_file(Path(adapters[n]) / WEIGHTS_FILE),  # the adapter weights exported
                 "trained_with": None if not trained_modes else {"weight_bits": bits, "modes": trained_modes},
             }
             for n in names

@@ -344,7 +344,8 @@ def _bundle_info(spec: str, default_adapter: str | None) -> dict:
     base = m.get("base") or {}
     return {"spec": spec, "path": str(path), "adapter": adapter, "task": effective, "mode": m["mode"],
             "precision": m.get("precision"), "base": base.get("fingerprint") or base.get("name"),
-            "base_name": base.get("name"), "labels": list(entry.get("labels", [])), **_bundle_bytes(Path(path))}
+            "base_name": base.get("name"), "labels": list(entry.get("labels", [])),
+            "source": entry.get("source_sha256"), **_bundle_bytes(Path(path))}
 
 
 def _labels(bundles: list[dict]) -> None:
@@ -367,9 +368,14 @@ def bundle_candidates(bundles: Sequence[str], adapter: str | None = None) -> lis
 
 
 def _same_function(a: Mapping, b: Mapping) -> bool:
-    """Same base (by manifest fingerprint), same adapter and labels: the same function at any precision."""
+    """Same base (by manifest fingerprint), same adapter and labels: the same function at any precision.
+
+    Where both manifests record the adapter's source weights (sha256 of its safetensors file), they must
+    match too: two versions of an adapter under one name are two functions.
+    """
+    same_source = a.get("source") is None or b.get("source") is None or a.get("source") == b.get("source")
     return a.get("base") is not None and a.get("base") == b.get("base") and a.get("task") == b.get("task") \
-        and a.get("labels") == b.get("labels")
+        and a.get("labels") == b.get("labels") and same_source
 
 
 def _comparisons(bundles: Sequence[Mapping]) -> list[tuple[str, int, int]]:

@@ -236,6 +236,28 @@ def test_fp32_references_match_base_adapter_and_labels() -> None:
     assert bench.fp32_references([{"mode": "merged", "precision": "int8", "base": None, "task": None, "labels": []},
                                   {"mode": "merged", "precision": "fp32", "base": None, "task": None, "labels": []}]) \
         == [None, 1]  # no fingerprint, no match
+    v1, v2 = b("merged", "fp32") | {"source": "aaa"}, b("merged", "int8") | {"source": "bbb"}
+    assert bench.fp32_references([v2, v1]) == [None, 1]  # one adapter name, two versions: no reference
+    assert bench.fp32_references([v2, v1 | {"source": "bbb"}]) == [1, 1]
+
+
+def test_manifest_records_the_exported_adapters_weights(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """The digest the bench matches fp32 references by, and a user checks a bundle's origin with."""
+    import hashlib
+    import json
+
+    from edgelora.config import LoraConfig
+    from edgelora.exporters.export import export_bundle
+    from edgelora.model import AdapterModel, load_base
+    from edgelora.peft_format import save_adapter
+
+    model = AdapterModel(load_base(tiny_bert_dir)[0])
+    model.add_adapter("task", LoraConfig(r=2), labels=["a", "b"])
+    adapter = save_adapter(model, "task", tmp_path / "task")
+    export_bundle(tiny_bert_dir, {"task": adapter}, mode="merged", precision="fp32", out=tmp_path / "b")
+    entry = json.loads((tmp_path / "b" / "manifest.json").read_text())["adapters"][0]
+    assert entry["source_sha256"] == hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert bench._bundle_info(str(tmp_path / "b"), None)["source"] == entry["source_sha256"]
 
 
 def test_labelled_data_gives_accuracy(bundles: list[Path]) -> None:
