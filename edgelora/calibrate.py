@@ -80,10 +80,22 @@ class ActivationObserver(nn.Module):
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.float32))  # an integer in [0, 255]
         self.register_buffer("phase", torch.tensor(CALIBRATING, dtype=torch.int64))
         self.register_buffer("steps_left", torch.zeros((), dtype=torch.int64))  # QAT passes still observed
+        # Python mirrors of `phase` and `steps_left`: forward reads these, so a frozen observer on a GPU never
+        # waits for the device to hand a buffer back (the buffers stay the checkpointed truth).
+        self._phase, self._steps_left = CALIBRATING, 0
 
     @property
     def frozen(self) -> bool:
-        return int(self.phase) == FROZEN
+        return self._phase == FROZEN
+
+    def _set_phase(self, phase: int, steps_left: int) -> None:
+        self._phase, self._steps_left = phase, steps_left
+        self.phase.fill_(phase)
+        self.steps_left.fill_(steps_left)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._phase, self._steps_left = int(self.phase), int(self.steps_left)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -130,22 +142,19 @@ class ActivationObserver(nn.Module):
         if int(self.batches) == 0:
             raise EdgeloraError("an activation observer saw no data; give calibrate() batches that reach every layer")
         self.update_qparams()
-        self.steps_left.fill_(qat_steps)
-        self.phase.fill_(QAT_OBSERVING if qat_steps > 0 else FROZEN)
+        self._set_phase(QAT_OBSERVING if qat_steps > 0 else FROZEN, qat_steps)
 
     def freeze(self) -> None:
-        self.steps_left.zero_()
-        self.phase.fill_(FROZEN)
+        self._set_phase(FROZEN, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        phase = int(self.phase)
-        if phase == CALIBRATING:
+        if self._phase == CALIBRATING:
             self.observe(x)
             return x
-        if phase == QAT_OBSERVING and self.training:
+        if self._phase == QAT_OBSERVING and self.training:
             self.observe(x)
-            self.steps_left.sub_(1)
-            if int(self.steps_left) <= 0:
+            self._set_phase(QAT_OBSERVING, self._steps_left - 1)
+            if self._steps_left <= 0:
                 self.freeze()
         return fake_quantize_activation_static(x, self.scale, self.zero_point)
 
@@ -154,8 +163,8 @@ class ActivationObserver(nn.Module):
         return float(self.scale), int(self.zero_point)
 
     def extra_repr(self) -> str:
-        state = {FROZEN: "frozen", CALIBRATING: "calibrating", QAT_OBSERVING: f"observing {int(self.steps_left)} more"}
-        return f"{self.config.kind}, {state[int(self.phase)]}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
+        state = {FROZEN: "frozen", CALIBRATING: "calibrating", QAT_OBSERVING: f"observing {self._steps_left} more"}
+        return f"{self.config.kind}, {state[self._phase]}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
 
 
 @dataclass(frozen=True)

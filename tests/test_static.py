@@ -451,3 +451,23 @@ def test_cli_refuses_bad_static_flags(tiny_bert_dir: Path, tmp_path: Path, capsy
                "--epochs", "1", "--device", "cpu", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("edgelora: error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_an_observer_restored_mid_qat_keeps_observing_for_the_steps_it_had_left() -> None:
+    """forward reads Python copies of the phase (no device sync); loading a state dict must refresh them."""
+    torch.manual_seed(0)
+    obs = ActivationObserver()
+    obs.observe(torch.randn(64))
+    obs.start(qat_steps=3)
+    obs.train()
+    obs(torch.randn(64))  # 2 observed passes left
+    restored = ActivationObserver()
+    restored.load_state_dict(obs.state_dict())
+    restored.train()
+    assert not restored.frozen and int(restored.steps_left) == 2
+    restored(torch.randn(64) * 5)
+    assert not restored.frozen
+    restored(torch.randn(64))
+    frozen_copy = ActivationObserver()
+    frozen_copy.load_state_dict(restored.state_dict())  # the buffers say frozen too, not only the mirror
+    assert restored.frozen and frozen_copy.frozen and int(restored.batches) == 4
