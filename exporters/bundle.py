@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from edgelora.atomic import replace_dir, temp_dir_for
+from edgelora.atomic import write_dir_atomic
 from edgelora.errors import EdgeloraError
 from edgelora.runtime.runtime import sha256_file  # the digest the runtime checks on load
 
@@ -57,8 +57,7 @@ def write_bundle(out: Path, manifest: dict[str, Any], writers: dict[str, Callabl
     written = set(writers) | (set(TOKENIZER_FILES) if tokenizer_dir is not None else set())
     if written & set(keep):  # writing into a hard link would change the old bundle's file in place
         raise ValueError(f"write_bundle: {sorted(written & set(keep))} both kept and written")
-    tmp = temp_dir_for(out)  # also removes the leftovers of a killed export to `out`
-    try:
+    def fill(tmp: Path) -> None:
         for rel in keep:
             _link(out / rel, tmp / rel)
         for rel, write in writers.items():
@@ -74,15 +73,14 @@ def write_bundle(out: Path, manifest: dict[str, Any], writers: dict[str, Callabl
             if p.is_file() and p.relative_to(tmp).as_posix() not in keep:
                 files[p.relative_to(tmp).as_posix()] = sha256_file(p)
         files = dict(sorted(files.items()))
-        manifest = dict(manifest, format=BUNDLE_FORMAT, format_version=BUNDLE_FORMAT_VERSION, files=files)
-        for entry in manifest.get("adapters", []):
+        full = dict(manifest, format=BUNDLE_FORMAT, format_version=BUNDLE_FORMAT_VERSION, files=files)
+        for entry in full.get("adapters", []):
             if entry.get("file"):
                 entry["sha256"] = files[entry["file"]]
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # last: with it, the bundle is whole
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "manifest.json").write_text(json.dumps(full, indent=2) + "\n")  # last: with it, the bundle is whole
+
+    # The temporary sibling also clears what a killed export to `out` left behind (`edgelora.atomic`).
+    write_dir_atomic(out, fill)
     return out
 
 
