@@ -20,9 +20,11 @@ Fixtures other test files may reuse:
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -165,3 +167,24 @@ def make_keyword_task(n: int, seed: int, filler: list[str], labels: list[str]) -
         texts.append(" ".join(words))
         ys.append(i % 2)
     return texts, ys
+
+
+# --- comparisons shared by the export tests ---------------------------------------------------------------
+def max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max()) if a.size else 0.0
+
+
+def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).mean())
+
+
+def worst_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.min((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory`, by relative path: what a test compares before and after."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}

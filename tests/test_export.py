@@ -8,7 +8,6 @@ leaves the previous bundle as it was; every bad input stops with one clear Edgel
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -18,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import make_base, make_inputs, randomize_adapters, write_tokenizer
+from conftest import make_base, make_inputs, max_abs, mean_abs, randomize_adapters, snapshot, worst_cosine, write_tokenizer
 from onnx import helper, numpy_helper
 
 import edgelora.exporters.export as export_module
@@ -104,25 +103,6 @@ def torch_run(model: AdapterModel, feeds: dict[str, torch.Tensor], adapter: str 
 def onnx_run(bundle: Path, feeds: dict[str, torch.Tensor], adapter: str | None) -> dict[str, np.ndarray]:
     rt = Runtime(bundle, intra_op_threads=1, allow_spinning=False)
     return rt.run({k: v.numpy() for k, v in feeds.items() if k in rt.manifest["inputs"]}, adapter=adapter)
-
-
-def max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max()) if a.size else 0.0
-
-
-def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).mean())
-
-
-def worst_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.min((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 # --- fixtures ----------------------------------------------------------------------------------------

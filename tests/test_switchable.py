@@ -10,7 +10,6 @@ adapters join an existing bundle without re-exporting its base; switching never 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 from collections import Counter
@@ -21,7 +20,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import VOCAB_SIZE, make_base, make_inputs, randomize_adapters
+from conftest import VOCAB_SIZE, make_base, make_inputs, max_abs, mean_abs, randomize_adapters, snapshot, worst_cosine
 from safetensors.torch import load_file, save_file
 
 import edgelora.exporters.switchable as switchable_module
@@ -108,24 +107,6 @@ def torch_run(model: AdapterModel, feeds: dict[str, np.ndarray], adapter: str | 
     with torch.no_grad():
         logits, pooled = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
     return {"logits": logits.numpy(), "embeddings": pooled.numpy()}
-
-
-def max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max()) if a.size else 0.0
-
-
-def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).mean())
-
-
-def worst_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.min((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def runtime(bundle: Path) -> Runtime:
