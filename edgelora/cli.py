@@ -151,11 +151,12 @@ def _train(args: argparse.Namespace, rank: int) -> int:
         config = BottleneckConfig(reduction_factor=args.reduction_factor, placement=args.placement)
     if args.smooth is not None and args.qat != "int8":
         raise EdgeloraError("--smooth applies to int8 training; add --qat int8")
-    if args.smooth is not None and not 0.0 <= args.smooth <= 1.0:
-        raise EdgeloraError(f"--smooth {args.smooth} must be between 0 and 1 (SmoothQuant's alpha, e.g. 0.7)")
-    if args.smooth is not None and args.init == "int8-residual":
-        raise EdgeloraError("--smooth with --init int8-residual: the init fits the rounding error of the unsmoothed "
-                            "base, which smoothing changes; drop one of them")
+    if args.smooth is not None:  # before minutes of loading: what smooth_model would refuse after them
+        from edgelora import smooth
+
+        smooth.check_alpha(args.smooth)
+        if args.init == "int8-residual":
+            raise EdgeloraError(smooth.INT8_RESIDUAL_CONFLICT)
     quant = (QuantConfig(weight_bits=weight_bits, mode=args.deploy_mode, activations=args.activations,
                          smoothing=args.smooth)
              if args.qat == "int8" else None)
@@ -320,35 +321,34 @@ def parse_keep_fp32(value: str | None) -> tuple[str, ...] | str | None:
 
 
 # --- run / bench (no torch) -------------------------------------------------------------------------
+def _verb(sub, name: str, help: str, add_arguments, command) -> None:
+    """One subcommand whose arguments and entry point live with the code they drive."""
+    p = sub.add_parser(name, help=help)
+    add_arguments(p)
+    p.set_defaults(func=command)
+
+
 def _add_runtime_verbs(sub) -> None:
     from edgelora.runtime import bench
-
-    p = sub.add_parser("run", help="run a bundle on text and print JSON predictions")
-    bench.add_run_arguments(p)
-    p.set_defaults(func=bench.run_command)
-    p = sub.add_parser("bench", help="int8 vs fp32 latency, throughput, size and memory, interleaved in one run")
-    bench.add_bench_arguments(p)
-    p.set_defaults(func=bench.bench_command)
     from edgelora.runtime import serve as serving
 
-    p = sub.add_parser("serve", help="HTTP inference with per-request adapter choice")
-    serving.add_serve_arguments(p)
-    p.set_defaults(func=serving.serve_command)
+    _verb(sub, "run", "run a bundle on text and print JSON predictions", bench.add_run_arguments, bench.run_command)
+    _verb(sub, "bench", "int8 vs fp32 latency, throughput, size and memory, interleaved in one run",
+          bench.add_bench_arguments, bench.bench_command)
+    _verb(sub, "serve", "HTTP inference with per-request adapter choice", serving.add_serve_arguments,
+          serving.serve_command)
 
 
 def _add_adapter_verbs(sub) -> None:
     from edgelora import extract
     from edgelora.exporters.add import add_adapter_arguments, add_adapter_command
 
-    p = sub.add_parser("add-adapter", help="add trained adapters to a switchable bundle without re-exporting its base")
-    add_adapter_arguments(p)
-    p.set_defaults(func=add_adapter_command)
-    p = sub.add_parser("extract", help="SVD: a LoRA adapter of rank K (or energy F) from a full fine-tune and its base")
-    extract.add_extract_arguments(p)
-    p.set_defaults(func=extract.extract_command)
-    p = sub.add_parser("reduce", help="lower a LoRA adapter's rank: truncated SVD of each layer's B A")
-    extract.add_reduce_arguments(p)
-    p.set_defaults(func=extract.reduce_command)
+    _verb(sub, "add-adapter", "add trained adapters to a switchable bundle without re-exporting its base",
+          add_adapter_arguments, add_adapter_command)
+    _verb(sub, "extract", "SVD: a LoRA adapter of rank K (or energy F) from a full fine-tune and its base",
+          extract.add_extract_arguments, extract.extract_command)
+    _verb(sub, "reduce", "lower a LoRA adapter's rank: truncated SVD of each layer's B A",
+          extract.add_reduce_arguments, extract.reduce_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
