@@ -302,4 +302,7 @@ def _load_smoothing(model: AdapterModel, path: Path, quant: dict | None) -> None
             raise EdgeloraError(f"{path / smooth.SMOOTHING_FILE}: other SmoothQuant factors than the model's other "
                                 "adapters; adapters in one bundle must be trained with the same factors")
         return
-    smooth.apply_smoothing(model, factors)
+    try:
+        smooth.apply_smoothing(model, factors)
+    except EdgeloraError as e:  # factors for other layers or shapes: name the file they came from
+        raise EdgeloraError(f"{path / smooth.SMOOTHING_FILE}: {e}") from None

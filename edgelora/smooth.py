@@ -33,6 +33,14 @@ DEFAULT_ALPHA = 0.7
 # Channels that never fired in calibration (max |x| = 0) would get s = 0; floor both maxima instead.
 _FLOOR = 1e-5
 SMOOTHING_FILE = "smoothing.safetensors"
+INT8_RESIDUAL_CONFLICT = ("--smooth with --init int8-residual: the init fits the rounding error of the unsmoothed "
+                          "base, which smoothing changes; drop one of them")
+
+
+def check_alpha(alpha: object) -> None:
+    """Refuse a migration strength outside [0, 1] (or not a number), naming the flag that sets it."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise EdgeloraError(f"--smooth {alpha!r} must be between 0 and 1 (SmoothQuant's alpha, e.g. 0.7)")
 
 
 def input_ranges(model: torch.nn.Module, feeds: Iterable[Mapping[str, torch.Tensor]]) \
@@ -81,10 +89,10 @@ def smoothing_factors(model: torch.nn.Module, feeds: Iterable[Mapping[str, torch
 
     Args:
         alpha: migration strength in [0, 1]; 0 leaves activations alone, 1 moves all their range into weights.
-        layers: which adapted layers to smooth (default: all the model fake-quantizes).
+        layers: which adapted layers to smooth (default: every adapted layer; `smooth_model` leaves out
+            the recipe's fp32 layers).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise EdgeloraError(f"smoothing alpha={alpha} must be between 0 and 1 (0.5 is the usual choice)")
+    check_alpha(alpha)
     amax, groups = input_ranges(model, feeds)
     modules = dict(model.adapted_layers())
     wanted = set(modules if layers is None else layers)
@@ -108,11 +116,8 @@ def smooth_model(model: torch.nn.Module, feeds: Iterable[Mapping[str, torch.Tens
     Call it once, before training: the adapter then trains against the smoothed int8 path it deploys with.
     Every quantizable layer must already be wrapped (`AdapterModel.set_quant` with an int8 recipe does it).
     """
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
-        raise EdgeloraError(f"--smooth {alpha!r} must be between 0 and 1 (SmoothQuant's alpha, e.g. 0.7)")
     if any(getattr(c, "init", None) == "int8-residual" for c in model.configs.values()):
-        raise EdgeloraError("--smooth with --init int8-residual: the init fits the rounding error of the unsmoothed "
-                            "base, which smoothing changes; drop one of them")
+        raise EdgeloraError(INT8_RESIDUAL_CONFLICT)
     feeds = list(feeds)
     previous = model.quant
     int8_layers = [n for n, _ in model.adapted_layers() if previous is None or n not in previous.skip_layers]
@@ -138,8 +143,14 @@ def apply_smoothing(model: torch.nn.Module, factors: Mapping[str, torch.Tensor] 
     if calibrated:
         raise EdgeloraError(f"layer {calibrated[0]} already holds static activation ranges calibrated without these "
                             "factors; smooth first, then calibrate (the CLI does it in that order)")
-    for name, layer in names.items():
-        layer.set_smoothing(factors.get(name))
+    previous = {name: layer.smooth for name, layer in names.items()}
+    try:
+        for name, layer in names.items():
+            layer.set_smoothing(factors.get(name))
+    except EdgeloraError:  # all or nothing: a bad vector leaves every layer as it was
+        for name, layer in names.items():
+            layer.set_smoothing(previous[name])
+        raise
 
 
 def current_factors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

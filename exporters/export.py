@@ -195,9 +195,8 @@ def export_bundle(
         raise EdgeloraError(f"--target-cosine {target_cosine!r} must be in (0, 1], e.g. 0.995")
     if smooth_alpha is not None and precision != "int8":
         raise EdgeloraError("--smooth applies to int8 exports; drop it or add --precision int8")
-    if smooth_alpha is not None and (isinstance(smooth_alpha, bool) or not isinstance(smooth_alpha, (int, float))
-                                     or not 0.0 <= smooth_alpha <= 1.0):
-        raise EdgeloraError(f"--smooth {smooth_alpha!r} must be between 0 and 1 (SmoothQuant's alpha, e.g. 0.7)")
+    if smooth_alpha is not None:
+        smooth.check_alpha(smooth_alpha)
     check_out(Path(out))  # before minutes of export work, not only when writing
     say = progress or (lambda _msg: None)
     say("loading base")

@@ -343,3 +343,16 @@ def test_add_adapter_needs_the_bundles_smoothing(tiny_bert_dir: Path, tmp_path: 
                             quant=QuantConfig(weight_bits=WEIGHT_BITS, mode="switchable"))
     with pytest.raises(EdgeloraError, match="trained without SmoothQuant but bundle .* smooths"):
         add_adapters(bundle, {"pl": save_adapter(plain_model, "pl", tmp_path / "plain")})
+
+
+def test_factors_for_another_shape_are_refused_naming_the_file(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    adapter = save_adapter(smoothed_model(tiny_bert_dir), "lo", tmp_path / "lo")
+    factors = load_file(str(adapter / SMOOTHING_FILE))
+    name = sorted(factors)[0]
+    save_file({**factors, name: factors[name][:-1].contiguous()}, str(adapter / SMOOTHING_FILE))
+    model = AdapterModel(load_base(tiny_bert_dir)[0])
+    with pytest.raises(EdgeloraError, match=rf"{SMOOTHING_FILE}: smoothing factors must be \d+ positive numbers"):
+        load_adapter(model, adapter, "lo")
+    assert "lo" not in model.configs and current_factors(model) == {}
