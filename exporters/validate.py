@@ -111,9 +111,10 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
 
     Exposes each quantized layer's float input and int8 output as graph outputs, runs once, and
     recomputes every layer in torch with the shared fake quantizer: (max error, worst layer). A fused
-    QAttention is recomputed whole: its three fake-quant projections, then the attention over them. A
-    fused MultiHeadAttention (switchable graphs: q, k, v from int8 projections plus float adapter
-    branches) is recomputed from the q, k and v it is given, so the fused node is checked too.
+    QAttention is recomputed whole: its three fake-quant projections, then the attention over them. An
+    attention core of a switchable graph (ONNX Attention, or MultiHeadAttention in older bundles: q, k, v
+    from int8 projections plus float adapter branches) is recomputed from the q, k, v and mask it is
+    given, so the fused node is checked too.
     A static layer's input is fake-quantized with its constant (scale, zero_point), as its QuantizeLinear
     does: given the same float input both compute the same integers (tests/test_static.py pins
     QuantizeLinear bit for bit), so only float summation order differs and the dynamic tolerance holds.
@@ -130,8 +131,10 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
     types.update({layer.mask: onnx.TensorProto.INT32 for layer in layers.values()
                   if isinstance(layer, QuantizedAttention) and layer.mask})
     cores = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
-    types.update({t: onnx.TensorProto.FLOAT for n in cores for t in (*n.input[:3], n.output[0])})
+    standard = [n for n in model.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
+    types.update({t: onnx.TensorProto.FLOAT for n in cores + standard for t in (*n.input[:3], n.output[0])})
     types.update({n.input[4]: onnx.TensorProto.INT32 for n in cores if len(n.input) > 4 and n.input[4]})
+    types.update({n.input[3]: onnx.TensorProto.FLOAT for n in standard if len(n.input) > 3 and n.input[3]})
     names = sorted(types)
     existing = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_tensor_value_info(n, types[n], None) for n in names if n not in existing)
@@ -167,6 +170,16 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
         err = float((torch.from_numpy(values[node.output[0]]) - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
         if err > worst:
             worst, worst_layer = err, node.name
+    for node in standard:
+        q, k, v = (torch.from_numpy(values[t]) for t in node.input[:3])
+        additive = torch.from_numpy(values[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
+        # BERT's attention as the export means it (scale 1/sqrt(d), not causal): a node computing anything
+        # else — another scale, causal, soft-capped — differs from it and is caught
+        heads = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "q_num_heads")
+        ref = _attend(q, k, v, None, heads, additive)
+        err = float((torch.from_numpy(values[node.output[0]]) - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+        if err > worst:
+            worst, worst_layer = err, node.name
     return worst, worst_layer
 
 
@@ -195,7 +208,11 @@ def multi_head_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     return _attend(q + bq, k + bk, v + bv, mask, num_heads)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, num_heads: int) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, num_heads: int,
+            additive: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v per head. `mask`: raw (batch, seq) or a (batch,) mask index, turned
+    into MASK_FILTER_VALUE for padded keys; `additive`: a float mask broadcastable to (batch, heads, seq, seq),
+    as ONNX's Attention takes it."""
     batch, seq, hidden = q.shape
     d = hidden // num_heads
 
@@ -207,5 +224,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         if mask.dim() == 1:  # mask index: the first mask[b] keys are real
             mask = (torch.arange(seq)[None, :] < mask[:, None]).to(torch.int32)
         scores = scores + (1.0 - mask[:, None, None, :].to(scores.dtype)) * MASK_FILTER_VALUE
+    if additive is not None:
+        scores = scores + additive
     context = torch.softmax(scores, dim=-1) @ heads(v)  # (batch, heads, seq, d)
     return context.transpose(1, 2).reshape(batch, seq, hidden)

@@ -170,15 +170,17 @@ def test_no_adapter_is_the_plain_base(bundles, tiny_bert_dir) -> None:
 
 
 def test_bert_switchable_graphs_fuse_attention_and_keep_the_branches(bundles) -> None:
-    """The tests above and below run on these fused graphs: one MultiHeadAttention per layer, fed by the
-    q, k, v projections (int8: MatMulIntegers of their own) with the adapter branches added in float."""
+    """The tests above and below run on these fused graphs: one ONNX Attention (opset 23) per layer, fed by
+    the q, k, v projections (int8: MatMulIntegers of their own) with the adapter branches added in float."""
     for precision, bundle in bundles.items():
         fusions = json.loads((bundle / "manifest.json").read_text())["fusions"]
-        assert fusions["applied"]["MultiHeadAttention"] == 2, fusions["note"]
+        assert fusions["applied"]["ai.onnx.Attention"] == 2, fusions["note"]
         assert fusions["multi_head_attention_layers"]["Attention_1"] == [
             f"encoder.layer.1.attention.self.{p}" for p in ("query", "key", "value")]
-        ops = Counter(n.op_type for n in onnx.load(str(bundle / "model.onnx")).graph.node)
-        assert ops["MultiHeadAttention"] == 2 and not ops["Softmax"] and not ops["Transpose"], ops
+        proto = onnx.load(str(bundle / "model.onnx"))
+        ops = Counter(n.op_type for n in proto.graph.node)
+        assert ops["Attention"] == 2 and not ops["MultiHeadAttention"] and not ops["Softmax"] and not ops["Transpose"], ops
+        assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 23
         if precision == "int8":  # every linear int8, q, k and v each on their own
             assert ops["MatMulInteger"] == 12 and not ops["QAttention"]
 
@@ -188,10 +190,10 @@ def test_the_int8_layer_check_covers_each_fused_attention(bundles) -> None:
     feeds = validate.generated_feeds(VOCAB_SIZE, ("input_ids", "attention_mask", "token_type_ids"))
     options, _adapter = validate.adapter_run_options(str(bundles["int8"] / "adapters" / "lo8.onnx_adapter"))
     good, worst = validate.layerwise_error(proto, feeds, {}, WEIGHT_BITS, options)  # no int8 layers: the fused nodes
-    node = next(n for n in proto.graph.node if n.op_type == "MultiHeadAttention")
+    node = next(n for n in proto.graph.node if n.op_type == "Attention")
     node.attribute.append(onnx.helper.make_attribute("scale", 0.5))  # now it computes another attention
     bad, bad_worst = validate.layerwise_error(proto, feeds, {}, WEIGHT_BITS, options)
-    print(f"MultiHeadAttention vs its recomputation: {good:.2e} as exported, {bad:.2e} with another scale")
+    print(f"Attention vs its recomputation: {good:.2e} as exported, {bad:.2e} with another scale")
     assert worst.startswith("Attention_") and good <= validate.INT8_LAYER_REL_TOL
     assert bad_worst == node.name and bad > 100 * validate.INT8_LAYER_REL_TOL
 

@@ -73,7 +73,7 @@ def test_fused_switchable_graph_equals_unfused_for_either_padding_and_mixed_rows
     unfused = copy.deepcopy(graph.model)
     feeds = validate.generated_feeds(VOCAB_SIZE, graph.feeds, batch=6)
     result = fusion.fuse_switchable(graph, lora_model, feeds)
-    assert result.applied.get("MultiHeadAttention") == 2, result.note
+    assert result.applied.get("ai.onnx.Attention") == 2, result.note
     left = {k: v.copy() for k, v in feeds.items()}
     left["attention_mask"] = left["attention_mask"][:, ::-1].copy()  # left padding: real tokens at the end
     bank = fusion._check_bank(unfused, batch=6)  # random adapters, one per row, cycling through three
@@ -86,7 +86,7 @@ def test_fused_switchable_graph_equals_unfused_for_either_padding_and_mixed_rows
 
 
 def test_a_branch_that_cannot_join_again_leaves_the_graph_unfused_with_a_note(lora_model) -> None:
-    """A branch reading the biased query (not its input) cannot join before the bias MultiHeadAttention adds."""
+    """A branch reading the biased query (not its input) cannot join before the bias the attention core adds."""
     graph = _switchable_graph(lora_model, ["lo"])
     layer = "encoder.layer.0.attention.self.query"
     nodes = list(graph.model.graph.node)
@@ -126,7 +126,7 @@ def test_layers_without_adapter_branches_get_packed_attention_and_qattention(ber
                              out=tmp_path / "b", weight_bits=WEIGHT_BITS)
     assert manifest["fusions"]["applied"]["Attention"] == 2 and "multi_head_attention_layers" not in manifest["fusions"]
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.node)
-    assert ops["QAttention"] == 2 and not ops["MultiHeadAttention"]
+    assert ops["QAttention"] == 2 and not ops["MultiHeadAttention"] and not ops["Attention"]
     worst = manifest["validation"]["bn"]["int8_layers_vs_fake_quant"]
     assert worst["max_rel_error"] <= validate.INT8_LAYER_REL_TOL
     # q, k, v now live in a packed weight; add-adapter still knows the layers and names the missing slot
@@ -152,11 +152,11 @@ def test_switchable_graphs_take_only_the_attention_fusion_and_none_if_asked(bert
                              fusions=())
     assert manifest["fusions"]["note"] == "unfused: no fusions requested"
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.node)
-    assert ops["Softmax"] == 2 and not ops["MultiHeadAttention"]
+    assert ops["Softmax"] == 2 and not ops["MultiHeadAttention"] and not ops["Attention"]
     # The fusions that would fold the Adds the branches join are left out, and the manifest says so.
     manifest = export_bundle(str(bert_dir), adapters, mode="switchable", precision="fp32", out=tmp_path / "c",
                              fusions=("attention", "skip_layer_norm"))
-    assert manifest["fusions"]["applied"]["MultiHeadAttention"] == 2
+    assert manifest["fusions"]["applied"]["ai.onnx.Attention"] == 2
     assert manifest["fusions"]["note"].endswith("; skip_layer_norm not applied to switchable graphs")
 
 
