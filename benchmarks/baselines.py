@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from optimum_compare import OPTIMUM_PYTHON, make_optimum_models, mean_pool, optimum_missing, zero_adapter  # noqa: E402
 
+from edgelora.atomic import write_text_atomic  # noqa: E402
 from edgelora.errors import EdgeloraError  # noqa: E402
 from edgelora.runtime import bench  # noqa: E402
 from edgelora.runtime.cpu import detect_isa  # noqa: E402
@@ -335,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + markdown(result, command))
     bench.write_json(result, args.out / "baselines.json")
     bench.plot(result, args.out / "baselines.png")
-    (args.out / "baselines.md").write_text(markdown(result, command) + "\n", encoding="utf-8")
+    write_text_atomic(args.out / "baselines.md", markdown(result, command) + "\n")
     print(f"\nwrote {args.out}/baselines.json, baselines.png, baselines.md ({time.time() - start:.0f} s)")
     return 0
 

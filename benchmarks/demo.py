@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgelora.atomic import write_text_atomic
 from edgelora.data import load_splits
 from edgelora.runtime import Runtime
 
@@ -99,7 +100,7 @@ def main() -> int:
            "--adapter", "intent", "--batch", "1,8", "--seq", "32,128", "--rounds", str(args.rounds), "--json", str(bench_json)]
     print(f"$ edgelora {shlex.join(cmd)}", flush=True)
     subprocess.run([sys.executable, "-m", "edgelora.cli", *cmd], check=True)
-    (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "accuracy.json", json.dumps(results, indent=2) + "\n")
     print(f"\ndemo finished in {time.time() - start:.0f} s; results in {out}/")
     return 0
 

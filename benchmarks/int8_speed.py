@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.atomic import write_text_atomic
+
 
 def _model_path(spec: str) -> Path:
     path = Path(spec)
@@ -199,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          settle_ms=args.settle_ms)
     print(format_rows(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
     return 0
 
 

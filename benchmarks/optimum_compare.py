@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8_speed import format_rows, time_models  # noqa: E402
 
+from edgelora.atomic import write_text_atomic  # noqa: E402
 from edgelora.errors import EdgeloraError  # noqa: E402
 from edgelora.runtime.bench import FIDELITY_TEXTS as SENTENCES  # noqa: E402  (real sentences, one list)
 
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 over_fp32 = rows[("ours-fp32", b, s)]["p50_ms"] / rows[(f"ours-{name}", b, s)]["p50_ms"]
                 print(f"ours-{name} at {b}x{s}: {over_opt:.2f}x optimum-int8's speed, {over_fp32:.2f}x ours-fp32's")
         result["speed"] = speed
-    (out / "optimum_compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "optimum_compare.json", json.dumps(result, indent=2) + "\n")
     print(f"wrote {out / 'optimum_compare.json'}")
     return 0
 

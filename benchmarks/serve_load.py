@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.atomic import write_file_atomic, write_text_atomic
 from edgelora.runtime import Runtime, detect_isa
 
 WORDS = ("turn on the lights in kitchen please off play some music stop song lock front door unlock set temperature "
@@ -249,7 +250,7 @@ def plot(result: dict, path: str) -> None:
         ax.legend()
     fig.suptitle(f"edgelora serve: {Path(result['bundle']).name} ({result['precision']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_file_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def _ints(text: str) -> list[int]:
@@ -285,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  max_batch=args.max_batch, rounds=args.rounds, time_cap=args.time_cap)
     print(format_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
     if args.plot:
         plot(result, args.plot)
     return 0

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgelora.atomic import write_file_atomic, write_text_atomic
 from edgelora.config import LoraConfig, QuantConfig
 from edgelora.data import load_splits
 from edgelora.extract import Extraction, add_extracted_adapter, extract_lora
@@ -245,7 +246,7 @@ def main() -> None:
         "int8_init": int8,
         "seconds": clock,
     }
-    (out / "svd_rank.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "svd_rank.json", json.dumps(result, indent=2) + "\n")
     plot(result, out / "svd_rank.png")
     print(f"wrote {out / 'svd_rank.json'} and {out / 'svd_rank.png'} in {clock['total_s']:.0f} s")
 
@@ -314,7 +315,7 @@ def plot(result: dict, path: Path) -> None:
     ax3.set_title(f"int8 fake quant: init default vs int8-residual (r={result['int8_init']['rank']})")
     ax3.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_file_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 if __name__ == "__main__":

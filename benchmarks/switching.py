@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.atomic import write_text_atomic
+
 BASE = "minilm"
 N_ADAPTERS = (1, 2, 4, 8)
 LABEL_COUNTS = (2, 3, 4, 5, 2, 3, 4, 5)
@@ -100,7 +102,7 @@ def build(out: Path, progress) -> dict:
                       fusions=fusions)
         timings[f"export_{label}_int8_s"] = time.perf_counter() - t
     result = {"bundles": {p.name: str(p) for p in sorted(bundles.iterdir())}, "adapters": adapters, "build_s": timings}
-    stamp.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(stamp, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -526,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                            "lora": {"r": 8, "alpha": 16.0, "targets": "attention (q, k, v, o)", "b_std": LORA_B_STD}},
               "machine": {"isa": cpu.isa, "model": cpu.model, "logical_cores": os.cpu_count(),
                           "platform": platform.platform()}, "onnxruntime": ort.__version__}
-    (out / "switching.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "switching.json", json.dumps(result, indent=2) + "\n")
     print(table(summary))
     print(f"\nJSON: {out / 'switching.json'}")
     return 0

@@ -87,6 +87,11 @@ def write_file_atomic(target: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def write_text_atomic(target: Path, text: str) -> None:
+    """Write `text` (UTF-8) to file `target` atomically: a reader sees the old file or the whole new one."""
+    write_file_atomic(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def check_writable(target: Path, option: str) -> None:
     """Fail now, not after minutes of work, when nothing can be written where `target` goes.
 

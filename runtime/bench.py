@@ -33,6 +33,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from edgelora.atomic import write_file_atomic, write_text_atomic
 from edgelora.errors import EdgeloraError
 from edgelora.runtime.cpu import detect_isa
 from edgelora.runtime.runtime import Runtime, read_manifest
@@ -731,17 +732,8 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | os.PathLike) -> None:
-    """Write the result as JSON atomically: a temp file beside `path`, then os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the result as JSON atomically (a reader sees the old file or the whole new one)."""
+    write_text_atomic(Path(path), json.dumps(result, indent=2) + "\n")
 
 
 def plot(result: dict, path_png: str | os.PathLike) -> None:
@@ -786,7 +778,7 @@ def plot(result: dict, path_png: str | os.PathLike) -> None:
                  f"{'on' if result['settings']['spinning'] else 'off'}\n"
                  "under each bar: worst cosine to its fp32 reference at that batch size", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path_png, dpi=120)
+    write_file_atomic(Path(path_png), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 

@@ -68,10 +68,22 @@ def test_json_is_written_atomically_and_reads_back(result: dict, tmp_path: Path)
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
 
 
+def test_a_failed_write_leaves_the_previous_file_whole(result: dict, tmp_path: Path) -> None:
+    """Benchmark outputs go through edgelora.atomic: a write that fails half-way keeps the old file."""
+    from edgelora.atomic import write_text_atomic
+
+    path = tmp_path / "table.md"
+    write_text_atomic(path, "old\n")
+    with pytest.raises(UnicodeEncodeError):
+        write_text_atomic(path, "new \ud800")  # a lone surrogate fails while the temp file is written
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["table.md"]
+
+
 def test_plot_writes_a_png(result: dict, tmp_path: Path) -> None:
     path = tmp_path / "bench.png"
     bench.plot(result, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]  # written beside it, then renamed
 
 
 def test_table_mentions_every_bundle(result: dict) -> None:
