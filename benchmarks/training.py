@@ -13,9 +13,14 @@
    of AVX2 CPUs without VNNI and the exporter refuses them there, so on such a CPU the 8-bit "int8" columns
    are the torch fake-quant model's accuracy (what the int8 graph reproduces on a VNNI, AMX or ARM CPU),
    marked `int8_source` in the JSON. `--max-minutes M` starts no seed that would end past M minutes.
+   `--activations static` measures static int8 (constant activation scales) instead: PTQ is the plain
+   adapter calibrated after training (`edgelora calibrate`, observer `--ptq-observer`), QAT is
+   `train --qat int8 --activations static` (calibrated before training, minmax); both on the same
+   training batches, both exported int8.
 
     python benchmarks/training.py [--out runs/training] [--skip-accuracy] [--seeds N] [--weight-bits 7,8]
     python benchmarks/training.py --accuracy-only --seeds 4 --weight-bits 7,8
+    python benchmarks/training.py --accuracy-only --activations static --seeds 3 --weight-bits 7
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from edgelora.atomic import write_text_atomic
 
 
 def _model(quant: str | None, full: bool = False):
@@ -124,8 +131,9 @@ def _cli(*args: str) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def _fake_quant_accuracy(adapter: Path, bits: int, eval_ds) -> float:
-    """Held-out accuracy of a saved adapter in torch with `bits`-bit merged fake quantization added."""
+def _fake_quant_accuracy(adapter: Path, bits: int, eval_ds, static: bool = False) -> float:
+    """Held-out accuracy of a saved adapter in torch with `bits`-bit merged fake quantization added (`static`:
+    the adapter's own calibrated static recipe, which it loads with)."""
     from edgelora.config import QuantConfig
     from edgelora.model import AdapterModel, load_base
     from edgelora.peft_format import load_adapter
@@ -135,7 +143,8 @@ def _fake_quant_accuracy(adapter: Path, bits: int, eval_ds) -> float:
     base, path = load_base("minilm")
     model = AdapterModel(base)
     model.set_adapter(load_adapter(model, adapter))
-    model.set_quant(QuantConfig(weight_bits=bits, mode="merged"))
+    if not static:
+        model.set_quant(QuantConfig(weight_bits=bits, mode="merged"))
     return torch_accuracy(model, load_tokenizer(path, 128), list(eval_ds.texts), list(eval_ds.labels))
 
 
@@ -148,7 +157,8 @@ def _int8_source(bits: int) -> str:
     return "int8 ONNX bundle (merged), ONNX Runtime"
 
 
-def accuracy_row(out: Path, task: str, train_size: int, epochs: int, seed: int, bits: list[int]) -> dict:
+def accuracy_row(out: Path, task: str, train_size: int, epochs: int, seed: int, bits: list[int],
+                 activations: str = "dynamic", ptq_observer: str = "minmax") -> dict:
     """One seed of one task: fp32, PTQ int8 and QAT int8 held-out accuracy (per weight range), and the gaps.
 
     The held-out split is the one `edgelora train --seed` holds out (it also picks the best epoch there).
@@ -178,15 +188,29 @@ def accuracy_row(out: Path, task: str, train_size: int, epochs: int, seed: int, 
              *flags, "--out", str(bundle))
         return bundle
 
+    def calibrated(adapter: Path, b: int) -> Path:
+        """Static PTQ: the plain adapter with activation ranges from the training batches `train` would use."""
+        calibrated = where / "adapters" / f"{task}-plain-static-{ptq_observer}-w{b}"
+        _cli("calibrate", str(adapter), "--data", data, "--seed", str(seed), "--weight-bits", str(b),
+             "--deploy-mode", "merged", "--observer", ptq_observer, "--out", str(calibrated))
+        return calibrated
+
+    static = activations == "static"
     plain, fp32 = train("plain", "--qat", "none")
     row: dict = {"seed": seed, "fp32": fp32}
     for b in bits:
         bundles = not _int8_source(b).startswith("torch")
-        row[f"ptq_int8_w{b}"] = (acc(export(plain, f"plain-int8-w{b}", "int8", "--weight-bits", str(b))) if bundles
-                                 else _fake_quant_accuracy(plain, b, eval_ds))
-        qat, row[f"qat_fake_quant_w{b}"] = train(f"qat-w{b}", "--qat", "int8", "--weight-bits", str(b),
-                                                 "--deploy-mode", "merged")
-        row[f"qat_int8_w{b}"] = acc(export(qat, f"qat-int8-w{b}", "int8")) if bundles else row[f"qat_fake_quant_w{b}"]
+        if static:
+            ptq = calibrated(plain, b)
+            row[f"ptq_int8_w{b}"] = (acc(export(ptq, f"plain-static-int8-w{b}", "int8")) if bundles
+                                     else _fake_quant_accuracy(ptq, b, eval_ds, static=True))
+        else:
+            row[f"ptq_int8_w{b}"] = (acc(export(plain, f"plain-int8-w{b}", "int8", "--weight-bits", str(b)))
+                                     if bundles else _fake_quant_accuracy(plain, b, eval_ds))
+        qat, row[f"qat_fake_quant_w{b}"] = train(f"qat-{activations}-w{b}", "--qat", "int8", "--weight-bits", str(b),
+                                                 "--deploy-mode", "merged", "--activations", activations)
+        row[f"qat_int8_w{b}"] = (acc(export(qat, f"qat-{activations}-int8-w{b}", "int8")) if bundles
+                                 else row[f"qat_fake_quant_w{b}"])
         row[f"ptq_gap_w{b}"] = 100 * (row["fp32"] - row[f"ptq_int8_w{b}"])
         row[f"qat_gap_w{b}"] = 100 * (row["fp32"] - row[f"qat_int8_w{b}"])
     return row
@@ -204,7 +228,8 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def accuracy(out: Path, train_size: int, epochs: int, seeds: list[int], bits: list[int],
-             max_minutes: float | None = None, on_seed=None) -> dict:
+             max_minutes: float | None = None, on_seed=None, activations: str = "dynamic",
+             ptq_observer: str = "minmax") -> dict:
     """Rows per seed and task, their summary and the goal checks; `on_seed(partial result)` after each seed."""
     rows: dict[str, list[dict]] = {task: [] for task in TASKS}
     start = time.perf_counter()
@@ -217,11 +242,12 @@ def accuracy(out: Path, train_size: int, epochs: int, seeds: list[int], bits: li
             break
         for task in TASKS:
             t = time.perf_counter()
-            rows[task].append(row := accuracy_row(out, task, train_size, epochs, seed, bits))
+            rows[task].append(row := accuracy_row(out, task, train_size, epochs, seed, bits, activations, ptq_observer))
             print(f"seed {seed} {task}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "seed")
                   + f" ({time.perf_counter() - t:.0f} s)", flush=True)
         done.append(seed)
-        result = _accuracy_summary(rows, train_size, epochs, done, bits)
+        result = {"activations": activations, **({"ptq_observer": ptq_observer} if activations == "static" else {}),
+                  **_accuracy_summary(rows, train_size, epochs, done, bits)}
         result["wall_s"] = time.perf_counter() - start
         if on_seed is not None:
             on_seed(result)
@@ -255,7 +281,9 @@ def print_accuracy(acc: dict) -> None:
         return " ".join([kind.upper() if kind != "fp32" else kind, *rest])
 
     heads = {c: head(c) for c in columns}
-    print(f"held-out accuracy, {len(acc['seeds'])} seed(s) {acc['seeds']}; gaps in points vs fp32 "
+    observer = f", PTQ observer {acc['ptq_observer']}" if "ptq_observer" in acc else ""
+    print(f"held-out accuracy, {acc.get('activations', 'dynamic')} activations{observer}, {len(acc['seeds'])} "
+          f"seed(s) {acc['seeds']}; gaps in points vs fp32 "
           f"(mean±std over seeds); int8 columns: " + "; ".join(f"{k}: {v}" for k, v in acc["int8_source"].items()))
     print(f"{'task':10} " + " ".join(f"{heads[c]:>15}" for c in columns))
     for task, stats in acc["summary"].items():
@@ -283,6 +311,10 @@ def main() -> int:
                         help="accuracy: start no further seed that would end past this many minutes")
     parser.add_argument("--weight-bits", default="auto",
                         help="accuracy: comma-separated int8 weight ranges to measure, 7 and/or 8 (auto: this CPU's)")
+    parser.add_argument("--activations", choices=("dynamic", "static"), default="dynamic",
+                        help="accuracy: int8 activation scales per call (dynamic) or calibrated constants (static)")
+    parser.add_argument("--ptq-observer", choices=("minmax", "moving_average", "percentile"), default="minmax",
+                        help="--activations static: the observer `edgelora calibrate` gives the PTQ adapter")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 is far faster on a shared, busy machine")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
@@ -294,6 +326,8 @@ def main() -> int:
         return 0
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds} must be at least 1")
+    if args.ptq_observer != "minmax" and args.activations != "static":
+        parser.error("--ptq-observer sets static calibration; add --activations static")
     if args.weight_bits == "auto":
         from edgelora.runtime.cpu import detect_isa, recommended_weight_bits
 
@@ -318,11 +352,12 @@ def main() -> int:
     if not args.skip_accuracy:
         def save(partial: dict) -> None:  # after every seed: an interrupted study keeps what it finished
             result["accuracy"] = partial
-            (out / "training.json").write_text(json.dumps(result, indent=2) + "\n")
+            write_text_atomic(out / "training.json", json.dumps(result, indent=2) + "\n")
 
-        acc = accuracy(out, args.train_size, args.epochs, list(range(args.seeds)), bits, args.max_minutes, save)
+        acc = accuracy(out, args.train_size, args.epochs, list(range(args.seeds)), bits, args.max_minutes, save,
+                       args.activations, args.ptq_observer)
         print_accuracy(acc)
-    (out / "training.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "training.json", json.dumps(result, indent=2) + "\n")
     return 0
 
 

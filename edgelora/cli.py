@@ -1,4 +1,4 @@
-"""The `edgelora` command: train, export, run, bench, extract.
+"""The `edgelora` command: train, calibrate, export, run, bench, extract.
 
 Every verb prints a user's mistake as one line (`edgelora: error: ...`) and exits 2, and anything
 unexpected as one line and exit 1; `--debug` (anywhere on the line) shows the traceback. Warnings print
@@ -114,9 +114,8 @@ def _train(args: argparse.Namespace, rank: int) -> int:
     from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
     from edgelora.data import load_splits
     from edgelora.distributed import on_rank0
-    from edgelora.model import AdapterModel, load_base, max_positions
+    from edgelora.model import AdapterModel
     from edgelora.peft_format import check_adapter_out, save_adapter
-    from edgelora.tokenize import load_tokenizer
     from edgelora.train import CheckpointConfig, TrainConfig, seed_everything, train_adapter
 
     name = args.name or Path(args.out).name
@@ -161,12 +160,7 @@ def _train(args: argparse.Namespace, rank: int) -> int:
                          smoothing=args.smooth)
              if args.qat == "int8" else None)
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
-    base, base_path = load_base(args.base)
-    max_length = min(args.max_length, max_positions(base) or args.max_length)  # no text past the position table
-    tokenizer = load_tokenizer(base_path, max_length)
-    if max_length < args.max_length:
-        warnings.warn(f"--max-length {args.max_length} exceeds the base's {max_length} positions; texts are truncated "
-                      f"to {max_length} tokens")
+    base, tokenizer, max_length = _base_and_tokenizer(args.base, args.max_length)
     model = AdapterModel(base)
     seed_everything(args.seed)  # the adapter's initial weights follow --seed too
     model.add_adapter(name, config, list(train_ds.label_names), quant=quant)
@@ -211,6 +205,20 @@ def _train(args: argparse.Namespace, rank: int) -> int:
     return 0
 
 
+def _base_and_tokenizer(base_arg: str, max_length: int):
+    """(base, tokenizer, max_length): the base model, and its tokenizer truncating to what its position table holds."""
+    from edgelora.model import load_base, max_positions
+    from edgelora.tokenize import load_tokenizer
+
+    base, base_path = load_base(base_arg)
+    fitting = min(max_length, max_positions(base) or max_length)  # no text past the position table
+    tokenizer = load_tokenizer(base_path, fitting)  # a missing tokenizer is an error before any warning
+    if fitting < max_length:
+        warnings.warn(f"--max-length {max_length} exceeds the base's {fitting} positions; texts are truncated "
+                      f"to {fitting} tokens")
+    return base, tokenizer, fitting
+
+
 def _calibrate(args: argparse.Namespace, model, tokenizer, texts) -> dict:
     """Static activations: fill every layer's observer from --calib-batches batches of the training texts."""
     from edgelora.calibrate import ObserverConfig, calibrate, text_batches
@@ -241,6 +249,86 @@ def _resolve_bits(value: str) -> int:
     if value not in ("7", "8"):
         raise EdgeloraError(f"--weight-bits {value} is not supported; choose 7, 8 or auto")
     return int(value)
+
+
+# --- calibrate -----------------------------------------------------------------------------------
+def _add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="a trained adapter without static ranges (e.g. --qat none)")
+    p.add_argument("--data", required=True, help="the adapter's training data (.jsonl/.csv or builtin:NAME[:N]); "
+                                                 "calibration draws from its training split")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--out", required=True, help="adapter directory to write with the ranges (not ADAPTER_DIR)")
+    p.add_argument("--base", default="minilm", help="Hugging Face model directory, or 'minilm'")
+    p.add_argument("--calib-batches", type=int, default=8, metavar="N", help="training batches the observers see")
+    p.add_argument("--observer", choices=("minmax", "moving_average", "percentile"), default="minmax",
+                   help="how the observed values become a range")
+    p.add_argument("--weight-bits", default=None, help="7, 8 or auto (default: the adapter's int8 recipe, else auto)")
+    p.add_argument("--deploy-mode", choices=("merged", "switchable"), default=None,
+                   help="the export mode to calibrate for (default: the adapter's int8 recipe, else merged)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="the adapter's training --seed: the same training split")
+    p.add_argument("--max-length", type=int, default=128)
+    p.set_defaults(observe_steps=0)  # for _calibrate: nothing trains here, the ranges freeze at once
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    """Static post-training quantization: a trained adapter plus activation ranges calibrated on its training text,
+    saved as a new adapter that `edgelora export --precision int8` turns into a static int8 bundle.
+
+    The same --data and --seed as training give the batches `train --activations static` would calibrate on,
+    so the two differ only in whether the adapter trained against the quantizer (QAT) or not (PTQ):
+
+        edgelora train --data d.jsonl --qat none --out plain
+        edgelora calibrate plain --data d.jsonl --weight-bits 7 --out plain-static
+        edgelora export minilm --adapter plain-static --precision int8 --out bundle
+    """
+    import dataclasses
+
+    from edgelora.atomic import check_writable
+    from edgelora.config import QuantConfig, config_to_dict
+    from edgelora.data import load_splits
+    from edgelora.model import AdapterModel
+    from edgelora.peft_format import check_adapter_out, load_adapter, read_adapter, save_adapter
+
+    source, out = Path(args.adapter), Path(args.out)
+    if out.resolve() == source.resolve():
+        raise EdgeloraError(f"--out {out} is ADAPTER_DIR itself; write the calibrated adapter to a new directory")
+    if args.calib_batches < 1:
+        raise EdgeloraError(f"--calib-batches {args.calib_batches} must be a positive number of batches, e.g. 8")
+    if args.batch_size < 1:
+        raise EdgeloraError(f"--batch-size {args.batch_size} must be a positive number of texts, e.g. 32")
+    if args.max_length < 1:
+        raise EdgeloraError(f"--max-length {args.max_length} must be a positive number of tokens, e.g. 128")
+    extras = read_adapter(source)[0].get("edgelora") or {}
+    held = QuantConfig(**extras["quantization"]) if extras.get("quantization") else None
+    if held is not None and held.activations == "static":
+        raise EdgeloraError(f"{source}: already has static activation ranges; export it as it is "
+                            "(edgelora export --precision int8)")
+    bits = _resolve_bits(args.weight_bits or ("auto" if held is None else str(held.weight_bits)))
+    mode = args.deploy_mode or ("merged" if held is None else held.mode)
+    if held is not None and (held.weight_bits, held.mode) != (bits, mode):
+        raise EdgeloraError(f"{source}: trained with --qat int8 for {held.weight_bits}-bit weights, {held.mode} mode; "
+                            f"calibrating for {bits}-bit, {mode} would deploy other weights than it learned: drop "
+                            "--weight-bits and --deploy-mode")
+    recipe = (QuantConfig(weight_bits=bits, mode=mode, activations="static") if held is None
+              else dataclasses.replace(held, activations="static"))  # keeps its skip_layers and smoothing
+    check_adapter_out(out)
+    check_writable(out, "--out")
+    train_ds, _ = load_splits(args.data, None, seed=args.seed, text_field=args.text_field, label_field=args.label_field)
+    if extras.get("labels") and sorted(extras["labels"]) != sorted(train_ds.label_names):
+        raise EdgeloraError(f"--data {args.data} has labels {sorted(train_ds.label_names)} but {source} was trained on "
+                            f"{sorted(extras['labels'])}; calibrate with the adapter's training data")
+    base, tokenizer, _ = _base_and_tokenizer(args.base, args.max_length)
+    model = AdapterModel(base)
+    name = load_adapter(model, source)
+    model.set_quant(recipe)
+    calibration = {**_calibrate(args, model, tokenizer, train_ds.texts), "after_training": True,
+                   "data": str(args.data), "seed": args.seed, "batch_size": args.batch_size}
+    save_adapter(model, name, out, base_name=str(args.base),
+                 extra={**({"training": extras["training"]} if "training" in extras else {}), "calibration": calibration})
+    print(json.dumps({"adapter": name, "out": str(out), "recipe": config_to_dict(recipe), "calibration": calibration}))
+    return 0
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -358,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_train(sub)
+    _verb(sub, "calibrate", "static int8 after training: calibrate a trained adapter's activation ranges for export",
+          _add_calibrate_arguments, _cmd_calibrate)
     _add_export(sub)
     _add_runtime_verbs(sub)
     _add_adapter_verbs(sub)
