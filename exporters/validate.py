@@ -161,22 +161,21 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
         if err > worst:
             worst, worst_layer = err, name
     inits = {init.name: init for init in model.graph.initializer}
-    for node in cores:
+
+    def core_reference(node: onnx.NodeProto) -> torch.Tensor:
         q, k, v = (torch.from_numpy(values[t]) for t in node.input[:3])
-        bias = torch.from_numpy(numpy_helper.to_array(inits[node.input[3]]).copy())
-        mask = torch.from_numpy(values[node.input[4]]) if len(node.input) > 4 and node.input[4] else None
-        heads = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "num_heads")
-        ref = multi_head_reference(q, k, v, bias, mask, heads)
-        err = float((torch.from_numpy(values[node.output[0]]) - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
-        if err > worst:
-            worst, worst_layer = err, node.name
-    for node in standard:
-        q, k, v = (torch.from_numpy(values[t]) for t in node.input[:3])
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MultiHeadAttention":
+            bias = torch.from_numpy(numpy_helper.to_array(inits[node.input[3]]).copy())
+            mask = torch.from_numpy(values[node.input[4]]) if len(node.input) > 4 and node.input[4] else None
+            return multi_head_reference(q, k, v, bias, mask, attrs["num_heads"])
+        # ONNX Attention: BERT's attention as the export means it (scale 1/sqrt(d), not causal), so a node
+        # computing anything else — another scale, causal, soft-capped — differs from it and is caught
         additive = torch.from_numpy(values[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
-        # BERT's attention as the export means it (scale 1/sqrt(d), not causal): a node computing anything
-        # else — another scale, causal, soft-capped — differs from it and is caught
-        heads = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "q_num_heads")
-        ref = _attend(q, k, v, None, heads, additive)
+        return _attend(q, k, v, None, attrs["q_num_heads"], additive)
+
+    for node in cores + standard:
+        ref = core_reference(node)
         err = float((torch.from_numpy(values[node.output[0]]) - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
         if err > worst:
             worst, worst_layer = err, node.name
