@@ -55,10 +55,10 @@ FUSIONS = {
 # graph was 1.15x faster with attention alone than with all four (204 -> 178 ms; 1x32: 6.2 -> 5.5 ms).
 DEFAULT_FUSIONS = ("attention",)
 # Switchable graphs run their adapted attention cores as ONNX's Attention (this opset, whose CPU kernel
-# ONNX Runtime has had since 1.23) rather than ORT's MultiHeadAttention. Measured with ORT 1.32 on
-# the 2-core AMD EPYC (AVX2) machine, 2 threads, six MiniLM-sized layers fed by the same int8 q, k, v
-# projections, interleaved: the MultiHeadAttention block took 1.32x (1x32) and 1.25x (1x128) the time of
-# merged graphs' QAttention, ONNX's Attention 1.05x and 1.00x, with outputs equal bit for bit.
+# ONNX Runtime has had since 1.23) rather than ORT's MultiHeadAttention: six MiniLM-sized layers fed by
+# the same int8 q, k, v took 1.25-1.34x the time of merged graphs' QAttention with MultiHeadAttention
+# and 0.95-1.08x with ONNX's Attention at batch 1, outputs equal bit for bit (ORT 1.32, 2-core AMD EPYC,
+# AVX2, 2 threads: `python benchmarks/attention_cores.py`).
 STANDARD_ATTENTION_OPSET = 23
 # A fused fp32 graph computes the same float ops in another order (measured ~1e-6 on MiniLM embeddings);
 # anything above this relative difference means a fusion changed the function, and the graph stays unfused.

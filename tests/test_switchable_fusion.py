@@ -207,3 +207,20 @@ def test_write_bundle_refuses_to_write_into_a_kept_file(bundle) -> None:
         write_bundle(out, manifest, {"model.onnx": lambda p: p.write_bytes(b"")}, None,
                      keep={"model.onnx": manifest["files"]["model.onnx"]})
     assert (out / "model.onnx").read_bytes() == model_bytes and os.path.getsize(out / "model.onnx") > 0
+
+
+def test_the_three_attention_cores_compute_the_same_layers_padding_included() -> None:
+    """benchmarks/attention_cores.py times QAttention against MultiHeadAttention and ONNX's Attention with
+    the exporter's additive mask; its timings mean something only if all three compute the same six layers,
+    here with a half-padded row. Same integers, same float attention: measured equal bit for bit."""
+    import sys
+
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import attention_cores
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    diffs = attention_cores.relative_differences(*attention_cores.sessions_and_feeds(3, 10, options))
+    assert max(diffs.values()) <= FUSED_REL_TOL, diffs
