@@ -256,6 +256,8 @@ def _add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", metavar="ADAPTER_DIR", help="a trained adapter without static ranges (e.g. --qat none)")
     p.add_argument("--data", required=True, help="the adapter's training data (.jsonl/.csv or builtin:NAME[:N]); "
                                                  "calibration draws from its training split")
+    p.add_argument("--eval", default=None, help="the held-out data training was given, if any (then all of --data "
+                                                "is the training split, as in train)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
     p.add_argument("--out", required=True, help="adapter directory to write with the ranges (not ADAPTER_DIR)")
@@ -276,7 +278,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     """Static post-training quantization: a trained adapter plus activation ranges calibrated on its training text,
     saved as a new adapter that `edgelora export --precision int8` turns into a static int8 bundle.
 
-    The same --data and --seed as training give the batches `train --activations static` would calibrate on,
+    The same --data, --eval and --seed as training give the batches `train --activations static` would calibrate on,
     so the two differ only in whether the adapter trained against the quantizer (QAT) or not (PTQ):
 
         edgelora train --data d.jsonl --qat none --out plain
@@ -315,7 +317,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
               else dataclasses.replace(held, activations="static"))  # keeps its skip_layers and smoothing
     check_adapter_out(out)
     check_writable(out, "--out")
-    train_ds, _ = load_splits(args.data, None, seed=args.seed, text_field=args.text_field, label_field=args.label_field)
+    train_ds, _ = load_splits(args.data, args.eval, seed=args.seed, text_field=args.text_field,
+                              label_field=args.label_field)
     if extras.get("labels") and sorted(extras["labels"]) != sorted(train_ds.label_names):
         raise EdgeloraError(f"--data {args.data} has labels {sorted(train_ds.label_names)} but {source} was trained on "
                             f"{sorted(extras['labels'])}; calibrate with the adapter's training data")

@@ -26,7 +26,7 @@ from edgelora.tokenize import DEFAULT_MAX_LENGTH
 
 from . import validate
 from .bundle import check_out, write_bundle
-from .fusion import DEFAULT_FUSIONS, fuse_graph, fuse_switchable
+from .fusion import DEFAULT_FUSIONS, STANDARD_ATTENTION_ORT, fuse_graph, fuse_switchable
 from .onnx_graph import OUTPUTS, export_graph
 from .mixed_precision import TARGET_COSINE, calibration_feeds, choose_fp32_layers, expand_to_units
 from .quantize import QuantizedAttention, count_layers, quantization_units, quantize_graph
@@ -293,6 +293,7 @@ def export_bundle(
             "excluded": "embeddings, attention score products, adapter branches, heads",
         },
         "fusions": fusion.as_manifest(),
+        **({"requires": {"onnxruntime": STANDARD_ATTENTION_ORT}} if fusion.applied.get("ai.onnx.Attention") else {}),
         "isa": cpu.isa,
         "validation": report,
     }

@@ -60,6 +60,7 @@ DEFAULT_FUSIONS = ("attention",)
 # and 0.95-1.08x with ONNX's Attention at batch 1, outputs equal bit for bit (ORT 1.32, 2-core AMD EPYC,
 # AVX2, 2 threads: `python benchmarks/attention_cores.py`).
 STANDARD_ATTENTION_OPSET = 23
+STANDARD_ATTENTION_ORT = "1.23"  # the first onnxruntime with a CPU kernel for it; bundles record it under 'requires'
 # A fused fp32 graph computes the same float ops in another order (measured ~1e-6 on MiniLM embeddings);
 # anything above this relative difference means a fusion changed the function, and the graph stays unfused.
 FUSED_REL_TOL = 1e-4
@@ -450,7 +451,9 @@ def _standard_attention(fused: onnx.ModelProto, multi_head: Mapping[str, tuple[s
     bias becomes an Add right after its MatMul (ORT's int8 fusion then takes it into MatMulIntegerToFloat,
     and the LoRA branch joins after it: x W + b + delta, as before), and the raw (batch, seq) mask becomes
     one additive mask of `validate.MASK_FILTER_VALUE` for padded keys, built once and read by every layer:
-    what MultiHeadAttention computes from the raw mask.
+    what MultiHeadAttention computes from the raw mask. ORT 1.32 wants that mask's query axis spelled out
+    (it refuses (batch, 1, 1, seq)), so it is expanded to batch x seq x seq floats per call: 0.5 MB at
+    8 x 128, 64 MB at 64 x 512.
     """
     from onnx import version_converter
     from onnxruntime.transformers.onnx_model import OnnxModel
@@ -513,6 +516,16 @@ def _standard_attention(fused: onnx.ModelProto, multi_head: Mapping[str, tuple[s
     return proto
 
 
+def _drop_unread_initializers(proto: onnx.ModelProto) -> None:
+    """Remove initializers no node reads and no graph input overrides: the q, k, v weights a packed
+    Attention replaced, the MultiHeadAttention biases split onto the projections."""
+    read = {t for n in proto.graph.node for t in n.input} | {i.name for i in proto.graph.input}
+    keep = [i for i in proto.graph.initializer if i.name in read]
+    if len(keep) < len(proto.graph.initializer):
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
+
+
 def _check_bank(proto: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
     """Random adapter-bank feeds (every slot, a few entries, one per row) for comparing two switchable graphs."""
     from edgelora.runtime.runtime import ADAPTER_IDS
@@ -568,7 +581,12 @@ def fuse_switchable(graph: ExportedGraph, model: AdapterModel, feeds: dict[str, 
         return Fusion(tuple(fusions), note=str(e))
     attention = _pack_plain_attention(fused, multi_head, {b.layer for b in branches})
     if multi_head:
-        fused = _standard_attention(fused, multi_head, graph.weights)
+        try:
+            fused = _standard_attention(fused, multi_head, graph.weights)
+        except Exception as exc:  # noqa: BLE001 - the converter or a graph ORT fused otherwise: stay unfused
+            return Fusion(tuple(fusions), note=f"unfused: moving the attention cores to ONNX Attention failed "
+                                               f"({type(exc).__name__}: {exc})"[:300])
+    _drop_unread_initializers(fused)
     packed = {layer for group in attention.values() for layer in group}
     used = {i for n in fused.graph.node for i in n.input}
     lost = [layer for layer, name in graph.weights.items() if layer not in packed and name not in used]

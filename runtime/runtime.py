@@ -95,6 +95,19 @@ def read_manifest(bundle_dir: str | os.PathLike, *, verify: bool = True) -> dict
     return m
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def _check_requires(m: dict, path: Path) -> None:
+    """Refuse, in one line, a bundle whose graph needs a newer onnxruntime than the one installed (switchable
+    bundles use ONNX's Attention, opset 23, which ORT's CPU runs from 1.23)."""
+    need = (m.get("requires") or {}).get("onnxruntime")
+    if isinstance(need, str) and _version(ort.__version__) < _version(need):
+        raise EdgeloraError(f"{path.parent / 'model.onnx'} needs onnxruntime>={need} (installed: {ort.__version__}); "
+                            f"pip install -U 'onnxruntime>={need}'")
+
+
 def _check_fields(m: dict, path: Path) -> None:
     def bad(field: str, want: str) -> EdgeloraError:
         return EdgeloraError(f"{path}: {field} is {m.get(field)!r}, expected {want}; re-export the bundle")
@@ -193,6 +206,7 @@ class Runtime:
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: dict = read_manifest(self.bundle_dir)
+        _check_requires(self.manifest, self.bundle_dir / "manifest.json")
         cpu = detect_isa()
         threads = cpu.physical_cores if intra_op_threads is None else intra_op_threads
         if not isinstance(threads, int) or threads < 1:

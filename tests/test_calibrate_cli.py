@@ -77,9 +77,10 @@ def test_calibrate_adds_a_static_recipe_and_leaves_the_trained_weights(calibrate
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_ranges_come_from_the_training_batches_train_would_calibrate_on(calibrated: Path, plain: Path,
-                                                                        tiny_bert_dir: Path, data_file: Path) -> None:
-    """The same split (--seed), batches and observer as `train --activations static`: the same ranges exactly."""
+def test_ranges_are_the_api_calibration_on_the_seeded_training_batches(calibrated: Path, plain: Path,
+                                                                       tiny_bert_dir: Path, data_file: Path) -> None:
+    """The CLI draws the training split and batches the way `train --activations static` does (load_splits
+    and text_batches with --seed) and calibrates the trained adapter on them: the API gives the same ranges."""
     model = AdapterModel(load_base(tiny_bert_dir)[0])
     load_adapter(model, plain)
     model.set_quant(QuantConfig(weight_bits=7, activations="static"))
@@ -112,6 +113,22 @@ def test_static_bundle_from_a_calibrated_adapter_matches_static_fake_quant(calib
         fp32 = reference(**feeds)[1].numpy()
     assert not np.allclose(want, fp32, atol=1e-4)  # the static quantizer really changes the output being matched
     assert worst_cosine(got, want) >= INT8_MIN_COSINE
+
+
+def test_with_eval_data_all_of_data_is_the_training_split(plain: Path, tiny_bert_dir: Path, data_file: Path,
+                                                         tmp_path: Path) -> None:
+    """`train --eval FILE` trains on the whole of --data; calibrate with the same --eval draws from all of it."""
+    out = tmp_path / "with-eval"
+    assert main(["calibrate", str(plain), "--base", str(tiny_bert_dir), "--data", str(data_file), "--eval",
+                 str(data_file), "--out", str(out), "--weight-bits", "7", *CALIB]) == 0
+    model = AdapterModel(load_base(tiny_bert_dir)[0])
+    load_adapter(model, plain)
+    model.set_quant(QuantConfig(weight_bits=7, activations="static"))
+    train_ds, _ = load_splits(str(data_file), str(data_file), seed=1)
+    calibrate(model, text_batches(load_tokenizer(tiny_bert_dir, 16), train_ds.texts, 3, 8, seed=1), ObserverConfig("minmax"))
+    saved = AdapterModel(load_base(tiny_bert_dir)[0])
+    load_adapter(saved, out)
+    assert static_qparams(saved) == static_qparams(model)
 
 
 def test_a_dynamic_qat_adapter_keeps_its_recipe_and_gains_static_ranges(tiny_bert_dir: Path, data_file: Path,

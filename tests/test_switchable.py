@@ -181,6 +181,17 @@ def test_bert_switchable_graphs_fuse_attention_and_keep_the_branches(bundles) ->
         ops = Counter(n.op_type for n in proto.graph.node)
         assert ops["Attention"] == 2 and not ops["MultiHeadAttention"] and not ops["Softmax"] and not ops["Transpose"], ops
         assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 23
+        read = {t for n in proto.graph.node for t in n.input} | {i.name for i in proto.graph.input}
+        assert [i.name for i in proto.graph.initializer if i.name not in read] == []  # no dead weight shipped
+
+
+def test_a_bundle_needing_a_newer_onnxruntime_says_so_in_one_line(bundles, monkeypatch) -> None:
+    manifest = json.loads((bundles["int8"] / "manifest.json").read_text())
+    assert manifest["requires"] == {"onnxruntime": "1.23"}
+    monkeypatch.setattr(ort, "__version__", "1.22.1")
+    with pytest.raises(EdgeloraError, match=r"^\S+/model\.onnx needs onnxruntime>=1\.23 \(installed: 1\.22\.1\); "
+                                            r"pip install -U 'onnxruntime>=1\.23'$"):
+        Runtime(bundles["int8"])
         if precision == "int8":  # every linear int8, q, k and v each on their own
             assert ops["MatMulInteger"] == 12 and not ops["QAttention"]
 

@@ -127,6 +127,10 @@ def test_layers_without_adapter_branches_get_packed_attention_and_qattention(ber
     assert manifest["fusions"]["applied"]["Attention"] == 2 and "multi_head_attention_layers" not in manifest["fusions"]
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.node)
     assert ops["QAttention"] == 2 and not ops["MultiHeadAttention"] and not ops["Attention"]
+    proto = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    read = {t for n in proto.graph.node for t in n.input} | {i.name for i in proto.graph.input}
+    assert [i.name for i in proto.graph.initializer if i.name not in read] == []  # the packed q, k, v weights left
+    assert "requires" not in manifest  # QAttention only: any onnxruntime runs it
     worst = manifest["validation"]["bn"]["int8_layers_vs_fake_quant"]
     assert worst["max_rel_error"] <= validate.INT8_LAYER_REL_TOL
     # q, k, v now live in a packed weight; add-adapter still knows the layers and names the missing slot
@@ -224,3 +228,18 @@ def test_the_three_attention_cores_compute_the_same_layers_padding_included() ->
     options.intra_op_num_threads = 1
     diffs = attention_cores.relative_differences(*attention_cores.sessions_and_feeds(3, 10, options))
     assert max(diffs.values()) <= FUSED_REL_TOL, diffs
+
+
+def test_a_failed_move_to_onnx_attention_leaves_the_graph_unfused_with_a_note(lora_model, monkeypatch) -> None:
+    graph = _switchable_graph(lora_model, ["lo"])
+    before = graph.model.SerializeToString()
+
+    def refuse(model, version):
+        raise RuntimeError("no adapter for op X")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+    result = fusion.fuse_switchable(graph, lora_model, validate.generated_feeds(VOCAB_SIZE, graph.feeds))
+    assert result.applied == {}
+    assert result.note == ("unfused: moving the attention cores to ONNX Attention failed (RuntimeError: no adapter "
+                           "for op X)")
+    assert graph.model.SerializeToString() == before

@@ -166,12 +166,36 @@ def test_bad_data_is_refused(tokenizer) -> None:
 
 # --- the CUDA path's autocast, on CPU ------------------------------------------------------------------
 # On a GPU, training runs under torch.autocast(bfloat16) (`train._autocast`); CI has no GPU, so these
-# tests run the same autocast on the CPU, where torch supports it for bfloat16 too. bfloat16 keeps 8
-# significant bits: the tiny model's loss moved by at most 5.3e-4 relative and its gradients kept a
-# cosine of 0.99998 or more to float32 (measured over the three recipes); the bounds leave room for that and catch a fake
-# quantizer that computes its grid in bfloat16 or drops the straight-through gradient.
-BF16_LOSS_REL_TOL = 2e-2
-BF16_MIN_GRAD_COSINE = 0.98
+# tests run the same autocast on the CPU, where torch supports it for bfloat16 too.
+
+
+def test_fake_quantizers_under_bf16_autocast_round_in_float32_and_pass_gradients_straight() -> None:
+    from edgelora.fake_quant import fake_quantize_activation, fake_quantize_weight, quantize_weight
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 7, 16) * 3).to(torch.bfloat16).requires_grad_()
+    w = torch.randn(8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xq, wq = fake_quantize_activation(x), fake_quantize_weight(w, 7)
+    # The float32 grids, computed apart: ORT's DynamicQuantizeLinear in numpy float32 on the same values,
+    # and the exporter's int8 weights times their scales. A grid rounded in bfloat16 misses them.
+    xf = x.detach().float().numpy()
+    lo, hi = min(xf.min(), np.float32(0)), max(xf.max(), np.float32(0))
+    scale = (hi - lo) / np.float32(255)
+    zero = np.clip(np.round(-lo / scale), 0, 255)
+    act = ((np.clip(np.round(xf / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
+    assert xq.dtype == torch.bfloat16 and torch.equal(xq, torch.from_numpy(act).to(torch.bfloat16))
+    w_int, w_scale = quantize_weight(w.detach(), 7)
+    assert wq.dtype == torch.float32 and torch.equal(wq, w_int.float() * w_scale[:, None])
+    (xq.float().sum() + wq.sum()).backward()
+    assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(w.grad, torch.ones_like(w))  # straight through
+
+
+# One QAT step under bfloat16 autocast against the same step in float32. bfloat16 keeps 8 significant
+# bits: the tiny model's loss moved by at most 5.3e-4 relative, and the LoRA gradients (head excluded)
+# kept a cosine of 0.9999 or more (measured over the three recipes); the bounds are about 10x those gaps.
+BF16_LOSS_REL_TOL = 5e-3
+BF16_MIN_GRAD_COSINE = 0.999
 
 
 @pytest.mark.parametrize("quant", [QuantConfig(weight_bits=7), QuantConfig(weight_bits=7, mode="switchable"),
@@ -181,26 +205,24 @@ def test_fake_quant_training_step_under_bf16_autocast_matches_float32(tokenizer,
     from edgelora.tokenize import encode
 
     model = new_model(quant=quant)
-    randomize_adapters(model)
+    randomize_adapters(model)  # B != 0, so every A gets a gradient too
     feeds = {k: torch.from_numpy(v) for k, v in encode(tokenizer, TRAIN[0][:16]).items()}
     labels = torch.tensor(TRAIN[1][:16])
+    lora = [(n, p) for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
 
-    def step(autocast: bool) -> tuple[float, torch.Tensor, list[torch.dtype]]:
+    def step(autocast: bool) -> tuple[float, torch.Tensor]:
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(**feeds, labels=labels)[0]
         loss.backward()
-        params = model.trainable_parameters()
-        grads = [p.grad for p in params]
-        assert all(g is not None and torch.isfinite(g).all() for g in grads)
-        return float(loss), torch.cat([g.flatten() for g in grads]), [g.dtype for g in grads]
+        for n, p in lora:  # every LoRA matrix learns (a lost straight-through gradient zeroes them), in float32
+            assert p.grad is not None and p.grad.dtype == torch.float32 and float(p.grad.abs().max()) > 0, n
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        return float(loss), torch.cat([p.grad.flatten() for _, p in lora])
 
-    loss32, grad32, _ = step(False)
-    loss16, grad16, dtypes = step(True)
+    loss32, grad32 = step(False)
+    loss16, grad16 = step(True)
     cosine = float(torch.nn.functional.cosine_similarity(grad32, grad16, dim=0))
-    print(f"{quant.mode} bf16 autocast: loss rel diff {abs(loss16 - loss32) / loss32:.1e}, grad cosine {cosine:.5f}")
+    print(f"{quant.mode} bf16 autocast: loss rel diff {abs(loss16 - loss32) / loss32:.1e}, LoRA grad cosine {cosine:.5f}")
     assert abs(loss16 - loss32) <= BF16_LOSS_REL_TOL * loss32
     assert cosine >= BF16_MIN_GRAD_COSINE
-    assert set(dtypes) == {torch.float32}  # the adapter's weights and gradients stay float32 (master copies)
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
-    assert frozen == []
