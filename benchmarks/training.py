@@ -21,6 +21,7 @@
     python benchmarks/training.py [--out runs/training] [--skip-accuracy] [--seeds N] [--weight-bits 7,8]
     python benchmarks/training.py --accuracy-only --seeds 4 --weight-bits 7,8
     python benchmarks/training.py --accuracy-only --activations static --seeds 3 --weight-bits 7
+    python benchmarks/training.py --accuracy-only --adapter-flags "--rank 16 --include-mlp" --seeds 2
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import contextlib
 import io
 import json
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -158,7 +160,7 @@ def _int8_source(bits: int) -> str:
 
 
 def accuracy_row(out: Path, task: str, train_size: int, epochs: int, seed: int, bits: list[int],
-                 activations: str = "dynamic", ptq_observer: str = "minmax") -> dict:
+                 activations: str = "dynamic", ptq_observer: str = "minmax", adapter_flags: tuple[str, ...] = ()) -> dict:
     """One seed of one task: fp32, PTQ int8 and QAT int8 held-out accuracy (per weight range), and the gaps.
 
     The held-out split is the one `edgelora train --seed` holds out (it also picks the best epoch there).
@@ -178,8 +180,8 @@ def accuracy_row(out: Path, task: str, train_size: int, epochs: int, seed: int, 
     def train(recipe: str, *flags: str) -> tuple[Path, float]:
         """The adapter directory and its best held-out accuracy in torch (on `eval_ds`: the same split)."""
         adapter = where / "adapters" / f"{task}-{recipe}"
-        printed = _cli("train", "--data", data, "--name", task, "--epochs", str(epochs), "--seed", str(seed), *flags,
-                       "--out", str(adapter))
+        printed = _cli("train", "--data", data, "--name", task, "--epochs", str(epochs), "--seed", str(seed),
+                       *adapter_flags, *flags, "--out", str(adapter))
         return adapter, printed["eval_accuracy"]
 
     def export(adapter: Path, label: str, precision: str, *flags: str) -> Path:
@@ -229,7 +231,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def accuracy(out: Path, train_size: int, epochs: int, seeds: list[int], bits: list[int],
              max_minutes: float | None = None, on_seed=None, activations: str = "dynamic",
-             ptq_observer: str = "minmax") -> dict:
+             ptq_observer: str = "minmax", adapter_flags: tuple[str, ...] = ()) -> dict:
     """Rows per seed and task, their summary and the goal checks; `on_seed(partial result)` after each seed."""
     rows: dict[str, list[dict]] = {task: [] for task in TASKS}
     start = time.perf_counter()
@@ -242,11 +244,13 @@ def accuracy(out: Path, train_size: int, epochs: int, seeds: list[int], bits: li
             break
         for task in TASKS:
             t = time.perf_counter()
-            rows[task].append(row := accuracy_row(out, task, train_size, epochs, seed, bits, activations, ptq_observer))
+            rows[task].append(row := accuracy_row(out, task, train_size, epochs, seed, bits, activations, ptq_observer,
+                                                  adapter_flags))
             print(f"seed {seed} {task}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "seed")
                   + f" ({time.perf_counter() - t:.0f} s)", flush=True)
         done.append(seed)
         result = {"activations": activations, **({"ptq_observer": ptq_observer} if activations == "static" else {}),
+                  "adapter_flags": list(adapter_flags),
                   **_accuracy_summary(rows, train_size, epochs, done, bits)}
         result["wall_s"] = time.perf_counter() - start
         if on_seed is not None:
@@ -315,6 +319,8 @@ def main() -> int:
                         help="accuracy: int8 activation scales per call (dynamic) or calibrated constants (static)")
     parser.add_argument("--ptq-observer", choices=("minmax", "moving_average", "percentile"), default="minmax",
                         help="--activations static: the observer `edgelora calibrate` gives the PTQ adapter")
+    parser.add_argument("--adapter-flags", default="",
+                        help='accuracy: extra `edgelora train` flags for every adapter, e.g. "--rank 16 --include-mlp"')
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 is far faster on a shared, busy machine")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
@@ -355,7 +361,7 @@ def main() -> int:
             write_text_atomic(out / "training.json", json.dumps(result, indent=2) + "\n")
 
         acc = accuracy(out, args.train_size, args.epochs, list(range(args.seeds)), bits, args.max_minutes, save,
-                       args.activations, args.ptq_observer)
+                       args.activations, args.ptq_observer, tuple(shlex.split(args.adapter_flags)))
         print_accuracy(acc)
     write_text_atomic(out / "training.json", json.dumps(result, indent=2) + "\n")
     return 0
