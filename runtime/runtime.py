@@ -99,12 +99,12 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
-def _check_requires(m: dict, path: Path) -> None:
+def _check_requires(m: dict, bundle: Path) -> None:
     """Refuse, in one line, a bundle whose graph needs a newer onnxruntime than the one installed (switchable
     bundles use ONNX's Attention, opset 23, which ORT's CPU runs from 1.23)."""
-    need = (m.get("requires") or {}).get("onnxruntime")
-    if isinstance(need, str) and _version(ort.__version__) < _version(need):
-        raise EdgeloraError(f"{path.parent / 'model.onnx'} needs onnxruntime>={need} (installed: {ort.__version__}); "
+    need = (m.get("requires") or {}).get("onnxruntime")  # _check_fields made it null or {'onnxruntime': str}
+    if need is not None and _version(ort.__version__) < _version(need):
+        raise EdgeloraError(f"{bundle / 'model.onnx'} needs onnxruntime>={need} (installed: {ort.__version__}); "
                             f"pip install -U 'onnxruntime>={need}'")
 
 
@@ -120,6 +120,10 @@ def _check_fields(m: dict, path: Path) -> None:
             raise bad(key, "a non-empty list of names")
     if not isinstance(m.get("files"), dict):
         raise bad("files", "a mapping of file name to sha256")
+    requires = m.get("requires")
+    if requires is not None and not (isinstance(requires, dict) and isinstance(requires.get("onnxruntime", ""), str)
+                                     and re.fullmatch(r"\d+(\.\d+)*", requires.get("onnxruntime", "0"))):
+        raise bad("requires", "null or {'onnxruntime': 'MAJOR.MINOR'}")
     for rel in m["files"]:
         _safe_relpath(rel, path)
     tok = m.get("tokenizer")
@@ -206,7 +210,7 @@ class Runtime:
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: dict = read_manifest(self.bundle_dir)
-        _check_requires(self.manifest, self.bundle_dir / "manifest.json")
+        _check_requires(self.manifest, self.bundle_dir)
         cpu = detect_isa()
         threads = cpu.physical_cores if intra_op_threads is None else intra_op_threads
         if not isinstance(threads, int) or threads < 1:

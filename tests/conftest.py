@@ -188,3 +188,9 @@ def snapshot(directory: Path) -> dict[str, str]:
     """sha256 of every file under `directory`, by relative path: what a test compares before and after."""
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def unread_initializers(proto) -> list[str]:
+    """Initializers of an ONNX model that no node reads and no graph input overrides: dead weight in a bundle."""
+    read = {t for n in proto.graph.node for t in n.input} | {i.name for i in proto.graph.input}
+    return [i.name for i in proto.graph.initializer if i.name not in read]

@@ -20,7 +20,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import VOCAB_SIZE, make_base, make_inputs, max_abs, mean_abs, randomize_adapters, snapshot, worst_cosine
+from conftest import (VOCAB_SIZE, make_base, make_inputs, max_abs, mean_abs, randomize_adapters, snapshot,
+                      unread_initializers, worst_cosine)
 from safetensors.torch import load_file, save_file
 
 import edgelora.exporters.switchable as switchable_module
@@ -181,8 +182,9 @@ def test_bert_switchable_graphs_fuse_attention_and_keep_the_branches(bundles) ->
         ops = Counter(n.op_type for n in proto.graph.node)
         assert ops["Attention"] == 2 and not ops["MultiHeadAttention"] and not ops["Softmax"] and not ops["Transpose"], ops
         assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 23
-        read = {t for n in proto.graph.node for t in n.input} | {i.name for i in proto.graph.input}
-        assert [i.name for i in proto.graph.initializer if i.name not in read] == []  # no dead weight shipped
+        assert unread_initializers(proto) == []  # no dead weight shipped
+        if precision == "int8":  # every linear int8, q, k and v each on their own
+            assert ops["MatMulInteger"] == 12 and not ops["QAttention"]
 
 
 def test_a_bundle_needing_a_newer_onnxruntime_says_so_in_one_line(bundles, monkeypatch) -> None:
@@ -192,8 +194,18 @@ def test_a_bundle_needing_a_newer_onnxruntime_says_so_in_one_line(bundles, monke
     with pytest.raises(EdgeloraError, match=r"^\S+/model\.onnx needs onnxruntime>=1\.23 \(installed: 1\.22\.1\); "
                                             r"pip install -U 'onnxruntime>=1\.23'$"):
         Runtime(bundles["int8"])
-        if precision == "int8":  # every linear int8, q, k and v each on their own
-            assert ops["MatMulInteger"] == 12 and not ops["QAttention"]
+
+
+def test_a_malformed_requires_field_is_refused_in_one_line(bundles, tmp_path: Path) -> None:
+    import shutil
+
+    bundle = Path(shutil.copytree(bundles["int8"], tmp_path / "b"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for bad in ("1.23", {"onnxruntime": 1.23}, {"onnxruntime": "latest"}):
+        (bundle / "manifest.json").write_text(json.dumps({**manifest, "requires": bad}))
+        with pytest.raises(EdgeloraError, match=r"manifest\.json: requires is .*, expected null or "
+                                                r"\{'onnxruntime': 'MAJOR\.MINOR'\}; re-export the bundle$"):
+            Runtime(bundle)
 
 
 def test_the_int8_layer_check_covers_each_fused_attention(bundles) -> None:
