@@ -9,7 +9,8 @@ MiniLM-sized layers (hidden 384, 12 heads) from the same random int8 weights and
 
   qattention   DynamicQuantizeLinear -> QAttention
   mha          DynamicQuantizeLinear -> MatMulIntegerToFloat (+bias) -> Split -> MultiHeadAttention
-  onnx         DynamicQuantizeLinear -> MatMulIntegerToFloat (+bias) -> Split -> Attention (additive mask)
+  onnx         DynamicQuantizeLinear -> MatMulIntegerToFloat (+bias) -> Split -> Attention (the exporter's
+               additive mask, `fusion.additive_mask`)
 
     python benchmarks/attention_cores.py --shapes 1x32,1x128,8x128 --threads 2 --rounds 200
 """
@@ -23,8 +24,9 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from edgelora.exporters.fusion import additive_mask
+
 HIDDEN, HEADS, LAYERS = 384, 12, 6
-MASK_FILTER_VALUE = -10000.0  # what MultiHeadAttention and QAttention add for a padded key
 
 
 def _model(core: str, batch: int, seq: int) -> bytes:
@@ -34,16 +36,10 @@ def _model(core: str, batch: int, seq: int) -> bytes:
              numpy_helper.from_array((rng.standard_normal(3 * HIDDEN) * 0.1).astype(np.float32), "bias"),
              numpy_helper.from_array(np.array(0, np.int8), "w_zero")]
     nodes = []
-    if core == "onnx":  # the additive (batch, 1, seq, seq) mask, once for all layers
-        inits += [numpy_helper.from_array(np.array(1.0, np.float32), "one"),
-                  numpy_helper.from_array(np.array(-MASK_FILTER_VALUE, np.float32), "filter"),
-                  numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
-                  numpy_helper.from_array(np.array([1, 1, seq, 1], np.int64), "rows")]
-        nodes += [helper.make_node("Cast", ["mask"], ["mask_f"], to=TensorProto.FLOAT),
-                  helper.make_node("Sub", ["mask_f", "one"], ["mask_m1"]),
-                  helper.make_node("Mul", ["mask_m1", "filter"], ["keys"]),
-                  helper.make_node("Unsqueeze", ["keys", "axes"], ["keys4d"]),
-                  helper.make_node("Expand", ["keys4d", "rows"], ["additive"])]
+    if core == "onnx":  # the exporter's own additive (batch, 1, seq, seq) mask, once for all layers
+        mask_nodes, constants = additive_mask("mask", "additive")
+        nodes += mask_nodes
+        inits += [numpy_helper.from_array(v, k) for k, v in constants.items()]
     x = "x"
     for i in range(LAYERS):
         out = "y" if i == LAYERS - 1 else f"h{i}"

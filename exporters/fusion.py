@@ -14,7 +14,7 @@ projections as inputs rather than one packed weight — and joins each branch ag
 output now is: a LoRA on q, k or v between its projection MatMul and the attention. Layers without a
 branch on q, k and v get a packed Attention as merged graphs do, so int8 makes them QAttention. The others
 then trade ORT's MultiHeadAttention for ONNX's own Attention (opset 23), which ORT's CPU runs faster
-(`STANDARD_ATTENTION`). The q, k and v MatMuls stay layers of their own, quantized and checked one by one
+(`STANDARD_ATTENTION_OPSET`). The q, k and v MatMuls stay layers of their own, quantized and checked one by one
 like any other; `validate.layerwise_error` checks each attention core too.
 """
 
@@ -39,8 +39,8 @@ from .quantize import qattention_compatible
 # Architectures whose exported graphs ORT's "bert" fusions are known to match and compute exactly.
 FUSABLE_ARCHITECTURES = ("bert",)
 # Ops the fusions produce, in the order a manifest lists them.
-FUSED_OPS = ("EmbedLayerNormalization", "Attention", "MultiHeadAttention", "ai.onnx.Attention", "SkipLayerNormalization", "BiasGelu",
-             "FastGelu", "Gelu")
+FUSED_OPS = ("EmbedLayerNormalization", "Attention", "MultiHeadAttention", "ai.onnx.Attention", "SkipLayerNormalization",
+             "BiasGelu", "FastGelu", "Gelu")
 # The fusions one can ask for (names as in the manifest) and the FusionOptions switches behind each.
 FUSIONS = {
     "attention": ("enable_attention",),
@@ -458,8 +458,6 @@ def _standard_attention(fused: onnx.ModelProto, multi_head: Mapping[str, tuple[s
     from onnx import version_converter
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from .validate import MASK_FILTER_VALUE
-
     if not any(o.domain == "com.microsoft" for o in fused.opset_import):  # ORT's optimizer leaves it out
         fused.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     proto = version_converter.convert_version(fused, STANDARD_ATTENTION_OPSET)
@@ -490,22 +488,11 @@ def _standard_attention(fused: onnx.ModelProto, multi_head: Mapping[str, tuple[s
         core = helper.make_node("Attention", [*node.input[:3], *([masks[mask]] if mask else [])], list(node.output),
                                 name=node.name, q_num_heads=heads, kv_num_heads=heads)
         node.CopyFrom(core)
-    constants = {"attention_mask.one": np.array(1, np.float32), "attention_mask.filter": np.array(-MASK_FILTER_VALUE, np.float32),
-                 "attention_mask.axes": np.array([1, 2], np.int64), "attention_mask.seq_axis": np.array([1], np.int64),
-                 "attention_mask.lead": np.array([1, 1], np.int64), "attention_mask.tail": np.array([1], np.int64)}
+    built, constants = [], {}
+    for raw, out in masks.items():  # one in BERT graphs; the constants have the same names for each
+        mask_nodes, constants = additive_mask(raw, out)
+        built += mask_nodes
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
-    built = []
-    for raw, out in masks.items():  # (mask - 1) * 10000: 0 for real keys, -10000 for padding; then (b, 1, s, s)
-        built += [
-            helper.make_node("Cast", [raw], [f"{raw}.float"], to=onnx.TensorProto.FLOAT),
-            helper.make_node("Sub", [f"{raw}.float", "attention_mask.one"], [f"{raw}.minus_one"]),
-            helper.make_node("Mul", [f"{raw}.minus_one", "attention_mask.filter"], [f"{raw}.keys"]),
-            helper.make_node("Unsqueeze", [f"{raw}.keys", "attention_mask.axes"], [f"{raw}.keys4d"]),
-            helper.make_node("Shape", [raw], [f"{raw}.shape"]),
-            helper.make_node("Gather", [f"{raw}.shape", "attention_mask.seq_axis"], [f"{raw}.seq"], axis=0),
-            helper.make_node("Concat", ["attention_mask.lead", f"{raw}.seq", "attention_mask.tail"], [f"{raw}.rows"], axis=0),
-            helper.make_node("Expand", [f"{raw}.keys4d", f"{raw}.rows"], [out]),  # (b,1,1,s) x (1,1,s,1)
-        ]
     nodes = []
     for n in graph.node:
         nodes.append(n)
@@ -514,6 +501,29 @@ def _standard_attention(fused: onnx.ModelProto, multi_head: Mapping[str, tuple[s
     graph.node.extend(built + nodes)
     OnnxModel.graph_topological_sort(graph)
     return proto
+
+
+def additive_mask(raw: str, out: str) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+    """Nodes turning a raw (batch, seq) int mask `raw` into ONNX Attention's additive (batch, 1, seq, seq)
+    mask `out`: (mask - 1) * 10000, so 0 for real keys and `validate.MASK_FILTER_VALUE` for padding, as
+    MultiHeadAttention and QAttention add; and the constants they read (the same names for every mask)."""
+    from .validate import MASK_FILTER_VALUE
+
+    constants = {"attention_mask.one": np.array(1, np.float32),
+                 "attention_mask.filter": np.array(-MASK_FILTER_VALUE, np.float32),
+                 "attention_mask.axes": np.array([1, 2], np.int64), "attention_mask.seq_axis": np.array([1], np.int64),
+                 "attention_mask.lead": np.array([1, 1], np.int64), "attention_mask.tail": np.array([1], np.int64)}
+    nodes = [
+        helper.make_node("Cast", [raw], [f"{raw}.float"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Sub", [f"{raw}.float", "attention_mask.one"], [f"{raw}.minus_one"]),
+        helper.make_node("Mul", [f"{raw}.minus_one", "attention_mask.filter"], [f"{raw}.keys"]),
+        helper.make_node("Unsqueeze", [f"{raw}.keys", "attention_mask.axes"], [f"{raw}.keys4d"]),
+        helper.make_node("Shape", [raw], [f"{raw}.shape"]),
+        helper.make_node("Gather", [f"{raw}.shape", "attention_mask.seq_axis"], [f"{raw}.seq"], axis=0),
+        helper.make_node("Concat", ["attention_mask.lead", f"{raw}.seq", "attention_mask.tail"], [f"{raw}.rows"], axis=0),
+        helper.make_node("Expand", [f"{raw}.keys4d", f"{raw}.rows"], [out]),  # (b,1,1,s) x (1,1,s,1)
+    ]
+    return nodes, constants
 
 
 def _drop_unread_initializers(proto: onnx.ModelProto) -> None:
