@@ -241,11 +241,16 @@ def calibrate(
     return Calibration(observer, count, qat_steps, len(layers))
 
 
+def check_calib_batches(batches: object) -> None:
+    """--calib-batches must be a positive whole number; the CLI checks it before minutes of loading."""
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise EdgeloraError(f"--calib-batches {batches!r} must be a positive number of batches, e.g. 8")
+
+
 def text_batches(tokenizer, texts: Sequence[str], batches: int, batch_size: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """`batches` batches of `batch_size` texts drawn (seeded, without repeats) from `texts`, tokenized: the
     calibration inputs the CLI uses. Fewer when `texts` runs out."""
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        raise EdgeloraError(f"--calib-batches {batches!r} must be a positive number of batches, e.g. 8")
+    check_calib_batches(batches)
     order = np.random.default_rng(seed).permutation(len(texts))[: batches * batch_size]
     return [encode(tokenizer, [texts[i] for i in order[j : j + batch_size]]) for j in range(0, len(order), batch_size)]
 

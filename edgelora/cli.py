@@ -111,6 +111,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, rank: int) -> int:
     """The train verb in one process; under torchrun, rank 0 alone draws progress, saves and prints."""
     from edgelora.atomic import check_writable
+    from edgelora.calibrate import check_calib_batches
     from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
     from edgelora.data import load_splits
     from edgelora.distributed import on_rank0
@@ -125,8 +126,8 @@ def _train(args: argparse.Namespace, rank: int) -> int:
                             "--activations static or drop them")
     if args.activations != "dynamic" and args.qat != "int8":
         raise EdgeloraError(f"--activations {args.activations} applies to int8 training; add --qat int8")
-    if args.activations == "static" and args.calib_batches < 1:
-        raise EdgeloraError(f"--calib-batches {args.calib_batches} must be a positive number of batches, e.g. 8")
+    if args.activations == "static":
+        check_calib_batches(args.calib_batches)
     if args.activations == "static" and args.observe_steps < 0:
         raise EdgeloraError(f"--observe-steps {args.observe_steps} must be 0 (freeze after calibration) or more steps")
     if args.max_length < 1:
@@ -288,6 +289,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     import dataclasses
 
     from edgelora.atomic import check_writable
+    from edgelora.calibrate import check_calib_batches
     from edgelora.config import QuantConfig, config_to_dict
     from edgelora.data import load_splits
     from edgelora.model import AdapterModel
@@ -296,8 +298,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     source, out = Path(args.adapter), Path(args.out)
     if out.resolve() == source.resolve():
         raise EdgeloraError(f"--out {out} is ADAPTER_DIR itself; write the calibrated adapter to a new directory")
-    if args.calib_batches < 1:
-        raise EdgeloraError(f"--calib-batches {args.calib_batches} must be a positive number of batches, e.g. 8")
+    check_calib_batches(args.calib_batches)
     if args.batch_size < 1:
         raise EdgeloraError(f"--batch-size {args.batch_size} must be a positive number of texts, e.g. 32")
     if args.max_length < 1:

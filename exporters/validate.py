@@ -144,6 +144,10 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
     sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     values = dict(zip(names, sess.run(names, feeds, run_options)))
     worst, worst_layer = 0.0, ""
+
+    def relative_error(output: str, ref: torch.Tensor) -> float:  # max abs difference over the reference's max
+        return float((torch.from_numpy(values[output]) - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+
     for name, layer in layers.items():
         x = torch.from_numpy(values[layer.input])
         w = fake_quantize_weight(torch.tensor(layer.weight), bits)
@@ -157,7 +161,7 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
             ref = attention_reference(xq, w, torch.tensor(layer.bias), mask, layer.num_heads)
         else:
             ref = torch.nn.functional.linear(xq, w)
-        err = float((torch.from_numpy(values[layer.output]) - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+        err = relative_error(layer.output, ref)
         if err > worst:
             worst, worst_layer = err, name
     inits = {init.name: init for init in model.graph.initializer}
@@ -176,7 +180,7 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
 
     for node in cores + standard:
         ref = core_reference(node)
-        err = float((torch.from_numpy(values[node.output[0]]) - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+        err = relative_error(node.output[0], ref)
         if err > worst:
             worst, worst_layer = err, node.name
     return worst, worst_layer
