@@ -57,7 +57,7 @@ DEFAULT_FUSIONS = ("attention",)
 # Switchable graphs run their adapted attention cores as ONNX's Attention (this opset, whose CPU kernel
 # ONNX Runtime has had since 1.23) rather than ORT's MultiHeadAttention: six MiniLM-sized layers fed by
 # the same int8 q, k, v took 1.22-1.40x the time of merged graphs' QAttention with MultiHeadAttention
-# and 1.07-1.11x with ONNX's Attention, 1x32 to 8x128, outputs equal bit for bit (ORT 1.32, 2-core AMD
+# and 1.04-1.11x with ONNX's Attention, 1x32 to 8x128 over two runs, outputs equal bit for bit (ORT 1.32, 2-core AMD
 # EPYC, AVX2, 2 threads, 200 rounds: `python benchmarks/attention_cores.py`).
 STANDARD_ATTENTION_OPSET = 23
 STANDARD_ATTENTION_ORT = "1.23"  # the first onnxruntime with a CPU kernel for it; bundles record it under 'requires'
