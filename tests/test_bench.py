@@ -58,7 +58,12 @@ def test_rows_hold_percentiles_throughput_size_and_memory(result: dict) -> None:
 def test_int8_over_fp32_speedup_per_shape(result: dict) -> None:
     sp = [s for s in result["speedups"] if s["kind"] == "int8/fp32"]
     assert [(s["baseline"], s["candidate"]) for s in sp] == [(0, 1)] * len(BATCHES) * len(SEQS)
-    assert all(s["speedup"] > 0 and s["speedup_paired"] > 0 for s in sp)
+    rows = {(r["bundle"], r["batch"], r["seq"]): r for r in result["rows"]}
+    for s in sp:  # the speed-up is the ratio of the two bundles' medians; the paired one, the median of round ratios
+        base, cand = rows[(0, s["batch"], s["seq"])], rows[(1, s["batch"], s["seq"])]
+        assert s["speedup"] == pytest.approx(base["p50_ms"] / cand["p50_ms"], rel=1e-12)
+        ratios = np.asarray(base["samples_ms"]) / np.asarray(cand["samples_ms"])
+        assert s["speedup_paired"] == pytest.approx(float(np.median(ratios)), rel=1e-12)
 
 
 def test_json_is_written_atomically_and_reads_back(result: dict, tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ from edgelora.cli import main
 VERBS = ("train", "export", "run", "bench")
 # Two classes told apart by one word; the rest is filler from the toy vocabulary (see conftest.WORDS).
 FILLER = [w for w in WORDS if w not in ("good", "bad")]
+# fp32 ONNX Runtime vs eager torch on a tiny BERT: the same arithmetic in another order
+FP32_SCORE_ATOL = 1e-5
 
 
 def write_jsonl(path: Path, n: int = 60, seed: int = 0) -> Path:
@@ -128,10 +130,24 @@ def test_run_with_an_unknown_adapter(fp32_bundle: Path, capsys: pytest.CaptureFi
     assert_one_line_error(rc, capsys.readouterr().err, "no adapter 'nope'; available: task")
 
 
-def test_run_with_the_right_adapter_works(fp32_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["run", str(fp32_bundle), "--adapter", "task", "--text", "a good film", "--threads", "1"])
+def test_run_with_the_right_adapter_works(tiny_bert_dir: Path, fp32_bundle: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from edgelora.model import AdapterModel, load_base
+    from edgelora.peft_format import load_adapter
+    from edgelora.tokenize import encode, load_tokenizer
+
+    text = "a good film"
+    rc = main(["run", str(fp32_bundle), "--adapter", "task", "--text", text, "--threads", "1"])
     (prediction,) = json.loads(capsys.readouterr().out)
-    assert rc == 0 and prediction["label"] in ("neg", "pos")
+    model = AdapterModel(load_base(tiny_bert_dir)[0]).eval()
+    model.set_adapter(load_adapter(model, fp32_bundle.parent / "task"))
+    feeds = {k: torch.from_numpy(v) for k, v in encode(load_tokenizer(tiny_bert_dir), [text]).items()}
+    with torch.no_grad():
+        (probs,) = torch.softmax(model(**feeds)[0], dim=-1).tolist()  # the torch model the bundle was exported from
+    assert rc == 0 and prediction["label"] == ("neg", "pos")[probs.index(max(probs))]
+    assert prediction["scores"] == pytest.approx(dict(zip(("neg", "pos"), probs)), abs=FP32_SCORE_ATOL)
 
 
 def test_train_on_a_missing_data_file(tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import platform
+from pathlib import Path
+
 import pytest
 
 from edgelora.errors import EdgeloraError
-from edgelora.runtime.cpu import ISAS, detect_isa, int8_saturates, recommended_weight_bits
+from edgelora.runtime.cpu import detect_isa, int8_saturates, recommended_weight_bits
 
 _BASE = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx fma"
 
@@ -64,10 +68,22 @@ def test_aarch64_dotprod_and_i8mm() -> None:
     assert detect_isa(AARCH64.replace(" asimddp", ""), machine="aarch64").isa == "generic"
 
 
+# What each x86 int8 path needs, best first: an independent table to check this machine's answer against.
+_X86_NEEDS = (("amx", {"amx_int8", "amx_tile"}), ("avx512_vnni", {"avx512f", "avx512bw", "avx512_vnni"}),
+              ("avx_vnni", {"avx_vnni", "avx2"}), ("avx512", {"avx512f", "avx512bw"}), ("avx2", {"avx2"}))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not Path("/proc/cpuinfo").is_file(),
+                    reason="reads this machine's /proc/cpuinfo as an x86 CPU")
 def test_this_machine_is_detected() -> None:
     info = detect_isa()
-    assert info.isa in ISAS and info.physical_cores >= 1
-    assert info.to_dict()["isa"] == info.isa
+    text = Path("/proc/cpuinfo").read_text()
+    flag_lines = [line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")]
+    flags = set().union(*flag_lines)
+    assert info.flags == flags and info.to_dict()["flags"] == sorted(flags)
+    assert info.isa == next((isa for isa, needs in _X86_NEEDS if needs <= flags), "generic")
+    assert info.machine == platform.machine()
+    assert 1 <= info.physical_cores <= len(os.sched_getaffinity(0)) <= (os.cpu_count() or 1)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ passed to every worker and recorded, and a malformed setting refused before any 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import int8_speed  # noqa: E402
+
+# The worker reads the CPU clock just after the wall clock at both ends of a run, so a CPU sample may
+# cover a few microseconds more than its wall sample.
+CLOCK_SLACK_MS = 0.5
 
 
 def toy_model(path: Path, width: int) -> Path:
@@ -37,10 +42,16 @@ def test_models_are_timed_interleaved_with_cpu_time_and_settings(tmp_path: Path)
                                   "settle_ms": 1.0}
     rows = result["rows"]
     assert [(r["model"], r["batch"], r["seq"]) for r in rows] == [("a", 2, 4), ("b", 2, 4)]
+    cores = os.cpu_count() or 1
     for r in rows:
-        assert len(r["samples_ms"]) == len(r["samples_cpu_ms"]) == 3
-        assert r["p50_ms"] > 0 and r["cpu_p50_ms"] >= 0
+        wall, cpu = np.asarray(r["samples_ms"]), np.asarray(r["samples_cpu_ms"])
+        assert len(wall) == len(cpu) == 3
+        assert r["p50_ms"] == float(np.median(wall)) and r["cpu_p50_ms"] == float(np.median(cpu))
+        # a run costs some CPU, and one process cannot burn more than every core for the whole run
+        assert np.all(cpu > 0) and np.all(cpu <= wall * cores + CLOCK_SLACK_MS)
     assert rows[0]["speedup_vs_first"] == 1.0 and rows[0]["cpu_speedup_vs_first"] == 1.0
+    assert rows[1]["speedup_vs_first"] == pytest.approx(rows[0]["p50_ms"] / rows[1]["p50_ms"], rel=1e-12)
+    assert rows[1]["cpu_speedup_vs_first"] == pytest.approx(rows[0]["cpu_p50_ms"] / rows[1]["cpu_p50_ms"], rel=1e-12)
     assert "cpu p50" in int8_speed.format_rows(result)
 
 
