@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edgelora.errors import EdgeloraError
-from edgelora.runtime import bench
+from edgelora.runtime import Runtime, bench
 from test_runtime import TEXTS, WORDS, make_bundle  # the tiny-bundle builder; tests/ is on sys.path under pytest
 
 ROUNDS = 3
@@ -50,7 +50,9 @@ def test_rows_hold_percentiles_throughput_size_and_memory(result: dict) -> None:
         assert r["n"] == ROUNDS == len(r["samples_ms"])
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
         assert r["throughput_seq_s"] == pytest.approx(r["batch"] * 1e3 / r["p50_ms"])
-        assert r["size_bytes"] > 0 and r["rss_peak_bytes"] >= r["rss_load_bytes"] > 0
+        path = Path(result["bundles"][r["bundle"]]["path"])  # merged bundles: the graph is all the weights
+        assert r["size_bytes"] == (path / "model.onnx").stat().st_size
+        assert r["rss_peak_bytes"] >= r["rss_load_bytes"] > 0
     s = result["settings"]
     assert s["threads"] == 1 and s["rounds"] == ROUNDS and s["spinning"] is False  # the default: no trap
 
@@ -324,7 +326,9 @@ def test_bench_command_reads_labelled_data(bundles: list[Path], tmp_path: Path, 
     assert bench.bench_command(args) == 0
     assert "acc: accuracy on its labels" in capsys.readouterr().out
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert saved["fidelity"]["source"] == str(data) and saved["rows"][0]["fidelity"]["accuracy"] is not None
+    predicted = [p["label"] for p in Runtime(bundles[0], intra_op_threads=1).predict(["the good film", "a bad movie"], "sentiment")]
+    expected = np.mean([p == y for p, y in zip(predicted, ["pos", "neg"])])
+    assert saved["fidelity"]["source"] == str(data) and saved["rows"][0]["fidelity"]["accuracy"] == expected
     with pytest.raises(EdgeloraError, match=r"nowhere.jsonl: no such file"):
         bench.bench_command(parser.parse_args([str(bundles[0]), "--data", str(tmp_path / "nowhere.jsonl")]))
 
