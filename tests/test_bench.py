@@ -13,7 +13,7 @@ import pytest
 
 from edgelora.errors import EdgeloraError
 from edgelora.runtime import Runtime, bench
-from test_runtime import TEXTS, WORDS, make_bundle  # the tiny-bundle builder; tests/ is on sys.path under pytest
+from tiny_bundle import TEXTS, WORDS, make_bundle, write_manifest
 
 ROUNDS = 3
 BATCHES, SEQS = (1, 2), (4, 8)
@@ -299,8 +299,6 @@ def test_labelled_data_gives_accuracy(bundles: list[Path]) -> None:
 
 
 def test_bundle_without_tokenizer_uses_generated_ids(tmp_path: Path) -> None:
-    from test_runtime import write_manifest
-
     pair = [make_bundle(tmp_path / p, "merged", p).path for p in ("fp32", "int8")]
     for path in pair:
         m = json.loads((path / "manifest.json").read_text())

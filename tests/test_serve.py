@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_runtime import TEXTS, WORDS, make_bundle, write_manifest  # tests/ is on sys.path under pytest
+from tiny_bundle import TEXTS, WORDS, SlowRuntime, make_bundle, write_manifest
 
 from edgelora.errors import EdgeloraError
 from edgelora.runtime import Runtime
@@ -50,16 +50,6 @@ LOAD_TIME_CAP_S = 30.0
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-class SlowRuntime(Runtime):
-    """A Runtime whose predict takes at least `delay` seconds: keeps a request in flight on purpose."""
-
-    delay = 0.3
-
-    def predict(self, *args, **kwargs):
-        time.sleep(self.delay)
-        return super().predict(*args, **kwargs)
 
 
 @contextmanager
@@ -297,7 +287,7 @@ def test_a_full_queue_answers_503_with_retry_after(switchable_path: Path) -> Non
 _SIGTERM_SERVER = """
 import sys, time
 sys.path.insert(0, {tests!r})
-from test_serve import SlowRuntime
+from tiny_bundle import SlowRuntime
 from edgelora.runtime.serve import create_app, listen, run_app
 SlowRuntime.delay = 1.5
 app = create_app(SlowRuntime({bundle!r}, intra_op_threads=1))
