@@ -15,10 +15,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_base, make_inputs, randomize_adapters, snapshot, worst_cosine, write_tokenizer
+from conftest import (INT8_MIN_COSINE, make_base, make_inputs, randomize_adapters, snapshot, worst_cosine, write_jsonl,
+                      write_tokenizer)
 from safetensors.torch import load_file
-from test_cli import write_jsonl
-from test_static import INT8_MIN_COSINE
 
 from edgelora.calibrate import ObserverConfig, calibrate, static_qparams, text_batches
 from edgelora.cli import main

@@ -8,34 +8,19 @@ subprocess, where a traceback or a stray warning would really reach the user's t
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import WORDS
+from conftest import assert_one_line_error, write_jsonl
 
 from edgelora.cli import main
 
 VERBS = ("train", "export", "run", "bench")
-# Two classes told apart by one word; the rest is filler from the toy vocabulary (see conftest.WORDS).
-FILLER = [w for w in WORDS if w not in ("good", "bad")]
 # fp32 ONNX Runtime vs eager torch on a tiny BERT: the same arithmetic in another order
 FP32_SCORE_ATOL = 1e-5
-
-
-def write_jsonl(path: Path, n: int = 60, seed: int = 0) -> Path:
-    """`n` examples: a "good" text is "pos", a "bad" text is "neg", four filler words around the cue."""
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for i in range(n):
-            label = ("neg", "pos")[i % 2]
-            words = rng.sample(FILLER, 4)
-            words.insert(rng.randrange(5), "good" if label == "pos" else "bad")
-            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +42,6 @@ def fp32_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     save_adapter(model, "task", root / "task")
     export_bundle(str(tiny_bert_dir), {"task": root / "task"}, mode="switchable", precision="fp32", out=root / "bundle")
     return root / "bundle"
-
-
-def assert_one_line_error(rc: int, err: str, fragment: str) -> None:
-    lines = err.splitlines()
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("edgelora: error: "), err
-    assert fragment in lines[0], err
-    assert "Traceback" not in err
 
 
 # --- help ---------------------------------------------------------------------------------------------

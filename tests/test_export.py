@@ -17,7 +17,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import make_base, make_inputs, max_abs, mean_abs, randomize_adapters, snapshot, worst_cosine, write_tokenizer
+from conftest import (FP32_ATOL, INT8_LAYER_REL_TOL, INT8_MIN_COSINE, MIN_ADAPTER_EFFECT, TRACKS_FAKE_QUANT_FACTOR,
+                      WEIGHT_BITS, make_base, make_inputs, max_abs, mean_abs, randomize_adapters, snapshot,
+                      worst_cosine, write_tokenizer)
 from onnx import helper, numpy_helper
 
 import edgelora.exporters.export as export_module
@@ -28,32 +30,9 @@ from edgelora.model import AdapterModel, load_base
 from edgelora.peft_format import load_adapter, save_adapter
 from edgelora.runtime import Runtime
 
-# fp32 ONNX vs torch: the same float ops summed in another order. Measured <= 3e-6 on these toy bases
-# (hidden values ~1 after LayerNorm); 1e-4 leaves >30x headroom, while a wrong weight, a transposed
-# Conv1D or a lost adapter branch moves the outputs by >= MIN_ADAPTER_EFFECT.
-FP32_ATOL = 1e-4
-# One int8 layer vs the fake-quant product of the same input: the integer products are exact, only the
-# final float rescale rounds (measured ~3e-7 relative with 7-bit weights). A saturating 8-bit kernel
-# shows ~1e-1 and a wrong scale or weight layout far more.
-INT8_LAYER_REL_TOL = 1e-4
-# int8 ONNX vs fake-quant torch end to end: one ulp of float difference can flip an activation's uint8
-# rounding and flips compound over layers, so no max-abs bound is fair; two layers leave little room to
-# compound (measured worst cosine 1 - 1e-7), and 0.99 still catches a graph that is wrong as a whole.
-INT8_MIN_COSINE = 0.99
 # Quantization must visibly move the output (int8 vs fp32 embeddings measured 5e-4 to 2e-2 with 7-bit
 # weights, 100x the fp32 export's own error), or an "int8" bundle that silently stayed fp32 would pass.
 INT8_VS_FP32_MIN_DIFF = 1e-4
-# The int8 graph reproduces the fake quantizer's rounding, not merely the float model: its mean distance
-# to fake-quant torch must be this many times smaller than to fp32 torch. Usually it is ~1e4 times; but
-# the activation scale is per tensor, so one ulp at a batch's extreme shifts every row's uint8 rounding,
-# and one toy batch in five measured only 13 times. 3 stays robust to that and still fails a graph that
-# merely approximates the float model.
-TRACKS_FAKE_QUANT_FACTOR = 3
-# A randomized adapter must move the outputs at least this much, or an equivalence test proves nothing.
-MIN_ADAPTER_EFFECT = 1e-2
-# 7-bit weights never saturate ORT's int8 kernels (AVX2 without VNNI included), so the int8 numbers
-# above hold on whatever CPU runs the tests; the export is told so rather than left to detect the CPU.
-WEIGHT_BITS = 7
 
 ADAPTERS = {
     "lo": LoraConfig(r=4, alpha=8.0, include_mlp=True),

@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_base, make_inputs, randomize_adapters, write_tokenizer
+from conftest import (FP32_ATOL, INT8_LAYER_REL_TOL, INT8_MIN_COSINE, WEIGHT_BITS, make_base, make_inputs,
+                      randomize_adapters, write_tokenizer)
 from onnx import numpy_helper
 
 from edgelora.config import LoraConfig, QuantConfig, config_to_dict
@@ -30,15 +31,6 @@ from edgelora.peft_format import load_adapter, save_adapter
 from edgelora.runtime import Runtime
 from edgelora.runtime.cpu import detect_isa
 
-# fp32 fused graph vs torch: the same float ops in another order (measured ~1e-6 on these toy bases).
-FP32_ATOL = 1e-4
-# One int8 layer (or a whole QAttention) vs the fake-quant recomputation of the same input: only float
-# summation order differs (measured ~3e-7); a wrong scale, layout or saturation is >= 1e-2.
-INT8_LAYER_REL_TOL = 1e-4
-# int8 ONNX vs fake-quant torch end to end (two layers leave little room for rounding flips to compound).
-INT8_MIN_COSINE = 0.99
-# 7-bit weights never saturate ORT's int8 kernels, so the figures hold on any CPU.
-WEIGHT_BITS = 7
 LAYER = "encoder.layer.{}.attention.self.{}"
 
 

@@ -36,7 +36,7 @@ from edgelora.fake_quant import (
 # int8 graph vs fake-quantized torch layer, relative to the output's largest magnitude. The integer
 # products are exact on both sides (7-bit weights cannot saturate u8 x s8 pair sums); only the float32
 # order of the two scale multiplications and of the K-term sum differs, a few ulps (~1e-7) each.
-INT8_LAYER_REL_TOL = 1e-5
+INT8_MATMUL_REL_TOL = 1e-5
 OPSET = 17
 
 
@@ -226,7 +226,7 @@ def test_int8_graph_matches_fake_quant(seed: int, optimize: bool) -> None:
     (y,) = _session(_int8_linear_graph(q, scale), optimize).run(None, {"x": x.numpy()})
     ref = F.linear(fake_quantize_activation(x), fake_quantize_weight(w, 7))
     err = (torch.from_numpy(y) - ref).abs().max() / ref.abs().max()
-    assert err <= INT8_LAYER_REL_TOL, f"relative error {err:.2e}"
+    assert err <= INT8_MATMUL_REL_TOL, f"relative error {err:.2e}"
     # and the quantization itself is visible: the int8 layer is not the float one
     assert (ref - F.linear(x, w)).abs().max() > 1e-4
 
@@ -342,7 +342,7 @@ def test_static_int8_graph_matches_fake_quant(seed: int, fused: bool) -> None:
     (y,) = _session(_static_int8_linear_graph(q, w_scale, scale, zp, fused), optimize=True).run(None, {"x": x.numpy()})
     ref = F.linear(fake_quantize_activation_static(x, scale, zp), fake_quantize_weight(w, 7))
     err = (torch.from_numpy(y) - ref).abs().max() / ref.abs().max()
-    assert err <= INT8_LAYER_REL_TOL, f"relative error {err:.2e}"
+    assert err <= INT8_MATMUL_REL_TOL, f"relative error {err:.2e}"
 
 
 def test_ort_does_not_fuse_the_constant_scale_pattern() -> None:

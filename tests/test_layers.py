@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BASES, make_base, make_inputs, randomize_adapters
+from conftest import BASES, MIN_ADAPTER_EFFECT, make_base, make_inputs, randomize_adapters
 from torch import nn
 
 from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
@@ -31,8 +31,6 @@ MERGE_ATOL = 1e-5
 # Conv1D (addmm on W) vs nn.Linear (matmul on W^T) may sum in a different order: measured 0 here
 # (same BLAS kernel), but a few ulps are legitimate on other builds.
 CONV1D_ATOL = 1e-6
-# A randomized adapter must move the pooled output by at least this much, or an equivalence test proves nothing.
-MIN_ADAPTER_EFFECT = 1e-2
 
 
 def hidden(model: AdapterModel, feeds: dict[str, torch.Tensor]) -> torch.Tensor:

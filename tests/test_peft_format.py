@@ -12,7 +12,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import BASES, make_base, make_inputs, randomize_adapters
+from conftest import BASES, MIN_ADAPTER_EFFECT, make_base, make_inputs, randomize_adapters
 from safetensors.torch import load_file, save_file
 
 from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
@@ -29,7 +29,6 @@ LABELS = ["neg", "neutral", "pos"]
 # PEFT vs edgelora on the same weights: W x + s (B (A x)) on both sides; measured exactly 0 with peft 0.21,
 # but PEFT may reorder the scaling or the sum in another version, which moves a few ulps (~1e-7).
 PEFT_ATOL = 1e-5
-MIN_ADAPTER_EFFECT = 1e-2
 # PEFT warns (and ignores) our extra JSON section; that is the design, not a failure.
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:Unexpected keyword arguments \['edgelora'\]:UserWarning", "ignore::FutureWarning"

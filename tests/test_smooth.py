@@ -15,7 +15,8 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from conftest import make_inputs, randomize_adapters
+from conftest import (INT8_LAYER_REL_TOL, KEYWORD_CONFIG, KEYWORD_EVAL, KEYWORD_LABELS, KEYWORD_TRAIN, WEIGHT_BITS, Crash,
+                      assert_one_line_error, crash_after, make_inputs, randomize_adapters, write_jsonl)
 from torch import nn
 
 from edgelora.config import LoraConfig, QuantConfig
@@ -32,10 +33,7 @@ from edgelora.smooth import SMOOTHING_FILE, current_factors, smooth_model, smoot
 REAL_NUMBERS_RTOL = 1e-5
 # int8 ONNX against the fake-quant torch model end to end on the tiny base: measured 0.99999994 (merged) and
 # 1.0 (switchable); the same export with another adapter's factors measured 0.99996, so 1e-5 tells them apart.
-INT8_MIN_COSINE = 1 - 1e-5
-# One int8 layer vs the fake-quant recomputation of the same input: float summation order only.
-INT8_LAYER_REL_TOL = 1e-4
-WEIGHT_BITS = 7
+INT8_SMOOTHED_MIN_COSINE = 1 - 1e-5
 ALPHA = 0.5
 
 
@@ -151,7 +149,7 @@ def test_smoothed_int8_export_matches_fake_quant(tiny_bert_dir: Path, tmp_path: 
     rt = Runtime(out, intra_op_threads=1, allow_spinning=False)
     got = rt.run({k: v.numpy() for k, v in feeds.items()}, adapter="lo")["embeddings"]
     cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
-    assert cos.min() >= INT8_MIN_COSINE
+    assert cos.min() >= INT8_SMOOTHED_MIN_COSINE
 
 
 def test_factors_round_trip_with_the_adapter(tiny_bert_dir: Path, tmp_path: Path) -> None:
@@ -211,7 +209,6 @@ def test_quant_config_refuses_a_bad_alpha(alpha) -> None:
 
 def test_cli_trains_with_smoothing_and_exports_with_chosen_fusions_and_fp32_layers(
         tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from test_cli import write_jsonl
 
     from edgelora.cli import main
 
@@ -243,7 +240,6 @@ def test_cli_trains_with_smoothing_and_exports_with_chosen_fusions_and_fp32_laye
 ])
 def test_cli_export_flag_mistakes_are_one_line(tiny_bert_dir: Path, tmp_path: Path, args: list[str], fragment: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from test_cli import assert_one_line_error
 
     from edgelora.cli import main
 
@@ -263,7 +259,6 @@ def test_cli_export_flag_mistakes_are_one_line(tiny_bert_dir: Path, tmp_path: Pa
 ])
 def test_cli_train_smooth_mistakes_are_one_line(tiny_bert_dir: Path, tmp_path: Path, args: list[str], fragment: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from test_cli import assert_one_line_error, write_jsonl
 
     from edgelora.cli import main
 
@@ -291,15 +286,13 @@ def test_post_training_smoothing_of_a_static_adapter_is_refused(tiny_bert_dir: P
 
 def test_resume_keeps_the_smoothing_factors_and_refuses_others(tokenizer, tmp_path: Path) -> None:
     """The factors live outside the checkpointed state: a resume recomputes them and must land on the same."""
-    from test_reliability import CONFIG, EVAL, LABELS, TRAIN, Crash, crash_after
-
     from edgelora.train import CheckpointConfig, _adapter_state, train_adapter
 
     def run(alpha: float, checkpoint: CheckpointConfig | None = None, on_step=None):
         from conftest import make_base
 
         model = AdapterModel(make_base("bert"))
-        model.add_adapter("task", LoraConfig(r=4, alpha=8.0, dropout=0.1), LABELS,
+        model.add_adapter("task", LoraConfig(r=4, alpha=8.0, dropout=0.1), KEYWORD_LABELS,
                           quant=QuantConfig(weight_bits=WEIGHT_BITS, smoothing=alpha))
         smooth_model(model, [make_inputs("bert", batch=4, seed=0)], alpha)
 
@@ -307,7 +300,7 @@ def test_resume_keeps_the_smoothing_factors_and_refuses_others(tokenizer, tmp_pa
             if on_step:
                 on_step(int(msg.split("step ")[1].split("/")[0]), model)
 
-        train_adapter(model, "task", tokenizer, *TRAIN, *EVAL, config=CONFIG, progress=progress, checkpoint=checkpoint)
+        train_adapter(model, "task", tokenizer, *KEYWORD_TRAIN, *KEYWORD_EVAL, config=KEYWORD_CONFIG, progress=progress, checkpoint=checkpoint)
         return {k: v.detach().clone() for k, v in _adapter_state(model, "task").items()}
 
     whole = run(ALPHA)

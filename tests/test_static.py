@@ -17,7 +17,7 @@ import onnx
 import peft
 import pytest
 import torch
-from conftest import VOCAB_SIZE, make_base, make_inputs, randomize_adapters
+from conftest import INT8_MIN_COSINE, VOCAB_SIZE, make_base, make_inputs, randomize_adapters
 from onnx import numpy_helper
 
 from edgelora.cli import main
@@ -37,10 +37,6 @@ from edgelora.train import TrainConfig, train_adapter
 
 STATIC = QuantConfig(weight_bits=7, activations="static")  # 7-bit: no AVX2 saturation, figures hold on any CPU
 LABELS = ["neg", "pos"]
-# int8 ONNX vs the static fake-quant torch model end to end: the same integers layer by layer (the graph's
-# QuantizeLinear is our quantizer bit for bit); float summation order can flip a rare rounding, and two
-# toy layers leave little room for that to compound (measured ~1 - 1e-7).
-INT8_MIN_COSINE = 0.99
 # One row run alone vs within a batch, static bundle: the same constants and integers, only the kernels'
 # blocking over another batch shape differs (measured ~2e-7 on these toy bases).
 BATCH_INDEPENDENT_ATOL = 1e-5

@@ -20,7 +20,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import (VOCAB_SIZE, make_base, make_inputs, max_abs, mean_abs, randomize_adapters, snapshot,
+from conftest import (FP32_ATOL, INT8_MIN_COSINE, MIN_ADAPTER_EFFECT, TRACKS_FAKE_QUANT_FACTOR, VOCAB_SIZE,
+                      WEIGHT_BITS, make_base, make_inputs, max_abs, mean_abs, randomize_adapters, snapshot,
                       unread_initializers, worst_cosine)
 from safetensors.torch import load_file, save_file
 
@@ -35,16 +36,9 @@ from edgelora.model import AdapterModel, load_base
 from edgelora.peft_format import load_adapter, save_adapter
 from edgelora.runtime import Runtime, bench
 
-# fp32 ONNX vs torch: the same float ops in another summation order (measured <= 3e-6 on the toy bases).
-FP32_ATOL = 1e-4
 # A mixed batch vs its rows run one by one, fp32: the bank's zero padding adds exact zeros and each row's
 # attention and pooling see only that row, so only summation order differs (measured ~2e-7).
 MIXED_FP32_ATOL = 1e-5
-# int8 ONNX vs fake-quant torch end to end, as in test_export.py: flips of single uint8 roundings
-# compound over layers, so a cosine floor, not a max-abs bound (measured 1 - 1e-7 on these bases).
-INT8_MIN_COSINE = 0.99
-# ...and the graph must track the fake quantizer, not merely the float model (see test_export.py).
-TRACKS_FAKE_QUANT_FACTOR = 3
 # int8, a row in a mixed batch vs the same row alone. ORT quantizes activations per tensor over the
 # whole batch, so a row's activation scale (and rounding) depends on its batch-mates, in any int8 batch.
 # Each of the two results lies within the int8 quantization error e of the row's fp32 result, so they
@@ -52,10 +46,6 @@ TRACKS_FAKE_QUANT_FACTOR = 3
 # (1.5e-3 to 3.3e-3 on these toy bases). Measured over 12 random mixed batches and 8 adapter seeds: 0.3e
 # to 0.6e. A row through the wrong adapter moves far more; the test checks that too.
 INT8_BATCH_FACTOR = 2.0
-# A randomized adapter must move the outputs at least this much, or an equivalence test proves nothing.
-MIN_ADAPTER_EFFECT = 1e-2
-# 7-bit weights never saturate ORT's int8 kernels, so the int8 numbers hold on any CPU (test_export.py).
-WEIGHT_BITS = 7
 
 ADAPTERS = {
     "lo": LoraConfig(r=4, alpha=8.0, include_mlp=True),
@@ -332,7 +322,7 @@ def test_the_bank_holds_every_adapter_zero_padded_and_a_zero_entry_last(bundles)
 
 def test_a_bundle_without_a_bank_runs_a_mixed_batch_once_per_adapter(tmp_path: Path) -> None:
     """Switchable bundles from before adapter banks (2-D slots, no adapter_ids) still take adapters=."""
-    from test_runtime import TEXTS, make_bundle
+    from tiny_bundle import TEXTS, make_bundle
 
     rt = runtime(make_bundle(tmp_path, "switchable").path)
     assert not rt.mixes_in_one_run

@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import VOCAB_SIZE, make_base, make_inputs, randomize_adapters, unread_initializers, write_tokenizer
+from conftest import (MIN_ADAPTER_EFFECT, VOCAB_SIZE, WEIGHT_BITS, make_base, make_inputs, randomize_adapters,
+                      unread_initializers, write_tokenizer)
 
 from edgelora.config import BottleneckConfig, LoraConfig
 from edgelora.errors import EdgeloraError
@@ -38,9 +39,6 @@ from edgelora.runtime import Runtime
 # Fused vs unfused fp32 graph: the same float ops in another order (measured ~3e-7 relative here); the
 # fusion's own acceptance bound, so a graph this test accepts is one the exporter keeps fused.
 FUSED_REL_TOL = fusion.FUSED_REL_TOL
-# A randomized adapter must move the outputs at least this much, or the comparison proves nothing.
-MIN_ADAPTER_EFFECT = 1e-2
-WEIGHT_BITS = 7  # never saturates ORT's int8 kernels, on any CPU (see test_export.py)
 
 
 def _switchable_graph(model: AdapterModel, names: list[str]):
