@@ -12,8 +12,6 @@ import pytest
 
 from edgelora.data import (
     BUILTIN_TASKS,
-    MAX_WORDS,
-    MIN_WORDS,
     Dataset,
     load_dataset,
     load_splits,
@@ -23,6 +21,7 @@ from edgelora.data import (
     split_dataset,
 )
 from edgelora.errors import EdgeloraError
+from edgelora.synthetic_classification import MAX_WORDS, MIN_WORDS
 
 # A keyword model at or above this would mean the task is solvable without reading word order or negation.
 KEYWORD_CEILING = 0.97
