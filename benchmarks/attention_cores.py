@@ -10,7 +10,7 @@ MiniLM-sized layers (hidden 384, 12 heads) from the same random int8 weights and
   qattention   DynamicQuantizeLinear -> QAttention
   mha          DynamicQuantizeLinear -> MatMulIntegerToFloat (+bias) -> Split -> MultiHeadAttention
   onnx         DynamicQuantizeLinear -> MatMulIntegerToFloat (+bias) -> Split -> Attention (the exporter's
-               additive mask, `fusion.additive_mask`)
+               additive mask, `switchable_fusion.additive_mask`)
 
     python benchmarks/attention_cores.py --shapes 1x32,1x128,8x128 --threads 2 --rounds 200
 """
@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edgelora.exporters.fusion import additive_mask
+from edgelora.exporters.switchable_fusion import additive_mask
 
 HIDDEN, HEADS, LAYERS = 384, 12, 6
 

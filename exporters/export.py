@@ -26,7 +26,7 @@ from edgelora.tokenize import DEFAULT_MAX_LENGTH
 
 from . import validate
 from .bundle import check_out, write_bundle
-from .fusion import DEFAULT_FUSIONS, STANDARD_ATTENTION_ORT, fuse_graph, fuse_switchable
+from .fusion import DEFAULT_FUSIONS, fuse_graph
 from .onnx_graph import OUTPUTS, export_graph
 from .mixed_precision import TARGET_COSINE, calibration_feeds, choose_fp32_layers, expand_to_units
 from .quantize import QuantizedAttention, count_layers, quantization_units, quantize_graph
@@ -42,6 +42,7 @@ from .switchable import (
     slots_manifest,
     write_adapter_file,
 )
+from .switchable_fusion import STANDARD_ATTENTION_ORT, fuse_switchable
 
 PRECISIONS = ("fp32", "int8")
 
@@ -166,7 +167,7 @@ def export_bundle(
         fusions: ONNX Runtime's BERT fusions to apply to BERT bases (names from `fusion.FUSIONS`;
             None: `fusion.DEFAULT_FUSIONS`, the fastest measured; (): none), fp32 and int8 alike, so
             int8/fp32 compares like with like. Switchable graphs take the attention fusion only, with
-            their adapter branches joined again (`fusion.fuse_switchable`). Other bases stay unfused;
+            their adapter branches joined again (`switchable_fusion.fuse_switchable`). Other bases stay unfused;
             the manifest says what was fused, or why not.
         keep_fp32: int8 mixed precision: layer names to keep fp32, or "auto" to measure each layer's
             effect on the embeddings and keep the most sensitive fp32 until their worst cosine to fp32

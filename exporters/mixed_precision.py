@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from edgelora.config import QuantConfig
 from edgelora.model import AdapterModel
+
+from .validate import generated_feeds
 
 # Worst cosine of the int8 model's sentence embeddings to the fp32 model's that `keep_fp32="auto"` aims at.
 TARGET_COSINE = 0.995
@@ -74,8 +77,6 @@ def calibration_feeds(base_path: Path | None, feed_names: Sequence[str], vocab_s
     """One feed per calibration text (batch 1, as a sentence embedder runs), or random ids without a tokenizer."""
     path = None if base_path is None else Path(base_path) / "tokenizer.json"
     if path is not None and path.is_file():
-        from tokenizers import Tokenizer
-
         tok = Tokenizer.from_file(str(path))
         tok.no_padding()
         tok.enable_truncation(max_length)
@@ -85,8 +86,6 @@ def calibration_feeds(base_path: Path | None, feed_names: Sequence[str], vocab_s
             row = {"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}
             feeds.append({k: torch.tensor([row[k]], dtype=torch.long) for k in feed_names})
         return feeds, f"{len(feeds)} built-in English sentences, one per run"
-    from .validate import generated_feeds
-
     rows = generated_feeds(vocab_size, tuple(feed_names), batch=8, seq=16, seed=1)
     feeds = [{k: torch.from_numpy(v[i : i + 1]) for k, v in rows.items()} for i in range(8)]
     return feeds, "8 rows of random token ids (the base has no tokenizer.json)"

@@ -24,6 +24,9 @@ OPSET = 17
 FEEDS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("logits", "embeddings")
 SLOT_RANK = 2  # placeholder width of switchable slots at trace time; replaced by a zero-size default
+# ONNX Runtime's Attention adds this to the scores of masked keys (its `mask_filter_value` default); the
+# additive masks the exporter builds and the torch references in validate.py use the same value.
+MASK_FILTER_VALUE = -10000.0
 
 
 class _ExportLinear(nn.Module):

@@ -28,6 +28,8 @@ fake-quantized torch model gives for that same mixed batch (`per_row_adapters` i
 from __future__ import annotations
 
 import contextlib
+import copy
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,7 @@ from edgelora.layers import AdaptedLinear
 from edgelora.model import AdapterModel
 from edgelora.runtime.runtime import ADAPTER_IDS  # int64 [rows]: each row's bank entry; default [0]
 
+from . import validate
 from .onnx_graph import ExportedGraph
 
 BANK_FILE = "bank.onnx_adapter"  # outside adapters/, so no adapter name can collide with it
@@ -335,11 +338,6 @@ def check_bank(model: AdapterModel, proto: onnx.ModelProto, feed_names: Sequence
     """Run one mixed batch (every adapter and "no adapter", one per row) through the bank and compare each
     row with the torch model applying that row's adapter: fp32 with the float model, int8 with the
     fake-quant model on the same mixed batch. Raises EdgeloraError outside tolerance; returns the figures."""
-    import copy
-    import tempfile
-
-    from . import validate
-
     vocab = model.base.get_input_embeddings().num_embeddings
     rows = bank_rows(names, 4)
     feeds = validate.generated_feeds(vocab, tuple(feed_names), batch=len(rows))

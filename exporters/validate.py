@@ -13,9 +13,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import helper, numpy_helper
 
 from edgelora.errors import EdgeloraError
+from edgelora.fake_quant import fake_quantize_activation, fake_quantize_activation_static, fake_quantize_weight
 from edgelora.model import AdapterModel
+
+from .onnx_graph import MASK_FILTER_VALUE
+from .quantize import QuantizedAttention
 
 # fp32 ONNX vs torch: the same float ops in another summation order; 1e-3 relative to the largest
 # logit leaves ~100x headroom over the 1e-5 seen on MiniLM, and any real export bug is far above it.
@@ -119,12 +124,6 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
     does: given the same float input both compute the same integers (tests/test_static.py pins
     QuantizeLinear bit for bit), so only float summation order differs and the dynamic tolerance holds.
     """
-    from onnx import helper, numpy_helper
-
-    from edgelora.fake_quant import fake_quantize_activation, fake_quantize_activation_static, fake_quantize_weight
-
-    from .quantize import QuantizedAttention
-
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     types = {t: onnx.TensorProto.FLOAT for layer in layers.values() for t in (layer.input, layer.output)}
@@ -184,10 +183,6 @@ def layerwise_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
         if err > worst:
             worst, worst_layer = err, node.name
     return worst, worst_layer
-
-
-# ONNX Runtime's Attention adds this to the scores of masked keys (its `mask_filter_value` default).
-MASK_FILTER_VALUE = -10000.0
 
 
 def attention_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,

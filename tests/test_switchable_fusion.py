@@ -26,7 +26,7 @@ from conftest import (MIN_ADAPTER_EFFECT, VOCAB_SIZE, WEIGHT_BITS, make_base, ma
 
 from edgelora.config import BottleneckConfig, LoraConfig
 from edgelora.errors import EdgeloraError
-from edgelora.exporters import fusion, validate
+from edgelora.exporters import fusion, switchable_fusion, validate
 from edgelora.exporters.add import add_adapters
 from edgelora.exporters.bundle import write_bundle
 from edgelora.exporters.export import export_bundle
@@ -48,7 +48,7 @@ def _switchable_graph(model: AdapterModel, names: list[str]):
 
 
 def _outputs(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return fusion._run(proto, feeds)[0]
+    return fusion.run_graph(proto, feeds)[0]
 
 
 def _relative(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -70,11 +70,11 @@ def test_fused_switchable_graph_equals_unfused_for_either_padding_and_mixed_rows
     graph = _switchable_graph(lora_model, ["lo", "bn"])
     unfused = copy.deepcopy(graph.model)
     feeds = validate.generated_feeds(VOCAB_SIZE, graph.feeds, batch=6)
-    result = fusion.fuse_switchable(graph, lora_model, feeds)
+    result = switchable_fusion.fuse_switchable(graph, lora_model, feeds)
     assert result.applied.get("ai.onnx.Attention") == 2, result.note
     left = {k: v.copy() for k, v in feeds.items()}
     left["attention_mask"] = left["attention_mask"][:, ::-1].copy()  # left padding: real tokens at the end
-    bank = fusion._check_bank(unfused, batch=6)  # random adapters, one per row, cycling through three
+    bank = switchable_fusion._check_bank(unfused, batch=6)  # random adapters, one per row, cycling through three
     plain = _outputs(unfused, left)
     for check in (feeds, left, {**feeds, **bank}, {**left, **bank}):
         want, got = _outputs(unfused, check), _outputs(graph.model, check)
@@ -94,7 +94,7 @@ def test_a_branch_that_cannot_join_again_leaves_the_graph_unfused_with_a_note(lo
     lora_a.input[0] = biased  # (x W + b) A B instead of x A B: still a branch, no longer a linear one
     before = graph.model.SerializeToString()
     feeds = validate.generated_feeds(VOCAB_SIZE, graph.feeds)
-    result = fusion.fuse_switchable(graph, lora_model, feeds)
+    result = switchable_fusion.fuse_switchable(graph, lora_model, feeds)
     assert result.applied == {}
     assert result.note == f"unfused: could not rejoin the adapter branch of {layer} after fusion"
     assert graph.model.SerializeToString() == before
@@ -212,7 +212,7 @@ def test_write_bundle_refuses_to_write_into_a_kept_file(bundle) -> None:
 
 def test_the_three_attention_cores_compute_the_same_layers_padding_included() -> None:
     """benchmarks/attention_cores.py times QAttention against MultiHeadAttention and ONNX's Attention with
-    the exporter's additive mask (`fusion.additive_mask`); its timings mean something only if all three
+    the exporter's additive mask (`switchable_fusion.additive_mask`); its timings mean something only if all three
     compute the same six layers, here with a half-padded row. Same integers, same float attention: measured
     equal bit for bit. A mask of the wrong sign differs by ~1.3 relative."""
     import sys
@@ -236,7 +236,7 @@ def test_a_failed_move_to_onnx_attention_leaves_the_graph_unfused_with_a_note(lo
         raise RuntimeError("no adapter for op X")
 
     monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
-    result = fusion.fuse_switchable(graph, lora_model, validate.generated_feeds(VOCAB_SIZE, graph.feeds))
+    result = switchable_fusion.fuse_switchable(graph, lora_model, validate.generated_feeds(VOCAB_SIZE, graph.feeds))
     assert result.applied == {}
     assert result.note == ("unfused: moving the attention cores to ONNX Attention failed (RuntimeError: no adapter "
                            "for op X)")
