@@ -19,6 +19,12 @@ from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
 from edgelora.fake_quant import fake_quantize_activation, fake_quantize_weight
 
+# Where adapter tensors sit in a state dict, by the attribute names below: `<layer>.lora_A.<name>.weight`,
+# `<layer>.lora_B.<name>.weight`, `<layer>.bottleneck.<name>.{down,up}.{weight,bias}`; PEFT's files say
+# `<layer>.lora_A.weight`. The adapter format, checkpoints and the exporter find adapter weights by these.
+LORA_A_KEY, LORA_B_KEY, BOTTLENECK_KEY = ".lora_A.", ".lora_B.", ".bottleneck."
+ADAPTER_KEYS = (LORA_A_KEY, LORA_B_KEY, BOTTLENECK_KEY)
+
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 STATIC_NEEDS_CALIBRATION = (
     "activations='static' needs calibrated input ranges; run edgelora.calibrate.calibrate(model, batches) first "

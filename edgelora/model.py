@@ -20,7 +20,7 @@ from torch import nn
 from edgelora.config import AdapterConfig, BottleneckConfig, LoraConfig, QuantConfig
 from edgelora.embedded import EMBEDDED, MINILM, embedded_path
 from edgelora.errors import EdgeloraError
-from edgelora.layers import INT8_RESIDUAL_NEEDS_SWITCHABLE, AdaptedLinear
+from edgelora.layers import ADAPTER_KEYS, INT8_RESIDUAL_NEEDS_SWITCHABLE, AdaptedLinear
 
 DEFAULT_BASE = MINILM
 
@@ -119,7 +119,7 @@ def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The base's own weights under their original names, with every adapter and wrapper level removed."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in module.state_dict().items():
-        if any(part in name for part in (".lora_A.", ".lora_B.", ".bottleneck.")):
+        if any(part in name for part in ADAPTER_KEYS):
             continue
         out[name.replace(".base.", ".")] = tensor
     return out

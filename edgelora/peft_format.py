@@ -29,6 +29,7 @@ from edgelora.config import (
     plain_lora_config,
 )
 from edgelora.errors import EdgeloraError
+from edgelora.layers import ADAPTER_KEYS, BOTTLENECK_KEY, LORA_A_KEY, LORA_B_KEY
 from edgelora.model import AdapterModel
 
 CONFIG_FILE = "adapter_config.json"
@@ -67,14 +68,14 @@ def save_adapter(
         if name in layer.lora_A:
             target_modules.append(layer_name)
             A, B = layer.lora_weights(name)
-            tensors[f"{PEFT_PREFIX}{layer_name}.lora_A.weight"] = A
-            tensors[f"{PEFT_PREFIX}{layer_name}.lora_B.weight"] = B
+            tensors[f"{PEFT_PREFIX}{layer_name}{LORA_A_KEY}weight"] = A
+            tensors[f"{PEFT_PREFIX}{layer_name}{LORA_B_KEY}weight"] = B
         if name in layer.bottleneck:
             target_modules.append(layer_name)
             for part in ("down", "up"):
                 sub = getattr(layer.bottleneck[name], part)
-                tensors[f"{PEFT_PREFIX}{layer_name}.bottleneck.{part}.weight"] = sub.weight
-                tensors[f"{PEFT_PREFIX}{layer_name}.bottleneck.{part}.bias"] = sub.bias
+                tensors[f"{PEFT_PREFIX}{layer_name}{BOTTLENECK_KEY}{part}.weight"] = sub.weight
+                tensors[f"{PEFT_PREFIX}{layer_name}{BOTTLENECK_KEY}{part}.bias"] = sub.bias
     head = model.heads[name]
     tensors[HEAD_PREFIX + "weight"] = head.weight
     tensors[HEAD_PREFIX + "bias"] = head.bias
@@ -199,8 +200,8 @@ def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None,
         labels = ["0", "1"]  # a PEFT adapter without our head: a placeholder head, reported as such
     quant = extras.get("quantization")
     layer_names = sorted(
-        {k[len(PEFT_PREFIX):].split(".lora_A.")[0] for k in tensors if ".lora_A." in k}
-        | {k[len(PEFT_PREFIX):].split(".bottleneck.")[0] for k in tensors if ".bottleneck." in k}
+        {k[len(PEFT_PREFIX):].split(LORA_A_KEY)[0] for k in tensors if LORA_A_KEY in k}
+        | {k[len(PEFT_PREFIX):].split(BOTTLENECK_KEY)[0] for k in tensors if BOTTLENECK_KEY in k}
     )
     if not layer_names:
         raise EdgeloraError(f"{path / WEIGHTS_FILE}: holds no LoRA or bottleneck weights")
@@ -261,10 +262,10 @@ def _module_state(name: str, tensors: dict[str, torch.Tensor], resolved: dict[st
             state[f"heads.{name}.{key[len(HEAD_PREFIX):]}"] = value
             continue
         inner = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        for marker in (".lora_A.", ".lora_B.", ".bottleneck."):
+        for marker in ADAPTER_KEYS:
             if marker in inner:
                 layer, _, rest = inner.partition(marker)
-                rest = rest.split(".")[-1] if marker != ".bottleneck." else rest  # PEFT may keep ".default."
+                rest = rest.split(".")[-1] if marker != BOTTLENECK_KEY else rest  # PEFT may keep ".default."
                 state[f"base.{resolved[layer]}{marker}{name}.{rest}"] = value
     return state
 

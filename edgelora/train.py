@@ -31,6 +31,7 @@ from edgelora import distributed, smooth
 from edgelora.atomic import check_writable, write_file_atomic
 from edgelora.config import config_to_dict
 from edgelora.errors import EdgeloraError
+from edgelora.layers import ADAPTER_KEYS
 from edgelora.model import AdapterModel, max_positions
 from edgelora.tokenize import encode
 
@@ -461,5 +462,5 @@ class _Saver:
 
 def _adapter_state(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:
     # Static activation observers (edgelora/calibrate.py) go with the adapter: they may still observe in QAT.
-    keys = (f".lora_A.{name}.", f".lora_B.{name}.", f".bottleneck.{name}.", f"heads.{name}.", ".act_observer.")
+    keys = (*(f"{marker}{name}." for marker in ADAPTER_KEYS), f"heads.{name}.", ".act_observer.")
     return {k: v for k, v in model.state_dict().items() if any(m in k or k.startswith(m) for m in keys)}
