@@ -378,6 +378,7 @@ def reduce_adapter(path: str | Path, out: str | Path, *, rank: int | None = None
 
     from edgelora.atomic import write_dir_atomic
     from edgelora.config import LoraConfig, config_to_dict
+    from edgelora.layers import LORA_A_KEY, LORA_B_KEY
     from edgelora.peft_format import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, check_adapter_out, read_adapter
     from edgelora.svd import reduce_lora_rank
 
@@ -388,12 +389,12 @@ def reduce_adapter(path: str | Path, out: str | Path, *, rank: int | None = None
     config = adapter_config(data, str(path / CONFIG_FILE))
     if not isinstance(config, LoraConfig):
         raise EdgeloraError(f"{path}: a {config.kind} adapter; reduce truncates LoRA adapters (their B A) only")
-    pairs = [(k, k.replace(".lora_A.", ".lora_B.", 1)) for k in sorted(tensors) if ".lora_A." in k]
+    pairs = [(k, k.replace(LORA_A_KEY, LORA_B_KEY, 1)) for k in sorted(tensors) if LORA_A_KEY in k]
     if not pairs:
         raise EdgeloraError(f"{path / WEIGHTS_FILE}: holds no LoRA weights to reduce")
     fits, new_factors = [], {}
     for a_key, b_key in pairs:
-        layer = a_key.partition(".lora_A.")[0].removeprefix(PEFT_PREFIX)
+        layer = a_key.partition(LORA_A_KEY)[0].removeprefix(PEFT_PREFIX)
         A, B = tensors[a_key].float(), tensors.get(b_key)
         r = config.rank_for(layer)
         if B is None or A.shape[0] != r or B.shape[1] != r:
@@ -408,7 +409,7 @@ def reduce_adapter(path: str | Path, out: str | Path, *, rank: int | None = None
     new_r = max(f["rank"] for f in fits)
     pattern = {f["layer"]: f["rank"] for f in fits if f["rank"] != new_r}
     new_config = dataclasses.replace(config, r=new_r, rank_pattern=pattern or None)
-    new_tensors = {k: v for k, v in tensors.items() if ".lora_A." not in k and ".lora_B." not in k}
+    new_tensors = {k: v for k, v in tensors.items() if LORA_A_KEY not in k and LORA_B_KEY not in k}
     for (a_key, b_key), lr in new_factors.items():
         new_tensors[a_key] = lr.A.float().contiguous()
         new_tensors[b_key] = (lr.B / new_config.scaling_for(lr.rank)).float().contiguous()

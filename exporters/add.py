@@ -106,6 +106,7 @@ def _convert(path: Path, name: str, bundle: Path, manifest: dict, specs: Mapping
     """An adapter directory -> (its manifest entry, its tensors in the graph's slot form), checked."""
     import torch
 
+    from edgelora.layers import ADAPTER_KEYS, LORA_A_KEY, LORA_B_KEY
     from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, read_adapter
 
     data, tensors = read_adapter(path)
@@ -154,7 +155,7 @@ def _convert(path: Path, name: str, bundle: Path, manifest: dict, specs: Mapping
             natural[slot], sources[slot] = (value.T if slot == "head.weight_t" else value), key
             continue
         inner = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        marker = next((m for m in (".lora_A.", ".lora_B.", ".bottleneck.") if m in inner), None)
+        marker = next((m for m in ADAPTER_KEYS if m in inner), None)
         if marker is None:
             raise EdgeloraError(f"{path}: tensor {key} is neither LoRA, bottleneck nor head; re-save the adapter")
         layer_key, _, rest = inner.partition(marker)
@@ -164,9 +165,9 @@ def _convert(path: Path, name: str, bundle: Path, manifest: dict, specs: Mapping
                 f"{path}: adapter targets layer {layer_key}, which bundle {bundle} does not have; wrong base?"
             )
         prefix = f"model.base.{layer}"
-        if marker == ".lora_A.":
+        if marker == LORA_A_KEY:
             slot, value = f"{prefix}.lora_A", value.T  # (in, r)
-        elif marker == ".lora_B.":
+        elif marker == LORA_B_KEY:
             slot, value = f"{prefix}.lora_B", (config.scaling * value).T  # (r, out), the scaling folded in
         else:
             part = {"down.weight": "down_w", "down.bias": "down_b", "up.weight": "up_w", "up.bias": "up_b"}.get(rest)
