@@ -39,7 +39,8 @@ def train(tokenizer, checkpoint: CheckpointConfig | None = None, on_step: Callab
         if on_step:
             on_step(int(msg.split("step ")[1].split("/")[0]), model)
 
-    result = train_adapter(model, "task", tokenizer, *KEYWORD_TRAIN, *KEYWORD_EVAL, config=KEYWORD_CONFIG, progress=progress, checkpoint=checkpoint)
+    result = train_adapter(model, "task", tokenizer, *KEYWORD_TRAIN, *KEYWORD_EVAL, config=KEYWORD_CONFIG, progress=progress,
+                           checkpoint=checkpoint)
     return result, {k: v.detach().clone() for k, v in _adapter_state(model, "task").items()}
 
 
@@ -94,7 +95,8 @@ def test_diverging_run_never_writes_a_non_finite_checkpoint(tokenizer, tmp_path:
     model = new_model()
     diverging = TrainConfig(epochs=2, batch_size=8, lr=1e30, warmup_ratio=0.0, device="cpu")
     with pytest.raises(EdgeloraError, match=r"(loss became (nan|inf|-inf)|is no longer finite) at step \d+; lower --lr"):
-        train_adapter(model, "task", tokenizer, *KEYWORD_TRAIN, *KEYWORD_EVAL, config=diverging, checkpoint=CheckpointConfig(tmp_path, every=1))
+        train_adapter(model, "task", tokenizer, *KEYWORD_TRAIN, *KEYWORD_EVAL, config=diverging,
+                      checkpoint=CheckpointConfig(tmp_path, every=1))
     if (tmp_path / CHECKPOINT_FILE).exists():
         saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
         assert all(torch.isfinite(v).all() for v in saved["adapter"].values())
@@ -106,9 +108,11 @@ def test_resume_refuses_another_run(tokenizer, tmp_path: Path) -> None:
     model = new_model()
     other = TrainConfig(epochs=3, batch_size=8, lr=2e-2, seed=3, device="cpu")
     with pytest.raises(EdgeloraError, match=r"checkpoint is of another run \(different training settings\)"):
-        train_adapter(model, "task", tokenizer, *KEYWORD_TRAIN, *KEYWORD_EVAL, config=other, checkpoint=CheckpointConfig(tmp_path, resume=True))
+        train_adapter(model, "task", tokenizer, *KEYWORD_TRAIN, *KEYWORD_EVAL, config=other,
+                      checkpoint=CheckpointConfig(tmp_path, resume=True))
     with pytest.raises(EdgeloraError, match=r"checkpoint is of another run \(different data\)"):
-        train_adapter(model, "task", tokenizer, KEYWORD_TRAIN[0][:-2], KEYWORD_TRAIN[1][:-2], *KEYWORD_EVAL, config=KEYWORD_CONFIG,
+        train_adapter(model, "task", tokenizer, KEYWORD_TRAIN[0][:-2], KEYWORD_TRAIN[1][:-2], *KEYWORD_EVAL,
+                      config=KEYWORD_CONFIG,
                       checkpoint=CheckpointConfig(tmp_path, resume=True))
 
 
@@ -117,7 +121,8 @@ def test_tokenizer_longer_than_the_base_is_refused(tokenizer_dir: Path) -> None:
 
     with pytest.raises(EdgeloraError, match=r"the tokenizer truncates at 100 tokens but the base has 64 positions; "
                                             r"use max_length <= 64"):
-        train_adapter(new_model(), "task", load_tokenizer(tokenizer_dir, max_length=100), *KEYWORD_TRAIN, *KEYWORD_EVAL, config=KEYWORD_CONFIG)
+        train_adapter(new_model(), "task", load_tokenizer(tokenizer_dir, max_length=100), *KEYWORD_TRAIN, *KEYWORD_EVAL,
+                      config=KEYWORD_CONFIG)
 
 
 @pytest.mark.slow

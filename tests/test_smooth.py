@@ -15,8 +15,8 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from conftest import (INT8_LAYER_REL_TOL, KEYWORD_CONFIG, KEYWORD_EVAL, KEYWORD_LABELS, KEYWORD_TRAIN, WEIGHT_BITS, Crash,
-                      assert_one_line_error, crash_after, make_inputs, randomize_adapters, write_jsonl)
+from conftest import (INT8_LAYER_REL_TOL, KEYWORD_CONFIG, KEYWORD_EVAL, KEYWORD_LABELS, KEYWORD_TRAIN, WEIGHT_BITS,
+                      Crash, assert_one_line_error, crash_after, make_inputs, randomize_adapters, write_jsonl)
 from torch import nn
 
 from edgelora.config import LoraConfig, QuantConfig
@@ -300,7 +300,8 @@ def test_resume_keeps_the_smoothing_factors_and_refuses_others(tokenizer, tmp_pa
             if on_step:
                 on_step(int(msg.split("step ")[1].split("/")[0]), model)
 
-        train_adapter(model, "task", tokenizer, *KEYWORD_TRAIN, *KEYWORD_EVAL, config=KEYWORD_CONFIG, progress=progress, checkpoint=checkpoint)
+        train_adapter(model, "task", tokenizer, *KEYWORD_TRAIN, *KEYWORD_EVAL, config=KEYWORD_CONFIG, progress=progress,
+                      checkpoint=checkpoint)
         return {k: v.detach().clone() for k, v in _adapter_state(model, "task").items()}
 
     whole = run(ALPHA)
