@@ -13,7 +13,7 @@ import pytest
 
 from edgelora.errors import EdgeloraError
 from edgelora.runtime import Runtime, bench
-from tiny_bundle import TEXTS, WORDS, make_bundle, write_manifest
+from tiny_bundle import ATOL, TEXTS, WORDS, make_bundle, reference, write_manifest
 
 ROUNDS = 3
 BATCHES, SEQS = (1, 2), (4, 8)
@@ -136,7 +136,12 @@ def test_run_command_prints_predictions(bundles: list[Path], tmp_path: Path, cap
     assert bench.run_command(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert [o["text"] for o in out] == TEXTS
-    assert all(o["label"] in ("neg", "pos") and set(o["scores"]) == {"neg", "pos"} for o in out)
+    logits, _ = reference(make_bundle(tmp_path / "ref", "merged", "fp32"), TEXTS, "sentiment")  # bundles[0]'s weights
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    assert [o["label"] for o in out] == [("neg", "pos")[i] for i in logits.argmax(1)]
+    for o, p in zip(out, probs):
+        assert o["scores"] == pytest.approx({"neg": p[0], "pos": p[1]}, abs=ATOL)
     with pytest.raises(EdgeloraError, match=r"nothing to classify"):
         bench.run_command(parser.parse_args([str(bundles[0])]))
 
