@@ -238,7 +238,7 @@ class _Branch:
 def _branches(proto: onnx.ModelProto, weights: Mapping[str, str], slots: set[str]) -> list[_Branch]:
     """Every layer's adapter branch: the Adds that join its output and the nodes computing what they add
     from the layer's input or output, the bank inputs (`slots`) and constants alone."""
-    from edgelora.runtime.runtime import ADAPTER_IDS
+    from edgelora.runtime.bundle import ADAPTER_IDS
 
     graph = proto.graph
     producer = {o: n for n in graph.node for o in n.output if o}
@@ -538,7 +538,7 @@ def _drop_unread_initializers(proto: onnx.ModelProto) -> None:
 
 def _check_bank(proto: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
     """Random adapter-bank feeds (every slot, a few entries, one per row) for comparing two switchable graphs."""
-    from edgelora.runtime.runtime import ADAPTER_IDS
+    from edgelora.runtime.bundle import ADAPTER_IDS
 
     from .switchable import slot_specs
 

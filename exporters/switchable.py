@@ -42,11 +42,10 @@ from edgelora.config import LoraConfig
 from edgelora.errors import EdgeloraError
 from edgelora.layers import AdaptedLinear
 from edgelora.model import AdapterModel
-from edgelora.runtime.runtime import ADAPTER_IDS  # int64 [rows]: each row's bank entry; default [0]
+from edgelora.runtime.bundle import ADAPTER_IDS, BANK_FILE  # adapter_ids: int64 [rows], each row's bank entry; default [0]
 
 from .onnx_graph import ExportedGraph
 
-BANK_FILE = "bank.onnx_adapter"  # outside adapters/, so no adapter name can collide with it
 BANK_AXIS = "adapters"  # name of the leading (adapter) dimension of every bank input
 # Which layers get a LoRA slot: those the exported adapters adapt, or every attention (and MLP)
 # projection, so adapters trained later on those layers can be added without re-exporting the base.

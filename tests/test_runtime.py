@@ -25,7 +25,8 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
 from edgelora.errors import EdgeloraError
-from edgelora.runtime import Runtime, detect_isa
+from edgelora.runtime import AdapterEntry, Runtime, detect_isa
+from edgelora.runtime.bundle import FORMAT_VERSION
 
 HIDDEN = 8
 MAX_LENGTH = 6
@@ -121,16 +122,16 @@ def make_bundle(root: Path, mode: str = "merged", precision: str = "fp32", seed:
     if mode == "merged":
         tiny.heads = {None: heads["sentiment"], "sentiment": heads["sentiment"]}
         onnx.save(_graph(emb, heads["sentiment"]), path / "model.onnx")
-        adapters = [{"name": "sentiment", "kind": "lora", "labels": specs["sentiment"], "file": None, "sha256": None}]
+        adapters = [AdapterEntry.create("sentiment", kind="lora", labels=specs["sentiment"], switchable=False).to_dict()]
     else:
         tiny.heads = dict(heads)
         onnx.save(_graph(emb, None), path / "model.onnx")
         adapters = []
         for name, labels in specs.items():
-            rel = f"adapters/{name}.onnx_adapter"
-            _write_adapter(path / rel, *heads[name])
-            files.append(rel)
-            adapters.append({"name": name, "kind": "lora", "labels": labels, "file": rel, "sha256": None})
+            entry = AdapterEntry.create(name, kind="lora", labels=labels, switchable=True)
+            _write_adapter(path / entry.file, *heads[name])
+            files.append(entry.file)
+            adapters.append(entry.to_dict())
     tok = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = Whitespace()
     tok.save(str(path / "tokenizer.json"))
@@ -337,7 +338,7 @@ def test_foreign_format(merged: Tiny) -> None:
 
 
 def test_newer_format_version(merged: Tiny) -> None:
-    edit_manifest(merged.path, format_version=2)
+    edit_manifest(merged.path, format_version=FORMAT_VERSION + 1)
     with pytest.raises(EdgeloraError, match=r"manifest\.json: written by a newer edgelora .*; upgrade edgelora"):
         Runtime(merged.path)
 

@@ -370,7 +370,7 @@ def wide(tiny_bert_dir, adapters, tmp_path: Path) -> Path:
 
 def test_added_adapter_matches_torch_and_joins_the_bank(wide, adapters, references) -> None:
     model_before = snapshot(wide)["model.onnx"]
-    manifest = add_adapters(wide, {"lo": adapters["lo"]})
+    manifest = add_adapters(wide, {"lo": adapters["lo"]}).to_dict()
     assert [a["name"] for a in manifest["adapters"]] == ["lo8", "lo"]
     assert manifest["bank"]["adapters"] == ["lo8", "lo", None]
     assert manifest["validation"]["lo"]["vs_fake_quant_torch"]["embeddings"]["worst_cosine"] >= INT8_MIN_COSINE
@@ -404,7 +404,7 @@ def test_a_bottleneck_adapter_joins_a_bundle_with_bottleneck_slots(bundles, adap
     import shutil
 
     bundle = Path(shutil.copytree(bundles["fp32"], tmp_path / "copy"))
-    manifest = add_adapters(bundle, {"bn2": adapters["bn"]})  # checked against fp32 torch on the way
+    manifest = add_adapters(bundle, {"bn2": adapters["bn"]}).to_dict()  # checked against fp32 torch on the way
     assert manifest["validation"]["bn2"]["vs_fp32_torch"]["embeddings"]["max_abs_diff"] <= FP32_ATOL
     rt = runtime(bundle)
     feeds = numpy_feeds(2)
