@@ -117,7 +117,9 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
     """An adapter directory -> (its manifest entry, its tensors in the graph's slot form), checked."""
     import torch
 
-    from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, read_adapter
+    from edgelora.peft_format import WEIGHTS_FILE, adapter_config, read_adapter
+
+    from . import switchable
 
     data, tensors = read_adapter(path)
     source = str(path / "adapter_config.json")
@@ -154,47 +156,32 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
             + "; export the bundle with this adapter"
         )
 
-    natural: dict[str, np.ndarray] = {}
-    sources: dict[str, str] = {}
-    for key, tensor in tensors.items():
-        value = tensor.detach().to(torch.float32).numpy()
-        if key.startswith(HEAD_PREFIX):
-            slot = {"weight": "head.weight_t", "bias": "head.bias"}.get(key[len(HEAD_PREFIX):])
-            if slot is None:
-                raise EdgeloraError(f"{path}: unknown head tensor {key}; re-save the adapter")
-            natural[slot], sources[slot] = (value.T if slot == "head.weight_t" else value), key
-            continue
-        inner = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        marker = next((m for m in (".lora_A.", ".lora_B.", ".bottleneck.") if m in inner), None)
-        if marker is None:
-            raise EdgeloraError(f"{path}: tensor {key} is neither LoRA, bottleneck nor head; re-save the adapter")
-        layer_key, _, rest = inner.partition(marker)
+    def resolve(layer_key: str) -> str:
         layer = _resolve(layer_key, layers)
         if layer is None:
             raise EdgeloraError(
                 f"{path}: adapter targets layer {layer_key}, which bundle {bundle} does not have; wrong base?"
             )
-        prefix = f"model.base.{layer}"
-        if marker == ".lora_A.":
-            slot, value = f"{prefix}.lora_A", value.T  # (in, r)
-        elif marker == ".lora_B.":
-            slot, value = f"{prefix}.lora_B", (config.scaling * value).T  # (r, out), the scaling folded in
-        else:
-            part = {"down.weight": "down_w", "down.bias": "down_b", "up.weight": "up_w", "up.bias": "up_b"}.get(rest)
-            if part is None:
-                raise EdgeloraError(f"{path}: unknown bottleneck tensor {key}; re-save the adapter")
-            slot, value = f"{prefix}.{part}", (value.T if part in ("down_w", "up_w") else value)
-        if slot not in specs:
-            kind = "LoRA" if "lora" in slot else "bottleneck"
-            have = sorted(n.rsplit(".", 1)[0].removeprefix("model.base.") for n in specs
-                          if n.endswith(".lora_A" if kind == "LoRA" else ".down_w"))
-            where = f"{len(have)} layers, e.g. {have[0]}" if have else "none"
-            hint = "re-export the bundle with --slots attention+mlp" if kind == "LoRA" else "export the bundle with this adapter"
-            raise EdgeloraError(
-                f"{path}: adapter targets layer {layer} with {kind}, which has no {kind} slot in bundle {bundle} "
-                f"({kind} slots: {where}); {hint}"
-            )
-        natural[slot], sources[slot] = value, key
+        return layer
+
+    arrays = {key: tensor.detach().to(torch.float32).numpy() for key, tensor in tensors.items()}
+    scaling = config.scaling_for if isinstance(config, LoraConfig) else None  # per layer: rank_pattern ranks differ
+    converted = switchable.peft_slots(arrays, scaling, resolve, path)
+    natural = {slot: value for slot, (value, _key) in converted.items()}
+    sources = {slot: key for slot, (_value, key) in converted.items()}
+    for slot in natural:
+        if slot in specs:
+            continue
+        layer = slot.removeprefix("model.base.").rsplit(".", 1)[0]
+        kind = "LoRA" if "lora" in slot else "bottleneck"
+        have = sorted(n.rsplit(".", 1)[0].removeprefix("model.base.") for n in specs
+                      if n.endswith(".lora_A" if kind == "LoRA" else ".down_w"))
+        where = f"{len(have)} layers, e.g. {have[0]}" if have else "none"
+        hint = "re-export the bundle with --slots attention+mlp" if kind == "LoRA" else "export the bundle with this adapter"
+        raise EdgeloraError(
+            f"{path}: adapter targets layer {layer} with {kind}, which has no {kind} slot in bundle {bundle} "
+            f"({kind} slots: {where}); {hint}"
+        )
     if isinstance(config, LoraConfig) and not any(s.endswith(".lora_A") for s in natural):
         raise EdgeloraError(f"{path}: holds no LoRA weights; re-save the adapter")
 

@@ -26,7 +26,7 @@ from edgelora.errors import EdgeloraError
 from edgelora.exporters.export import export_bundle
 from edgelora.model import AdapterModel, load_base
 from edgelora.peft_format import load_adapter, save_adapter
-from edgelora.runtime import Runtime
+from edgelora.runtime import Runtime, read_manifest
 
 # fp32 ONNX vs torch: the same float ops summed in another order. Measured <= 3e-6 on these toy bases
 # (hidden values ~1 after LayerNorm); 1e-4 leaves >30x headroom, while a wrong weight, a transposed
@@ -172,6 +172,18 @@ def test_fp32_switchable_bundle_equals_torch_for_every_adapter_and_none(bundle, 
     m = manifest(out)
     assert [a["name"] for a in m["adapters"]] == ["lo", "bn"]
     assert all((out / a["file"]).is_file() and a["sha256"] == m["files"][a["file"]] for a in m["adapters"])
+
+
+@pytest.mark.parametrize("mode,precision,names", [("merged", "int8", ("lo",)), ("switchable", "int8", ("lo", "bn")),
+                                                  ("switchable", "fp32", ("lo", "bn"))])
+def test_an_exported_manifest_round_trips_to_identical_json(bundle, mode: str, precision: str,
+                                                            names: tuple[str, ...]) -> None:
+    out = bundle(mode, precision, *names)
+    text = (out / "manifest.json").read_text()
+    typed = read_manifest(out)
+    assert typed.to_json() == text
+    assert typed.task == "sequence-classification" and typed.format_version == 1
+    assert typed.quantization is None if precision == "fp32" else typed.quantization.weight_bits == WEIGHT_BITS
 
 
 def test_switching_adapters_back_and_forth_gives_identical_results(bundle, feeds) -> None:
