@@ -384,7 +384,8 @@ def test_bad_feeds(merged: Tiny) -> None:
 
 def test_runtime_imports_no_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import edgelora.runtime, edgelora.runtime.bench, edgelora.runtime.cpu, edgelora.runtime.runtime\n"
+            "import edgelora.runtime, edgelora.runtime.bench, edgelora.runtime.bundle, edgelora.runtime.cpu\n"
+            "import edgelora.runtime.runtime\n"
             "assert sys.modules['torch'] is None")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

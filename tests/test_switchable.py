@@ -417,6 +417,25 @@ def test_a_bottleneck_adapter_joins_a_bundle_with_bottleneck_slots(bundles, adap
                       lora_slots="everything")
 
 
+def test_an_added_lora_with_per_layer_ranks_gets_each_layers_scaling(bundles, tiny_bert_dir, tmp_path: Path) -> None:
+    """LoRA scales by alpha / r per layer, so with `rank_pattern` the query layers (rank 2) scale twice as much
+    as the others (rank 4): add-adapter folds each layer's own scaling into B, as export does."""
+    import shutil
+
+    bundle = Path(shutil.copytree(bundles["fp32"], tmp_path / "copy"))
+    torch.manual_seed(1)
+    model = AdapterModel(load_base(tiny_bert_dir)[0])
+    model.add_adapter("rp", LoraConfig(r=4, alpha=8.0, include_mlp=True, rank_pattern={"query": 2}), labels=["a", "b"])
+    randomize_adapters(model)
+    path = save_adapter(model, "rp", tmp_path / "rp")
+    add_adapters(bundle, {"rp": path}, check=False)
+    feeds = numpy_feeds()
+    got = runtime(bundle).run(feeds, adapter="rp")
+    want = torch_run(torch_model(tiny_bert_dir, {"rp": path}, "fp32"), feeds, "rp")
+    assert max_abs(got["embeddings"], want["embeddings"]) <= FP32_ATOL
+    assert max_abs(got["logits"], want["logits"]) <= FP32_ATOL
+
+
 def _foreign(tmp_path: Path, base_dir: Path, adapters, wide: Path) -> tuple[Path, Path]:
     other = AdapterModel(make_base("bert", seed=1))  # same architecture, other weights
     other.add_adapter("lo", LoraConfig(r=2), labels=["a", "b"])
