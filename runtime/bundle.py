@@ -145,8 +145,15 @@ class _Bad(Exception):
     """A nested record failed a check; the manifest turns it into its one-line error about the whole field."""
 
 
+class _Record:
+    """What every record shares: its JSON object."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
 @dataclass(frozen=True, kw_only=True)
-class BaseInfo:
+class BaseInfo(_Record):
     """The base model a bundle was exported from: its fingerprint is what adapters added later must match."""
 
     name: str | None = None
@@ -166,12 +173,9 @@ class BaseInfo:
             raise _Bad
         return cls(**known, extra=extra)
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class TokenizerSpec:
+class TokenizerSpec(_Record):
     """The bundle's tokenizer file and the length texts are truncated to (the base's positions at most)."""
 
     file: str
@@ -185,12 +189,9 @@ class TokenizerSpec:
         known, extra = _split(cls, data)
         return cls(**known, extra=extra)
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class AdapterEntry:
+class AdapterEntry(_Record):
     """One adapter of a bundle: its name, labels (the logits' columns; none for embeddings and decoders), and in
     switchable mode its `.onnx_adapter` file. Build new ones with `AdapterEntry.create`."""
 
@@ -226,12 +227,9 @@ class AdapterEntry:
                 raise _Bad
         return cls(**{**known, "labels": tuple(labels)}, extra=extra)
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class Bank:
+class Bank(_Record):
     """A switchable bundle's adapter bank: one file holding every adapter, entry i for `adapter_ids` == i
     (None: the all-zero "no adapter" entry)."""
 
@@ -248,12 +246,9 @@ class Bank:
         known, extra = _split(cls, data)
         return cls(**{**known, "adapters": tuple(order)}, extra=extra)
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class Requires:
+class Requires(_Record):
     """What the graph needs of the installed runtime: the lowest onnxruntime version ("MAJOR.MINOR")."""
 
     onnxruntime: str | None = _omitted()
@@ -267,12 +262,9 @@ class Requires:
         known, extra = _split(cls, data)
         return cls(**known, extra=extra)
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class Quantization:
+class Quantization(_Record):
     """An int8 bundle's quantization: the weight bits and the CPU it was tuned for are what the runtime
     checks; the rest records how the exporter quantized (activations, recipe, fp32 layers, smoothing)."""
 
@@ -315,12 +307,9 @@ class Quantization:
             known["fp32_layers"] = tuple(layers)
         return cls(**known, extra=extra)
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class Generation:
+class Generation(_Record):
     """What a decoder bundle (task "causal-lm") needs to generate: the KV cache's shape, the special tokens and
     the chat template (Jinja text, or None for a base model without one)."""
 
@@ -357,12 +346,9 @@ class Generation:
         known, extra = _split(cls, data)
         return cls(**{**known, "eos_token_ids": tuple(eos)}, extra=extra)
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class Manifest:
+class Manifest(_Record):
     """A bundle's manifest.json, typed. Fields the exporter records for people and for `add-adapter`
     (fusions, validation figures, slots) stay JSON objects; keys unknown to this version stay in `extra`.
 
@@ -407,11 +393,8 @@ class Manifest:
     def adapter_names(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.adapters)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The manifest as manifest.json holds it (keys in the order exporters have always written them)."""
-        return _to_dict(self)
-
     def to_json(self) -> str:
+        """The manifest as manifest.json holds it (keys in the order exporters have always written them)."""
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
