@@ -92,7 +92,7 @@ def decoder_outputs(num_layers: int) -> tuple[str, ...]:
 # --- records ------------------------------------------------------------------------------------------------
 # Each record's fields are its JSON keys, in the order they are written; `extra` keeps keys this version does
 # not know, written after them. A field marked `_omitted` is left out of the JSON while None (the key is
-# absent, as today's exporters write it); the others are written as null.
+# absent, as the exporters have always written it); the others are written as null.
 
 
 def _omitted() -> Any:
@@ -375,11 +375,11 @@ class Manifest(_Record):
     warnings: tuple[str, ...] | None = _omitted()
     slots: Mapping[str, Any] | None = _omitted()  # switchable: the layers with adapter slots (exporters/switchable.py)
     bank: Bank | None = _omitted()
-    generation: Generation | None = _omitted()
-    extra: Mapping[str, Any] = _extra()
+    generation: Generation | None = _omitted()  # task "causal-lm" only
     format: str = FORMAT
     format_version: int = 0  # 0: the version the task needs (`format_version_for`)
     files: Mapping[str, str] = field(default_factory=dict)  # relative path -> sha256; `write_bundle` fills it in
+    extra: Mapping[str, Any] = _extra()
 
     def __post_init__(self) -> None:
         if self.format_version == 0:
@@ -615,7 +615,9 @@ def write_bundle(out: Path, manifest: Manifest, writers: Mapping[str, Callable[[
         adapters = tuple(dataclasses.replace(a, sha256=files[a.file]) if a.file else a for a in manifest.adapters)
         done = dataclasses.replace(manifest, adapters=adapters, files=files, format=FORMAT,
                                    format_version=max(manifest.format_version, format_version_for(manifest.task)))
-        (tmp / MANIFEST_FILE).write_text(done.to_json())  # last: with it, the bundle is whole
+        text = done.to_json()
+        Manifest.from_dict(json.loads(text), out / MANIFEST_FILE)  # write only what the reader accepts
+        (tmp / MANIFEST_FILE).write_text(text)  # last: with it, the bundle is whole
         final.append(done)
 
     write_dir_atomic(out, fill)

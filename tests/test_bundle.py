@@ -169,6 +169,13 @@ def test_unknown_keys_are_kept(tmp_path: Path) -> None:
     assert dataclasses.replace(manifest, files={}).to_dict()["notes"] == {"by": "a later edgelora"}
 
 
+def test_the_writer_refuses_a_manifest_the_reader_would_refuse(tmp_path: Path) -> None:
+    no_generation = dataclasses.replace(decoder_manifest(), generation=None)
+    with pytest.raises(EdgeloraError, match=r"manifest\.json: generation is None, expected a mapping for task"):
+        make(tmp_path, no_generation)
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("name", ["", "../up", "a b", "x/y"])
 def test_an_adapter_name_that_is_no_file_name_is_refused(name: str) -> None:
     with pytest.raises(EdgeloraError, match=r"adapter name .* must be letters, digits, '_' or '-'"):
