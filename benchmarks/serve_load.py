@@ -209,7 +209,7 @@ def run(bundle: str, *, modes: Sequence[str], windows: Sequence[float], concurre
             server.stop()
     cpu = detect_isa()
     return {
-        "bundle": str(bundle), "mode": m.get("mode"), "precision": m.get("precision"), "adapters": adapters,
+        "bundle": str(bundle), "mode": m.mode, "precision": m.precision, "adapters": adapters,
         "adapter_bank": banked, "requests_per_level": requests, "texts_per_request": texts_per_request,
         "rounds": rounds, "max_batch": max_batch, "threads": threads or cpu.physical_cores,
         "cpu": {"model": cpu.model, "isa": cpu.isa, "physical_cores": cpu.physical_cores},

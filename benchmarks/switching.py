@@ -122,7 +122,7 @@ def _feeds(rt, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([seed, batch, seq])
     ids = rng.integers(1000, rt.vocab_size, size=(batch, seq), dtype=np.int64)
     out = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    return {k: out[k] for k in rt.manifest["inputs"]}
+    return {k: out[k] for k in rt.manifest.inputs}
 
 
 def _ms(fn) -> float:
@@ -164,7 +164,7 @@ def worker_switch(bundle: str, threads: int, rounds: int, shapes: list) -> dict:
     for i in range(n):
         rt._options_for(names[i % len(names)])
     result["runoptions_lookup_us"] = (time.perf_counter() - t) / n * 1e6
-    path = Path(bundle) / rt.manifest["adapters"][0]["file"]
+    path = Path(bundle) / rt.manifest.adapters[0].file
     adapter = ort.LoraAdapter()
     adapter.Load(str(path))
     n = 10_000
@@ -214,7 +214,7 @@ def worker_memory(bundle: str, threads: int) -> dict:
         rt.run(feeds, adapter=names[i % len(names)])
     ran = _rss()
     out = {"adapters": len(names), "before": before, "imported": imported, "loaded": loaded, "ran_each": ran}
-    if rt.manifest["mode"] == "switchable" and len(names) > 1:
+    if rt.manifest.mode == "switchable" and len(names) > 1:
         for _ in range(RUNS_FOR_MEMORY):
             rt.run(feeds, adapters=[names[i % len(names)] for i in range(8)])
         out["ran_mixed"] = _rss()

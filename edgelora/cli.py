@@ -380,12 +380,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    tokenizer = manifest.get("tokenizer")
-    if tokenizer and tokenizer["max_length"] < args.max_length:
+    tokenizer = manifest.tokenizer
+    if tokenizer and tokenizer.max_length < args.max_length:
         warnings.warn(f"--max-length {args.max_length} exceeds the base's positions; the bundle truncates texts to "
-                      f"{tokenizer['max_length']} tokens")
-    print(json.dumps({"bundle": str(args.out), "mode": manifest["mode"], "precision": manifest["precision"],
-                      "adapters": [a["name"] for a in manifest["adapters"]], "validation": manifest["validation"]}))
+                      f"{tokenizer.max_length} tokens")
+    print(json.dumps({"bundle": str(args.out), "mode": manifest.mode, "precision": manifest.precision,
+                      "adapters": list(manifest.adapter_names), "validation": manifest.validation}))
     return 0
 
 

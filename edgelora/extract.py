@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgelora.errors import EdgeloraError
+from edgelora.runtime.bundle import ADAPTER_NAME, ADAPTER_NAME_RULE
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -315,8 +315,8 @@ def extract_adapter(base: str | Path, tuned: str | Path, out: str | Path, *, ran
     check_target(rank, energy)
     check_adapter_out(out)  # before minutes of work
     name = name or Path(out).resolve().name
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        raise EdgeloraError(f"adapter name {name!r} must be letters, digits, '_' or '-'; give --name")
+    if not ADAPTER_NAME.fullmatch(name):
+        raise EdgeloraError(f"adapter name {name!r} must be {ADAPTER_NAME_RULE}; give --name")
     say = progress or (lambda _msg: None)
     say("loading models")
     with _quiet_transformers():

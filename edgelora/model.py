@@ -21,6 +21,7 @@ from edgelora.config import AdapterConfig, BottleneckConfig, LoraConfig, QuantCo
 from edgelora.embedded import EMBEDDED, MINILM, embedded_path
 from edgelora.errors import EdgeloraError
 from edgelora.layers import ADAPTER_KEYS, INT8_RESIDUAL_NEEDS_SWITCHABLE, AdaptedLinear
+from edgelora.runtime.bundle import ADAPTER_NAME, ADAPTER_NAME_RULE
 
 DEFAULT_BASE = MINILM
 
@@ -257,8 +258,8 @@ class AdapterModel(nn.Module):
         self, name: str, config: AdapterConfig, labels: list[str], quant: QuantConfig | None = None
     ) -> None:
         """Inject adapter `name` with a fresh head over `labels`; `quant` sets the fake-quant recipe of the model."""
-        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name or ""):
-            raise EdgeloraError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
+        if not ADAPTER_NAME.fullmatch(name or ""):
+            raise EdgeloraError(f"adapter name {name!r} must be {ADAPTER_NAME_RULE}")
         if name in self.configs:
             raise EdgeloraError(f"adapter {name!r} already exists; delete it first or pick another name")
         if len(labels) < 2:

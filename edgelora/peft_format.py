@@ -48,6 +48,26 @@ def check_adapter_out(out: str | Path) -> None:
     raise EdgeloraError(f"{out}: exists and is not an adapter directory; choose an empty or new --out directory")
 
 
+def adapter_state(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under the keys its file holds (float32, on the CPU): PEFT's LoRA keys (a PiSSA
+    adapter as the plain LoRA of the original base, `AdaptedLinear.lora_weights`), ours for bottlenecks and the head."""
+    tensors: dict[str, torch.Tensor] = {}
+    for layer_name, layer in model.adapted_layers():
+        if name in layer.lora_A:
+            A, B = layer.lora_weights(name)
+            tensors[f"{PEFT_PREFIX}{layer_name}{LORA_A_KEY}weight"] = A
+            tensors[f"{PEFT_PREFIX}{layer_name}{LORA_B_KEY}weight"] = B
+        if name in layer.bottleneck:
+            for part in ("down", "up"):
+                sub = getattr(layer.bottleneck[name], part)
+                tensors[f"{PEFT_PREFIX}{layer_name}{BOTTLENECK_KEY}{part}.weight"] = sub.weight
+                tensors[f"{PEFT_PREFIX}{layer_name}{BOTTLENECK_KEY}{part}.bias"] = sub.bias
+    head = model.heads[name]
+    tensors[HEAD_PREFIX + "weight"] = head.weight
+    tensors[HEAD_PREFIX + "bias"] = head.bias
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+
+
 def save_adapter(
     model: AdapterModel, name: str, out_dir: str | Path, base_name: str = "", extra: dict[str, Any] | None = None
 ) -> Path:
@@ -62,24 +82,9 @@ def save_adapter(
     init = getattr(config, "init", None)
     if isinstance(config, LoraConfig):
         config = plain_lora_config(config)  # PiSSA: the rank-2r LoRA of the original base
-    tensors: dict[str, torch.Tensor] = {}
-    target_modules: list[str] = []
-    for layer_name, layer in model.adapted_layers():
-        if name in layer.lora_A:
-            target_modules.append(layer_name)
-            A, B = layer.lora_weights(name)
-            tensors[f"{PEFT_PREFIX}{layer_name}{LORA_A_KEY}weight"] = A
-            tensors[f"{PEFT_PREFIX}{layer_name}{LORA_B_KEY}weight"] = B
-        if name in layer.bottleneck:
-            target_modules.append(layer_name)
-            for part in ("down", "up"):
-                sub = getattr(layer.bottleneck[name], part)
-                tensors[f"{PEFT_PREFIX}{layer_name}{BOTTLENECK_KEY}{part}.weight"] = sub.weight
-                tensors[f"{PEFT_PREFIX}{layer_name}{BOTTLENECK_KEY}{part}.bias"] = sub.bias
-    head = model.heads[name]
-    tensors[HEAD_PREFIX + "weight"] = head.weight
-    tensors[HEAD_PREFIX + "bias"] = head.bias
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    tensors = adapter_state(model, name)
+    target_modules = [layer_name for layer_name, layer in model.adapted_layers()
+                      if name in layer.lora_A or name in layer.bottleneck]
 
     extras = {
         "format_version": FORMAT_VERSION,

@@ -2,8 +2,8 @@
 
 The adapter's tensors (read from its directory, no base model needed) are checked against the bundle:
 its base fingerprint against the manifest, every tensor against the graph's adapter inputs, its layers
-against the layers that have slots. Then the bundle is rewritten as a whole by the exporter's writer
-(`bundle.write_bundle`: unchanged files hard-linked into a temporary sibling, the new `.onnx_adapter`, the
+against the layers that have slots. Then the bundle is rewritten as a whole by the one bundle writer
+(`edgelora.runtime.bundle.write_bundle`: unchanged files hard-linked into a temporary sibling, the new `.onnx_adapter`, the
 rebuilt adapter bank, the manifest last) and renamed into place, so a failure leaves the bundle as it was.
 With the base at hand the new adapter is also run through the graph and compared with torch, as
 `edgelora export` does.
@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import tempfile
@@ -29,14 +30,24 @@ import numpy as np
 
 from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
-from edgelora.runtime.runtime import read_manifest, sha256_file
+from edgelora.runtime.bundle import (
+    ADAPTER_NAME,
+    ADAPTER_NAME_RULE,
+    BANK_FILE,
+    MODEL_FILE,
+    AdapterEntry,
+    Bank,
+    Manifest,
+    read_manifest,
+    sha256_file,
+    write_bundle,
+)
 
 if TYPE_CHECKING:
     import onnx
 
     from .switchable import SlotSpec
 
-_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 _LAYER_WEIGHT = re.compile(r"^model\.base\.(.+)\.(?:weight_t|weight_q)$")
 
 
@@ -48,7 +59,7 @@ def add_adapters(
     check: bool = True,
     replace: bool = False,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Add `adapters` (name -> adapter directory) to switchable `bundle`; the base graph is not touched.
 
     Args:
@@ -64,7 +75,7 @@ def add_adapters(
     if not adapters:
         raise EdgeloraError("give at least one --adapter [NAME=]DIR to add")
     manifest = read_manifest(bundle)
-    if manifest["mode"] != "switchable":
+    if manifest.mode != "switchable":
         raise EdgeloraError(
             f"{bundle}: a merged bundle has its adapter baked into model.onnx; adapters can be added only to "
             "a switchable bundle (edgelora export --mode switchable)"
@@ -73,18 +84,18 @@ def add_adapters(
 
     from .switchable import slot_specs
 
-    proto = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    proto = onnx.load(str(bundle / MODEL_FILE), load_external_data=False)
     specs = slot_specs(proto)
     layers = {m[1] for init in proto.graph.initializer if (m := _LAYER_WEIGHT.match(init.name))}
-    fused = (manifest.get("fusions") or {}).get("attention_layers") or {}
+    fused = (manifest.fusions or {}).get("attention_layers") or {}
     layers |= {layer for group in fused.values() for layer in group}  # q, k, v packed into one Attention weight
-    existing = {a["name"] for a in manifest["adapters"]}
+    existing = set(manifest.adapter_names)
 
     say("checking adapters")
-    added: dict[str, tuple[dict, dict[str, np.ndarray]]] = {}
+    added: dict[str, tuple[AdapterEntry, dict[str, np.ndarray]]] = {}
     for requested, path in adapters.items():
         entry, values = _convert(Path(path), requested, bundle, manifest, specs, layers)
-        name = entry["name"]
+        name = entry.name
         if name in added or (name in existing and not replace):
             raise EdgeloraError(
                 f"{path}: bundle {bundle} already has an adapter {name!r}; write NEW_NAME={path} to add it under "
@@ -101,41 +112,42 @@ def add_adapters(
     return _write(bundle, manifest, specs, added, report)
 
 
-def _convert(path: Path, name: str, bundle: Path, manifest: dict, specs: Mapping[str, SlotSpec],
-             layers: set[str]) -> tuple[dict, dict[str, np.ndarray]]:
+def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Mapping[str, SlotSpec],
+             layers: set[str]) -> tuple[AdapterEntry, dict[str, np.ndarray]]:
     """An adapter directory -> (its manifest entry, its tensors in the graph's slot form), checked."""
     import torch
 
-    from edgelora.layers import ADAPTER_KEYS, LORA_A_KEY, LORA_B_KEY
-    from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, read_adapter
+    from edgelora.peft_format import WEIGHTS_FILE, adapter_config, read_adapter
+
+    from . import switchable
 
     data, tensors = read_adapter(path)
     source = str(path / "adapter_config.json")
     config = adapter_config(data, source)
     extras = data.get("edgelora") or {}
-    if not _NAME.fullmatch(name):
-        raise EdgeloraError(f"{path}: adapter name {name!r} must be letters, digits, '_' or '-'; write NAME={path}")
-    fingerprint, theirs = (manifest.get("base") or {}).get("fingerprint"), extras.get("base_fingerprint")
+    if not ADAPTER_NAME.fullmatch(name):
+        raise EdgeloraError(f"{path}: adapter name {name!r} must be {ADAPTER_NAME_RULE}; write NAME={path}")
+    fingerprint, theirs = manifest.base.fingerprint if manifest.base else None, extras.get("base_fingerprint")
     if theirs and fingerprint and theirs != fingerprint:
         raise EdgeloraError(
             f"{path}: adapter was trained on another base (fingerprint {theirs[:12]}…) than bundle {bundle} "
             f"holds ({fingerprint[:12]}…); export it with the base it was trained on"
         )
-    quant = manifest.get("quantization") or {}
+    quant = manifest.quantization
     trained = extras.get("quantization") or {}
-    if quant and trained and trained.get("weight_bits") != quant.get("weight_bits"):
+    if quant and trained and trained.get("weight_bits") != quant.weight_bits:
         raise EdgeloraError(
             f"{path}: adapter was trained with {trained.get('weight_bits')}-bit weights, bundle {bundle} is "
-            f"{quant.get('weight_bits')}-bit; retrain with --weight-bits {quant.get('weight_bits')} or export anew"
+            f"{quant.weight_bits}-bit; retrain with --weight-bits {quant.weight_bits} or export anew"
         )
     if quant:
-        _check_smoothing(path, bundle, quant)
-    if (quant.get("activations") or {}).get("mode") == "static":
+        _check_smoothing(path, bundle, quant.smoothing_digest)
+    if quant and quant.activation_mode == "static":
         raise EdgeloraError(
             f"{bundle}: its int8 activation ranges are static, calibrated with the adapters it was exported with; "
             "export a new bundle with all the adapters instead"
         )
-    slots = manifest.get("slots") or {}
+    slots = manifest.slots or {}
     if isinstance(config, BottleneckConfig) and config.activation != slots.get("bottleneck_activation"):
         have = slots.get("bottleneck_activation")
         raise EdgeloraError(
@@ -144,47 +156,32 @@ def _convert(path: Path, name: str, bundle: Path, manifest: dict, specs: Mapping
             + "; export the bundle with this adapter"
         )
 
-    natural: dict[str, np.ndarray] = {}
-    sources: dict[str, str] = {}
-    for key, tensor in tensors.items():
-        value = tensor.detach().to(torch.float32).numpy()
-        if key.startswith(HEAD_PREFIX):
-            slot = {"weight": "head.weight_t", "bias": "head.bias"}.get(key[len(HEAD_PREFIX):])
-            if slot is None:
-                raise EdgeloraError(f"{path}: unknown head tensor {key}; re-save the adapter")
-            natural[slot], sources[slot] = (value.T if slot == "head.weight_t" else value), key
-            continue
-        inner = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        marker = next((m for m in ADAPTER_KEYS if m in inner), None)
-        if marker is None:
-            raise EdgeloraError(f"{path}: tensor {key} is neither LoRA, bottleneck nor head; re-save the adapter")
-        layer_key, _, rest = inner.partition(marker)
+    def resolve(layer_key: str) -> str:
         layer = _resolve(layer_key, layers)
         if layer is None:
             raise EdgeloraError(
                 f"{path}: adapter targets layer {layer_key}, which bundle {bundle} does not have; wrong base?"
             )
-        prefix = f"model.base.{layer}"
-        if marker == LORA_A_KEY:
-            slot, value = f"{prefix}.lora_A", value.T  # (in, r)
-        elif marker == LORA_B_KEY:
-            slot, value = f"{prefix}.lora_B", (config.scaling * value).T  # (r, out), the scaling folded in
-        else:
-            part = {"down.weight": "down_w", "down.bias": "down_b", "up.weight": "up_w", "up.bias": "up_b"}.get(rest)
-            if part is None:
-                raise EdgeloraError(f"{path}: unknown bottleneck tensor {key}; re-save the adapter")
-            slot, value = f"{prefix}.{part}", (value.T if part in ("down_w", "up_w") else value)
-        if slot not in specs:
-            kind = "LoRA" if "lora" in slot else "bottleneck"
-            have = sorted(n.rsplit(".", 1)[0].removeprefix("model.base.") for n in specs
-                          if n.endswith(".lora_A" if kind == "LoRA" else ".down_w"))
-            where = f"{len(have)} layers, e.g. {have[0]}" if have else "none"
-            hint = "re-export the bundle with --slots attention+mlp" if kind == "LoRA" else "export the bundle with this adapter"
-            raise EdgeloraError(
-                f"{path}: adapter targets layer {layer} with {kind}, which has no {kind} slot in bundle {bundle} "
-                f"({kind} slots: {where}); {hint}"
-            )
-        natural[slot], sources[slot] = value, key
+        return layer
+
+    arrays = {key: tensor.detach().to(torch.float32).numpy() for key, tensor in tensors.items()}
+    scaling = config.scaling_for if isinstance(config, LoraConfig) else None  # per layer: rank_pattern ranks differ
+    converted = switchable.peft_slots(arrays, scaling, resolve, path)
+    natural = {slot: value for slot, (value, _key) in converted.items()}
+    sources = {slot: key for slot, (_value, key) in converted.items()}
+    for slot in natural:
+        if slot in specs:
+            continue
+        layer = slot.removeprefix("model.base.").rsplit(".", 1)[0]
+        kind = "LoRA" if "lora" in slot else "bottleneck"
+        have = sorted(n.rsplit(".", 1)[0].removeprefix("model.base.") for n in specs
+                      if n.endswith(".lora_A" if kind == "LoRA" else ".down_w"))
+        where = f"{len(have)} layers, e.g. {have[0]}" if have else "none"
+        hint = "re-export the bundle with --slots attention+mlp" if kind == "LoRA" else "export the bundle with this adapter"
+        raise EdgeloraError(
+            f"{path}: adapter targets layer {layer} with {kind}, which has no {kind} slot in bundle {bundle} "
+            f"({kind} slots: {where}); {hint}"
+        )
     if isinstance(config, LoraConfig) and not any(s.endswith(".lora_A") for s in natural):
         raise EdgeloraError(f"{path}: holds no LoRA weights; re-save the adapter")
 
@@ -206,25 +203,22 @@ def _convert(path: Path, name: str, bundle: Path, manifest: dict, specs: Mapping
         labels = [str(i) for i in range(width)]
     if len(labels) != width or ("head.bias" in natural) != ("head.weight_t" in natural):
         raise EdgeloraError(f"{path}: {len(labels)} labels but a head of {width} outputs; re-save the adapter")
-    entry = {
-        "name": name,
-        "kind": config.kind,
-        "labels": labels,
-        "file": f"adapters/{name}.onnx_adapter",
-        "sha256": None,
-        "source_sha256": sha256_file(path / WEIGHTS_FILE),  # the adapter weights added
-        "trained_with": {"weight_bits": trained["weight_bits"], "modes": [trained.get("mode", "merged")]} if trained else None,
-    }
-    if trained and trained.get("mode") not in (None, "switchable"):
-        entry["warning"] = f"fake-quantized for {trained.get('mode')} deployment, added to a switchable bundle"
+    mode = trained.get("mode")
+    entry = AdapterEntry.create(
+        name, kind=config.kind, labels=labels, switchable=True,
+        source_sha256=sha256_file(path / WEIGHTS_FILE),  # the adapter weights added
+        trained_with={"weight_bits": trained["weight_bits"], "modes": [mode or "merged"]} if trained else None,
+        warning=f"fake-quantized for {mode} deployment, added to a switchable bundle"
+        if trained and mode not in (None, "switchable") else None,
+    )
     return entry, values
 
 
-def _check_smoothing(path: Path, bundle: Path, quant: dict) -> None:
-    """An int8 bundle's SmoothQuant factors are baked into its base graph: a new adapter must have trained with them."""
+def _check_smoothing(path: Path, bundle: Path, theirs: str | None) -> None:
+    """An int8 bundle's SmoothQuant factors (`theirs`: their digest) are baked into its base graph: a new adapter
+    must have trained with them."""
     from edgelora import smooth
 
-    theirs = (quant.get("smoothing") or {}).get("digest")
     mine = smooth.factors_digest(smooth.load_factors(path))
     if mine == theirs:
         return
@@ -246,7 +240,7 @@ def _resolve(name: str, layers: set[str]) -> str | None:
     return None
 
 
-def _check_against_torch(bundle: Path, manifest: dict, proto: onnx.ModelProto, base: str | Path | None,
+def _check_against_torch(bundle: Path, manifest: Manifest, proto: onnx.ModelProto, base: str | Path | None,
                          paths: Mapping[str, str | Path], added: dict) -> dict:
     """Run each new adapter through the graph and compare with torch, as export's own check does."""
     from edgelora.model import AdapterModel, load_base
@@ -255,8 +249,8 @@ def _check_against_torch(bundle: Path, manifest: dict, proto: onnx.ModelProto, b
     from . import validate
     from .switchable import write_adapter_file
 
-    recorded = manifest.get("base") or {}
-    base = base if base is not None else recorded.get("name")
+    recorded = manifest.base
+    base = base if base is not None else (recorded.name if recorded else None)
     if not base:
         raise EdgeloraError(f"{bundle}: manifest.json names no base to check the new adapter against; pass --base, "
                             "or --no-check")
@@ -265,23 +259,23 @@ def _check_against_torch(bundle: Path, manifest: dict, proto: onnx.ModelProto, b
     except EdgeloraError as e:
         raise EdgeloraError(f"{e} (needed to check the new adapter against torch: pass --base, or --no-check)") from None
     model = AdapterModel(hf_model)
-    if model.base_fingerprint != recorded.get("fingerprint"):
+    if model.base_fingerprint != recorded.fingerprint:
         raise EdgeloraError(
             f"{base}: is not the base of bundle {bundle} (fingerprint {model.base_fingerprint[:12]}…, bundle "
-            f"{str(recorded.get('fingerprint'))[:12]}…); pass the right --base"
+            f"{str(recorded.fingerprint)[:12]}…); pass the right --base"
         )
     for name in added:
         load_adapter(model, paths[name], name)
-    precision = manifest["precision"]
+    precision = manifest.precision
     recipe = None
     if precision == "int8":
-        q = manifest.get("quantization") or {}
-        recipe_dict = dict(q.get("recipe") or {"weight_bits": q.get("weight_bits", 8), "activations": "dynamic"})
+        q = manifest.quantization
+        recipe_dict = dict(q.recipe or {"weight_bits": q.weight_bits, "activations": "dynamic"})
         recipe_dict["mode"] = "switchable"
         recipe = QuantConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe_dict.items()})
     model.set_quant(recipe)
     vocab = model.base.get_input_embeddings().num_embeddings
-    feeds = validate.generated_feeds(vocab, tuple(manifest["inputs"]))
+    feeds = validate.generated_feeds(vocab, manifest.inputs)
     sess = validate.session(proto.SerializeToString())
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -292,7 +286,7 @@ def _check_against_torch(bundle: Path, manifest: dict, proto: onnx.ModelProto, b
             logits, pooled = sess.run(["logits", "embeddings"], feeds, options)
             model.set_adapter(name)
             ref_logits, ref_pooled = validate.torch_outputs(model, feeds)
-            if not entry["labels"]:  # no task head in the adapter: only the embeddings are its output
+            if not entry.labels:  # no task head in the adapter: only the embeddings are its output
                 ref_logits = ref_logits[:, :0]
             lc, pc = validate.compare("logits", logits, ref_logits), validate.compare("embeddings", pooled, ref_pooled)
             validate.check_tolerance(precision, f"adapter {name!r}", lc, pc, float(np.abs(ref_pooled).max()))
@@ -301,29 +295,27 @@ def _check_against_torch(bundle: Path, manifest: dict, proto: onnx.ModelProto, b
     return report
 
 
-def _write(bundle: Path, manifest: dict, specs: Mapping[str, SlotSpec], added: dict, report: dict) -> dict:
-    """The bundle with the new adapters and a rebuilt bank, through the exporter's one writer
-    (`bundle.write_bundle`): unchanged files carried over, the new ones written, the manifest last."""
+def _write(bundle: Path, manifest: Manifest, specs: Mapping[str, SlotSpec], added: dict, report: dict) -> Manifest:
+    """The bundle with the new adapters and a rebuilt bank, through the one bundle writer
+    (`edgelora.runtime.bundle.write_bundle`): unchanged files carried over, the new ones written, the manifest last."""
     from . import switchable
-    from .bundle import write_bundle
 
     banked = any(s.banked for s in specs.values())
-    entries = [a for a in manifest["adapters"] if a["name"] not in added] + [dict(e) for e, _ in added.values()]
+    entries = tuple(a for a in manifest.adapters if a.name not in added) + tuple(e for e, _ in added.values())
     writers: dict[str, Callable[[Path], None]] = {
-        entry["file"]: (lambda p, values=values: switchable.write_adapter_file(p, values))
+        entry.file: (lambda p, values=values: switchable.write_adapter_file(p, values))
         for entry, values in added.values()
     }
-    out = dict(manifest, adapters=entries)
+    bank = manifest.bank
     if banked:
-        values = {a["name"]: added[a["name"]][1] if a["name"] in added
-                  else switchable.read_adapter_file(bundle / a["file"]) for a in entries}
-        bank = switchable.build_bank(values, specs)
-        writers[switchable.BANK_FILE] = lambda p: switchable.write_adapter_file(p, bank)
-        out["bank"] = {"file": switchable.BANK_FILE, "adapters": [*values, None]}
-    out["validation"] = dict(manifest.get("validation") or {}, **report)
-    for key in ("files", "format", "format_version"):
-        out.pop(key, None)  # write_bundle records them anew
-    keep: dict[str, str | None] = {rel: sha for rel, sha in manifest["files"].items() if rel not in writers}
+        values = {a.name: added[a.name][1] if a.name in added
+                  else switchable.read_adapter_file(bundle / a.file) for a in entries}
+        stacked = switchable.build_bank(values, specs)
+        writers[BANK_FILE] = lambda p: switchable.write_adapter_file(p, stacked)
+        bank = Bank(file=BANK_FILE, adapters=(*values, None))
+    out = dataclasses.replace(manifest, adapters=entries, bank=bank, validation=dict(manifest.validation, **report),
+                              files={})  # write_bundle records the files anew
+    keep: dict[str, str | None] = {rel: sha for rel, sha in manifest.files.items() if rel not in writers}
     cache = bundle / ".cache"  # the runtime's optimized graph of the unchanged model.onnx stays valid
     if cache.is_dir():
         keep.update({p.relative_to(bundle).as_posix(): None for p in cache.rglob("*")
@@ -371,7 +363,7 @@ def add_adapter_command(args: argparse.Namespace) -> int:
     manifest = add_adapters(args.bundle, adapters, base=args.base, check=not args.no_check, replace=args.replace,
                             progress=say)
     print(json.dumps({"bundle": str(args.bundle), "added": list(adapters),
-                      "adapters": [a["name"] for a in manifest["adapters"]],
-                      "bank": (manifest.get("bank") or {}).get("file"),
-                      "validation": {n: manifest["validation"].get(n) for n in adapters}}))
+                      "adapters": list(manifest.adapter_names),
+                      "bank": manifest.bank.file if manifest.bank else None,
+                      "validation": {n: manifest.validation.get(n) for n in adapters}}))
     return 0

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from edgelora import __version__, smooth
 from edgelora.calibrate import ranges_to_dict, static_qparams
@@ -20,12 +19,25 @@ from edgelora.config import EXPORT_MODES, QuantConfig, config_to_dict
 from edgelora.errors import EdgeloraError
 from edgelora.model import AdapterModel, hidden_size, load_base, max_positions, model_type
 from edgelora.peft_format import WEIGHTS_FILE, load_adapter
-from edgelora.runtime.cpu import detect_isa, recommended_weight_bits
-from edgelora.runtime.runtime import sha256_file
+from edgelora.runtime.bundle import (
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    AdapterEntry,
+    BaseInfo,
+    Bank,
+    Manifest,
+    Quantization,
+    Requires,
+    TokenizerSpec,
+    check_out,
+    encoder_task,
+    sha256_file,
+    write_bundle,
+)
+from edgelora.runtime.cpu import detect_isa, recommended_weight_bits  # the CPU the int8 recipe is tuned for
 from edgelora.tokenize import DEFAULT_MAX_LENGTH
 
 from . import validate
-from .bundle import check_out, write_bundle
 from .fusion import DEFAULT_FUSIONS, fuse_graph
 from .onnx_graph import OUTPUTS, export_graph
 from .mixed_precision import TARGET_COSINE, calibration_feeds, choose_fp32_layers, expand_to_units
@@ -160,8 +172,8 @@ def export_bundle(
     smooth_alpha: float | None = None,
     lora_slots: str = "adapters",
     progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Export `base` with `adapters` (name -> adapter directory) to a bundle; returns its manifest.
+) -> Manifest:
+    """Export `base` with `adapters` (name -> adapter directory) to a bundle; returns its manifest, as written.
 
     Args:
         fusions: ONNX Runtime's BERT fusions to apply to BERT bases (names from `fusion.FUSIONS`;
@@ -251,66 +263,59 @@ def export_bundle(
     if bank:
         report["mixed batch (bank)"] = check_bank(model, graph.model, graph.feeds, names, precision, recipe, bank)
 
-    manifest = {
-        "edgelora_version": __version__,
-        "mode": mode,
-        "precision": precision,
-        "base": {
-            "name": str(base),
-            "fingerprint": model.base_fingerprint,
-            "architecture": model_type(hf_model) or type(hf_model).__name__,
-            "hidden_size": hidden_size(hf_model),
-        },
-        "inputs": list(graph.feeds),
-        "outputs": list(OUTPUTS),
-        "tokenizer": {"file": "tokenizer.json", "max_length": max_length} if (base_path / "tokenizer.json").is_file() else None,
-        "adapters": [
-            {
-                "name": n,
-                "kind": model.configs[n].kind,
-                "labels": model.labels[n],
-                "file": f"adapters/{n}.onnx_adapter" if mode == "switchable" else None,
-                "sha256": None,
-                "source_sha256": sha256_file(Path(adapters[n]) / WEIGHTS_FILE),  # the adapter weights exported
-                "trained_with": None if not trained_modes else {"weight_bits": bits, "modes": trained_modes},
-            }
-            for n in names
-        ],
-        "quantization": None
-        if precision == "fp32"
-        else {
-            "scheme": "weights int8 symmetric per output channel (shared quantizer), activations "
-                      f"{recipe.activations} uint8 per tensor",
-            "activations": _activations_manifest(model, recipe),
-            "weight_bits": bits,
-            "weight_bits_from": bits_source,
-            "isa": cpu.isa,
-            "quantized_matmuls": count_layers(quantized),
-            "qattention_nodes": sum(isinstance(q, QuantizedAttention) for q in quantized.values()),
-            "recipe": dict(config_to_dict(recipe), skip_layers=list(recipe.skip_layers)),
-            "fp32_layers": list(fp32_layers),
-            "fp32_layers_from": fp32_choice,
-            "smoothing": smoothing_choice,
-            "excluded": "embeddings, attention score products, adapter branches, heads",
-        },
-        "fusions": fusion.as_manifest(),
-        **({"requires": {"onnxruntime": STANDARD_ATTENTION_ORT}} if fusion.applied.get("ai.onnx.Attention") else {}),
-        "isa": cpu.isa,
-        "validation": report,
-    }
-    if trained_modes and mode not in trained_modes:
-        manifest["warnings"] = [f"adapters were fake-quantized for {trained_modes} deployment, exported as {mode}"]
-    if mode == "switchable":
-        manifest["slots"] = slots_manifest(plan, lora_slots)
-        manifest["bank"] = {"file": BANK_FILE, "adapters": [*names, None]}  # entry i: adapter_ids == i
-    writers: dict[str, Callable[[Path], None]] = {"model.onnx": lambda p: p.write_bytes(model_bytes)}
+    entries = tuple(
+        AdapterEntry.create(
+            n, kind=model.configs[n].kind, labels=model.labels[n], switchable=mode == "switchable",
+            source_sha256=sha256_file(Path(adapters[n]) / WEIGHTS_FILE),  # the adapter weights exported
+            trained_with=None if not trained_modes else {"weight_bits": bits, "modes": trained_modes},
+        )
+        for n in names
+    )
+    quantization = None if precision == "fp32" else Quantization(
+        scheme="weights int8 symmetric per output channel (shared quantizer), activations "
+               f"{recipe.activations} uint8 per tensor",
+        activations=_activations_manifest(model, recipe),
+        weight_bits=bits,
+        weight_bits_from=bits_source,
+        isa=cpu.isa,
+        quantized_matmuls=count_layers(quantized),
+        qattention_nodes=sum(isinstance(q, QuantizedAttention) for q in quantized.values()),
+        recipe=dict(config_to_dict(recipe), skip_layers=list(recipe.skip_layers)),
+        fp32_layers=tuple(fp32_layers),
+        fp32_layers_from=fp32_choice,
+        smoothing=smoothing_choice,
+        excluded="embeddings, attention score products, adapter branches, heads",
+    )
+    manifest = Manifest(
+        edgelora_version=__version__,
+        mode=mode,
+        precision=precision,
+        task=encoder_task(entries),
+        base=BaseInfo(name=str(base), fingerprint=model.base_fingerprint,
+                      architecture=model_type(hf_model) or type(hf_model).__name__, hidden_size=hidden_size(hf_model)),
+        inputs=tuple(graph.feeds),
+        outputs=tuple(OUTPUTS),
+        tokenizer=TokenizerSpec(file=TOKENIZER_FILE, max_length=max_length)
+        if (base_path / TOKENIZER_FILE).is_file() else None,
+        adapters=entries,
+        quantization=quantization,
+        fusions=fusion.as_manifest(),
+        requires=Requires(onnxruntime=STANDARD_ATTENTION_ORT) if fusion.applied.get("ai.onnx.Attention") else None,
+        isa=cpu.isa,
+        validation=report,
+        warnings=(f"adapters were fake-quantized for {trained_modes} deployment, exported as {mode}",)
+        if trained_modes and mode not in trained_modes else None,
+        slots=slots_manifest(plan, lora_slots) if mode == "switchable" else None,
+        bank=Bank(file=BANK_FILE, adapters=(*names, None)) if mode == "switchable" else None,  # entry i: adapter_ids == i
+    )
+    writers: dict[str, Callable[[Path], None]] = {MODEL_FILE: lambda p: p.write_bytes(model_bytes)}
     if bank:
         writers[BANK_FILE] = lambda p: write_adapter_file(p, bank)
-    for n, values in adapter_values.items():
-        writers[f"adapters/{n}.onnx_adapter"] = lambda p, values=values: write_adapter_file(p, values)
+    for entry in entries:
+        if entry.file is not None:
+            writers[entry.file] = lambda p, values=adapter_values[entry.name]: write_adapter_file(p, values)
     say("writing bundle")
-    write_bundle(Path(out), manifest, writers, base_path)
-    return manifest
+    return write_bundle(Path(out), manifest, writers, base_path)
 
 
 def _validate(model, proto, feeds_names, names, mode, precision, recipe, adapter_values, quantized) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,16 +40,16 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgelora.config import LoraConfig
+from edgelora.config import LoraConfig, plain_lora_config
 from edgelora.errors import EdgeloraError
-from edgelora.layers import AdaptedLinear
+from edgelora.layers import ADAPTER_KEYS, LORA_A_KEY, LORA_B_KEY, AdaptedLinear
 from edgelora.model import AdapterModel
-from edgelora.runtime.runtime import ADAPTER_IDS  # int64 [rows]: each row's bank entry; default [0]
+from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX, adapter_state
+from edgelora.runtime.bundle import ADAPTER_IDS, BANK_FILE  # adapter_ids: int64 [rows], each row's bank entry; default [0]
 
 from . import validate
 from .onnx_graph import ExportedGraph
 
-BANK_FILE = "bank.onnx_adapter"  # outside adapters/, so no adapter name can collide with it
 BANK_AXIS = "adapters"  # name of the leading (adapter) dimension of every bank input
 # Which layers get a LoRA slot: those the exported adapters adapt, or every attention (and MLP)
 # projection, so adapters trained later on those layers can be added without re-exporting the base.
@@ -175,24 +175,57 @@ def slot_specs(proto: onnx.ModelProto) -> dict[str, SlotSpec]:
     return specs
 
 
+# A bottleneck tensor's key part in the adapter file -> its slot role (all but the biases transposed).
+_BOTTLENECK_ROLES = {"down.weight": "down_w", "down.bias": "down_b", "up.weight": "up_w", "up.bias": "up_b"}
+
+
+def peft_slots(tensors: Mapping[str, np.ndarray], scaling_for: Callable[[int], float] | None,
+               resolve: Callable[[str], str], source: object) -> dict[str, tuple[np.ndarray, str]]:
+    """An adapter's tensors under its file's keys (`peft_format.adapter_state`) -> {slot name: (value in the
+    slot's natural form, the key it came from)}: the one conversion from an adapter to the graph's slots.
+
+    Args:
+        scaling_for: the LoRA scaling of a layer of rank r (`LoraConfig.scaling_for`), folded into B; None
+            for a bottleneck adapter.
+        resolve: the graph's name of a layer named in a key (PEFT keys may carry a task model's prefix);
+            raises EdgeloraError for a layer the graph lacks.
+        source: what errors name (the adapter directory).
+    """
+    out: dict[str, tuple[np.ndarray, str]] = {}
+    for key, value in tensors.items():
+        if key.startswith(HEAD_PREFIX):
+            slot = {"weight": "head.weight_t", "bias": "head.bias"}.get(key[len(HEAD_PREFIX):])
+            if slot is None:
+                raise EdgeloraError(f"{source}: unknown head tensor {key}; re-save the adapter")
+            out[slot] = (value.T if slot == "head.weight_t" else value), key
+            continue
+        inner = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        marker = next((m for m in ADAPTER_KEYS if m in inner), None)
+        if marker is None:
+            raise EdgeloraError(f"{source}: tensor {key} is neither LoRA, bottleneck nor head; re-save the adapter")
+        layer_key, _, rest = inner.partition(marker)
+        prefix = f"model.base.{resolve(layer_key)}"
+        if marker == LORA_A_KEY:
+            out[f"{prefix}.lora_A"] = value.T, key  # (in, r)
+        elif marker == LORA_B_KEY:
+            if scaling_for is None:
+                raise EdgeloraError(f"{source}: tensor {key} is LoRA but the adapter is not; re-save the adapter")
+            out[f"{prefix}.lora_B"] = (scaling_for(value.shape[1]) * value).T, key  # (r, out), the scaling folded in
+        else:
+            role = _BOTTLENECK_ROLES.get(rest)
+            if role is None:
+                raise EdgeloraError(f"{source}: unknown bottleneck tensor {key}; re-save the adapter")
+            out[f"{prefix}.{role}"] = (value.T if role in ("down_w", "up_w") else value), key
+    return out
+
+
 def natural_tensors(model: AdapterModel, name: str) -> dict[str, np.ndarray]:
-    """Adapter `name`'s tensors in natural form under the graph's slot names (LoRA scaling folded into B)."""
-    values: dict[str, torch.Tensor] = {}
-    for layer_name, layer in model.adapted_layers():
-        prefix = f"model.base.{layer_name}"
-        if name in layer.lora_A:
-            values[f"{prefix}.lora_A"] = layer.lora_A[name].weight.detach().t()
-            values[f"{prefix}.lora_B"] = (layer.scaling[name] * layer.lora_B[name].weight.detach()).t()
-        if name in layer.bottleneck:
-            b = layer.bottleneck[name]
-            values[f"{prefix}.down_w"] = b.down.weight.detach().t()
-            values[f"{prefix}.down_b"] = b.down.bias.detach()
-            values[f"{prefix}.up_w"] = b.up.weight.detach().t()
-            values[f"{prefix}.up_b"] = b.up.bias.detach()
-    head = model.heads[name]
-    values["head.weight_t"] = head.weight.detach().t()
-    values["head.bias"] = head.bias.detach()
-    return {k: v.to(torch.float32).cpu().numpy() for k, v in values.items()}
+    """Adapter `name`'s tensors in natural form under the graph's slot names (LoRA scaling folded into B):
+    what `edgelora add-adapter` makes of the adapter's file, through the same `peft_slots`."""
+    config = model.configs[name]
+    scaling = plain_lora_config(config).scaling_for if isinstance(config, LoraConfig) else None
+    state = {k: v.numpy() for k, v in adapter_state(model, name).items()}
+    return {slot: value for slot, (value, _key) in peft_slots(state, scaling, lambda layer: layer, name).items()}
 
 
 def adapter_tensors(model: AdapterModel, name: str, specs: Mapping[str, SlotSpec]) -> dict[str, np.ndarray]:

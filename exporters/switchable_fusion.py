@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper, version_converter
 from onnxruntime.transformers.onnx_model import OnnxModel
 
 from edgelora.model import AdapterModel
-from edgelora.runtime.runtime import ADAPTER_IDS
+from edgelora.runtime.bundle import ADAPTER_IDS
 
 from .fusion import DEFAULT_FUSIONS, FUSED_OPS, FUSED_REL_TOL, Fusion, fusable, optimize, relative_difference, run_graph
 from .onnx_graph import MASK_FILTER_VALUE, ExportedGraph

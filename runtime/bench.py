@@ -36,7 +36,8 @@ import onnxruntime as ort
 from edgelora.atomic import write_file_atomic, write_text_atomic
 from edgelora.errors import EdgeloraError
 from edgelora.runtime.cpu import detect_isa
-from edgelora.runtime.runtime import Runtime, read_manifest
+from edgelora.runtime.bundle import read_manifest
+from edgelora.runtime.runtime import Runtime
 
 RESULT_VERSION = 2  # 2: rows carry "fidelity", the result a "fidelity" section
 METHOD = ("one worker process per bundle, loaded once; per shape: warm-up runs per bundle, then interleaved "
@@ -172,8 +173,9 @@ class BundleEngine:
         self.rt = Runtime(bundle, intra_op_threads=threads, allow_spinning=spinning)
         self.labels = self.rt.labels(adapter)  # unknown adapter names fail here, before any timing
         self.adapter = adapter
-        self.input_names = self.rt.manifest["inputs"]
-        self.vocab = self.rt.vocab_size or int(self.rt.manifest.get("base", {}).get("vocab_size") or 100)
+        base = self.rt.manifest.base
+        self.input_names = self.rt.manifest.inputs
+        self.vocab = self.rt.vocab_size or (base.vocab_size if base else None) or 100
         self.threads = self.rt.intra_op_threads
         self.size_bytes = None  # the parent reads the bundle's files
 
@@ -338,15 +340,15 @@ def _bundle_bytes(path: Path) -> dict[str, int]:
 def _bundle_info(spec: str, default_adapter: str | None) -> dict:
     path, adapter = _parse_spec(spec, default_adapter)
     m = read_manifest(path, verify=False)  # the worker's Runtime verifies the sha256s
-    if m["mode"] == "merged" and adapter is not None and m["adapters"] and adapter == m["adapters"][0]["name"]:
+    if m.mode == "merged" and adapter is not None and m.adapters and adapter == m.adapters[0].name:
         adapter = None  # the baked adapter: same run
-    effective = adapter if m["mode"] == "switchable" else (m["adapters"][0]["name"] if m["adapters"] else None)
-    entry = next((a for a in m["adapters"] if a["name"] == effective), {})
-    base = m.get("base") or {}
-    return {"spec": spec, "path": str(path), "adapter": adapter, "task": effective, "mode": m["mode"],
-            "precision": m.get("precision"), "base": base.get("fingerprint") or base.get("name"),
-            "base_name": base.get("name"), "labels": list(entry.get("labels", [])),
-            "source": entry.get("source_sha256"), **_bundle_bytes(Path(path))}
+    effective = adapter if m.mode == "switchable" else (m.adapters[0].name if m.adapters else None)
+    entry = m.entry(effective) if effective is not None else None
+    base = m.base
+    return {"spec": spec, "path": str(path), "adapter": adapter, "task": effective, "mode": m.mode,
+            "precision": m.precision, "base": (base.fingerprint or base.name) if base else None,
+            "base_name": base.name if base else None, "labels": list(entry.labels) if entry else [],
+            "source": entry.source_sha256 if entry else None, **_bundle_bytes(Path(path))}
 
 
 def _labels(bundles: list[dict]) -> None:

@@ -1,7 +1,7 @@
 """Load an edgelora bundle into one ONNX Runtime CPU session and run text or feeds through it.
 
-The bundle (manifest.json, model.onnx, tokenizer, adapters/*.onnx_adapter) is checked before anything
-is loaded: format, version and every file's sha256. In switchable mode each adapter is loaded once and
+The bundle is checked before anything is loaded (`edgelora.runtime.bundle.read_manifest`: format, version,
+fields and every file's sha256); this module holds the session. In switchable mode each adapter is loaded once and
 bound to its own RunOptions, so choosing an adapter per call costs microseconds and never a new session.
 A batch that mixes adapters (`adapters=[...]`, one per row) runs once, through the bundle's adapter bank
 (`bank.onnx_adapter`, loaded on first use) and the graph's `adapter_ids` input: see exporters/switchable.py.
@@ -9,37 +9,22 @@ A batch that mixes adapters (`adapters=[...]`, one per row) runs once, through t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import tempfile
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from edgelora.atomic import interrupted_write_note
 from edgelora.errors import EdgeloraError
+from edgelora.runtime.bundle import ADAPTER_IDS, MANIFEST_FILE, MODEL_FILE, Manifest, read_manifest
 from edgelora.runtime.cpu import detect_isa, int8_saturates
 
-FORMAT = "edgelora-bundle"
-FORMAT_VERSION = 1  # the newest bundle format this runtime reads
-MODES = ("merged", "switchable")
-ADAPTER_IDS = "adapter_ids"  # int64 [batch] overridable initializer of banked switchable graphs: each row's bank entry
 _PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<PAD>")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks: the digest bundle manifests record for every file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -49,136 +34,17 @@ def _first_line(exc: BaseException) -> str:
     return text.split(" : ", 2)[-1][:300]
 
 
-def _safe_relpath(rel: object, manifest: Path) -> str:
-    p = PurePosixPath(str(rel))
-    if not isinstance(rel, str) or not rel or p.is_absolute() or ".." in p.parts:
-        raise EdgeloraError(f"{manifest}: file entry {rel!r} must be a relative path inside the bundle; re-export it")
-    return rel
-
-
-def read_manifest(bundle_dir: str | os.PathLike, *, verify: bool = True) -> dict:
-    """Read and check a bundle's manifest.json; with `verify`, also every listed file's sha256.
-
-    Raises EdgeloraError (one line naming the file) on a missing directory or manifest, invalid JSON,
-    a foreign format, a newer format_version, a malformed field, or a missing or altered file.
-    """
-    bundle = Path(bundle_dir)
-    if not bundle.exists():
-        raise EdgeloraError(
-            f"{bundle}: bundle directory not found{interrupted_write_note(bundle)}; pass the directory `edgelora export` wrote"
-        )
-    if not bundle.is_dir():
-        raise EdgeloraError(f"{bundle}: not a directory; a bundle is a directory with manifest.json and model.onnx")
-    path = bundle / "manifest.json"
-    if not path.is_file():
-        raise EdgeloraError(f"{path}: missing; this is not an edgelora bundle (re-export it with `edgelora export`)")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EdgeloraError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); re-export the bundle") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EdgeloraError(f"{path}: cannot read it ({e}); check the file") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        got = m.get("format") if isinstance(m, dict) else type(m).__name__
-        raise EdgeloraError(f"{path}: format is {got!r}, not {FORMAT!r}; this is not an edgelora bundle")
-    version = m.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise EdgeloraError(f"{path}: format_version {version!r} is not a positive integer; re-export the bundle")
-    if version > FORMAT_VERSION:
-        raise EdgeloraError(
-            f"{path}: written by a newer edgelora (format_version {version}, this one reads up to "
-            f"{FORMAT_VERSION}); upgrade edgelora"
-        )
-    _check_fields(m, path)
-    if verify:
-        _verify_files(bundle, m, path)
-    return m
-
-
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
-def _check_requires(m: dict, bundle: Path) -> None:
+def _check_requires(m: Manifest, bundle: Path) -> None:
     """Refuse, in one line, a bundle whose graph needs a newer onnxruntime than the one installed (switchable
     bundles use ONNX's Attention, opset 23, which ORT's CPU runs from 1.23)."""
-    need = (m.get("requires") or {}).get("onnxruntime")  # _check_fields made it null or {'onnxruntime': str}
+    need = m.requires.onnxruntime if m.requires is not None else None
     if need is not None and _version(ort.__version__) < _version(need):
-        raise EdgeloraError(f"{bundle / 'model.onnx'} needs onnxruntime>={need} (installed: {ort.__version__}); "
+        raise EdgeloraError(f"{bundle / MODEL_FILE} needs onnxruntime>={need} (installed: {ort.__version__}); "
                             f"pip install -U 'onnxruntime>={need}'")
-
-
-def _check_fields(m: dict, path: Path) -> None:
-    def bad(field: str, want: str) -> EdgeloraError:
-        return EdgeloraError(f"{path}: {field} is {m.get(field)!r}, expected {want}; re-export the bundle")
-
-    if m.get("mode") not in MODES:
-        raise bad("mode", "'merged' or 'switchable'")
-    for key in ("inputs", "outputs"):
-        v = m.get(key)
-        if not isinstance(v, list) or not v or not all(isinstance(s, str) for s in v):
-            raise bad(key, "a non-empty list of names")
-    if not isinstance(m.get("files"), dict):
-        raise bad("files", "a mapping of file name to sha256")
-    requires = m.get("requires")
-    if requires is not None and not (isinstance(requires, dict) and isinstance(requires.get("onnxruntime", ""), str)
-                                     and re.fullmatch(r"\d+(\.\d+)*", requires.get("onnxruntime", "0"))):
-        raise bad("requires", "null or {'onnxruntime': 'MAJOR.MINOR'}")
-    for rel in m["files"]:
-        _safe_relpath(rel, path)
-    tok = m.get("tokenizer")
-    if tok is not None and not (
-        isinstance(tok, dict) and isinstance(tok.get("file"), str)
-        and isinstance(tok.get("max_length"), int) and tok["max_length"] > 0
-    ):
-        raise bad("tokenizer", "null or {'file': str, 'max_length': positive int}")
-    adapters = m.get("adapters")
-    if not isinstance(adapters, list) or not all(isinstance(a, dict) and isinstance(a.get("name"), str)
-                                                 and isinstance(a.get("labels", []), list) for a in adapters):
-        raise bad("adapters", "a list of {'name': str, 'labels': [str, ...], ...}")
-    names = [a["name"] for a in adapters]
-    if len(set(names)) != len(names):
-        raise EdgeloraError(f"{path}: adapter names repeat ({', '.join(names)}); re-export the bundle")
-    if m["mode"] == "merged" and len(adapters) > 1:
-        raise EdgeloraError(f"{path}: a merged bundle holds at most one adapter, found {len(adapters)}; re-export it")
-    if m["mode"] == "switchable":
-        for a in adapters:
-            if not isinstance(a.get("file"), str):
-                raise EdgeloraError(f"{path}: adapter {a['name']!r} has no 'file'; re-export the bundle")
-            _safe_relpath(a["file"], path)
-        bank = m.get("bank")
-        if bank is not None:
-            order = bank.get("adapters") if isinstance(bank, dict) else None
-            if not (isinstance(bank, dict) and isinstance(bank.get("file"), str) and isinstance(order, list)
-                    and all(n is None or isinstance(n, str) for n in order)):
-                raise bad("bank", "null or {'file': str, 'adapters': [name or null, ...]}")
-            _safe_relpath(bank["file"], path)
-
-
-def _verify_files(bundle: Path, m: dict, path: Path) -> None:
-    needed = ["model.onnx"]
-    if m.get("tokenizer"):
-        needed.append(m["tokenizer"]["file"])
-    for a in m["adapters"]:
-        if m["mode"] == "switchable":
-            needed.append(a["file"])
-            if a.get("sha256") and a["sha256"] != m["files"].get(a["file"]):
-                raise EdgeloraError(
-                    f"{path}: adapter {a['name']!r} sha256 disagrees with 'files'; re-export the bundle"
-                )
-    if m["mode"] == "switchable" and m.get("bank"):
-        needed.append(m["bank"]["file"])
-    for rel in needed:
-        if rel not in m["files"]:
-            raise EdgeloraError(f"{path}: 'files' lists no sha256 for {rel}; re-export the bundle")
-    for rel, digest in m["files"].items():
-        f = bundle / rel
-        if not f.is_file():
-            raise EdgeloraError(f"{f}: missing (listed in manifest.json); the bundle is incomplete, re-export it")
-        if sha256_file(f) != str(digest).lower():
-            raise EdgeloraError(
-                f"{f}: sha256 does not match manifest.json (changed or corrupt); restore the file or re-export"
-            )
 
 
 class Runtime:
@@ -209,7 +75,7 @@ class Runtime:
         optimized_cache: bool = True,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
-        self.manifest: dict = read_manifest(self.bundle_dir)
+        self.manifest: Manifest = read_manifest(self.bundle_dir)
         _check_requires(self.manifest, self.bundle_dir)
         cpu = detect_isa()
         threads = cpu.physical_cores if intra_op_threads is None else intra_op_threads
@@ -221,16 +87,15 @@ class Runtime:
         self._session = self._load_session(cpu.isa, optimized_cache)
         self._check_io()
         self._tokenizer = self._load_tokenizer()
-        self._entries = {a["name"]: a for a in self.manifest["adapters"]}
         # Adapters reach the graph only through RunOptions, and ORT ignores them on the IOBinding path
         # (run_with_iobinding silently runs the plain base), so every run here goes through session.run.
         self._run_options: dict[str | None, ort.RunOptions] = {None: ort.RunOptions()}
         self._lora: list[ort.LoraAdapter] = []  # keeps the loaded adapters alive for their RunOptions
-        if self.manifest["mode"] == "switchable":
-            for entry in self.manifest["adapters"]:
-                self._run_options[entry["name"]] = self._load_adapter(self.bundle_dir / entry["file"])
-        elif self.manifest["adapters"]:
-            self._run_options[self.manifest["adapters"][0]["name"]] = self._run_options[None]
+        if self.manifest.mode == "switchable":
+            for entry in self.manifest.adapters:
+                self._run_options[entry.name] = self._load_adapter(self.bundle_dir / entry.file)
+        elif self.manifest.adapters:
+            self._run_options[self.manifest.adapters[0].name] = self._run_options[None]
         # The adapter bank: (RunOptions, name -> entry), loaded on the first mixed batch, since only mixed
         # batches need it and it holds every adapter a second time.
         self._bank: tuple[ort.RunOptions, dict[str | None, int]] | None = None
@@ -251,11 +116,10 @@ class Runtime:
         return so
 
     def _warn_if_saturating(self, isa: str) -> None:
-        quant = self.manifest.get("quantization")
-        if self.manifest.get("precision") == "int8" and isinstance(quant, dict) and quant.get("weight_bits") == 8 \
-                and int8_saturates(isa):
+        quant = self.manifest.quantization
+        if self.manifest.precision == "int8" and quant is not None and quant.weight_bits == 8 and int8_saturates(isa):
             warnings.warn(
-                f"{self.bundle_dir}: 8-bit int8 weights (tuned for {quant.get('isa', 'another CPU')}) on this {isa} "
+                f"{self.bundle_dir}: 8-bit int8 weights (tuned for {quant.isa or 'another CPU'}) on this {isa} "
                 "CPU, whose int8 kernel saturates 16-bit pair sums: expect accuracy loss; export with 7-bit "
                 "weights for this CPU",
                 RuntimeWarning,
@@ -263,8 +127,8 @@ class Runtime:
             )
 
     def _load_session(self, isa: str, use_cache: bool) -> ort.InferenceSession:
-        model = self.bundle_dir / "model.onnx"
-        sha = str(self.manifest["files"]["model.onnx"])[:12]
+        model = self.bundle_dir / MODEL_FILE
+        sha = str(self.manifest.files[MODEL_FILE])[:12]
         cache = self.bundle_dir / ".cache" / f"model.{sha}.{ort.__version__}.{isa}.opt.onnx"
         providers = ["CPUExecutionProvider"]
         if use_cache and cache.is_file() and cache.stat().st_mtime >= model.stat().st_mtime:
@@ -302,31 +166,31 @@ class Runtime:
         return session
 
     def _check_io(self) -> None:
-        model = self.bundle_dir / "model.onnx"
+        model = self.bundle_dir / MODEL_FILE
         self._session_inputs = {i.name: i for i in self._session.get_inputs()}
-        unfed = sorted(set(self._session_inputs) - set(self.manifest["inputs"]))
+        unfed = sorted(set(self._session_inputs) - set(self.manifest.inputs))
         if unfed:
             raise EdgeloraError(
                 f"{model}: graph inputs {unfed} are not in manifest.json 'inputs'; re-export the bundle"
             )
         outputs = {o.name for o in self._session.get_outputs()}
-        missing = [o for o in self.manifest["outputs"] if o not in outputs]
+        missing = [o for o in self.manifest.outputs if o not in outputs]
         if missing:
             raise EdgeloraError(f"{model}: has no output {missing} that manifest.json lists; re-export the bundle")
-        self._outputs = list(self.manifest["outputs"])
+        self._outputs = list(self.manifest.outputs)
 
     def _load_tokenizer(self):
-        spec = self.manifest.get("tokenizer")
-        if not spec:
+        spec = self.manifest.tokenizer
+        if spec is None:
             return None
         from tokenizers import Tokenizer
 
-        path = self.bundle_dir / spec["file"]
+        path = self.bundle_dir / spec.file
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
             raise EdgeloraError(f"{path}: not a readable tokenizers JSON file ({_first_line(e)}); re-export") from None
-        tok.enable_truncation(max_length=spec["max_length"])
+        tok.enable_truncation(max_length=spec.max_length)
         pad = tok.padding or {}
         pad_token = pad.get("pad_token")
         if pad_token is None or tok.token_to_id(pad_token) is None:
@@ -389,7 +253,7 @@ class Runtime:
     @property
     def adapters(self) -> tuple[str, ...]:
         """Adapter names, in manifest order (the baked one in merged mode)."""
-        return tuple(a["name"] for a in self.manifest["adapters"])
+        return self.manifest.adapter_names
 
     @property
     def vocab_size(self) -> int | None:
@@ -405,7 +269,7 @@ class Runtime:
         if adapter in self._run_options:
             return self._run_options[adapter]
         available = ", ".join(self.adapters) or "none"
-        if self.manifest["mode"] == "merged":
+        if self.manifest.mode == "merged":
             raise EdgeloraError(
                 f"{self.bundle_dir}: merged bundle has adapter {available} baked in, not {adapter!r}; "
                 "pass adapter=None or that name"
@@ -416,15 +280,15 @@ class Runtime:
         """Label names of an adapter's logits columns (in merged mode, of the baked adapter)."""
         self._options_for(adapter)
         if adapter is None:
-            if self.manifest["mode"] == "switchable" or not self.adapters:
+            if self.manifest.mode == "switchable" or not self.adapters:
                 return ()
             adapter = self.adapters[0]
-        return tuple(self._entries[adapter].get("labels", []))
+        return self.manifest.entry(adapter).labels
 
     def tokenize(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
         """Texts -> int64 feeds [batch, seq], truncated to max_length (with a RuntimeWarning) and padded to the longest."""
         if self._tokenizer is None:
-            raise EdgeloraError(f"{self.bundle_dir / 'manifest.json'}: bundle has no tokenizer; pass feeds instead")
+            raise EdgeloraError(f"{self.bundle_dir / MANIFEST_FILE}: bundle has no tokenizer; pass feeds instead")
         if isinstance(texts, str):
             texts = [texts]
         if not texts or not all(isinstance(t, str) for t in texts):
@@ -434,7 +298,7 @@ class Runtime:
         if cut:  # truncation is what the bundle promises (the base has no more positions); say it happened
             warnings.warn(
                 f"{cut} text{'s' if cut > 1 else ''} longer than the bundle's max_length of "
-                f"{self.manifest['tokenizer']['max_length']} tokens truncated to it",
+                f"{self.manifest.tokenizer.max_length} tokens truncated to it",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -444,16 +308,16 @@ class Runtime:
             "token_type_ids": [e.type_ids for e in enc],
         }
         feeds = {}
-        for name in self.manifest["inputs"]:
+        for name in self.manifest.inputs:
             if name not in columns:
                 raise EdgeloraError(
-                    f"{self.bundle_dir / 'manifest.json'}: input {name!r} cannot be made from text; pass feeds"
+                    f"{self.bundle_dir / MANIFEST_FILE}: input {name!r} cannot be made from text; pass feeds"
                 )
             feeds[name] = np.asarray(columns[name], dtype=np.int64)
         return feeds
 
     def _check_feeds(self, feeds: Mapping[str, object]) -> dict[str, np.ndarray]:
-        known = set(self.manifest["inputs"])
+        known = set(self.manifest.inputs)
         unknown = sorted(set(feeds) - known)
         if unknown:
             raise EdgeloraError(f"feeds {unknown} are not inputs of {self.bundle_dir}; expected {sorted(known)}")
@@ -476,7 +340,7 @@ class Runtime:
         """Whether a batch mixing adapters (`adapters=[...]`) runs as one session run: the bundle has an
         adapter bank. Older switchable bundles run such a batch once per adapter instead."""
         if self._banked is None:
-            self._banked = bool(self.manifest.get("bank")) and any(
+            self._banked = self.manifest.bank is not None and any(
                 i.name == ADAPTER_IDS for i in self._session.get_overridable_initializers())
         return self._banked
 
@@ -484,16 +348,16 @@ class Runtime:
         """The bank's RunOptions and each adapter's entry in it; loaded on first use, once."""
         with self._bank_lock:
             if self._bank is None:
-                spec = self.manifest["bank"]
-                order = spec["adapters"]
+                spec = self.manifest.bank
+                order = spec.adapters
                 missing = [a for a in self.adapters if a not in order]
                 if missing or None not in order or len(set(order)) != len(order):
                     raise EdgeloraError(
-                        f"{self.bundle_dir / 'manifest.json'}: the adapter bank {spec['file']} lacks adapters "
+                        f"{self.bundle_dir / MANIFEST_FILE}: the adapter bank {spec.file} lacks adapters "
                         f"{missing or ['(no adapter)']} or repeats one; re-export the bundle or re-run "
                         "`edgelora add-adapter`"
                     )
-                options = self._load_adapter(self.bundle_dir / spec["file"], bank_entries=len(order))
+                options = self._load_adapter(self.bundle_dir / spec.file, bank_entries=len(order))
                 self._bank = (options, {name: i for i, name in enumerate(order)})
             return self._bank
 
@@ -502,7 +366,7 @@ class Runtime:
             values = self._session.run(self._outputs, feeds, options)
         except Exception as e:  # noqa: BLE001
             raise EdgeloraError(
-                f"{self.bundle_dir / 'model.onnx'}: run failed ({_first_line(e)}); check the feeds' shapes and dtypes"
+                f"{self.bundle_dir / MODEL_FILE}: run failed ({_first_line(e)}); check the feeds' shapes and dtypes"
             ) from None
         return dict(zip(self._outputs, values))
 
@@ -563,7 +427,7 @@ class Runtime:
         logits = out["logits"]
         if logits.shape[-1] < max(widths):
             raise EdgeloraError(
-                f"{self.bundle_dir / 'manifest.json'}: adapters list up to {max(widths)} labels but model.onnx "
+                f"{self.bundle_dir / MANIFEST_FILE}: adapters list up to {max(widths)} labels but model.onnx "
                 f"gives {logits.shape[-1]} logits; re-export the bundle"
             )
         out["logits"] = [logits[i, :w] for i, w in enumerate(widths)]  # drop each row's zero-padded columns
@@ -607,7 +471,7 @@ class Runtime:
             for name, row in zip(chunk, logits):
                 if row.shape[-1] != len(labels[name]):
                     raise EdgeloraError(
-                        f"{self.bundle_dir / 'manifest.json'}: adapter {name!r} lists {len(labels[name])} labels but "
+                        f"{self.bundle_dir / MANIFEST_FILE}: adapter {name!r} lists {len(labels[name])} labels but "
                         f"model.onnx gives {row.shape[-1]} logits; re-export the bundle"
                     )
                 z = np.exp(row.astype(np.float64) - row.max())
@@ -619,5 +483,5 @@ class Runtime:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return (f"Runtime({str(self.bundle_dir)!r}, mode={m['mode']}, precision={m.get('precision')}, "
+        return (f"Runtime({str(self.bundle_dir)!r}, mode={m.mode}, precision={m.precision}, "
                 f"adapters={list(self.adapters)}, threads={self.intra_op_threads})")

@@ -357,8 +357,7 @@ class _Service:
         self.retry_after_s = retry_after_s
         self.model = model
         self.in_flight = 0
-        mode = runtime.manifest.get("mode")
-        self.default_adapter = runtime.adapters[0] if mode == "merged" and runtime.adapters else None
+        self.default_adapter = runtime.adapters[0] if runtime.manifest.mode == "merged" and runtime.adapters else None
         self.labels = {name: list(runtime.labels(name)) for name in runtime.adapters}
 
     def available(self) -> str:
@@ -457,7 +456,7 @@ class _Service:
 
         m = self.runtime.manifest
         return JSONResponse({
-            "model": self.model, "mode": m.get("mode"), "precision": m.get("precision"),
+            "model": self.model, "mode": m.mode, "precision": m.precision,
             "default": self.default_adapter,
             "adapters": [{"name": a, "labels": labels} for a, labels in self.labels.items()],
             "batching": {"merge": self.batcher.merge, "mix_adapters": self.batcher.mix,
@@ -514,7 +513,7 @@ def create_app(
     for name, value in (("max_texts", max_texts), ("max_text_chars", max_text_chars),
                         ("max_body_bytes", max_body_bytes), ("retry_after_s", retry_after_s)):
         _positive(name, value)
-    merge = merges_requests(batching, runtime.manifest.get("precision"))
+    merge = merges_requests(batching, runtime.manifest.precision)
     batcher = MicroBatcher(runtime, max_batch=max_batch, window_ms=window_ms, queue_limit=queue_limit, merge=merge,
                            mix=mix_adapters)
     service = _Service(runtime, batcher, max_texts=max_texts, max_text_chars=max_text_chars,
@@ -639,8 +638,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def _announce(runtime: Runtime, host: str, port: int) -> None:
     m = runtime.manifest
     url_host = f"[{host}]" if ":" in host else host
-    print(f"edgelora serve: listening on http://{url_host}:{port} ({runtime.bundle_dir}: {m.get('mode')} "
-          f"{m.get('precision')}, adapters {', '.join(runtime.adapters) or 'none'})", file=sys.stderr, flush=True)
+    print(f"edgelora serve: listening on http://{url_host}:{port} ({runtime.bundle_dir}: {m.mode} "
+          f"{m.precision}, adapters {', '.join(runtime.adapters) or 'none'})", file=sys.stderr, flush=True)
 
 
 def serve_command(args: argparse.Namespace) -> int:

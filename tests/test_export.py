@@ -28,7 +28,7 @@ from edgelora.errors import EdgeloraError
 from edgelora.exporters.export import export_bundle
 from edgelora.model import AdapterModel, load_base
 from edgelora.peft_format import load_adapter, save_adapter
-from edgelora.runtime import Runtime
+from edgelora.runtime import Runtime, read_manifest
 
 # Quantization must visibly move the output (int8 vs fp32 embeddings measured 5e-4 to 2e-2 with 7-bit
 # weights, 100x the fp32 export's own error), or an "int8" bundle that silently stayed fp32 would pass.
@@ -81,7 +81,7 @@ def torch_run(model: AdapterModel, feeds: dict[str, torch.Tensor], adapter: str 
 
 def onnx_run(bundle: Path, feeds: dict[str, torch.Tensor], adapter: str | None) -> dict[str, np.ndarray]:
     rt = Runtime(bundle, intra_op_threads=1, allow_spinning=False)
-    return rt.run({k: v.numpy() for k, v in feeds.items() if k in rt.manifest["inputs"]}, adapter=adapter)
+    return rt.run({k: v.numpy() for k, v in feeds.items() if k in rt.manifest.inputs}, adapter=adapter)
 
 
 # --- fixtures ----------------------------------------------------------------------------------------
@@ -151,6 +151,18 @@ def test_fp32_switchable_bundle_equals_torch_for_every_adapter_and_none(bundle, 
     m = manifest(out)
     assert [a["name"] for a in m["adapters"]] == ["lo", "bn"]
     assert all((out / a["file"]).is_file() and a["sha256"] == m["files"][a["file"]] for a in m["adapters"])
+
+
+@pytest.mark.parametrize("mode,precision,names", [("merged", "int8", ("lo",)), ("switchable", "int8", ("lo", "bn")),
+                                                  ("switchable", "fp32", ("lo", "bn"))])
+def test_an_exported_manifest_round_trips_to_identical_json(bundle, mode: str, precision: str,
+                                                            names: tuple[str, ...]) -> None:
+    out = bundle(mode, precision, *names)
+    text = (out / "manifest.json").read_text()
+    typed = read_manifest(out)
+    assert typed.to_json() == text
+    assert typed.task == "sequence-classification" and typed.format_version == 1
+    assert typed.quantization is None if precision == "fp32" else typed.quantization.weight_bits == WEIGHT_BITS
 
 
 def test_switching_adapters_back_and_forth_gives_identical_results(bundle, feeds) -> None:
@@ -280,7 +292,7 @@ def test_int8_switchable_each_adapter_tracks_its_fake_quant_torch(bundle, tiny_b
 
 def test_int8_export_takes_weight_bits_from_the_qat_recipe(tiny_bert_dir, tmp_path: Path) -> None:
     saved = build_and_save(tiny_bert_dir, tmp_path, names=("lo",), quant=QuantConfig(weight_bits=7, mode="merged"))
-    m = export_bundle(str(tiny_bert_dir), saved, mode="merged", precision="int8", out=tmp_path / "bundle")
+    m = export_bundle(str(tiny_bert_dir), saved, mode="merged", precision="int8", out=tmp_path / "bundle").to_dict()
     assert m["quantization"]["weight_bits"] == 7
     assert m["quantization"]["weight_bits_from"] == "adapter training recipe"
     assert m["adapters"][0]["trained_with"] == {"weight_bits": 7, "modes": ["merged"]}
@@ -298,7 +310,7 @@ def test_decoder_bases_export_without_token_type_ids(kind: str, tmp_path: Path) 
     saved = build_and_save(base_dir, tmp_path / "adapters", base_kind=kind)
     feeds = make_inputs(kind)
     merged = export_bundle(str(base_dir), {"lo": saved["lo"]}, mode="merged", precision="fp32", out=tmp_path / "m")
-    assert merged["inputs"] == ["input_ids", "attention_mask"]
+    assert merged.inputs == ("input_ids", "attention_mask")
     want = torch_run(torch_model(base_dir, {"lo": saved["lo"]}), feeds, "lo")
     got = onnx_run(tmp_path / "m", feeds, None)
     diffs = max_abs(got["logits"], want["logits"]), max_abs(got["embeddings"], want["embeddings"])
@@ -307,9 +319,9 @@ def test_decoder_bases_export_without_token_type_ids(kind: str, tmp_path: Path) 
 
     switchable = export_bundle(str(base_dir), saved, mode="switchable", precision="int8", out=tmp_path / "s",
                                weight_bits=WEIGHT_BITS)
-    assert switchable["inputs"] == ["input_ids", "attention_mask"]
+    assert switchable.inputs == ("input_ids", "attention_mask")
     for run in ("lo", "bn", "(no adapter)"):
-        err = switchable["validation"][run]["int8_layers_vs_fake_quant"]["max_rel_error"]
+        err = switchable.validation[run]["int8_layers_vs_fake_quant"]["max_rel_error"]
         print(f"{kind} switchable int8 {run}: worst int8 layer vs fake quant {err:.2e}")
         assert err <= INT8_LAYER_REL_TOL
     rt = Runtime(tmp_path / "s", intra_op_threads=1, allow_spinning=False)
@@ -334,7 +346,7 @@ def test_peft_lora_adapter_exports_merged_and_matches_peft(tiny_bert_dir, tmp_pa
     with peft_model.disable_adapter():
         plain = pooled()
     assert max_abs(want, plain) > MIN_ADAPTER_EFFECT  # init_lora_weights=False: B is not zero
-    m = export_bundle(str(tiny_bert_dir), {"peft": tmp_path / "peft"}, mode="merged", precision="fp32", out=tmp_path / "b")
+    m = export_bundle(str(tiny_bert_dir), {"peft": tmp_path / "peft"}, mode="merged", precision="fp32", out=tmp_path / "b").to_dict()
     assert m["adapters"][0]["kind"] == "lora"
     got = onnx_run(tmp_path / "b", feeds, None)
     diff = max_abs(got["embeddings"], want)

@@ -155,7 +155,7 @@ def test_layerwise_check_catches_a_wrong_qattention_scale(bundles) -> None:
 def test_mixed_precision_layers_are_fp32_in_graph_and_fake_quant(tiny_bert_dir, lora, tmp_path: Path) -> None:
     keep = ["encoder.layer.0.intermediate.dense", LAYER.format(1, "query")]  # query widens to q, k, v of layer 1
     m = export_bundle(str(tiny_bert_dir), {"lo": lora}, mode="merged", precision="int8", out=tmp_path / "b",
-                      weight_bits=WEIGHT_BITS, keep_fp32=keep)
+                      weight_bits=WEIGHT_BITS, keep_fp32=keep).to_dict()
     expected = sorted([keep[0]] + [LAYER.format(1, p) for p in ("query", "key", "value")])
     assert m["quantization"]["fp32_layers"] == expected == m["quantization"]["recipe"]["skip_layers"]
     assert m["quantization"]["quantized_matmuls"] == 12 - 4
@@ -181,7 +181,7 @@ def test_export_keeps_fp32_what_training_skipped(tiny_bert_dir, tmp_path: Path) 
     recipe = QuantConfig(WEIGHT_BITS, skip_layers=skip)
     assert QuantConfig(**json.loads(json.dumps(config_to_dict(recipe)))) == recipe  # travels in adapter_config.json
     adapter = save_lora(tiny_bert_dir, tmp_path, quant=recipe)
-    m = export_bundle(str(tiny_bert_dir), {"lo": adapter}, mode="merged", precision="int8", out=tmp_path / "b")
+    m = export_bundle(str(tiny_bert_dir), {"lo": adapter}, mode="merged", precision="int8", out=tmp_path / "b").to_dict()
     assert m["quantization"]["fp32_layers"] == sorted(skip)
     assert m["quantization"]["fp32_layers_from"] == {"from": "adapter training recipe"}
     with pytest.raises(EdgeloraError, match=r"differs from the fp32 layers the adapters were trained with"):
@@ -191,7 +191,7 @@ def test_export_keeps_fp32_what_training_skipped(tiny_bert_dir, tmp_path: Path) 
 
 def test_auto_mixed_precision_keeps_the_most_sensitive_units_within_budget(tiny_bert_dir, lora, tmp_path: Path) -> None:
     m = export_bundle(str(tiny_bert_dir), {"lo": lora}, mode="merged", precision="int8", out=tmp_path / "b",
-                      weight_bits=WEIGHT_BITS, keep_fp32="auto", target_cosine=0.9999999)
+                      weight_bits=WEIGHT_BITS, keep_fp32="auto", target_cosine=0.9999999).to_dict()
     choice = m["quantization"]["fp32_layers_from"]
     sens = choice["sensitivity"]
     alone = [u["alone_worst_cosine"] for u in sens["units"]]
@@ -218,7 +218,7 @@ def test_manifest_records_fusions_recipe_and_isa(bundles) -> None:
 
 def test_no_fusions_requested_gives_the_unfused_graph(tiny_bert_dir, lora, tmp_path: Path) -> None:
     m = export_bundle(str(tiny_bert_dir), {"lo": lora}, mode="merged", precision="int8", out=tmp_path / "b",
-                      weight_bits=WEIGHT_BITS, fusions=())
+                      weight_bits=WEIGHT_BITS, fusions=()).to_dict()
     assert m["fusions"]["applied"] == {} and m["fusions"]["note"].startswith("unfused")
     assert len(nodes(tmp_path / "b", "MatMulInteger")) == 12 and not nodes(tmp_path / "b", "QAttention")
     with pytest.raises(EdgeloraError, match=r"fusions \['flash'\] are not supported"):
@@ -234,7 +234,7 @@ def test_gpt2_base_falls_back_to_unfused_with_a_note(tmp_path: Path) -> None:
     model.add_adapter("lo", LoraConfig(r=2), labels=["a", "b"])
     adapter = save_adapter(model, "lo", tmp_path / "lo")
     m = export_bundle(str(base_dir), {"lo": adapter}, mode="merged", precision="int8", out=tmp_path / "b",
-                      weight_bits=WEIGHT_BITS)
+                      weight_bits=WEIGHT_BITS).to_dict()
     assert m["fusions"]["applied"] == {} and "not gpt2" in m["fusions"]["note"]
     assert m["validation"]["lo"]["int8_layers_vs_fake_quant"]["max_rel_error"] <= INT8_LAYER_REL_TOL
 

@@ -18,6 +18,7 @@ from tiny_bundle import (ATOL, HIDDEN, MAX_LENGTH, TEXTS, Tiny, make_bundle, ref
 
 from edgelora.errors import EdgeloraError
 from edgelora.runtime import Runtime, detect_isa
+from edgelora.runtime.bundle import FORMAT_VERSION
 
 
 @pytest.fixture
@@ -201,7 +202,7 @@ def test_foreign_format(merged: Tiny) -> None:
 
 
 def test_newer_format_version(merged: Tiny) -> None:
-    edit_manifest(merged.path, format_version=2)
+    edit_manifest(merged.path, format_version=FORMAT_VERSION + 1)
     with pytest.raises(EdgeloraError, match=r"manifest\.json: written by a newer edgelora .*; upgrade edgelora"):
         Runtime(merged.path)
 
@@ -247,7 +248,8 @@ def test_bad_feeds(merged: Tiny) -> None:
 
 def test_runtime_imports_no_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import edgelora.runtime, edgelora.runtime.bench, edgelora.runtime.cpu, edgelora.runtime.runtime\n"
+            "import edgelora.runtime, edgelora.runtime.bench, edgelora.runtime.bundle, edgelora.runtime.cpu\n"
+            "import edgelora.runtime.runtime\n"
             "assert sys.modules['torch'] is None")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

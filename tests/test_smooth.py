@@ -123,7 +123,7 @@ def test_smoothed_int8_export_matches_fake_quant(tiny_bert_dir: Path, tmp_path: 
     adapter = save_adapter(model, "lo", tmp_path / "lo")
     assert (adapter / SMOOTHING_FILE).is_file()
     out = tmp_path / "bundle"
-    manifest = export_bundle(tiny_bert_dir, {"lo": adapter}, mode=mode, precision="int8", out=out)
+    manifest = export_bundle(tiny_bert_dir, {"lo": adapter}, mode=mode, precision="int8", out=out).to_dict()
     quant = manifest["quantization"]
     assert quant["smoothing"]["from"] == "adapter training recipe" and quant["recipe"]["smoothing"] == ALPHA
     graph = onnx.load(str(out / "model.onnx")).graph
@@ -168,7 +168,7 @@ def test_post_training_smoothing_at_export(tiny_bert_dir: Path, tmp_path: Path) 
     randomize_adapters(model)
     adapter = save_adapter(model, "lo", tmp_path / "lo")
     manifest = export_bundle(tiny_bert_dir, {"lo": adapter}, mode="merged", precision="int8", out=tmp_path / "b",
-                             smooth_alpha=0.6)
+                             smooth_alpha=0.6).to_dict()
     smoothing = manifest["quantization"]["smoothing"]
     assert smoothing["alpha"] == 0.6 and smoothing["from"].startswith("export")
     graph = onnx.load(str(tmp_path / "b" / "model.onnx")).graph
@@ -327,7 +327,7 @@ def test_add_adapter_needs_the_bundles_smoothing(tiny_bert_dir: Path, tmp_path: 
                      quant=QuantConfig(weight_bits=WEIGHT_BITS, mode="switchable", smoothing=ALPHA))
     smooth_model(same, [make_inputs("bert", batch=4, seed=s) for s in range(2)], ALPHA)
     randomize_adapters(same, seed=5)
-    manifest = add_adapters(bundle, {"two": save_adapter(same, "two", tmp_path / "two")})
+    manifest = add_adapters(bundle, {"two": save_adapter(same, "two", tmp_path / "two")}).to_dict()
     assert [a["name"] for a in manifest["adapters"]] == ["lo", "two"]
     other = save_adapter(smoothed_model(tiny_bert_dir, alpha=0.9, mode="switchable"), "lo", tmp_path / "other")
     with pytest.raises(EdgeloraError, match="trained with other SmoothQuant factors than bundle"):

@@ -360,7 +360,7 @@ def wide(tiny_bert_dir, adapters, tmp_path: Path) -> Path:
 
 def test_added_adapter_matches_torch_and_joins_the_bank(wide, adapters, references) -> None:
     model_before = snapshot(wide)["model.onnx"]
-    manifest = add_adapters(wide, {"lo": adapters["lo"]})
+    manifest = add_adapters(wide, {"lo": adapters["lo"]}).to_dict()
     assert [a["name"] for a in manifest["adapters"]] == ["lo8", "lo"]
     assert manifest["bank"]["adapters"] == ["lo8", "lo", None]
     assert manifest["validation"]["lo"]["vs_fake_quant_torch"]["embeddings"]["worst_cosine"] >= INT8_MIN_COSINE
@@ -394,7 +394,7 @@ def test_a_bottleneck_adapter_joins_a_bundle_with_bottleneck_slots(bundles, adap
     import shutil
 
     bundle = Path(shutil.copytree(bundles["fp32"], tmp_path / "copy"))
-    manifest = add_adapters(bundle, {"bn2": adapters["bn"]})  # checked against fp32 torch on the way
+    manifest = add_adapters(bundle, {"bn2": adapters["bn"]}).to_dict()  # checked against fp32 torch on the way
     assert manifest["validation"]["bn2"]["vs_fp32_torch"]["embeddings"]["max_abs_diff"] <= FP32_ATOL
     rt = runtime(bundle)
     feeds = numpy_feeds(2)
@@ -405,6 +405,25 @@ def test_a_bottleneck_adapter_joins_a_bundle_with_bottleneck_slots(bundles, adap
     with pytest.raises(EdgeloraError, match=r"--slots 'everything' is not supported; choose from adapters, attention"):
         export_bundle(str(bundle), {"lo": adapters["lo"]}, mode="switchable", precision="fp32", out=tmp_path / "x",
                       lora_slots="everything")
+
+
+def test_an_added_lora_with_per_layer_ranks_gets_each_layers_scaling(bundles, tiny_bert_dir, tmp_path: Path) -> None:
+    """LoRA scales by alpha / r per layer, so with `rank_pattern` the query layers (rank 2) scale twice as much
+    as the others (rank 4): add-adapter folds each layer's own scaling into B, as export does."""
+    import shutil
+
+    bundle = Path(shutil.copytree(bundles["fp32"], tmp_path / "copy"))
+    torch.manual_seed(1)
+    model = AdapterModel(load_base(tiny_bert_dir)[0])
+    model.add_adapter("rp", LoraConfig(r=4, alpha=8.0, include_mlp=True, rank_pattern={"query": 2}), labels=["a", "b"])
+    randomize_adapters(model)
+    path = save_adapter(model, "rp", tmp_path / "rp")
+    add_adapters(bundle, {"rp": path}, check=False)
+    feeds = numpy_feeds()
+    got = runtime(bundle).run(feeds, adapter="rp")
+    want = torch_run(torch_model(tiny_bert_dir, {"rp": path}, "fp32"), feeds, "rp")
+    assert max_abs(got["embeddings"], want["embeddings"]) <= FP32_ATOL
+    assert max_abs(got["logits"], want["logits"]) <= FP32_ATOL
 
 
 def _foreign(tmp_path: Path, base_dir: Path, adapters, wide: Path) -> tuple[Path, Path]:

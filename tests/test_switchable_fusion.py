@@ -1,17 +1,16 @@
-"""Claims about fusing switchable graphs, and about rewriting a bundle through the exporter's one writer.
+"""Claims about fusing switchable graphs, and about rewriting a bundle through the one bundle writer.
 
 A switchable BERT graph gets ORT's attention fusion with its float adapter branches lifted out and
 joined again: the fused graph computes what the unfused one does, for any padding side and any mix of
 adapters per row. What cannot be joined again, and every base ORT's BERT fusions do not fit, stays
 unfused with a note in the manifest. Layers with no adapter on q, k, v get the merged graphs' packed
-Attention (int8: QAttention). `edgelora add-adapter` rewrites a bundle with `bundle.write_bundle`,
+Attention (int8: QAttention). `edgelora add-adapter` rewrites a bundle with `edgelora.runtime.bundle.write_bundle`,
 carrying its unchanged files over as hard links.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from collections import Counter
@@ -28,13 +27,13 @@ from edgelora.config import BottleneckConfig, LoraConfig
 from edgelora.errors import EdgeloraError
 from edgelora.exporters import fusion, switchable_fusion, validate
 from edgelora.exporters.add import add_adapters
-from edgelora.exporters.bundle import write_bundle
 from edgelora.exporters.export import export_bundle
 from edgelora.exporters.onnx_graph import export_graph
 from edgelora.exporters.switchable import make_slots_inputs, slot_plan
 from edgelora.model import AdapterModel, load_base
 from edgelora.peft_format import save_adapter
 from edgelora.runtime import Runtime
+from edgelora.runtime.bundle import read_manifest, write_bundle
 
 # Fused vs unfused fp32 graph: the same float ops in another order (measured ~3e-7 relative here); the
 # fusion's own acceptance bound, so a graph this test accepts is one the exporter keeps fused.
@@ -121,7 +120,7 @@ def test_layers_without_adapter_branches_get_packed_attention_and_qattention(ber
     adapters = _adapters(bert_dir, tmp_path, {"bn": BottleneckConfig(reduction_factor=4, placement="houlsby"),
                                               "lo": LoraConfig(r=2, target_modules=("query", "value"))})
     manifest = export_bundle(str(bert_dir), {"bn": adapters["bn"]}, mode="switchable", precision="int8",
-                             out=tmp_path / "b", weight_bits=WEIGHT_BITS)
+                             out=tmp_path / "b", weight_bits=WEIGHT_BITS).to_dict()
     assert manifest["fusions"]["applied"]["Attention"] == 2 and "multi_head_attention_layers" not in manifest["fusions"]
     proto = onnx.load(str(tmp_path / "b" / "model.onnx"))
     ops = Counter(n.op_type for n in proto.graph.node)
@@ -140,7 +139,7 @@ def test_layers_without_adapter_branches_get_packed_attention_and_qattention(ber
 def test_bases_the_bert_fusions_do_not_fit_export_switchable_unfused_with_a_note(kind: str, tmp_path: Path) -> None:
     make_base(kind).save_pretrained(tmp_path / "base")
     adapters = _adapters(tmp_path / "base", tmp_path, {"lo": LoraConfig(r=2)})
-    manifest = export_bundle(str(tmp_path / "base"), adapters, mode="switchable", precision="fp32", out=tmp_path / "b")
+    manifest = export_bundle(str(tmp_path / "base"), adapters, mode="switchable", precision="fp32", out=tmp_path / "b").to_dict()
     assert manifest["fusions"]["applied"] == {}
     assert manifest["fusions"]["note"] == f"unfused: ORT's BERT fusions apply to bert bases, not {kind}"
     feeds = {k: v.numpy() for k, v in make_inputs(kind).items()}
@@ -150,13 +149,13 @@ def test_bases_the_bert_fusions_do_not_fit_export_switchable_unfused_with_a_note
 def test_switchable_graphs_take_only_the_attention_fusion_and_none_if_asked(bert_dir, tmp_path: Path) -> None:
     adapters = _adapters(bert_dir, tmp_path, {"lo": LoraConfig(r=2)})
     manifest = export_bundle(str(bert_dir), adapters, mode="switchable", precision="fp32", out=tmp_path / "b",
-                             fusions=())
+                             fusions=()).to_dict()
     assert manifest["fusions"]["note"] == "unfused: no fusions requested"
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.node)
     assert ops["Softmax"] == 2 and not ops["MultiHeadAttention"] and not ops["Attention"]
     # The fusions that would fold the Adds the branches join are left out, and the manifest says so.
     manifest = export_bundle(str(bert_dir), adapters, mode="switchable", precision="fp32", out=tmp_path / "c",
-                             fusions=("attention", "skip_layer_norm"))
+                             fusions=("attention", "skip_layer_norm")).to_dict()
     assert manifest["fusions"]["applied"]["ai.onnx.Attention"] == 2
     assert manifest["fusions"]["note"].endswith("; skip_layer_norm not applied to switchable graphs")
 
@@ -177,7 +176,7 @@ def test_add_adapter_carries_unchanged_files_over_as_links_and_keeps_the_cache(b
     out, adapters = bundle
     before = {p.relative_to(out).as_posix(): p.stat().st_ino for p in out.rglob("*") if p.is_file()}
     assert any(rel.startswith(".cache/") for rel in before)
-    manifest = add_adapters(out, {"two": adapters["two"]}, check=False)
+    manifest = add_adapters(out, {"two": adapters["two"]}, check=False).to_dict()
     after = {p.relative_to(out).as_posix(): p.stat().st_ino for p in out.rglob("*") if p.is_file()}
     unchanged = ["model.onnx", "tokenizer.json", "adapters/one.onnx_adapter"]
     unchanged += [rel for rel in before if rel.startswith(".cache/")]
@@ -202,11 +201,11 @@ def test_add_adapter_names_a_listed_file_that_is_missing_and_keeps_the_bundle(bu
 
 def test_write_bundle_refuses_to_write_into_a_kept_file(bundle) -> None:
     out, _ = bundle
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out)
     model_bytes = (out / "model.onnx").read_bytes()
     with pytest.raises(ValueError, match=r"\['model\.onnx'\] both kept and written"):
         write_bundle(out, manifest, {"model.onnx": lambda p: p.write_bytes(b"")}, None,
-                     keep={"model.onnx": manifest["files"]["model.onnx"]})
+                     keep={"model.onnx": manifest.files["model.onnx"]})
     assert (out / "model.onnx").read_bytes() == model_bytes and os.path.getsize(out / "model.onnx") > 0
 
 

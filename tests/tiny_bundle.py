@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
-from edgelora.runtime import Runtime
+from edgelora.runtime import AdapterEntry, Runtime
 
 HIDDEN = 8
 MAX_LENGTH = 6
@@ -117,16 +117,16 @@ def make_bundle(root: Path, mode: str = "merged", precision: str = "fp32", seed:
     if mode == "merged":
         tiny.heads = {None: heads["sentiment"], "sentiment": heads["sentiment"]}
         onnx.save(_graph(emb, heads["sentiment"]), path / "model.onnx")
-        adapters = [{"name": "sentiment", "kind": "lora", "labels": specs["sentiment"], "file": None, "sha256": None}]
+        adapters = [AdapterEntry.create("sentiment", kind="lora", labels=specs["sentiment"], switchable=False).to_dict()]
     else:
         tiny.heads = dict(heads)
         onnx.save(_graph(emb, None), path / "model.onnx")
         adapters = []
         for name, labels in specs.items():
-            rel = f"adapters/{name}.onnx_adapter"
-            write_adapter(path / rel, *heads[name])
-            files.append(rel)
-            adapters.append({"name": name, "kind": "lora", "labels": labels, "file": rel, "sha256": None})
+            entry = AdapterEntry.create(name, kind="lora", labels=labels, switchable=True)
+            write_adapter(path / entry.file, *heads[name])
+            files.append(entry.file)
+            adapters.append(entry.to_dict())
     tok = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = Whitespace()
     tok.save(str(path / "tokenizer.json"))
