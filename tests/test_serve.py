@@ -448,7 +448,7 @@ def test_batching_rule_and_option_checks() -> None:
 
 def test_serve_imports_no_torch_and_parses_arguments_without_starlette() -> None:
     code = ("import sys, argparse; sys.modules['torch'] = None; sys.modules['starlette'] = None\n"
-            "from edgelora.runtime import serve\n"
+            "from edgelora.cli import serve\n"
             "p = argparse.ArgumentParser(); serve.add_serve_arguments(p)\n"
             "args = p.parse_args(['B', '--port', '0', '--batching', 'off'])\n"
             "assert (args.port, args.batching, args.host) == (0, 'off', '127.0.0.1')\n"
