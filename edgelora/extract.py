@@ -1,9 +1,10 @@
-"""`edgelora extract` and `edgelora reduce`: LoRA adapters from the SVD of weight deltas.
+"""LoRA adapters from the SVD of weight deltas (the `edgelora extract` and `edgelora reduce` verbs' library).
 
 extract: for every adaptable linear whose weight differs between a base and its full fine-tune, the best
 rank-k fit of the delta (Eckart-Young: B A = U_k S_k V_k^T), saved as an ordinary adapter directory that
 `edgelora export` takes. reduce: the same truncation of an existing LoRA adapter's B A, without its base.
-Torch loads inside the functions, so building the CLI parser stays cheap on a runtime-only install.
+Reading the fine-tuned model's directory and head is edgelora.finetuned's; adapters are written through
+edgelora.peft_format; the commands are edgelora/cli/extract.py. Torch loads inside the functions.
 
 Example:
     >>> report = extract_adapter("minilm", "runs/full-ft", "runs/intent-r16", rank=16)  # doctest: +SKIP
@@ -12,17 +13,16 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgelora.errors import EdgeloraError
+from edgelora.finetuned import Head, quiet_transformers, read_head
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -36,8 +36,6 @@ UNRELATED_BASE_REL_DELTA = 0.5
 DROPPED = {"bias": "biases", "linear": "linear weights outside the adaptable projections",
            "other": "other tensors (embeddings, LayerNorm, ...)",
            "unused": None}  # BERT's [CLS] pooler: edgelora's mean-pooled embedding never reads it, no warning
-HEAD_KEYS = (("classifier.weight", "classifier.bias"), ("score.weight", "score.bias"))
-PLACEHOLDER_LABELS = ["0", "1"]
 
 
 # --- the math on models ----------------------------------------------------------------------------------
@@ -207,97 +205,7 @@ def add_extracted_adapter(model: AdapterModel, name: str, extraction: Extraction
         model.heads[name].bias.copy_(bias if bias is not None else torch.zeros_like(model.heads[name].bias))
 
 
-# --- the task head of the tuned model ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Head:
-    weight: Tensor | None  # (labels, hidden); None: no usable head, use a placeholder
-    bias: Tensor | None
-    labels: list[str]
-    source: str
-    note: str | None = None
-
-
-def _read_tensors(model_dir: Path, keys: set[str]) -> dict[str, Tensor]:
-    """Those of `keys` that the model directory's weight files hold (safetensors, sharded or not, or .bin)."""
-    import torch
-    from safetensors import safe_open
-
-    found: dict[str, Tensor] = {}
-    files = sorted(model_dir.glob("*.safetensors"))
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in keys & set(f.keys()):
-                found[key] = f.get_tensor(key)
-    if not files and (model_dir / "pytorch_model.bin").is_file():
-        state = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        found = {k: v for k, v in state.items() if k in keys}
-    return found
-
-
-def _all_keys(model_dir: Path) -> list[str]:
-    from safetensors import safe_open
-
-    keys: list[str] = []
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            keys += list(f.keys())
-    return keys
-
-
-def read_head(model_dir: str | Path, hidden: int) -> Head:
-    """The tuned model's classification head (`classifier.*` or `score.*`, labels from id2label), else a
-    placeholder with labels ["0", "1"] and a note saying why."""
-    model_dir = Path(model_dir)
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        config = {}
-    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
-    for w_key, b_key in HEAD_KEYS:
-        tensors = _read_tensors(model_dir, {w_key, b_key})
-        weight = tensors.get(w_key)
-        if weight is None:
-            continue
-        if weight.ndim != 2 or weight.shape[1] != hidden or weight.shape[0] < 2:
-            return Head(None, None, PLACEHOLDER_LABELS, "placeholder",
-                        f"the tuned model's {w_key} has shape {tuple(weight.shape)}, not (labels >= 2, {hidden}); "
-                        f"the adapter gets a placeholder head with labels {PLACEHOLDER_LABELS} (all-zero weights)")
-        id2label = config.get("id2label") or {}
-        try:
-            labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
-        except (TypeError, ValueError):
-            labels = []
-        if len(labels) != weight.shape[0]:
-            labels = [str(i) for i in range(weight.shape[0])]
-        note = None
-        seq_cls = [a for a in archs if a.endswith("ForSequenceClassification")]
-        if seq_cls:
-            note = (f"copied the head {w_key} ({len(labels)} labels); {seq_cls[0]} applied it to its own pooled "
-                    "vector (the [CLS] pooler or the last token), edgelora applies it to the mean-pooled embedding, "
-                    "so check the adapter's accuracy before relying on the head")
-        return Head(weight.float(), None if tensors.get(b_key) is None else tensors[b_key].float(), labels, w_key, note)
-    heads = [k for k in _all_keys(model_dir) if k.split(".")[0] in ("classifier", "pre_classifier", "score")]
-    why = (f"its head ({', '.join(heads[:3])}) is not one linear layer" if heads
-           else "the tuned model has no classification head")
-    return Head(None, None, PLACEHOLDER_LABELS, "placeholder",
-                f"{why}; the adapter gets a placeholder head with labels {PLACEHOLDER_LABELS} (all-zero weights: "
-                "every text scores 0), use its embeddings output or train a head")
-
-
 # --- extract: directories in, adapter directory out ------------------------------------------------------
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """A head-bearing checkpoint loaded as a bare model makes transformers log 'weights not used': expected here."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def extract_adapter(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int | None = None,
                     energy: float | None = None, name: str | None = None, method: str = "auto",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -316,7 +224,7 @@ def extract_adapter(base: str | Path, tuned: str | Path, out: str | Path, *, ran
         raise EdgeloraError(f"adapter name {name!r} must be letters, digits, '_' or '-'; give --name")
     say = progress or (lambda _msg: None)
     say("loading models")
-    with _quiet_transformers():
+    with quiet_transformers():
         base_model, _ = load_base(base)
         tuned_model, tuned_path = load_base(tuned)
     model = AdapterModel(base_model)
@@ -373,9 +281,17 @@ def reduce_adapter(path: str | Path, out: str | Path, *, rank: int | None = None
     """
     import torch
 
-    from edgelora.atomic import write_dir_atomic
     from edgelora.config import LoraConfig, config_to_dict
-    from edgelora.peft_format import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, check_adapter_out, read_adapter
+    from edgelora.peft_format import (
+        CONFIG_FILE,
+        PEFT_PREFIX,
+        WEIGHTS_FILE,
+        adapter_config,
+        check_adapter_out,
+        read_adapter,
+        write_adapter_dir,
+    )
+    from edgelora.smooth import load_factors
     from edgelora.svd import reduce_lora_rank
 
     check_target(rank, energy)
@@ -425,12 +341,5 @@ def reduce_adapter(path: str | Path, out: str | Path, *, rank: int | None = None
         extras["adapter"] = config_to_dict(new_config)
     extras["reduced"] = {"from": str(path), **target, **summary}
     new_data["edgelora"] = extras
-
-    def fill(tmp: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file(new_tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(new_data, indent=2) + "\n")  # last: a directory with it is whole
-
-    write_dir_atomic(out, fill)
+    write_adapter_dir(out, new_data, new_tensors, load_factors(path))  # smoothing stays: B A only changed rank
     return {"adapter": str(path), "out": str(out), **target, "layers": fits, "total": summary}

@@ -336,7 +336,7 @@ def test_sigterm_finishes_the_in_flight_request_then_exits(switchable_path: Path
 
 
 def test_the_command_announces_its_address_and_stops_on_sigint(switchable_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "edgelora.runtime.serve", str(switchable_path), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "edgelora.cli", "serve", str(switchable_path), "--port", "0",
                              "--threads", "1", "--log-level", "warning"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

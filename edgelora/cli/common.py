@@ -6,11 +6,15 @@ Only the CLI prints; library code reports progress through a callback and mistak
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from edgelora.errors import EdgeloraError
 
 
 class Progress:
@@ -73,3 +77,26 @@ def verb(sub: argparse._SubParsersAction, name: str, help: str, add_arguments: C
     p = sub.add_parser(name, help=help)
     add_arguments(p)
     p.set_defaults(func=command)
+
+
+@contextlib.contextmanager
+def as_flags(fields: Mapping[str, str], phrases: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Re-raise a library error in the words of the command line: `field=value` as `--flag value`.
+
+    Library errors name the config field or parameter (`smoothing=1.5 must be ...`), which a Python caller
+    sets; the CLI user set a flag (`--smooth 1.5 must be ...`). `phrases` rewrites whole phrases first, for
+    messages that name a field without a value.
+    """
+    try:
+        yield
+    except EdgeloraError as exc:
+        message = str(exc)
+        for phrase, flag_phrase in (phrases or {}).items():
+            message = message.replace(phrase, flag_phrase)
+        for field, flag in fields.items():
+            # field='text' or field=value (up to a space or the punctuation that ends a clause)
+            message = re.sub(rf"(?<![\w.-]){re.escape(field)}=(?:'([^']*)'|([^\s,;:()]+))",
+                             lambda m, flag=flag: f"{flag} {m[1] if m[1] is not None else m[2]}", message)
+        if message == str(exc):
+            raise
+        raise EdgeloraError(message) from exc

@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from edgelora.cli.common import Progress
+from edgelora.cli.common import Progress, as_flags
 from edgelora.errors import EdgeloraError
 
 
@@ -46,6 +46,11 @@ def export_command(args: argparse.Namespace) -> int:
 
     if args.target_cosine is not None and (args.keep_fp32 or "").strip() != "auto":
         raise EdgeloraError("--target-cosine is the goal of --keep-fp32 auto; add --keep-fp32 auto or drop it")
+    if args.smooth is not None:
+        from edgelora.config import check_smoothing
+
+        with as_flags({"smoothing": "--smooth"}):
+            check_smoothing(args.smooth)
     bar = Progress(None, "export")
     try:
         manifest = export_bundle(args.base, parse_adapter_specs(args.adapter), mode=args.mode, precision=args.precision,

@@ -11,8 +11,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from edgelora.cli.common import Progress
+from edgelora.cli.common import Progress, as_flags
 from edgelora.errors import EdgeloraError
+
+# The config fields and library parameters a train or calibrate error may name, as the flags that set them.
+FLAGS = {"smoothing": "--smooth", "init": "--init", "batches": "--calib-batches"}
+PHRASES = {"smoothing with init=": "--smooth with init=",
+           "add the adapter with quant=QuantConfig(mode='switchable')": "add --qat int8 --deploy-mode switchable"}
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -97,7 +102,7 @@ def _train(args: argparse.Namespace, rank: int) -> int:
     """The train verb in one process; under torchrun, rank 0 alone draws progress, saves and prints."""
     from edgelora.atomic import check_writable
     from edgelora.calibrate import check_calib_batches
-    from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
+    from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig, check_recipe
     from edgelora.data import load_splits
     from edgelora.distributed import on_rank0
     from edgelora.model import AdapterModel
@@ -112,7 +117,8 @@ def _train(args: argparse.Namespace, rank: int) -> int:
     if args.activations != "dynamic" and args.qat != "int8":
         raise EdgeloraError(f"--activations {args.activations} applies to int8 training; add --qat int8")
     if args.activations == "static":
-        check_calib_batches(args.calib_batches)
+        with as_flags(FLAGS):
+            check_calib_batches(args.calib_batches)
     if args.activations == "static" and args.observe_steps < 0:
         raise EdgeloraError(f"--observe-steps {args.observe_steps} must be 0 (freeze after calibration) or more steps")
     if args.max_length < 1:
@@ -136,15 +142,11 @@ def _train(args: argparse.Namespace, rank: int) -> int:
         config = BottleneckConfig(reduction_factor=args.reduction_factor, placement=args.placement)
     if args.smooth is not None and args.qat != "int8":
         raise EdgeloraError("--smooth applies to int8 training; add --qat int8")
-    if args.smooth is not None:  # before minutes of loading: what smooth_model would refuse after them
-        from edgelora import smooth
-
-        smooth.check_alpha(args.smooth)
-        if args.init == "int8-residual":
-            raise EdgeloraError(smooth.INT8_RESIDUAL_CONFLICT)
-    quant = (QuantConfig(weight_bits=weight_bits, mode=args.deploy_mode, activations=args.activations,
-                         smoothing=args.smooth)
-             if args.qat == "int8" else None)
+    with as_flags(FLAGS, PHRASES):
+        quant = (QuantConfig(weight_bits=weight_bits, mode=args.deploy_mode, activations=args.activations,
+                             smoothing=args.smooth)
+                 if args.qat == "int8" else None)
+        check_recipe(config, quant)  # before minutes of loading: what add_adapter would refuse after them
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
     base, tokenizer, max_length = _base_and_tokenizer(args.base, args.max_length)
     model = AdapterModel(base)
@@ -280,7 +282,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
     source, out = Path(args.adapter), Path(args.out)
     if out.resolve() == source.resolve():
         raise EdgeloraError(f"--out {out} is ADAPTER_DIR itself; write the calibrated adapter to a new directory")
-    check_calib_batches(args.calib_batches)
+    with as_flags(FLAGS):
+        check_calib_batches(args.calib_batches)
     if args.batch_size < 1:
         raise EdgeloraError(f"--batch-size {args.batch_size} must be a positive number of texts, e.g. 32")
     if args.max_length < 1:
