@@ -4,45 +4,58 @@ A module per family: train.py (train, calibrate), export.py (export, add-adapter
 serve.py (serve), extract.py (extract, reduce); common.py holds the progress bar and what they share.
 Every verb prints a user's mistake as one line (`edgelora: error: ...`) and exits 2, and anything
 unexpected as one line and exit 1; `--debug` (anywhere on the line) shows the traceback. Warnings print
-as one `edgelora: warning: ...` line. The verb modules import the library inside their commands (torch
-only in train, calibrate, export, add-adapter, extract, reduce), so `run`, `bench` and `serve` work on a
-runtime-only install (onnxruntime, numpy, tokenizers).
+as one `edgelora: warning: ...` line. `main` imports only the module of the verb it runs (`VERBS`), and
+the verb modules import the library inside their commands (torch only in train, calibrate, export,
+add-adapter, extract, reduce), so `run`, `bench` and `serve` work on a runtime-only install (onnxruntime,
+numpy, tokenizers) and `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from collections.abc import Sequence
 
 from edgelora import __version__
-from edgelora.cli import export, extract, run, serve, train
-from edgelora.cli.common import verb
 from edgelora.errors import EdgeloraError
 
 
-def build_parser() -> argparse.ArgumentParser:
+# verb: (help, module in edgelora.cli, what it calls to add the verb's arguments, what runs it)
+VERBS: dict[str, tuple[str, str, str, str]] = {
+    "train": ("fine-tune a LoRA or bottleneck adapter (and its head) on a frozen base",
+              "train", "add_train_arguments", "train_command"),
+    "calibrate": ("static int8 after training: calibrate a trained adapter's activation ranges for export",
+                  "train", "add_calibrate_arguments", "calibrate_command"),
+    "export": ("base + adapters -> a checked ONNX bundle (merged or switchable, fp32 or int8)",
+               "export", "add_export_arguments", "export_command"),
+    "run": ("run a bundle on text and print JSON predictions", "run", "add_run_arguments", "run_command"),
+    "bench": ("int8 vs fp32 latency, throughput, size and memory, interleaved in one run",
+              "run", "add_bench_arguments", "bench_command"),
+    "serve": ("HTTP inference with per-request adapter choice", "serve", "add_serve_arguments", "serve_command"),
+    "add-adapter": ("add trained adapters to a switchable bundle without re-exporting its base",
+                    "export", "add_adapter_arguments", "add_adapter_command"),
+    "extract": ("SVD: a LoRA adapter of rank K (or energy F) from a full fine-tune and its base",
+                "extract", "add_extract_arguments", "extract_command"),
+    "reduce": ("lower a LoRA adapter's rank: truncated SVD of each layer's B A",
+               "extract", "add_reduce_arguments", "reduce_command"),
+}
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The `edgelora` parser; given `verb`, only that verb's module is imported and its arguments added."""
     parser = argparse.ArgumentParser(prog="edgelora", description="Train adapters, export int8 ONNX, run on CPUs.")
     parser.add_argument("--version", action="version", version=f"edgelora {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    train.add_train(sub)
-    verb(sub, "calibrate", "static int8 after training: calibrate a trained adapter's activation ranges for export",
-         train.add_calibrate_arguments, train.calibrate_command)
-    export.add_export(sub)
-    verb(sub, "run", "run a bundle on text and print JSON predictions", run.add_run_arguments, run.run_command)
-    verb(sub, "bench", "int8 vs fp32 latency, throughput, size and memory, interleaved in one run",
-         run.add_bench_arguments, run.bench_command)
-    verb(sub, "serve", "HTTP inference with per-request adapter choice", serve.add_serve_arguments,
-         serve.serve_command)
-    verb(sub, "add-adapter", "add trained adapters to a switchable bundle without re-exporting its base",
-         export.add_adapter_arguments, export.add_adapter_command)
-    verb(sub, "extract", "SVD: a LoRA adapter of rank K (or energy F) from a full fine-tune and its base",
-         extract.add_extract_arguments, extract.extract_command)
-    verb(sub, "reduce", "lower a LoRA adapter's rank: truncated SVD of each layer's B A",
-         extract.add_reduce_arguments, extract.reduce_command)
+    for name, (help, module_name, add_arguments, command) in VERBS.items():
+        p = sub.add_parser(name, help=help)
+        if verb is None or verb == name:
+            module = importlib.import_module(f"edgelora.cli.{module_name}")
+            getattr(module, add_arguments)(p)
+            p.set_defaults(func=getattr(module, command))
     return parser
 
 
@@ -56,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     end = argv.index("--") if "--" in argv else len(argv)
     debug = "--debug" in argv[:end]  # accepted after the verb too, where users type it
     argv = [a for i, a in enumerate(argv) if not (i < end and a == "--debug")]
-    parser = build_parser()
+    verb = next((a for a in argv[:end] if not a.startswith("-")), None)  # the top level takes no values
+    parser = build_parser(verb if verb in VERBS else None)
     if not argv:
         parser.print_help(sys.stderr)
         return 2

@@ -1,16 +1,15 @@
-"""What every verb of the `edgelora` command shares: the progress bar, the one-line warning, JSON files.
+"""What the verbs of the `edgelora` command share: the progress bar, JSON files, and library errors in flag words.
 
 Only the CLI prints; library code reports progress through a callback and mistakes as `EdgeloraError`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +68,6 @@ def write_json(obj: Any, path: str | Path) -> None:
     from edgelora.atomic import write_text_atomic
 
     write_text_atomic(Path(path), json.dumps(obj, indent=2) + "\n")
-
-
-def verb(sub: argparse._SubParsersAction, name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
-         command: Callable[[argparse.Namespace], int]) -> None:
-    """One subcommand: its arguments and its entry point."""
-    p = sub.add_parser(name, help=help)
-    add_arguments(p)
-    p.set_defaults(func=command)
 
 
 @contextlib.contextmanager

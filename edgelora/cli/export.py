@@ -14,8 +14,8 @@ from edgelora.cli.common import Progress, as_flags
 from edgelora.errors import EdgeloraError
 
 
-def add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="base + adapters -> a checked ONNX bundle (merged or switchable, fp32 or int8)")
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `edgelora export`."""
     p.add_argument("base", help="Hugging Face model directory, or 'minilm'")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR", help="adapter directory (repeatable)")
     p.add_argument("--mode", choices=("merged", "switchable"), default="merged")
@@ -38,7 +38,6 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                    help="int8: SmoothQuant with migration strength ALPHA for adapters trained without it "
                         "(adapters trained with --smooth always export with their own factors)")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
-    p.set_defaults(func=export_command)
 
 
 def export_command(args: argparse.Namespace) -> int:

@@ -20,10 +20,10 @@ PHRASES = {"smoothing with init=": "--smooth with init=",
            "add the adapter with quant=QuantConfig(mode='switchable')": "add --qat int8 --deploy-mode switchable"}
 
 
-def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="fine-tune a LoRA or bottleneck adapter (and its head) on a frozen base",
-                       description="Train one adapter and save it as a PEFT-layout directory. Data-parallel on N "
-                                   "GPUs (or N CPU processes): torchrun --nproc_per_node N -m edgelora.cli train ...")
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `edgelora train`."""
+    p.description = ("Train one adapter and save it as a PEFT-layout directory. Data-parallel on N GPUs (or N CPU "
+                     "processes): torchrun --nproc_per_node N -m edgelora.cli train ...")
     p.add_argument("--base", default="minilm", help="Hugging Face model directory, or 'minilm' (embedded all-MiniLM-L6-v2)")
     p.add_argument("--data", required=True, help="train data: .jsonl/.csv with text and label, or builtin:intent|sentiment[:N]")
     p.add_argument("--eval", default=None, help="held-out data (default: a seeded split of --data)")
@@ -75,7 +75,6 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint, with the same arguments; "
                         "the result equals an uninterrupted run's")
-    p.set_defaults(func=train_command)
 
 
 def _checkpoint_dir(args: argparse.Namespace) -> Path:
@@ -238,6 +237,7 @@ def _resolve_bits(value: str) -> int:
 
 
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `edgelora calibrate`."""
     p.add_argument("adapter", metavar="ADAPTER_DIR", help="a trained adapter without static ranges (e.g. --qat none)")
     p.add_argument("--data", required=True, help="the adapter's training data (.jsonl/.csv or builtin:NAME[:N]); "
                                                  "calibration draws from its training split")
