@@ -49,23 +49,23 @@ class OnnxFileEngine:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        so.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[opt_level]
+        levels = ort.GraphOptimizationLevel
+        so.graph_optimization_level = {"disable": levels.ORT_DISABLE_ALL, "basic": levels.ORT_ENABLE_BASIC,
+                                       "extended": levels.ORT_ENABLE_EXTENDED, "all": levels.ORT_ENABLE_ALL}[opt_level]
         entries = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
         entries.update(entry.partition("=")[::2] for entry in config)  # KEY=VALUE entries override the defaults
         for key, value in entries.items():
             so.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(_model_path(spec)), so, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self._outputs = [o.name for o in self.session.get_outputs()]
         self.vocab, self.threads = vocab, threads
 
     def tokenize(self, texts: Sequence[str]) -> None:
         return None  # synthetic ids only
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, feeds)
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._outputs, self.session.run(None, feeds)))
 
 
 def _candidate(spec: str, vocab: int, config: Sequence[str], opt_level: str) -> Candidate:

@@ -136,11 +136,11 @@ def run_benchmark(
     data_source: str | None = None,
     progress: Progress | None = None,
 ) -> dict:
-    """Benchmark bundles side by side; returns a JSON-serialisable result (see `format_table`).
+    """Benchmark bundles side by side; returns a JSON-serialisable result (`report.format_table` shows it).
 
     Example:
         >>> r = run_benchmark(["out/fp32", "out/int8"], batches=(1,), seqs=(32,))  # doctest: +SKIP
-        >>> print(format_table(r))                                                  # doctest: +SKIP
+        >>> print(report.format_table(r))                                           # doctest: +SKIP
 
     Args:
         bundles: bundle directories; `dir@adapter` picks a switchable bundle's adapter for that entry.

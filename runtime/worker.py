@@ -110,7 +110,8 @@ def serve_worker(make_engine: Callable[[], Engine]) -> int:
     """Build an engine and serve it over stdin/stdout JSON lines until told to quit: a worker's main.
 
     Load time and memory are measured around `make_engine`. Ops: shape (make the synthetic feeds),
-    run (time n runs: wall and process CPU ms), mem, fidelity (write every output of the fidelity inputs to an .npz), quit.
+    run (time n runs: wall and process CPU ms), mem, fidelity (write every output of the fidelity inputs to
+    an .npz), quit.
     """
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else printing to stdout lands on stderr, never in the protocol

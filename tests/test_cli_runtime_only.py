@@ -23,7 +23,8 @@ NO_TORCH = "import sys\nsys.modules['torch'] = None\n"
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     site = tmp_path_factory.mktemp("no-torch")
     (site / "sitecustomize.py").write_text(NO_TORCH)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    path = [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def edgelora(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
