@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from edgelora.errors import EdgeloraError
+
+if TYPE_CHECKING:
+    from edgelora.runtime.runtime import Runtime
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +43,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
-def _announce(runtime, host: str, port: int) -> None:
+def _announce(runtime: Runtime, host: str, port: int) -> None:
+    """The one line a user (and tests/test_serve.py) waits for: where the server listens, and what it serves."""
     m = runtime.manifest
     url_host = f"[{host}]" if ":" in host else host
     print(f"edgelora serve: listening on http://{url_host}:{port} ({runtime.bundle_dir}: {m.get('mode')} "
