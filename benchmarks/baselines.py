@@ -1,8 +1,8 @@
 """Our bundles against the usual ways to run the same model on a CPU, timed in one interleaved run.
 
 For all-MiniLM-L6-v2 (or `--base DIR` with `--adapter DIR`), six candidates, each in a worker process
-of its own, driven by the bench harness (`edgelora.runtime.bench.run_candidates`): the same synthetic
-inputs per shape, the same thread count, spinning off everywhere (ORT's spin-wait off, and
+of its own (`edgelora.runtime.worker`), driven by the bench harness (`edgelora.runtime.bench.run_candidates`):
+the same synthetic inputs per shape, the same thread count, spinning off everywhere (ORT's spin-wait off, and
 OMP_WAIT_POLICY=PASSIVE for torch), one run at a time, A B C ... interleaved.
 
     torch-fp32        PyTorch eager, fp32: the model as trained (adapter unmerged); the fidelity reference
@@ -38,8 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from optimum_compare import OPTIMUM_PYTHON, make_optimum_models, mean_pool, optimum_missing, zero_adapter  # noqa: E402
 
 from edgelora.atomic import write_text_atomic  # noqa: E402
+from edgelora.cli.common import write_json  # noqa: E402
+from edgelora.cli.run import BenchProgress, load_labelled  # noqa: E402
 from edgelora.errors import EdgeloraError  # noqa: E402
-from edgelora.runtime import bench  # noqa: E402
+from edgelora.runtime import bench, report, worker  # noqa: E402
 from edgelora.runtime.cpu import detect_isa  # noqa: E402
 from edgelora.tokenize import DEFAULT_MAX_LENGTH  # noqa: E402
 
@@ -152,23 +154,23 @@ class OnnxEngine:
 
 def _worker(spec: dict, threads: int, spinning: bool) -> int:
     if spec["kind"] == "torch":
-        return bench.serve_worker(lambda: TorchEngine(spec["base"], spec["adapter"], spec["int8"], threads,
+        return worker.serve_worker(lambda: TorchEngine(spec["base"], spec["adapter"], spec["int8"], threads,
                                                       spec["max_length"]))
-    return bench.serve_worker(lambda: OnnxEngine(spec["model"], spec["tokenizer"], threads, spinning,
+    return worker.serve_worker(lambda: OnnxEngine(spec["model"], spec["tokenizer"], threads, spinning,
                                                  spec["max_length"]))
 
 
 # -- parent side ----------------------------------------------------------------------------------
 
 
-def _candidate(label: str, spec: dict, info: dict) -> bench.Candidate:
+def _candidate(label: str, spec: dict, info: dict) -> worker.Candidate:
     argv = (sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec))
     env = {"OMP_WAIT_POLICY": "PASSIVE"} if spec["kind"] == "torch" else None  # torch's idle threads: no spinning
-    return bench.Candidate(label, argv, info, env)
+    return worker.Candidate(label, argv, info, env)
 
 
 def prepare(base: str, adapter: str | None, out: Path, optimum_python: Path,
-            say) -> tuple[list[bench.Candidate], str | None]:
+            say) -> tuple[list[worker.Candidate], str | None]:
     """Export our bundles, make Optimum's model, describe the candidates; returns them and why Optimum's
     pipeline did not run (None when it did)."""
     from edgelora.exporters.export import export_bundle
@@ -203,7 +205,7 @@ def prepare(base: str, adapter: str | None, out: Path, optimum_python: Path,
         path = out / "bundles" / f"{mode}-{precision}"
         export_bundle(base, {name: adapter_dir}, mode=mode, precision=precision, out=path)
         c = bench.bundle_candidates([f"{path}@{name}" if mode == "switchable" else str(path)])[0]
-        cands.append(bench.Candidate(f"ours-{mode}-{precision}", c.argv, c.info))
+        cands.append(worker.Candidate(f"ours-{mode}-{precision}", c.argv, c.info))
     return cands, missing
 
 
@@ -310,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               lambda msg: print(f"[{time.time() - start:5.0f} s] {msg}", flush=True))
         if optimum_not_run:
             print(f"optimum-int8: not run: {optimum_not_run}", flush=True)
-        texts, gold = bench.load_labelled(args.data) if args.data else (list(bench.FIDELITY_TEXTS), None)
+        texts, gold = load_labelled(args.data) if args.data else (list(bench.FIDELITY_TEXTS), None)
         threads = args.threads or detect_isa().physical_cores
         adapter_head = args.adapter is not None  # the zero adapter's head is random: compare embeddings then
         comparisons = [("vs torch-fp32", 0, i) for i in range(1, len(candidates))]
@@ -321,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             candidates, references=[0] * len(candidates), comparisons=comparisons, batches=args.batch, seqs=args.seq,
             rounds=args.rounds, warmup=args.warmup, threads=threads, texts=texts, gold=gold,
             data_source=args.data or "built-in sentences", outputs=bench.OUTPUTS if adapter_head else ("embeddings",),
-            method=METHOD, progress=bench.print_progress)
+            method=METHOD, progress=BenchProgress())
     except EdgeloraError as e:
         print(f"edgelora: error: {e}", file=sys.stderr)
         return 2
@@ -330,12 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["baselines"] = {"command": command, "optimum_not_run": optimum_not_run, "torch": torch.__version__,
                            "platform": platform.platform(), "load_avg_after": os.getloadavg(),
                            "wall_s": time.time() - start}
-    print(bench.format_table(result))
+    print(report.format_table(result))
     if optimum_not_run:
         print(f"optimum-int8  not run: {optimum_not_run}")
     print("\n" + markdown(result, command))
-    bench.write_json(result, args.out / "baselines.json")
-    bench.plot(result, args.out / "baselines.png")
+    write_json(result, args.out / "baselines.json")
+    report.plot(result, args.out / "baselines.png")
     write_text_atomic(args.out / "baselines.md", markdown(result, command) + "\n")
     print(f"\nwrote {args.out}/baselines.json, baselines.png, baselines.md ({time.time() - start:.0f} s)")
     return 0

@@ -7,6 +7,7 @@ Bare .onnx files let this compare graphs that are not edgelora bundles (Optimum'
 Besides wall time each run records the worker's CPU time: on a machine shared with other jobs, wall time
 swings with how often the scheduler takes the core away, while CPU time at one thread (`--threads 1`)
 counts only the work done, so it ranks graph variants far more steadily (it still feels cache contention).
+The worker processes are the bench harness's (`edgelora.runtime.worker`), serving an `OnnxFileEngine`.
 
     python benchmarks/int8_speed.py A.onnx B/ --batch 1,8 --seq 32,128 --rounds 30 --json out.json
 """
@@ -14,10 +15,8 @@ counts only the work done, so it ranks graph variants far more steadily (it stil
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora.atomic import write_text_atomic
+from edgelora.cli.common import write_json
+from edgelora.runtime.worker import Candidate, Worker, serve_worker
 
 
 def _model_path(spec: str) -> Path:
@@ -33,80 +33,46 @@ def _model_path(spec: str) -> Path:
     return path / "model.onnx" if path.is_dir() else path
 
 
-def synthetic_feeds(names: Sequence[str], vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Token ids of exactly `seq` per row from (seed, batch, seq), mask all ones, token types zero."""
-    rng = np.random.default_rng([seed, batch, seq])
-    ids = rng.integers(1000, vocab, size=(batch, seq), dtype=np.int64)
-    out = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    return {n: out[n] for n in names}
-
-
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
-def _worker(spec: str, threads: int, vocab: int, config: Sequence[str] = (), opt_level: str = "all") -> int:
-    import onnxruntime as ort
+class OnnxFileEngine:
+    """A bare ONNX file (or a bundle's model.onnx) in one ORT session, for the bench worker (`serve_worker`)."""
 
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[opt_level]
-    entries = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
-    entries.update(entry.partition("=")[::2] for entry in config)  # KEY=VALUE entries override the defaults
-    for key, value in entries.items():
-        so.add_session_config_entry(key, value)
-    t0 = time.perf_counter()
-    sess = ort.InferenceSession(str(_model_path(spec)), so, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    proto.write(json.dumps({"ready": True, "load_s": time.perf_counter() - t0}) + "\n")
-    feeds: dict[str, np.ndarray] = {}
-    for line in sys.stdin:
-        msg = json.loads(line)
-        if msg["op"] == "shape":
-            feeds = synthetic_feeds(names, vocab, msg["batch"], msg["seq"], msg.get("seed", 0))
-            proto.write('{"ok": true}\n')
-        elif msg["op"] == "run":
-            times, cpu = [], []
-            for _ in range(msg["n"]):
-                t, c = time.perf_counter(), time.process_time()
-                sess.run(None, feeds)
-                times.append((time.perf_counter() - t) * 1e3)
-                cpu.append((time.process_time() - c) * 1e3)
-            proto.write(json.dumps({"ms": times, "cpu_ms": cpu}) + "\n")
-        else:
-            return 0
-    return 0
+    labels: Sequence[str] = ()
+    size_bytes = None
 
-
-class _Worker:
     def __init__(self, spec: str, threads: int, vocab: int, config: Sequence[str], opt_level: str) -> None:
-        cmd = [sys.executable, __file__, "--worker", spec, "--threads", str(threads), "--vocab", str(vocab),
-               "--opt-level", opt_level] + [f"--config={entry}" for entry in config]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        self.ready = self._read()
+        import onnxruntime as ort
 
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker for {self.proc.args[3]} exited with {self.proc.wait()}")
-        return json.loads(line)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        levels = ort.GraphOptimizationLevel
+        so.graph_optimization_level = {"disable": levels.ORT_DISABLE_ALL, "basic": levels.ORT_ENABLE_BASIC,
+                                       "extended": levels.ORT_ENABLE_EXTENDED, "all": levels.ORT_ENABLE_ALL}[opt_level]
+        entries = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+        entries.update(entry.partition("=")[::2] for entry in config)  # KEY=VALUE entries override the defaults
+        for key, value in entries.items():
+            so.add_session_config_entry(key, value)
+        self.session = ort.InferenceSession(str(_model_path(spec)), so, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        self.vocab, self.threads = vocab, threads
 
-    def call(self, **msg) -> dict:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
+    def tokenize(self, texts: Sequence[str]) -> None:
+        return None  # synthetic ids only
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write('{"op": "quit"}\n')
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._outputs, self.session.run(None, feeds)))
+
+
+def _candidate(spec: str, vocab: int, config: Sequence[str], opt_level: str) -> Candidate:
+    """This script as a worker process for one model; the harness appends --threads and --no-spin."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", spec, "--vocab", str(vocab),
+            "--opt-level", opt_level] + [f"--config={entry}" for entry in config]
+    return Candidate(spec, tuple(argv), {})
 
 
 def time_models(specs: Sequence[str], *, batches: Sequence[int] = (1, 8), seqs: Sequence[int] = (32, 128),
@@ -123,13 +89,15 @@ def time_models(specs: Sequence[str], *, batches: Sequence[int] = (1, 8), seqs: 
     """
     threads = threads or min(os.cpu_count() or 1, 2)
     labels = list(labels or specs)
-    workers = [_Worker(s, threads, vocab, config, opt_level) for s in specs]
+    workers: list[Worker] = []
     rows = []
     try:
+        for spec in specs:  # one at a time, so load times do not overlap; spinning as `config` sets it
+            workers.append(Worker(_candidate(spec, vocab, config, opt_level), threads, spinning=True))
         for batch in batches:
             for seq in seqs:
                 for w in workers:
-                    w.call(op="shape", batch=batch, seq=seq)
+                    w.call(op="shape", batch=batch, seq=seq, seed=0)
                     w.call(op="run", n=warmup)
                 samples: list[list[float]] = [[] for _ in workers]
                 cpu: list[list[float]] = [[] for _ in workers]
@@ -179,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-spin", action="store_true", help=argparse.SUPPRESS)  # the harness's; --config decides
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch", type=_ints, default=[1, 8])
@@ -195,13 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         parser.error(f"--config {bad[0]!r} is not KEY=VALUE")
     if args.worker:
-        return _worker(args.worker, args.threads or 1, args.vocab, args.config, args.opt_level)
+        return serve_worker(lambda: OnnxFileEngine(args.worker, args.threads or 1, args.vocab, args.config,
+                                                   args.opt_level))
     result = time_models(args.models, batches=args.batch, seqs=args.seq, rounds=args.rounds, warmup=args.warmup,
                          threads=args.threads, vocab=args.vocab, config=args.config, opt_level=args.opt_level,
                          settle_ms=args.settle_ms)
     print(format_rows(result))
     if args.json:
-        write_text_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
+        write_json(result, args.json)
     return 0
 
 

@@ -37,7 +37,7 @@ from int8_speed import format_rows, time_models  # noqa: E402
 
 from edgelora.atomic import write_text_atomic  # noqa: E402
 from edgelora.errors import EdgeloraError  # noqa: E402
-from edgelora.runtime.bench import FIDELITY_TEXTS as SENTENCES  # noqa: E402  (real sentences, one list)
+from edgelora.runtime.fidelity import FIDELITY_TEXTS as SENTENCES  # noqa: E402  (real sentences, one list)
 
 OPTIMUM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-optimum" / "bin" / "python"
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(missing)
         make_optimum_models(resolve_base_path("minilm"), out / "optimum")
         args.optimum = out / "optimum"
-    from edgelora.cli import parse_keep_fp32
+    from edgelora.cli.export import parse_keep_fp32
 
     ours = export_ours(out, our_recipes(args.smooth, parse_keep_fp32(args.keep_fp32)))
     tok = Tokenizer.from_file(str(resolve_base_path("minilm") / "tokenizer.json"))

@@ -1,6 +1,6 @@
 """Load-test `edgelora serve` on loopback: throughput and p50/p95 latency at several client counts, per batching mode.
 
-Each (mode, window) gets a server process of its own (`python -m edgelora.runtime.serve`, 127.0.0.1, a
+Each (mode, window) gets a server process of its own (`python -m edgelora.cli serve`, 127.0.0.1, a
 free port), all started at once with ORT spinning off, so the idle ones sleep. Clients are threads of this
 process on keep-alive connections sending a fixed number of requests, each with a random adapter; per
 client count the requests go in rounds, every server one slice in turn, so load from other processes
@@ -53,10 +53,10 @@ def workload(adapters: Sequence[str], n: int, texts_per_request: int, seed: int 
 
 
 class Server:
-    """`python -m edgelora.runtime.serve` in a process of its own, on 127.0.0.1 and a free port."""
+    """`python -m edgelora.cli serve` in a process of its own, on 127.0.0.1 and a free port."""
 
     def __init__(self, bundle: str, mode: str, *, threads: int | None, window_ms: float, max_batch: int) -> None:
-        cmd = [sys.executable, "-m", "edgelora.runtime.serve", bundle, "--port", "0", "--log-level", "warning",
+        cmd = [sys.executable, "-m", "edgelora.cli", "serve", bundle, "--port", "0", "--log-level", "warning",
                "--batching", "off" if mode == "off" else "on", "--window-ms", str(window_ms),
                "--max-batch", str(max_batch), "--queue-limit", "4096"]
         cmd.append("--mix-adapters" if mode == "mix" else "--no-mix-adapters")

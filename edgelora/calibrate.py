@@ -242,9 +242,9 @@ def calibrate(
 
 
 def check_calib_batches(batches: object) -> None:
-    """--calib-batches must be a positive whole number; the CLI checks it before minutes of loading."""
+    """The number of calibration batches must be a positive whole number; the CLI checks it before minutes of loading."""
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        raise EdgeloraError(f"--calib-batches {batches!r} must be a positive number of batches, e.g. 8")
+        raise EdgeloraError(f"batches={batches!r} must be a positive number of batches, e.g. 8")
 
 
 def text_batches(tokenizer, texts: Sequence[str], batches: int, batch_size: int, seed: int = 0) -> list[dict[str, np.ndarray]]:

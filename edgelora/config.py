@@ -26,6 +26,20 @@ def _check_choice(name: str, value: Any, allowed: tuple) -> None:
         raise EdgeloraError(f"{name}={value!r} is not supported; choose from {', '.join(map(str, allowed))}")
 
 
+def check_smoothing(alpha: object) -> None:
+    """Refuse a SmoothQuant migration strength outside [0, 1], or not a number (None, no smoothing, is the caller's)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise EdgeloraError(f"smoothing={alpha!r} must be between 0 and 1 (SmoothQuant's alpha, e.g. 0.7)")
+
+
+INT8_RESIDUAL_NEEDS_SWITCHABLE = (
+    "init='int8-residual' fits the adapter to the int8 rounding error of a base that stays Q(W0), which only "
+    "the switchable int8 recipe keeps: add the adapter with quant=QuantConfig(mode='switchable')"
+)
+INT8_RESIDUAL_SMOOTHING = ("smoothing with init='int8-residual': the init fits the rounding error of the unsmoothed "
+                           "base, which smoothing changes; drop one of them")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """The int8 recipe shared by training (fake quantization) and export (real integers).
@@ -61,10 +75,8 @@ class QuantConfig:
             raise EdgeloraError(f"skip_layers={self.skip_layers!r} must be a list of layer names, e.g. "
                                 "['encoder.layer.0.output.dense']")
         object.__setattr__(self, "skip_layers", tuple(sorted(set(self.skip_layers))))  # JSON lists come back as tuples
-        if self.smoothing is not None and (isinstance(self.smoothing, bool) or not isinstance(self.smoothing, (int, float))
-                                           or not 0.0 <= self.smoothing <= 1.0):
-            raise EdgeloraError(f"smoothing={self.smoothing!r} must be a number between 0 and 1 (SmoothQuant's alpha, "
-                                "e.g. 0.7) or null for none")
+        if self.smoothing is not None:
+            check_smoothing(self.smoothing)
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,20 @@ class BottleneckConfig:
 
 
 AdapterConfig = LoraConfig | BottleneckConfig
+
+
+def check_recipe(adapter: AdapterConfig, quant: QuantConfig | None) -> None:
+    """Refuse an adapter config that cannot train as it deploys under `quant` (None: no fake quantization).
+
+    Each config checks its own fields on construction; these rules join two of them, so `AdapterModel.add_adapter`
+    calls this, and the CLI calls it before minutes of loading.
+    """
+    if getattr(adapter, "init", None) != "int8-residual":
+        return
+    if quant is None or quant.mode != "switchable":
+        raise EdgeloraError(INT8_RESIDUAL_NEEDS_SWITCHABLE)
+    if quant.smoothing is not None:
+        raise EdgeloraError(INT8_RESIDUAL_SMOOTHING)
 
 
 def config_to_dict(config: AdapterConfig | QuantConfig) -> dict[str, Any]:

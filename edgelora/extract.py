@@ -1,9 +1,10 @@
-"""`edgelora extract` and `edgelora reduce`: LoRA adapters from the SVD of weight deltas.
+"""LoRA adapters from the SVD of weight deltas (the `edgelora extract` and `edgelora reduce` verbs' library).
 
 extract: for every adaptable linear whose weight differs between a base and its full fine-tune, the best
 rank-k fit of the delta (Eckart-Young: B A = U_k S_k V_k^T), saved as an ordinary adapter directory that
 `edgelora export` takes. reduce: the same truncation of an existing LoRA adapter's B A, without its base.
-Torch loads inside the functions, so building the CLI parser stays cheap on a runtime-only install.
+Reading the fine-tuned model's directory and head is edgelora.finetuned's; adapters are written through
+edgelora.peft_format; the commands are edgelora/cli/extract.py. Torch loads inside the functions.
 
 Example:
     >>> report = extract_adapter("minilm", "runs/full-ft", "runs/intent-r16", rank=16)  # doctest: +SKIP
@@ -12,19 +13,15 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
-import json
 import math
-import sys
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgelora.errors import EdgeloraError
+from edgelora.finetuned import Head, quiet_transformers, read_head
 from edgelora.runtime.bundle import ADAPTER_NAME, ADAPTER_NAME_RULE
 
 if TYPE_CHECKING:
@@ -39,8 +36,6 @@ UNRELATED_BASE_REL_DELTA = 0.5
 DROPPED = {"bias": "biases", "linear": "linear weights outside the adaptable projections",
            "other": "other tensors (embeddings, LayerNorm, ...)",
            "unused": None}  # BERT's [CLS] pooler: edgelora's mean-pooled embedding never reads it, no warning
-HEAD_KEYS = (("classifier.weight", "classifier.bias"), ("score.weight", "score.bias"))
-PLACEHOLDER_LABELS = ["0", "1"]
 
 
 # --- the math on models ----------------------------------------------------------------------------------
@@ -210,97 +205,7 @@ def add_extracted_adapter(model: AdapterModel, name: str, extraction: Extraction
         model.heads[name].bias.copy_(bias if bias is not None else torch.zeros_like(model.heads[name].bias))
 
 
-# --- the task head of the tuned model ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Head:
-    weight: Tensor | None  # (labels, hidden); None: no usable head, use a placeholder
-    bias: Tensor | None
-    labels: list[str]
-    source: str
-    note: str | None = None
-
-
-def _read_tensors(model_dir: Path, keys: set[str]) -> dict[str, Tensor]:
-    """Those of `keys` that the model directory's weight files hold (safetensors, sharded or not, or .bin)."""
-    import torch
-    from safetensors import safe_open
-
-    found: dict[str, Tensor] = {}
-    files = sorted(model_dir.glob("*.safetensors"))
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in keys & set(f.keys()):
-                found[key] = f.get_tensor(key)
-    if not files and (model_dir / "pytorch_model.bin").is_file():
-        state = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        found = {k: v for k, v in state.items() if k in keys}
-    return found
-
-
-def _all_keys(model_dir: Path) -> list[str]:
-    from safetensors import safe_open
-
-    keys: list[str] = []
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            keys += list(f.keys())
-    return keys
-
-
-def read_head(model_dir: str | Path, hidden: int) -> Head:
-    """The tuned model's classification head (`classifier.*` or `score.*`, labels from id2label), else a
-    placeholder with labels ["0", "1"] and a note saying why."""
-    model_dir = Path(model_dir)
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        config = {}
-    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
-    for w_key, b_key in HEAD_KEYS:
-        tensors = _read_tensors(model_dir, {w_key, b_key})
-        weight = tensors.get(w_key)
-        if weight is None:
-            continue
-        if weight.ndim != 2 or weight.shape[1] != hidden or weight.shape[0] < 2:
-            return Head(None, None, PLACEHOLDER_LABELS, "placeholder",
-                        f"the tuned model's {w_key} has shape {tuple(weight.shape)}, not (labels >= 2, {hidden}); "
-                        f"the adapter gets a placeholder head with labels {PLACEHOLDER_LABELS} (all-zero weights)")
-        id2label = config.get("id2label") or {}
-        try:
-            labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
-        except (TypeError, ValueError):
-            labels = []
-        if len(labels) != weight.shape[0]:
-            labels = [str(i) for i in range(weight.shape[0])]
-        note = None
-        seq_cls = [a for a in archs if a.endswith("ForSequenceClassification")]
-        if seq_cls:
-            note = (f"copied the head {w_key} ({len(labels)} labels); {seq_cls[0]} applied it to its own pooled "
-                    "vector (the [CLS] pooler or the last token), edgelora applies it to the mean-pooled embedding, "
-                    "so check the adapter's accuracy before relying on the head")
-        return Head(weight.float(), None if tensors.get(b_key) is None else tensors[b_key].float(), labels, w_key, note)
-    heads = [k for k in _all_keys(model_dir) if k.split(".")[0] in ("classifier", "pre_classifier", "score")]
-    why = (f"its head ({', '.join(heads[:3])}) is not one linear layer" if heads
-           else "the tuned model has no classification head")
-    return Head(None, None, PLACEHOLDER_LABELS, "placeholder",
-                f"{why}; the adapter gets a placeholder head with labels {PLACEHOLDER_LABELS} (all-zero weights: "
-                "every text scores 0), use its embeddings output or train a head")
-
-
 # --- extract: directories in, adapter directory out ------------------------------------------------------
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """A head-bearing checkpoint loaded as a bare model makes transformers log 'weights not used': expected here."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def extract_adapter(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int | None = None,
                     energy: float | None = None, name: str | None = None, method: str = "auto",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -319,7 +224,7 @@ def extract_adapter(base: str | Path, tuned: str | Path, out: str | Path, *, ran
         raise EdgeloraError(f"adapter name {name!r} must be {ADAPTER_NAME_RULE}; give --name")
     say = progress or (lambda _msg: None)
     say("loading models")
-    with _quiet_transformers():
+    with quiet_transformers():
         base_model, _ = load_base(base)
         tuned_model, tuned_path = load_base(tuned)
     model = AdapterModel(base_model)
@@ -376,10 +281,18 @@ def reduce_adapter(path: str | Path, out: str | Path, *, rank: int | None = None
     """
     import torch
 
-    from edgelora.atomic import write_dir_atomic
     from edgelora.config import LoraConfig, config_to_dict
     from edgelora.layers import LORA_A_KEY, LORA_B_KEY
-    from edgelora.peft_format import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, check_adapter_out, read_adapter
+    from edgelora.peft_format import (
+        CONFIG_FILE,
+        PEFT_PREFIX,
+        WEIGHTS_FILE,
+        adapter_config,
+        check_adapter_out,
+        read_adapter,
+        write_adapter_dir,
+    )
+    from edgelora.smooth import load_factors
     from edgelora.svd import reduce_lora_rank
 
     check_target(rank, energy)
@@ -429,97 +342,5 @@ def reduce_adapter(path: str | Path, out: str | Path, *, rank: int | None = None
         extras["adapter"] = config_to_dict(new_config)
     extras["reduced"] = {"from": str(path), **target, **summary}
     new_data["edgelora"] = extras
-
-    def fill(tmp: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file(new_tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(new_data, indent=2) + "\n")  # last: a directory with it is whole
-
-    write_dir_atomic(out, fill)
+    write_adapter_dir(out, new_data, new_tensors, load_factors(path))  # smoothing stays: B A only changed rank
     return {"adapter": str(path), "out": str(out), **target, "layers": fits, "total": summary}
-
-
-# --- CLI ---------------------------------------------------------------------------------------------
-def _add_target(p: argparse.ArgumentParser) -> None:
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--rank", type=int, help="keep K components in every layer")
-    group.add_argument("--energy", type=float, help="keep per layer the fewest components holding fraction F of "
-                                                    "the delta's sum of sigma^2, e.g. 0.9")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
-
-
-def add_extract_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("A LoRA adapter from a full fine-tune: for each linear layer whose weight changed, the best "
-                     "rank-K fit of the change (truncated SVD), saved as an adapter directory `edgelora export` takes.")
-    p.add_argument("--base", required=True, help="the model that was fine-tuned: Hugging Face directory or 'minilm'")
-    p.add_argument("--tuned", required=True, help="the fully fine-tuned model (Hugging Face directory)")
-    p.add_argument("--out", required=True, help="adapter directory to write")
-    p.add_argument("--name", default=None, help="adapter name (default: the --out folder name)")
-    _add_target(p)
-
-
-def add_reduce_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = "Lower a LoRA adapter's rank: the best rank-K (or energy) approximation of each layer's B A."
-    p.add_argument("adapter", metavar="ADAPTER_DIR", help="LoRA adapter directory (ours or PEFT's)")
-    p.add_argument("--out", required=True, help="adapter directory to write")
-    _add_target(p)
-
-
-def _bar(desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
-
-
-def _write_json(path: str, report: dict[str, Any]) -> None:
-    from edgelora.atomic import write_file_atomic
-
-    text = json.dumps(report, indent=2) + "\n"
-    write_file_atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
-def _table(rows: list[dict[str, Any]], before: bool = False) -> str:
-    width = max(len("layer"), *(len(r["layer"]) for r in rows))
-    head = f"{'layer':<{width}}  {'shape':>11}  " + ("from  " if before else "") + "rank  energy kept  rel. error"
-    lines = [head]
-    for r in rows:
-        shape = f"{r['shape'][0]}x{r['shape'][1]}"
-        lines.append(f"{r['layer']:<{width}}  {shape:>11}  " + (f"{r['rank_before']:>4}  " if before else "")
-                     + f"{r['rank']:>4}  {r['energy_kept']:>11.4f}  {r['relative_error']:>10.4f}")
-    return "\n".join(lines)
-
-
-def extract_command(args: argparse.Namespace) -> int:
-    bar = _bar("extract")
-    try:
-        report = extract_adapter(args.base, args.tuned, args.out, rank=args.rank, energy=args.energy, name=args.name,
-                                 progress=(lambda m: bar.set_description_str(f"extract: {m}")) if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
-    for message in report["warnings"]:
-        warnings.warn(message)
-    t = report["total"]
-    print(_table(report["layers"]))
-    print(f"{t['layers']} layers, ranks {t['ranks']}: {t['lora_params']:,} LoRA parameters for {t['dense_params']:,} "
-          f"dense (compression {t['compression_ratio']:.1f}x); relative error {t['relative_error']:.4f}, "
-          f"energy kept {t['energy_kept']:.4f}")
-    print(f"adapter {report['name']!r} ({len(report['head']['labels'])} labels, head: {report['head']['source']}) "
-          f"written to {report['out']}")
-    if args.json:
-        _write_json(args.json, report)
-    return 0
-
-
-def reduce_command(args: argparse.Namespace) -> int:
-    report = reduce_adapter(args.adapter, args.out, rank=args.rank, energy=args.energy)
-    t = report["total"]
-    print(_table(report["layers"], before=True))
-    print(f"{t['layers']} layers, ranks {t['ranks']}: {t['lora_params']:,} LoRA parameters (was "
-          f"{t['lora_params_before']:,}); relative error {t['relative_error']:.4f}; written to {report['out']}")
-    if args.json:
-        _write_json(args.json, report)
-    return 0

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgelora import svd
-from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
+from edgelora.config import INT8_RESIDUAL_NEEDS_SWITCHABLE, BottleneckConfig, LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
 from edgelora.fake_quant import fake_quantize_activation, fake_quantize_weight
 
@@ -29,11 +29,6 @@ _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 STATIC_NEEDS_CALIBRATION = (
     "activations='static' needs calibrated input ranges; run edgelora.calibrate.calibrate(model, batches) first "
     "(CLI: edgelora train --qat int8 --activations static)"
-)
-INT8_RESIDUAL_NEEDS_SWITCHABLE = (
-    "init='int8-residual' fits the adapter to the int8 rounding error of a base that stays Q(W0), which only "
-    "the switchable int8 recipe keeps: add the adapter with quant=QuantConfig(mode='switchable') "
-    "(CLI: --qat int8 --deploy-mode switchable)"
 )
 
 

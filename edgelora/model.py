@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgelora.config import AdapterConfig, BottleneckConfig, LoraConfig, QuantConfig
+from edgelora.config import AdapterConfig, BottleneckConfig, LoraConfig, QuantConfig, check_recipe
 from edgelora.embedded import EMBEDDED, MINILM, embedded_path
 from edgelora.errors import EdgeloraError
-from edgelora.layers import ADAPTER_KEYS, INT8_RESIDUAL_NEEDS_SWITCHABLE, AdaptedLinear
+from edgelora.layers import ADAPTER_KEYS, AdaptedLinear
 from edgelora.runtime.bundle import ADAPTER_NAME, ADAPTER_NAME_RULE
 
 DEFAULT_BASE = MINILM
@@ -264,9 +264,7 @@ class AdapterModel(nn.Module):
             raise EdgeloraError(f"adapter {name!r} already exists; delete it first or pick another name")
         if len(labels) < 2:
             raise EdgeloraError(f"adapter {name!r} needs at least 2 labels, got {len(labels)}")
-        recipe = quant if quant is not None else self.quant
-        if getattr(config, "init", None) == "int8-residual" and (recipe is None or recipe.mode != "switchable"):
-            raise EdgeloraError(INT8_RESIDUAL_NEEDS_SWITCHABLE)
+        check_recipe(config, quant if quant is not None else self.quant)
         if quant is not None:
             self.set_quant(quant)
         if isinstance(config, LoraConfig):

@@ -119,11 +119,21 @@ def save_adapter(
         data = {"peft_type": "EDGELORA_BOTTLENECK", "base_model_name_or_path": base_name, "target_modules": target_modules}
     data["edgelora"] = extras
     factors = smooth.current_factors(model) if model.quant is not None and model.quant.smoothing is not None else {}
+    return write_adapter_dir(out_dir, data, tensors, factors)
+
+
+def write_adapter_dir(out_dir: str | Path, data: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      factors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write an adapter directory from its config JSON `data`, its weights and SmoothQuant `factors`, atomically.
+
+    The one writer of the format: `save_adapter` (from a model) and `edgelora.extract.reduce_adapter` (from
+    another adapter's files) both end here. The config is written last: a directory that has it is whole.
+    """
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        smooth.save_factors(factors, tmp)  # the SmoothQuant factors the adapter was trained against
-        (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")  # last: a directory with it is whole
+        smooth.save_factors(factors or {}, tmp)  # the SmoothQuant factors the adapter was trained against
+        (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
     write_dir_atomic(Path(out_dir), fill)
     return Path(out_dir)

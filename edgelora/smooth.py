@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from edgelora.config import INT8_RESIDUAL_SMOOTHING, check_smoothing
 from edgelora.errors import EdgeloraError
 
 # Migration strength. On all-MiniLM-L6-v2 with 7-bit weights, the worst / mean sentence cosine of the
@@ -33,14 +34,6 @@ DEFAULT_ALPHA = 0.7
 # Channels that never fired in calibration (max |x| = 0) would get s = 0; floor both maxima instead.
 _FLOOR = 1e-5
 SMOOTHING_FILE = "smoothing.safetensors"
-INT8_RESIDUAL_CONFLICT = ("--smooth with --init int8-residual: the init fits the rounding error of the unsmoothed "
-                          "base, which smoothing changes; drop one of them")
-
-
-def check_alpha(alpha: object) -> None:
-    """Refuse a migration strength outside [0, 1] (or not a number), naming the flag that sets it."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise EdgeloraError(f"--smooth {alpha!r} must be between 0 and 1 (SmoothQuant's alpha, e.g. 0.7)")
 
 
 def input_ranges(model: torch.nn.Module, feeds: Iterable[Mapping[str, torch.Tensor]]) \
@@ -92,7 +85,7 @@ def smoothing_factors(model: torch.nn.Module, feeds: Iterable[Mapping[str, torch
         layers: which adapted layers to smooth (default: every adapted layer; `smooth_model` leaves out
             the recipe's fp32 layers).
     """
-    check_alpha(alpha)
+    check_smoothing(alpha)
     amax, groups = input_ranges(model, feeds)
     modules = dict(model.adapted_layers())
     wanted = set(modules if layers is None else layers)
@@ -117,7 +110,7 @@ def smooth_model(model: torch.nn.Module, feeds: Iterable[Mapping[str, torch.Tens
     Every quantizable layer must already be wrapped (`AdapterModel.set_quant` with an int8 recipe does it).
     """
     if any(getattr(c, "init", None) == "int8-residual" for c in model.configs.values()):
-        raise EdgeloraError(INT8_RESIDUAL_CONFLICT)
+        raise EdgeloraError(INT8_RESIDUAL_SMOOTHING)
     feeds = list(feeds)
     previous = model.quant
     int8_layers = [n for n, _ in model.adapted_layers() if previous is None or n not in previous.skip_layers]

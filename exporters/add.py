@@ -1,4 +1,4 @@
-"""`edgelora add-adapter`: put a trained adapter into an existing switchable bundle, base untouched.
+"""Put a trained adapter into an existing switchable bundle, base untouched.
 
 The adapter's tensors (read from its directory, no base model needed) are checked against the bundle:
 its base fingerprint against the manifest, every tensor against the graph's adapter inputs, its layers
@@ -8,8 +8,8 @@ rebuilt adapter bank, the manifest last) and renamed into place, so a failure le
 With the base at hand the new adapter is also run through the graph and compared with torch, as
 `edgelora export` does.
 
-torch, onnx and the exporter are imported inside the functions, so the CLI can offer this verb (its
-arguments) on a runtime-only install, as it does `export`.
+torch, onnx and the exporter are imported inside the functions. The `edgelora add-adapter` verb (arguments,
+printing) lives in edgelora/cli/export.py.
 
 Example:
     >>> add_adapters("bundles/sw8", {"topic": "runs/topic"})  # doctest: +SKIP
@@ -17,9 +17,7 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import re
 import tempfile
 from collections.abc import Callable, Mapping
@@ -322,48 +320,3 @@ def _write(bundle: Path, manifest: Manifest, specs: Mapping[str, SlotSpec], adde
                      if p.is_file() and not p.name.endswith(".tmp")})
     write_bundle(bundle, out, writers, None, keep=keep)
     return read_manifest(bundle)
-
-
-# --- CLI ------------------------------------------------------------------------------------------------
-
-
-def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `edgelora add-adapter`."""
-    parser.add_argument("bundle", metavar="BUNDLE", help="switchable bundle directory (rewritten atomically)")
-    parser.add_argument("--adapter", action="append", default=[], required=True, metavar="[NAME=]DIR",
-                        help="adapter directory to add (repeatable); NAME defaults to the adapter's own")
-    parser.add_argument("--base", default=None,
-                        help="base model to check the adapter against torch (default: the one the manifest names)")
-    parser.add_argument("--no-check", action="store_true", help="skip the torch comparison (no base needed)")
-    parser.add_argument("--replace", action="store_true", help="replace an adapter of the same name")
-
-
-def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
-    """`[NAME=]DIR` -> {name: dir}; without NAME, the directory's name (as `edgelora export` does)."""
-    adapters: dict[str, str] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec.rstrip("/")).name, spec
-        if name in adapters:
-            raise EdgeloraError(f"--adapter {spec}: the name {name!r} is given twice; write NAME=DIR to rename one")
-        adapters[name] = path
-    return adapters
-
-
-def add_adapter_command(args: argparse.Namespace) -> int:
-    """`edgelora add-adapter`: prints a JSON summary of the bundle's adapters and the new ones' checks."""
-    import sys
-
-    def say(message: str) -> None:
-        if sys.stderr.isatty():
-            print(f"add-adapter: {message}", file=sys.stderr)
-
-    adapters = parse_adapter_specs(args.adapter)
-    manifest = add_adapters(args.bundle, adapters, base=args.base, check=not args.no_check, replace=args.replace,
-                            progress=say)
-    print(json.dumps({"bundle": str(args.bundle), "added": list(adapters),
-                      "adapters": list(manifest.adapter_names),
-                      "bank": manifest.bank.file if manifest.bank else None,
-                      "validation": {n: manifest.validation.get(n) for n in adapters}}))
-    return 0

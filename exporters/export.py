@@ -15,7 +15,7 @@ import numpy as np
 
 from edgelora import __version__, smooth
 from edgelora.calibrate import ranges_to_dict, static_qparams
-from edgelora.config import EXPORT_MODES, QuantConfig, config_to_dict
+from edgelora.config import EXPORT_MODES, QuantConfig, check_smoothing, config_to_dict
 from edgelora.errors import EdgeloraError
 from edgelora.model import AdapterModel, hidden_size, load_base, max_positions, model_type
 from edgelora.peft_format import WEIGHTS_FILE, load_adapter
@@ -209,7 +209,7 @@ def export_bundle(
     if smooth_alpha is not None and precision != "int8":
         raise EdgeloraError("--smooth applies to int8 exports; drop it or add --precision int8")
     if smooth_alpha is not None:
-        smooth.check_alpha(smooth_alpha)
+        check_smoothing(smooth_alpha)
     check_out(Path(out))  # before minutes of export work, not only when writing
     say = progress or (lambda _msg: None)
     say("loading base")

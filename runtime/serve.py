@@ -3,7 +3,8 @@
 Requests land on a bounded asyncio queue; `MicroBatcher` takes what waits there (optionally holding a short
 window, up to `max_batch` texts) and hands it, as one run or one per adapter, to the one worker thread that
 makes every ONNX Runtime call (ORT parallelizes inside a run). Starlette and uvicorn are imported only when an app or a
-server is built, so `add_serve_arguments` works on a runtime-only install and nothing here imports torch.
+server is built, so the CLI's parser (edgelora/cli/serve.py) builds on a runtime-only install; nothing here
+imports torch.
 
 What an answer equals (the batching rule, `batching=` of `create_app`; figures measured on this project's
 all-MiniLM-L6-v2 bundles, AVX2, ORT 1.32):
@@ -24,14 +25,12 @@ all-MiniLM-L6-v2 bundles, AVX2, ORT 1.32):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import math
 import os
 import socket
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -603,74 +602,3 @@ def serve(bundle: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, 
         bound = sock.getsockname()
         on_ready(runtime, bound[0], bound[1])
     run_app(app, sock, log_level=log_level, access_log=access_log, graceful_timeout=graceful_timeout)
-
-
-# -- CLI glue (`edgelora serve`) -------------------------------------------------------------------
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `edgelora serve`."""
-    parser.add_argument("bundle", metavar="BUNDLE", help="bundle directory")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
-    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: physical cores)")
-    parser.add_argument("--batching", choices=BATCHING, default="auto",
-                        help="merge concurrent requests into one run: auto = fp32 bundles only (int8 answers then "
-                             "stay bit-identical to offline predict), on = int8 too, off = never")
-    parser.add_argument("--mix-adapters", action=argparse.BooleanOptionalAction, default=True,
-                        help="run a merged batch that mixes adapters once, through the bundle's adapter bank, "
-                             "where it has one (default; --no-mix-adapters: once per adapter)")
-    parser.add_argument("--max-batch", type=int, default=32, help="texts per merged run (default 32)")
-    parser.add_argument("--window-ms", type=float, default=0.0,
-                        help="how long a batch waits for more requests (default 0: it takes what queued while "
-                             "the worker was busy)")
-    parser.add_argument("--queue-limit", type=int, default=256, help="waiting requests before 503 (default 256)")
-    parser.add_argument("--max-texts", type=int, default=64, help="texts per request (default 64)")
-    parser.add_argument("--max-text-chars", type=int, default=4096, help="characters per text (default 4096)")
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body bytes (default 1 MiB)")
-    parser.add_argument("--graceful-timeout", type=float, default=30.0,
-                        help="seconds in-flight requests get to finish after SIGTERM/SIGINT (default 30)")
-    parser.add_argument("--spin", action="store_true", help="let ORT threads spin-wait between runs")
-    parser.add_argument("--access-log", action="store_true", help="log every request")
-    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-
-
-def _announce(runtime: Runtime, host: str, port: int) -> None:
-    m = runtime.manifest
-    url_host = f"[{host}]" if ":" in host else host
-    print(f"edgelora serve: listening on http://{url_host}:{port} ({runtime.bundle_dir}: {m.mode} "
-          f"{m.precision}, adapters {', '.join(runtime.adapters) or 'none'})", file=sys.stderr, flush=True)
-
-
-def serve_command(args: argparse.Namespace) -> int:
-    """`edgelora serve`: runs until SIGTERM/SIGINT; EdgeloraError propagates to the CLI."""
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise EdgeloraError(
-            "edgelora serve needs uvicorn and starlette; install them: pip install 'edgelora[serve]'"
-        ) from None
-    serve(args.bundle, args.host, args.port, threads=args.threads, spin=args.spin, log_level=args.log_level,
-          access_log=args.access_log, graceful_timeout=args.graceful_timeout, on_ready=_announce,
-          batching=args.batching, mix_adapters=args.mix_adapters, max_batch=args.max_batch,
-          window_ms=args.window_ms, queue_limit=args.queue_limit, max_texts=args.max_texts,
-          max_text_chars=args.max_text_chars, max_body_bytes=args.max_body_bytes)
-    return 0
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edgelora.runtime.serve", description="Serve a bundle over HTTP.")
-    add_serve_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return serve_command(args)
-    except EdgeloraError as e:
-        print(f"edgelora: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgelora.cli import run as cli_run
+from edgelora.cli.common import write_json
 from edgelora.errors import EdgeloraError
-from edgelora.runtime import Runtime, bench
+from edgelora.runtime import Runtime, bench, fidelity, report
 from tiny_bundle import ATOL, TEXTS, WORDS, make_bundle, reference, write_manifest
 
 ROUNDS = 3
@@ -70,7 +72,7 @@ def test_int8_over_fp32_speedup_per_shape(result: dict) -> None:
 
 def test_json_is_written_atomically_and_reads_back(result: dict, tmp_path: Path) -> None:
     path = tmp_path / "bench.json"
-    bench.write_json(result, path)
+    write_json(result, path)
     assert json.loads(path.read_text()) == json.loads(json.dumps(result))
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
 
@@ -88,13 +90,13 @@ def test_a_failed_write_leaves_the_previous_file_whole(result: dict, tmp_path: P
 
 def test_plot_writes_a_png(result: dict, tmp_path: Path) -> None:
     path = tmp_path / "bench.png"
-    bench.plot(result, path)
+    report.plot(result, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]  # written beside it, then renamed
 
 
 def test_table_mentions_every_bundle(result: dict) -> None:
-    table = bench.format_table(result)
+    table = report.format_table(result)
     for b in result["bundles"]:
         assert b["label"] in table
     assert "int8/fp32" in table
@@ -118,10 +120,10 @@ def test_bad_arguments_are_refused(bundles: list[Path], tmp_path: Path) -> None:
 
 def test_bench_command_prints_table_and_writes_files(bundles: list[Path], tmp_path: Path, capsys) -> None:
     parser = argparse.ArgumentParser()
-    bench.add_bench_arguments(parser)
+    cli_run.add_bench_arguments(parser)
     args = parser.parse_args([*map(str, bundles), "--batch", "1", "--seq", "4", "--rounds", "2", "--warmup", "0",
                               "--threads", "1", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
-    assert bench.bench_command(args) == 0
+    assert cli_run.bench_command(args) == 0
     assert bundles[0].name in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["seqs"] == [4]
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
@@ -129,11 +131,11 @@ def test_bench_command_prints_table_and_writes_files(bundles: list[Path], tmp_pa
 
 def test_run_command_prints_predictions(bundles: list[Path], tmp_path: Path, capsys) -> None:
     parser = argparse.ArgumentParser()
-    bench.add_run_arguments(parser)
+    cli_run.add_run_arguments(parser)
     texts = tmp_path / "texts.txt"
     texts.write_text(f"{TEXTS[1]}\n\n{TEXTS[2]}\n")
     args = parser.parse_args([str(bundles[0]), "--text", TEXTS[0], "--file", str(texts), "--threads", "1"])
-    assert bench.run_command(args) == 0
+    assert cli_run.run_command(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert [o["text"] for o in out] == TEXTS
     logits, _ = reference(make_bundle(tmp_path / "ref", "merged", "fp32"), TEXTS, "sentiment")  # bundles[0]'s weights
@@ -143,7 +145,7 @@ def test_run_command_prints_predictions(bundles: list[Path], tmp_path: Path, cap
     for o, p in zip(out, probs):
         assert o["scores"] == pytest.approx({"neg": p[0], "pos": p[1]}, abs=ATOL)
     with pytest.raises(EdgeloraError, match=r"nothing to classify"):
-        bench.run_command(parser.parse_args([str(bundles[0])]))
+        cli_run.run_command(parser.parse_args([str(bundles[0])]))
 
 
 # -- fidelity beside speed --------------------------------------------------------------------------
@@ -171,7 +173,7 @@ def test_compare_outputs_matches_numpy() -> None:
     ref = {"embeddings": rng.standard_normal((5, 8)), "logits": rng.standard_normal((5, 3))}
     cand = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in ref.items()}
     cand["embeddings"][2] = 0.0  # zero on one side only: orthogonal
-    out = bench.compare_outputs(cand, ref)
+    out = fidelity.compare_outputs(cand, ref)
     for name in ("embeddings", "logits"):
         a, b = cand[name], ref[name]
         cos = [x @ y / (np.linalg.norm(x) * np.linalg.norm(y)) if np.linalg.norm(x) else 0.0 for x, y in zip(a, b)]
@@ -179,9 +181,9 @@ def test_compare_outputs_matches_numpy() -> None:
         assert out[name]["worst_row"] == int(np.argmin(cos))
         assert out[name]["max_abs_diff"] == pytest.approx(np.abs(a - b).max(), abs=RECOMPUTE_TOL)
     assert out["embeddings"]["worst_cosine"] == 0.0
-    both_zero = bench.compare_outputs({"logits": np.zeros((2, 3))}, {"logits": np.zeros((2, 3))})
+    both_zero = fidelity.compare_outputs({"logits": np.zeros((2, 3))}, {"logits": np.zeros((2, 3))})
     assert both_zero["logits"]["worst_cosine"] == 1.0
-    assert bench.compare_outputs({"logits": np.zeros((2, 0))}, {"logits": np.zeros((2, 0))}) == {}
+    assert fidelity.compare_outputs({"logits": np.zeros((2, 0))}, {"logits": np.zeros((2, 0))}) == {}
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +240,7 @@ def test_int8_fidelity_matches_a_direct_numpy_computation(int8_pair: tuple[Path,
             assert cos < 1.0 and diff > 0  # int8 is not fp32: the check can see a difference
             assert got["worst_cosine"] == pytest.approx(cos, abs=RECOMPUTE_TOL)
             assert got["max_abs_diff"] == pytest.approx(diff, abs=RECOMPUTE_TOL)
-    table = bench.format_table(out)
+    table = report.format_table(out)
     int8_row = next(r for r in out["rows"] if r["bundle"] == 1)
     assert f"{int8_row['fidelity']['worst_cosine']:.5f}" in table
 
@@ -247,7 +249,7 @@ def test_rows_without_an_fp32_reference_say_so(bundles: list[Path], tmp_path: Pa
     lone = bench.run_benchmark([str(bundles[1])], batches=(1,), seqs=(4,), rounds=1, warmup=0, threads=1)
     f = lone["rows"][0]["fidelity"]
     assert f["note"] == "no fp32 reference" and f["worst_cosine"] is None and f["max_abs_diff"] is None
-    assert "no fp32 reference" in bench.format_table(lone)
+    assert "no fp32 reference" in report.format_table(lone)
 
 
 def test_fp32_references_match_base_adapter_and_labels() -> None:
@@ -323,30 +325,30 @@ def test_bench_command_reads_labelled_data(bundles: list[Path], tmp_path: Path, 
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
                             for t, y in [("the good film", "pos"), ("a bad movie", "neg")]))
     parser = argparse.ArgumentParser()
-    bench.add_bench_arguments(parser)
+    cli_run.add_bench_arguments(parser)
     args = parser.parse_args([str(bundles[0]), "--batch", "1", "--seq", "4", "--rounds", "1", "--warmup", "0",
                               "--threads", "1", "--data", str(data), "--json", str(tmp_path / "r.json")])
-    assert bench.bench_command(args) == 0
+    assert cli_run.bench_command(args) == 0
     assert "acc: accuracy on its labels" in capsys.readouterr().out
     saved = json.loads((tmp_path / "r.json").read_text())
     predicted = [p["label"] for p in Runtime(bundles[0], intra_op_threads=1).predict(["the good film", "a bad movie"], "sentiment")]
     expected = np.mean([p == y for p, y in zip(predicted, ["pos", "neg"])])
     assert saved["fidelity"]["source"] == str(data) and saved["rows"][0]["fidelity"]["accuracy"] == expected
     with pytest.raises(EdgeloraError, match=r"nowhere.jsonl: no such file"):
-        bench.bench_command(parser.parse_args([str(bundles[0]), "--data", str(tmp_path / "nowhere.jsonl")]))
+        cli_run.bench_command(parser.parse_args([str(bundles[0]), "--data", str(tmp_path / "nowhere.jsonl")]))
 
 
 def test_builtin_data_loads_without_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from edgelora.runtime import bench\n"
-            "texts, gold = bench.load_labelled('builtin:intent:16')\n"
+            "from edgelora.cli import run\n"
+            "texts, gold = run.load_labelled('builtin:intent:16')\n"
             "assert len(texts) == len(gold) == 16 and sys.modules['torch'] is None")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_module_entry_point_reports_errors_like_the_cli(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "edgelora.runtime.bench", str(tmp_path / "nowhere")],
+    proc = subprocess.run([sys.executable, "-m", "edgelora.cli", "bench", str(tmp_path / "nowhere")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("edgelora: error: ") and "bundle directory not found" in proc.stderr

@@ -17,17 +17,11 @@ import pytest
 import torch
 from conftest import FP32_ATOL, make_base, make_inputs, randomize_adapters, write_tokenizer
 
+from edgelora.cli.extract import add_extract_arguments, add_reduce_arguments, extract_command, reduce_command
 from edgelora.config import LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
 from edgelora.exporters.export import export_bundle
-from edgelora.extract import (
-    add_extract_arguments,
-    add_reduce_arguments,
-    extract_adapter,
-    extract_command,
-    reduce_adapter,
-    reduce_command,
-)
+from edgelora.extract import extract_adapter, reduce_adapter
 from edgelora.model import AdapterModel, load_base
 from edgelora.peft_format import CONFIG_FILE, load_adapter, save_adapter
 from edgelora.runtime import Runtime

@@ -326,7 +326,7 @@ def test_sigterm_finishes_the_in_flight_request_then_exits(switchable_path: Path
 
 
 def test_the_command_announces_its_address_and_stops_on_sigint(switchable_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "edgelora.runtime.serve", str(switchable_path), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "edgelora.cli", "serve", str(switchable_path), "--port", "0",
                              "--threads", "1", "--log-level", "warning"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -438,7 +438,7 @@ def test_batching_rule_and_option_checks() -> None:
 
 def test_serve_imports_no_torch_and_parses_arguments_without_starlette() -> None:
     code = ("import sys, argparse; sys.modules['torch'] = None; sys.modules['starlette'] = None\n"
-            "from edgelora.runtime import serve\n"
+            "from edgelora.cli import serve\n"
             "p = argparse.ArgumentParser(); serve.add_serve_arguments(p)\n"
             "args = p.parse_args(['B', '--port', '0', '--batching', 'off'])\n"
             "assert (args.port, args.batching, args.host) == (0, 'off', '127.0.0.1')\n"

@@ -22,6 +22,7 @@ from torch import nn
 from edgelora.config import LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
 from edgelora.exporters.export import export_bundle
+from edgelora.extract import reduce_adapter
 from edgelora.fake_quant import fake_quantize_activation, fake_quantize_weight, quantize_weight
 from edgelora.layers import AdaptedLinear
 from edgelora.model import AdapterModel, load_base
@@ -160,6 +161,16 @@ def test_factors_round_trip_with_the_adapter(tiny_bert_dir: Path, tmp_path: Path
     held, saved = current_factors(model), current_factors(again)
     assert set(held) == set(saved) and all(torch.equal(held[k], saved[k]) for k in held)
     assert json.loads((adapter / "adapter_config.json").read_text())["edgelora"]["quantization"]["smoothing"] == ALPHA
+
+
+def test_reducing_the_rank_keeps_the_factors(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    model = smoothed_model(tiny_bert_dir)
+    reduced = tmp_path / "lo-r2"
+    reduce_adapter(save_adapter(model, "lo", tmp_path / "lo"), reduced, rank=2)
+    again = AdapterModel(load_base(tiny_bert_dir)[0])
+    load_adapter(again, reduced, "lo")  # refuses an adapter whose recipe says smoothing but has no factors
+    held, kept = current_factors(model), current_factors(again)
+    assert set(held) == set(kept) and all(torch.equal(held[k], kept[k]) for k in held)
 
 
 def test_post_training_smoothing_at_export(tiny_bert_dir: Path, tmp_path: Path) -> None:

@@ -26,15 +26,17 @@ from conftest import (FP32_ATOL, INT8_MIN_COSINE, MIN_ADAPTER_EFFECT, TRACKS_FAK
 from safetensors.torch import load_file, save_file
 
 import edgelora.exporters.switchable as switchable_module
+from edgelora.cli import run as cli_run
+from edgelora.cli.export import add_adapter_arguments, add_adapter_command
 from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
 from edgelora.exporters import validate
-from edgelora.exporters.add import add_adapter_arguments, add_adapter_command, add_adapters
+from edgelora.exporters.add import add_adapters
 from edgelora.exporters.export import export_bundle
 from edgelora.exporters.switchable import BANK_FILE, mixed_torch_outputs, read_adapter_file
 from edgelora.model import AdapterModel, load_base
 from edgelora.peft_format import load_adapter, save_adapter
-from edgelora.runtime import Runtime, bench
+from edgelora.runtime import Runtime
 
 # A mixed batch vs its rows run one by one, fp32: the bank's zero padding adds exact zeros and each row's
 # attention and pooling see only that row, so only summation order differs (measured ~2e-7).
@@ -336,14 +338,14 @@ def test_a_bundle_without_a_bank_runs_a_mixed_batch_once_per_adapter(tmp_path: P
 
 def test_run_command_takes_one_adapter_per_text(bundles, capsys) -> None:
     parser = argparse.ArgumentParser()
-    bench.add_run_arguments(parser)
+    cli_run.add_run_arguments(parser)
     args = parser.parse_args([str(bundles["fp32"]), "--text", "the good film", "--text", "a bad movie",
                               "--adapters", "lo8,bn", "--threads", "1"])
-    assert bench.run_command(args) == 0
+    assert cli_run.run_command(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert [(o["adapter"], list(o["scores"])) for o in out] == [("lo8", LABELS["lo8"]), ("bn", LABELS["bn"])]
     with pytest.raises(EdgeloraError, match=r"--adapters names 1 adapters for 2 texts"):
-        bench.run_command(parser.parse_args([str(bundles["fp32"]), "--text", "a", "--text", "b", "--adapters", "lo"]))
+        cli_run.run_command(parser.parse_args([str(bundles["fp32"]), "--text", "a", "--text", "b", "--adapters", "lo"]))
 
 
 # --- adding adapters to a bundle ----------------------------------------------------------------------

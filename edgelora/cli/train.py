@@ -1,9 +1,5 @@
-"""The `edgelora` command: train, calibrate, export, run, bench, extract.
-
-Every verb prints a user's mistake as one line (`edgelora: error: ...`) and exits 2, and anything
-unexpected as one line and exit 1; `--debug` (anywhere on the line) shows the traceback. Warnings print
-as one `edgelora: warning: ...` line. Training and export import torch lazily, so `run` and `bench` work
-on a runtime-only install.
+"""`edgelora train` and `edgelora calibrate`: an adapter trained (or calibrated) on a frozen base, saved as a
+PEFT-layout directory. Torch loads inside the commands, so building the parser stays cheap without it.
 """
 
 from __future__ import annotations
@@ -13,27 +9,21 @@ import json
 import re
 import sys
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
-from edgelora import __version__
+from edgelora.cli.common import Progress, as_flags
 from edgelora.errors import EdgeloraError
 
-
-def _progress_bar(total: int | None, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # runtime-only installs have no tqdm: report to stderr line by line
-        return None
-    # disable=None: draw only on a terminal, so a log or a pipe gets the one-line error and no bar debris
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
+# The config fields and library parameters a train or calibrate error may name, as the flags that set them.
+FLAGS = {"smoothing": "--smooth", "init": "--init", "batches": "--calib-batches"}
+PHRASES = {"smoothing with init=": "--smooth with init=",
+           "add the adapter with quant=QuantConfig(mode='switchable')": "add --qat int8 --deploy-mode switchable"}
 
 
-# --- train ---------------------------------------------------------------------------------------
-def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a LoRA or bottleneck adapter (and its head) on a frozen base",
-                       description="Train one adapter and save it as a PEFT-layout directory. Data-parallel on N "
-                                   "GPUs (or N CPU processes): torchrun --nproc_per_node N -m edgelora.cli train ...")
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `edgelora train`."""
+    p.description = ("Train one adapter and save it as a PEFT-layout directory. Data-parallel on N GPUs (or N CPU "
+                     "processes): torchrun --nproc_per_node N -m edgelora.cli train ...")
     p.add_argument("--base", default="minilm", help="Hugging Face model directory, or 'minilm' (embedded all-MiniLM-L6-v2)")
     p.add_argument("--data", required=True, help="train data: .jsonl/.csv with text and label, or builtin:intent|sentiment[:N]")
     p.add_argument("--eval", default=None, help="held-out data (default: a seeded split of --data)")
@@ -85,7 +75,6 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint, with the same arguments; "
                         "the result equals an uninterrupted run's")
-    p.set_defaults(func=_cmd_train)
 
 
 def _checkpoint_dir(args: argparse.Namespace) -> Path:
@@ -95,7 +84,7 @@ def _checkpoint_dir(args: argparse.Namespace) -> Path:
     return out.with_name(out.name + ".ckpt") if out.name else Path(str(out.resolve()) + ".ckpt")
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace) -> int:
     from edgelora.distributed import launch_from_env, process_group
     from edgelora.train import pick_device
 
@@ -112,7 +101,7 @@ def _train(args: argparse.Namespace, rank: int) -> int:
     """The train verb in one process; under torchrun, rank 0 alone draws progress, saves and prints."""
     from edgelora.atomic import check_writable
     from edgelora.calibrate import check_calib_batches
-    from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
+    from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig, check_recipe
     from edgelora.data import load_splits
     from edgelora.distributed import on_rank0
     from edgelora.model import AdapterModel
@@ -127,7 +116,8 @@ def _train(args: argparse.Namespace, rank: int) -> int:
     if args.activations != "dynamic" and args.qat != "int8":
         raise EdgeloraError(f"--activations {args.activations} applies to int8 training; add --qat int8")
     if args.activations == "static":
-        check_calib_batches(args.calib_batches)
+        with as_flags(FLAGS):
+            check_calib_batches(args.calib_batches)
     if args.activations == "static" and args.observe_steps < 0:
         raise EdgeloraError(f"--observe-steps {args.observe_steps} must be 0 (freeze after calibration) or more steps")
     if args.max_length < 1:
@@ -151,15 +141,11 @@ def _train(args: argparse.Namespace, rank: int) -> int:
         config = BottleneckConfig(reduction_factor=args.reduction_factor, placement=args.placement)
     if args.smooth is not None and args.qat != "int8":
         raise EdgeloraError("--smooth applies to int8 training; add --qat int8")
-    if args.smooth is not None:  # before minutes of loading: what smooth_model would refuse after them
-        from edgelora import smooth
-
-        smooth.check_alpha(args.smooth)
-        if args.init == "int8-residual":
-            raise EdgeloraError(smooth.INT8_RESIDUAL_CONFLICT)
-    quant = (QuantConfig(weight_bits=weight_bits, mode=args.deploy_mode, activations=args.activations,
-                         smoothing=args.smooth)
-             if args.qat == "int8" else None)
+    with as_flags(FLAGS, PHRASES):
+        quant = (QuantConfig(weight_bits=weight_bits, mode=args.deploy_mode, activations=args.activations,
+                             smoothing=args.smooth)
+                 if args.qat == "int8" else None)
+        check_recipe(config, quant)  # before minutes of loading: what add_adapter would refuse after them
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
     base, tokenizer, max_length = _base_and_tokenizer(args.base, args.max_length)
     model = AdapterModel(base)
@@ -169,15 +155,13 @@ def _train(args: argparse.Namespace, rank: int) -> int:
     calibration = _calibrate(args, model, tokenizer, train_ds.texts) if args.activations == "static" else None
     bar = None
     if rank == 0:
-        bar = _progress_bar(train_config.epochs * -(-len(train_ds) // train_config.batch_size), f"train {name}")
+        bar = Progress(train_config.epochs * -(-len(train_ds) // train_config.batch_size), f"train {name}")
 
     def progress(msg: str) -> None:
         if bar is not None:
             step = re.search(r"step (\d+)/", msg)
             loss = msg.partition(" loss ")[2]
-            if loss:
-                bar.set_postfix_str("loss " + loss, refresh=False)
-            bar.update((int(step[1]) if step else bar.n + 1) - bar.n)  # a resumed run starts part-way
+            bar.update_to(int(step[1]) if step else bar.n + 1, "loss " + loss if loss else "")  # resumed: part-way
 
     try:
         result = train_adapter(model, name, tokenizer, train_ds.texts, train_ds.labels, eval_ds.texts, eval_ds.labels,
@@ -252,8 +236,8 @@ def _resolve_bits(value: str) -> int:
     return int(value)
 
 
-# --- calibrate -----------------------------------------------------------------------------------
-def _add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `edgelora calibrate`."""
     p.add_argument("adapter", metavar="ADAPTER_DIR", help="a trained adapter without static ranges (e.g. --qat none)")
     p.add_argument("--data", required=True, help="the adapter's training data (.jsonl/.csv or builtin:NAME[:N]); "
                                                  "calibration draws from its training split")
@@ -275,7 +259,7 @@ def _add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(observe_steps=0)  # for _calibrate: nothing trains here, the ranges freeze at once
 
 
-def _cmd_calibrate(args: argparse.Namespace) -> int:
+def calibrate_command(args: argparse.Namespace) -> int:
     """Static post-training quantization: a trained adapter plus activation ranges calibrated on its training text,
     saved as a new adapter that `edgelora export --precision int8` turns into a static int8 bundle.
 
@@ -298,7 +282,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     source, out = Path(args.adapter), Path(args.out)
     if out.resolve() == source.resolve():
         raise EdgeloraError(f"--out {out} is ADAPTER_DIR itself; write the calibrated adapter to a new directory")
-    check_calib_batches(args.calib_batches)
+    with as_flags(FLAGS):
+        check_calib_batches(args.calib_batches)
     if args.batch_size < 1:
         raise EdgeloraError(f"--batch-size {args.batch_size} must be a positive number of texts, e.g. 32")
     if args.max_length < 1:
@@ -333,169 +318,3 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                  extra={**({"training": extras["training"]} if "training" in extras else {}), "calibration": calibration})
     print(json.dumps({"adapter": name, "out": str(out), "recipe": config_to_dict(recipe), "calibration": calibration}))
     return 0
-
-
-# --- export --------------------------------------------------------------------------------------
-def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="base + adapters -> a checked ONNX bundle (merged or switchable, fp32 or int8)")
-    p.add_argument("base", help="Hugging Face model directory, or 'minilm'")
-    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR", help="adapter directory (repeatable)")
-    p.add_argument("--mode", choices=("merged", "switchable"), default="merged")
-    p.add_argument("--precision", choices=("fp32", "int8"), default="int8")
-    p.add_argument("--weight-bits", type=int, choices=(7, 8), default=None,
-                   help="default: the adapters' training recipe, else what this CPU needs")
-    p.add_argument("--max-length", type=int, default=128, help="tokenizer truncation length recorded in the bundle")
-    p.add_argument("--slots", choices=("adapters", "attention", "attention+mlp"), default="adapters",
-                   help="switchable mode: LoRA slots on the layers these adapters use, or on more layers so that "
-                        "adapters added later with `edgelora add-adapter` fit")
-    p.add_argument("--keep-fp32", default=None, metavar="auto|LAYER,...",
-                   help="int8 mixed precision: 'auto' keeps the layers int8 hurts most fp32 until the worst sentence "
-                        "cosine to fp32 reaches --target-cosine; or comma-separated layer names")
-    p.add_argument("--target-cosine", type=float, default=None, help="--keep-fp32 auto: the worst-sentence goal "
-                                                                      "(default 0.995)")
-    p.add_argument("--fusions", default=None, metavar="NAME,...|none",
-                   help="ONNX Runtime BERT fusions: comma-separated from attention, embed_layer_norm, "
-                        "skip_layer_norm, bias_gelu, or 'none' (default: attention, the fastest measured)")
-    p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
-                   help="int8: SmoothQuant with migration strength ALPHA for adapters trained without it "
-                        "(adapters trained with --smooth always export with their own factors)")
-    p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
-    p.set_defaults(func=_cmd_export)
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from edgelora.exporters.add import parse_adapter_specs
-    from edgelora.exporters.export import export_bundle
-
-    if args.target_cosine is not None and (args.keep_fp32 or "").strip() != "auto":
-        raise EdgeloraError("--target-cosine is the goal of --keep-fp32 auto; add --keep-fp32 auto or drop it")
-    bar = _progress_bar(None, "export")
-    try:
-        manifest = export_bundle(args.base, parse_adapter_specs(args.adapter), mode=args.mode, precision=args.precision,
-                                 out=args.out, weight_bits=args.weight_bits, max_length=args.max_length,
-                                 lora_slots=args.slots, fusions=parse_fusions(args.fusions),
-                                 keep_fp32=parse_keep_fp32(args.keep_fp32), smooth_alpha=args.smooth,
-                                 **({"target_cosine": args.target_cosine} if args.target_cosine is not None else {}),
-                                 progress=(lambda m: bar.set_description_str(f"export: {m}")) if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
-    tokenizer = manifest.tokenizer
-    if tokenizer and tokenizer.max_length < args.max_length:
-        warnings.warn(f"--max-length {args.max_length} exceeds the base's positions; the bundle truncates texts to "
-                      f"{tokenizer.max_length} tokens")
-    print(json.dumps({"bundle": str(args.out), "mode": manifest.mode, "precision": manifest.precision,
-                      "adapters": list(manifest.adapter_names), "validation": manifest.validation}))
-    return 0
-
-
-def parse_fusions(value: str | None) -> tuple[str, ...] | None:
-    from edgelora.exporters.fusion import FUSIONS
-
-    if value is None:
-        return None
-    if value.strip() == "none":
-        return ()
-    names = tuple(v.strip() for v in value.split(",") if v.strip())
-    unknown = [n for n in names if n not in FUSIONS]
-    if unknown or not names:
-        raise EdgeloraError(f"--fusions {value!r}: choose from {', '.join(FUSIONS)}, comma-separated, or 'none'")
-    return names
-
-
-def parse_keep_fp32(value: str | None) -> tuple[str, ...] | str | None:
-    if value is None or value.strip() == "auto":
-        return None if value is None else "auto"
-    names = tuple(v.strip() for v in value.split(",") if v.strip())
-    if not names:
-        raise EdgeloraError(f"--keep-fp32 {value!r}: give 'auto' or comma-separated layer names")
-    return names
-
-
-# --- run / bench (no torch) -------------------------------------------------------------------------
-def _verb(sub, name: str, help: str, add_arguments, command) -> None:
-    """One subcommand whose arguments and entry point live with the code they drive."""
-    p = sub.add_parser(name, help=help)
-    add_arguments(p)
-    p.set_defaults(func=command)
-
-
-def _add_runtime_verbs(sub) -> None:
-    from edgelora.runtime import bench
-    from edgelora.runtime import serve as serving
-
-    _verb(sub, "run", "run a bundle on text and print JSON predictions", bench.add_run_arguments, bench.run_command)
-    _verb(sub, "bench", "int8 vs fp32 latency, throughput, size and memory, interleaved in one run",
-          bench.add_bench_arguments, bench.bench_command)
-    _verb(sub, "serve", "HTTP inference with per-request adapter choice", serving.add_serve_arguments,
-          serving.serve_command)
-
-
-def _add_adapter_verbs(sub) -> None:
-    from edgelora import extract
-    from edgelora.exporters.add import add_adapter_arguments, add_adapter_command
-
-    _verb(sub, "add-adapter", "add trained adapters to a switchable bundle without re-exporting its base",
-          add_adapter_arguments, add_adapter_command)
-    _verb(sub, "extract", "SVD: a LoRA adapter of rank K (or energy F) from a full fine-tune and its base",
-          extract.add_extract_arguments, extract.extract_command)
-    _verb(sub, "reduce", "lower a LoRA adapter's rank: truncated SVD of each layer's B A",
-          extract.add_reduce_arguments, extract.reduce_command)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgelora", description="Train adapters, export int8 ONNX, run on CPUs.")
-    parser.add_argument("--version", action="version", version=f"edgelora {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    _add_train(sub)
-    _verb(sub, "calibrate", "static int8 after training: calibrate a trained adapter's activation ranges for export",
-          _add_calibrate_arguments, _cmd_calibrate)
-    _add_export(sub)
-    _add_runtime_verbs(sub)
-    _add_adapter_verbs(sub)
-    return parser
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"edgelora: warning: {str(message).strip().splitlines()[0] if str(message).strip() else category.__name__}",
-          file=sys.stderr)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    end = argv.index("--") if "--" in argv else len(argv)
-    debug = "--debug" in argv[:end]  # accepted after the verb too, where users type it
-    argv = [a for i, a in enumerate(argv) if not (i < end and a == "--debug")]
-    parser = build_parser()
-    if not argv:
-        parser.print_help(sys.stderr)
-        return 2
-    args = parser.parse_args(argv)
-    shown = warnings.showwarning
-    if not debug:
-        warnings.showwarning = _one_line_warning
-    try:
-        return int(args.func(args) or 0)
-    except EdgeloraError as exc:
-        if debug:
-            raise
-        print(f"edgelora: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("edgelora: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - a bug or an environment failure: one line, the traceback on request
-        if debug:
-            raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"edgelora: error: unexpected {type(exc).__name__}{': ' + first if first else ''}; "
-              "run with --debug for the traceback", file=sys.stderr)
-        return 1
-    finally:
-        warnings.showwarning = shown
-
-
-if __name__ == "__main__":
-    sys.exit(main())

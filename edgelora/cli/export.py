@@ -1,0 +1,134 @@
+"""`edgelora export` and `edgelora add-adapter`: base + adapters -> a checked ONNX bundle, and more adapters into a
+switchable bundle without re-exporting its base. Torch loads inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from edgelora.cli.common import Progress, as_flags
+from edgelora.errors import EdgeloraError
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `edgelora export`."""
+    p.add_argument("base", help="Hugging Face model directory, or 'minilm'")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR", help="adapter directory (repeatable)")
+    p.add_argument("--mode", choices=("merged", "switchable"), default="merged")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="int8")
+    p.add_argument("--weight-bits", type=int, choices=(7, 8), default=None,
+                   help="default: the adapters' training recipe, else what this CPU needs")
+    p.add_argument("--max-length", type=int, default=128, help="tokenizer truncation length recorded in the bundle")
+    p.add_argument("--slots", choices=("adapters", "attention", "attention+mlp"), default="adapters",
+                   help="switchable mode: LoRA slots on the layers these adapters use, or on more layers so that "
+                        "adapters added later with `edgelora add-adapter` fit")
+    p.add_argument("--keep-fp32", default=None, metavar="auto|LAYER,...",
+                   help="int8 mixed precision: 'auto' keeps the layers int8 hurts most fp32 until the worst sentence "
+                        "cosine to fp32 reaches --target-cosine; or comma-separated layer names")
+    p.add_argument("--target-cosine", type=float, default=None, help="--keep-fp32 auto: the worst-sentence goal "
+                                                                      "(default 0.995)")
+    p.add_argument("--fusions", default=None, metavar="NAME,...|none",
+                   help="ONNX Runtime BERT fusions: comma-separated from attention, embed_layer_norm, "
+                        "skip_layer_norm, bias_gelu, or 'none' (default: attention, the fastest measured)")
+    p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                   help="int8: SmoothQuant with migration strength ALPHA for adapters trained without it "
+                        "(adapters trained with --smooth always export with their own factors)")
+    p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from edgelora.exporters.export import export_bundle
+
+    if args.target_cosine is not None and (args.keep_fp32 or "").strip() != "auto":
+        raise EdgeloraError("--target-cosine is the goal of --keep-fp32 auto; add --keep-fp32 auto or drop it")
+    if args.smooth is not None:
+        from edgelora.config import check_smoothing
+
+        with as_flags({"smoothing": "--smooth"}):
+            check_smoothing(args.smooth)
+    bar = Progress(None, "export")
+    try:
+        manifest = export_bundle(args.base, parse_adapter_specs(args.adapter), mode=args.mode, precision=args.precision,
+                                 out=args.out, weight_bits=args.weight_bits, max_length=args.max_length,
+                                 lora_slots=args.slots, fusions=parse_fusions(args.fusions),
+                                 keep_fp32=parse_keep_fp32(args.keep_fp32), smooth_alpha=args.smooth,
+                                 **({"target_cosine": args.target_cosine} if args.target_cosine is not None else {}),
+                                 progress=bar.describe)
+    finally:
+        bar.close()
+    tokenizer = manifest.tokenizer
+    if tokenizer and tokenizer.max_length < args.max_length:
+        warnings.warn(f"--max-length {args.max_length} exceeds the base's positions; the bundle truncates texts to "
+                      f"{tokenizer.max_length} tokens")
+    print(json.dumps({"bundle": str(args.out), "mode": manifest.mode, "precision": manifest.precision,
+                      "adapters": list(manifest.adapter_names), "validation": manifest.validation}))
+    return 0
+
+
+def parse_fusions(value: str | None) -> tuple[str, ...] | None:
+    from edgelora.exporters.fusion import FUSIONS
+
+    if value is None:
+        return None
+    if value.strip() == "none":
+        return ()
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [n for n in names if n not in FUSIONS]
+    if unknown or not names:
+        raise EdgeloraError(f"--fusions {value!r}: choose from {', '.join(FUSIONS)}, comma-separated, or 'none'")
+    return names
+
+
+def parse_keep_fp32(value: str | None) -> tuple[str, ...] | str | None:
+    if value is None or value.strip() == "auto":
+        return None if value is None else "auto"
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names:
+        raise EdgeloraError(f"--keep-fp32 {value!r}: give 'auto' or comma-separated layer names")
+    return names
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `edgelora add-adapter`."""
+    parser.add_argument("bundle", metavar="BUNDLE", help="switchable bundle directory (rewritten atomically)")
+    parser.add_argument("--adapter", action="append", default=[], required=True, metavar="[NAME=]DIR",
+                        help="adapter directory to add (repeatable); NAME defaults to the adapter's own")
+    parser.add_argument("--base", default=None,
+                        help="base model to check the adapter against torch (default: the one the manifest names)")
+    parser.add_argument("--no-check", action="store_true", help="skip the torch comparison (no base needed)")
+    parser.add_argument("--replace", action="store_true", help="replace an adapter of the same name")
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
+    """`[NAME=]DIR` -> {name: dir}; without NAME, the directory's name (as `edgelora export` does)."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name, spec
+        if name in adapters:
+            raise EdgeloraError(f"--adapter {spec}: the name {name!r} is given twice; write NAME=DIR to rename one")
+        adapters[name] = path
+    return adapters
+
+
+def add_adapter_command(args: argparse.Namespace) -> int:
+    """`edgelora add-adapter`: prints a JSON summary of the bundle's adapters and the new ones' checks."""
+    from edgelora.exporters.add import add_adapters
+
+    def say(message: str) -> None:
+        if sys.stderr.isatty():
+            print(f"add-adapter: {message}", file=sys.stderr)
+
+    adapters = parse_adapter_specs(args.adapter)
+    manifest = add_adapters(args.bundle, adapters, base=args.base, check=not args.no_check, replace=args.replace,
+                            progress=say)
+    print(json.dumps({"bundle": str(args.bundle), "added": list(adapters),
+                      "adapters": list(manifest.adapter_names),
+                      "bank": manifest.bank.file if manifest.bank else None,
+                      "validation": {n: manifest.validation.get(n) for n in adapters}}))
+    return 0
