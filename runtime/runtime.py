@@ -27,7 +27,8 @@ from edgelora.errors import EdgeloraError
 from edgelora.runtime.cpu import detect_isa, int8_saturates
 
 FORMAT = "edgelora-bundle"
-FORMAT_VERSION = 1  # the newest bundle format this runtime reads
+FORMAT_VERSION = 2  # the newest bundle format this runtime reads (2: decoder bundles, task "causal-lm")
+TASKS = (None, "causal-lm")  # manifest "task": absent for encoder bundles
 MODES = ("merged", "switchable")
 ADAPTER_IDS = "adapter_ids"  # int64 [batch] overridable initializer of banked switchable graphs: each row's bank entry
 _PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<PAD>")
@@ -89,6 +90,11 @@ def read_manifest(bundle_dir: str | os.PathLike, *, verify: bool = True) -> dict
             f"{path}: written by a newer edgelora (format_version {version}, this one reads up to "
             f"{FORMAT_VERSION}); upgrade edgelora"
         )
+    if m.get("task") not in TASKS:
+        raise EdgeloraError(f"{path}: task {m.get('task')!r} is not one this runtime runs (causal-lm or none); "
+                            "upgrade edgelora or re-export the bundle")
+    if m.get("task") == "causal-lm":
+        m.setdefault("adapters", [])
     _check_fields(m, path)
     if verify:
         _verify_files(bundle, m, path)
@@ -236,6 +242,7 @@ class Runtime:
         self._bank: tuple[ort.RunOptions, dict[str | None, int]] | None = None
         self._bank_lock = threading.Lock()
         self._banked: bool | None = None
+        self._generator = None  # a decoder bundle's Generator, built on first use over this session
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -616,6 +623,26 @@ class Runtime:
                 results.append({"label": labels[name][best], "score": float(p[best]),
                                 "scores": {lab: float(q) for lab, q in zip(labels[name], p)}})
         return results
+
+    def generator(self):
+        """The `Generator` of a decoder bundle (task "causal-lm"), sharing this session and its adapters."""
+        if self.manifest.get("task") != "causal-lm":
+            raise EdgeloraError(f"{self.bundle_dir}: an encoder bundle does not generate text; use run() or "
+                                "predict(), or export a causal LM")
+        if self._generator is None:
+            from edgelora.runtime.generate import Generator
+
+            self._generator = Generator(self.bundle_dir, session=self._session, manifest=self.manifest,
+                                        run_options=self._run_options)
+        return self._generator
+
+    def generate(self, prompt, adapter: str | None = None, **kwargs) -> str:
+        """A decoder bundle's reply to a text or chat messages; see `Generator.stream` for the arguments."""
+        return self.generator().generate(prompt, adapter, **kwargs)
+
+    def stream(self, prompt, adapter: str | None = None, **kwargs):
+        """A decoder bundle's reply piece by piece as it decodes; see `Generator.stream`."""
+        return self.generator().stream(prompt, adapter, **kwargs)
 
     def __repr__(self) -> str:
         m = self.manifest

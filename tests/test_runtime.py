@@ -337,7 +337,7 @@ def test_foreign_format(merged: Tiny) -> None:
 
 
 def test_newer_format_version(merged: Tiny) -> None:
-    edit_manifest(merged.path, format_version=2)
+    edit_manifest(merged.path, format_version=3)
     with pytest.raises(EdgeloraError, match=r"manifest\.json: written by a newer edgelora .*; upgrade edgelora"):
         Runtime(merged.path)
 

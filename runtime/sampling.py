@@ -1,0 +1,70 @@
+"""Choosing the next token from a row of logits: greedy, or temperature, top-k then top-p (nucleus) sampling.
+
+The filters follow the order and the tie rules of transformers' logits warpers (temperature, then top-k,
+then top-p), so a setting means the same here as in training-side evaluation. Randomness comes only from
+the numpy Generator passed in: the same seed gives the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgelora.errors import EdgeloraError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 is greedy (argmax); top_k 0 and top_p 1.0 switch those
+    filters off."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
+                or not np.isfinite(self.temperature) or self.temperature < 0:
+            raise EdgeloraError(f"temperature {self.temperature!r} must be a number >= 0 (0: greedy)")
+        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
+            raise EdgeloraError(f"top_p {self.top_p!r} must be in (0, 1] (1: off)")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise EdgeloraError(f"top_k {self.top_k!r} must be an integer >= 0 (0: off)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def probabilities(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
+    """The distribution a token is drawn from: softmax(logits / temperature) over the tokens top-k and top-p
+    keep, renormalized (float64, zeros elsewhere). Not for greedy settings.
+
+    top-k keeps every token tied with the k-th largest logit; top-p keeps the fewest most likely tokens whose
+    probabilities sum to at least top_p (always at least one).
+    """
+    z = np.asarray(logits, dtype=np.float64) / sampling.temperature  # (vocab,)
+    keep = np.isfinite(z)
+    if sampling.top_k and sampling.top_k < z.size:
+        kth = np.partition(z, -sampling.top_k)[-sampling.top_k]
+        keep &= z >= kth
+    z = np.where(keep, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if sampling.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")  # most likely first
+        before = np.cumsum(p[order]) - p[order]  # probability mass of the tokens ranked above each one
+        dropped = order[before >= sampling.top_p]
+        p[dropped] = 0.0
+        p /= p.sum()
+    return p
+
+
+def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator | None) -> int:
+    """One token id from one row of logits (vocab,): argmax when greedy, else a draw from `probabilities`."""
+    if sampling.greedy:
+        return int(np.argmax(logits))
+    p = probabilities(logits, sampling)
+    cdf = np.cumsum(p)
+    return int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))  # skips zero-probability tokens
