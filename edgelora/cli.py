@@ -429,6 +429,10 @@ def _add_runtime_verbs(sub) -> None:
           bench.add_bench_arguments, bench.bench_command)
     _verb(sub, "serve", "HTTP inference with per-request adapter choice", serving.add_serve_arguments,
           serving.serve_command)
+    from edgelora import cli_generate
+
+    _verb(sub, "generate", "generate text with a decoder bundle, streamed to stdout (--chat: a conversation)",
+          cli_generate.add_arguments, cli_generate.command)
 
 
 def _add_adapter_verbs(sub) -> None:

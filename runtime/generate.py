@@ -77,12 +77,16 @@ class GenerationSpec:
 class GenerationStats:
     """Figures of the last call: tokens and seconds, with the time spent inside session.run apart."""
 
-    prompt_tokens: list[int] = field(default_factory=list)
-    new_tokens: list[int] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)  # per row, after any truncation
+    token_ids: list[list[int]] = field(default_factory=list)  # per row, the generated ids (no eos)
     prefill_s: float = 0.0  # the first run (the whole prompt)
     decode_s: float = 0.0  # every later step, loop included
     decode_runs: int = 0
     decode_session_s: float = 0.0  # of decode_s, inside session.run
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return [len(t) for t in self.token_ids]
 
     @property
     def overhead_per_token_s(self) -> float:
@@ -204,11 +208,11 @@ class Generator:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise EdgeloraError(f"max_new_tokens {max_new_tokens!r} must be a positive integer")
         C = self.spec.context_length
-        if max_new_tokens > C - 1:
-            warnings.warn(f"max_new_tokens {max_new_tokens} exceeds the context of {C} tokens; capped to {C - 1}",
-                          RuntimeWarning, stacklevel=4)
-            max_new_tokens = C - 1
-        if truncate:
+        if truncate:  # keep the end of each prompt, leaving room for all the new tokens
+            if max_new_tokens > C - 1:
+                warnings.warn(f"max_new_tokens {max_new_tokens} exceeds the context of {C} tokens; capped to "
+                              f"{C - 1}", RuntimeWarning, stacklevel=4)
+                max_new_tokens = C - 1
             keep = C - max_new_tokens
             cut = [len(p) for p in ids if len(p) > keep]
             if cut:
@@ -250,7 +254,7 @@ class Generator:
         detoks = [Detokenizer(self.tokenizer) for _ in range(B)]
         stops = [StopText(stop) for _ in range(B)]
         live = [True] * B
-        self.stats = stats = GenerationStats(prompt_tokens=[len(p) for p in ids], new_tokens=[0] * B)
+        self.stats = stats = GenerationStats(prompt_tokens=[len(p) for p in ids], token_ids=[[] for _ in range(B)])
 
         mask = np.zeros((B, T), np.int64)
         input_ids = np.full((B, T), pad, np.int64)
@@ -277,7 +281,7 @@ class Generator:
                     live[r] = False
                     continue
                 chosen[r, 0] = tok
-                stats.new_tokens[r] += 1
+                stats.token_ids[r].append(tok)
                 piece = stops[r].push(detoks[r].add(tok))
                 if stops[r].stopped:
                     live[r] = False

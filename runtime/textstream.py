@@ -3,9 +3,9 @@
 `Detokenizer` turns each new id into the text it adds, never splitting a multi-byte character that
 byte-level or byte-fallback tokens spell over several ids, and keeping the spaces the tokenizer's decoder
 gives (a SentencePiece decoder drops the leading space of the first token it sees, so every piece is
-decoded with a few tokens of left context and only the new part kept). `StopText` cuts the text at the
-first stop string and holds back any tail that may still become one, so a stream never shows a stop
-string or its start.
+decoded with the previous piece's tokens as left context and only the new part kept). `StopText` cuts
+the text at the first stop string and holds back any tail that may still become one, so a stream never
+shows a stop string or its start.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 REPLACEMENT = "\ufffd"  # what a decoder gives for the bytes of an unfinished character
-_CONTEXT = 6  # tokens of left context decoded with each new piece
 
 
 class Detokenizer:
@@ -39,10 +38,10 @@ class Detokenizer:
         text = self._decode(self.ids[self._prefix:])
         if len(text) <= len(shown) or text.endswith(REPLACEMENT):
             return ""  # nothing new yet, or a character whose remaining bytes are still to come
-        piece = text[len(shown):]
-        self._read = len(self.ids)
-        self._prefix = max(self._prefix, self._read - _CONTEXT)
-        return piece
+        # the ids shown last become the next context: they start after a whole character, so their bytes never
+        # join an earlier character's tail into one undecodable run
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(shown):]
 
     def flush(self) -> str:
         """What is left at the end (an unfinished character decodes as U+FFFD, as `decode` gives it)."""
