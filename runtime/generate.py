@@ -204,22 +204,19 @@ class Generator:
                             f"{adapter!r}; pass adapter=None{' or that name' if self.adapters else ''}")
 
     def _fit(self, ids: list[list[int]], max_new_tokens: int, truncate: bool) -> tuple[list[list[int]], int]:
-        """Prompts and max_new_tokens within the context: the longest prompt plus the new tokens must fit."""
+        """Prompts and max_new_tokens within the context: the longest prompt plus the new tokens must fit.
+        A prompt of the context's length or more is refused, or with `truncate` cut from the left; then
+        max_new_tokens is capped to the room left."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise EdgeloraError(f"max_new_tokens {max_new_tokens!r} must be a positive integer")
         C = self.spec.context_length
-        if truncate:  # keep the end of each prompt, leaving room for all the new tokens
-            if max_new_tokens > C - 1:
-                warnings.warn(f"max_new_tokens {max_new_tokens} exceeds the context of {C} tokens; capped to "
-                              f"{C - 1}", RuntimeWarning, stacklevel=4)
-                max_new_tokens = C - 1
-            keep = C - max_new_tokens
-            cut = [len(p) for p in ids if len(p) > keep]
+        if truncate:  # a prompt the context cannot hold keeps its end, with room for the new tokens (up to C/2)
+            keep = C - min(max_new_tokens, C // 2)
+            cut = [len(p) for p in ids if len(p) >= C]
             if cut:
-                warnings.warn(f"prompt of {max(cut)} tokens cut from the left to its last {keep} (truncate=True), "
-                              f"leaving room for {max_new_tokens} new tokens in the context of {C}",
-                              RuntimeWarning, stacklevel=4)
-                ids = [p[-keep:] for p in ids]
+                warnings.warn(f"prompt of {max(cut)} tokens cut from the left to its last {keep} (truncate=True): "
+                              f"the context is {C} tokens", RuntimeWarning, stacklevel=4)
+                ids = [p[-keep:] if len(p) >= C else p for p in ids]
         longest = max(len(p) for p in ids)
         if longest >= C:
             raise EdgeloraError(f"prompt is {longest} tokens, the bundle's context_length is {C}: shorten it to at "
