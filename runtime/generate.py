@@ -49,7 +49,8 @@ class GenerationSpec:
             raise EdgeloraError(f"{where}: a causal-lm bundle needs a 'generation' record; re-export the bundle")
 
         def bad(name: str, want: str) -> EdgeloraError:
-            return EdgeloraError(f"{where}: generation.{name} is {g.get(name)!r}, expected {want}; re-export the bundle")
+            return EdgeloraError(f"{where}: generation.{name} is {g.get(name)!r}, expected {want}; "
+                                 "re-export the bundle")
 
         def count(name: str) -> int:
             v = g.get(name)

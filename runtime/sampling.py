@@ -37,34 +37,49 @@ class Sampling:
         return self.temperature == 0
 
 
-def probabilities(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
-    """The distribution a token is drawn from: softmax(logits / temperature) over the tokens top-k and top-p
-    keep, renormalized (float64, zeros elsewhere). Not for greedy settings.
+_NUCLEUS_CANDIDATES = 1024  # top-p sorts only this many likeliest tokens when they hold the mass it needs
+
+
+def candidates(logits: np.ndarray, sampling: Sampling) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens a draw can give and their probabilities: softmax(logits / temperature) over what top-k and
+    top-p keep, renormalized (float64). Not for greedy settings.
 
     top-k keeps every token tied with the k-th largest logit; top-p keeps the fewest most likely tokens whose
-    probabilities sum to at least top_p (always at least one).
+    probabilities sum to at least top_p (at least one; ties ranked by token id).
     """
     z = np.asarray(logits, dtype=np.float64) / sampling.temperature  # (vocab,)
-    keep = np.isfinite(z)
+    ids = np.arange(z.size)
     if sampling.top_k and sampling.top_k < z.size:
         kth = np.partition(z, -sampling.top_k)[-sampling.top_k]
-        keep &= z >= kth
-    z = np.where(keep, z, -np.inf)
+        ids = np.flatnonzero(z >= kth)
+        z = z[ids]
     p = np.exp(z - z.max())
     p /= p.sum()
     if sampling.top_p < 1.0:
-        order = np.argsort(-p, kind="stable")  # most likely first
+        ranked = np.arange(p.size)
+        if p.size > _NUCLEUS_CANDIDATES:  # a full sort of a 50k vocabulary costs more than the model's step
+            top = np.sort(np.argpartition(p, -_NUCLEUS_CANDIDATES)[-_NUCLEUS_CANDIDATES:])
+            if p[top].sum() >= sampling.top_p:
+                ranked = top
+        order = ranked[np.argsort(-p[ranked], kind="stable")]  # most likely first
         before = np.cumsum(p[order]) - p[order]  # probability mass of the tokens ranked above each one
-        dropped = order[before >= sampling.top_p]
-        p[dropped] = 0.0
-        p /= p.sum()
-    return p
+        order = order[before < sampling.top_p]
+        ids, p = ids[order], p[order] / p[order].sum()
+    return ids, p
+
+
+def probabilities(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
+    """`candidates` as a distribution over the whole vocabulary (zeros where a filter drops a token)."""
+    ids, p = candidates(logits, sampling)
+    full = np.zeros(np.asarray(logits).shape[-1])
+    full[ids] = p
+    return full
 
 
 def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator | None) -> int:
-    """One token id from one row of logits (vocab,): argmax when greedy, else a draw from `probabilities`."""
+    """One token id from one row of logits (vocab,): argmax when greedy, else a draw from `candidates`."""
     if sampling.greedy:
         return int(np.argmax(logits))
-    p = probabilities(logits, sampling)
+    ids, p = candidates(logits, sampling)
     cdf = np.cumsum(p)
-    return int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))  # skips zero-probability tokens
+    return int(ids[np.searchsorted(cdf, rng.random() * cdf[-1], side="right")])

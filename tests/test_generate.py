@@ -269,3 +269,16 @@ def test_cli_refuses_a_missing_bundle_and_chat_without_template(plain_bundle, tm
     assert "no chat template, so --chat and --system cannot be used" in capsys.readouterr().err
     assert main(["generate", str(plain_bundle), "--prompt", "hi", "--max-new-tokens", "4"]) == 0  # plain text
     assert capsys.readouterr().out.endswith("\n")
+
+
+def test_generation_imports_no_torch(bundle, gen) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "from edgelora.cli import main\n"
+            f"sys.exit(main(['generate', {str(bundle)!r}, '--prompt', 'Lights off', '--system', 'Be brief.', "
+            "'--max-new-tokens', '12']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == gen.generate(CHAT, max_new_tokens=12) + "\n"

@@ -142,7 +142,8 @@ def test_bad_sampling_settings_are_refused(kwargs, message) -> None:
 # --- detokenization and stop strings ------------------------------------------------------------------
 
 TEXTS = ["Hello world, \u00e7a va? \u4f60\u597d\u4e16\u754c \U0001f600\U0001f680 done.",
-         "  leading spaces\tand tabs\n\nnew lines \u00fc ", "\u00e9\u00e8\u00ea caf\u00e9 na\u00efve \u0416\u0436 \U0001f9d1\u200d\U0001f4bb"]
+         "  leading spaces\tand tabs\n\nnew lines \u00fc ",
+         "\u00e9\u00e8\u00ea caf\u00e9 na\u00efve \u0416\u0436 \U0001f9d1\u200d\U0001f4bb"]
 
 
 def byte_fallback_tokenizer():
