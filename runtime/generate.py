@@ -201,8 +201,10 @@ class Generator:
         if adapter in self._run_options:
             return self._run_options[adapter]
         have = ", ".join(repr(a) for a in self.adapters) or "no adapter"
-        raise EdgeloraError(f"{self.bundle_dir}: merged decoder bundle has {have} baked in, not adapter "
-                            f"{adapter!r}; pass adapter=None{' or that name' if self.adapters else ''}")
+        if self.manifest.get("mode") == "merged":
+            raise EdgeloraError(f"{self.bundle_dir}: merged decoder bundle has {have} baked in, not adapter "
+                                f"{adapter!r}; pass adapter=None{' or that name' if self.adapters else ''}")
+        raise EdgeloraError(f"{self.bundle_dir}: no adapter {adapter!r}; available: {have} (or None)")
 
     def _fit(self, ids: list[list[int]], max_new_tokens: int, truncate: bool) -> tuple[list[list[int]], int]:
         """Prompts and max_new_tokens within the context: the longest prompt plus the new tokens must fit.
@@ -239,11 +241,22 @@ class Generator:
                 from None
         return values[0], values[1:]
 
-    def _events(self, prompts: Sequence[Prompt], adapter: str | None, max_new_tokens: int, sampling: Sampling,
-                stop: Sequence[str], seed: int | None, truncate: bool) -> Iterator[tuple[int, str]]:
-        """(row, text piece) as the rows decode; pieces of a row concatenate to its reply."""
+    def _start(self, prompts: Sequence[Prompt], adapter: str | None, max_new_tokens: int, temperature: float,
+               top_p: float, top_k: int, stop: str | Sequence[str], seed: int | None,
+               truncate: bool) -> Iterator[tuple[int, str]]:
+        """Check every argument now (errors and warnings reach the caller before the first token), then return
+        the decoding loop's (row, text piece) events."""
+        sampling = Sampling(temperature, top_p, top_k)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop)
+        if not all(isinstance(s, str) for s in stops):
+            raise EdgeloraError(f"stop {stop!r}: pass a string or a list of strings")
         options = self._options(adapter)
         ids, max_new_tokens = self._fit([self.prompt_ids(p) for p in prompts], max_new_tokens, truncate)
+        return self._events(ids, options, max_new_tokens, sampling, stops, seed)
+
+    def _events(self, ids: list[list[int]], options: ort.RunOptions, max_new_tokens: int, sampling: Sampling,
+                stop: Sequence[str], seed: int | None) -> Iterator[tuple[int, str]]:
+        """(row, text piece) as the rows decode; pieces of a row concatenate to its reply."""
         B, T = len(ids), max(len(p) for p in ids)
         eos = set(self.spec.eos_token_ids)
         pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else next(iter(self.spec.eos_token_ids), 0)
@@ -309,7 +322,8 @@ class Generator:
     def stream(self, prompt: Prompt, adapter: str | None = None, *, max_new_tokens: int = 128,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: str | Sequence[str] = (),
                seed: int | None = None, truncate: bool = False) -> Iterator[str]:
-        """Yield the reply piece by piece as it decodes; the pieces concatenate to `generate`'s text.
+        """The reply piece by piece as it decodes (an iterator; arguments are checked at the call, before
+        any decoding); the pieces concatenate to `generate`'s text.
 
         Args:
             prompt: text (tokenized with the tokenizer's special tokens) or chat messages
@@ -321,14 +335,15 @@ class Generator:
             truncate: cut a prompt that does not fit the context from the left (with a warning) instead of
                 refusing it.
         """
-        sampling = Sampling(temperature, top_p, top_k)
-        stops = (stop,) if isinstance(stop, str) else tuple(stop)
-        for _, piece in self._events([prompt], adapter, max_new_tokens, sampling, stops, seed, truncate):
-            yield piece
+        events = self._start([prompt], adapter, max_new_tokens, temperature, top_p, top_k, stop, seed, truncate)
+        return (piece for _, piece in events)
 
-    def generate(self, prompt: Prompt, adapter: str | None = None, **kwargs) -> str:
+    def generate(self, prompt: Prompt, adapter: str | None = None, *, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: str | Sequence[str] = (),
+                 seed: int | None = None, truncate: bool = False) -> str:
         """The reply to `prompt` as one string; arguments as for `stream`."""
-        return "".join(self.stream(prompt, adapter, **kwargs))
+        events = self._start([prompt], adapter, max_new_tokens, temperature, top_p, top_k, stop, seed, truncate)
+        return "".join(piece for _, piece in events)
 
     def generate_batch(self, prompts: Sequence[Prompt], adapter: str | None = None, *, max_new_tokens: int = 128,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: str | Sequence[str] = (),
@@ -337,9 +352,8 @@ class Generator:
         stops on its own. Greedy fp32 rows equal their solo `generate`; arguments as for `stream`."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
             raise EdgeloraError("generate_batch: pass a non-empty list of prompts (texts or message lists)")
-        sampling = Sampling(temperature, top_p, top_k)
-        stops = (stop,) if isinstance(stop, str) else tuple(stop)
         texts = [""] * len(prompts)
-        for r, piece in self._events(list(prompts), adapter, max_new_tokens, sampling, stops, seed, truncate):
+        events = self._start(list(prompts), adapter, max_new_tokens, temperature, top_p, top_k, stop, seed, truncate)
+        for r, piece in events:
             texts[r] += piece
         return texts

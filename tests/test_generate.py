@@ -177,6 +177,10 @@ def test_context_length_errors_caps_and_truncation(gen) -> None:
     assert len(caught) == 1 and gen.stats.prompt_tokens == [short]
     with pytest.raises(EdgeloraError, match=r"max_new_tokens 0 must be a positive integer"):
         gen.generate(PROMPTS[0], max_new_tokens=0)
+    with pytest.raises(EdgeloraError, match="shorten it"):
+        gen.stream(long)  # checked at the call, before the caller iterates
+    with pytest.raises(EdgeloraError, match=r"stop \[3\]: pass a string or a list of strings"):
+        gen.stream(PROMPTS[0], stop=[3])
 
 
 def test_adapter_is_none_or_the_baked_one(plain_bundle) -> None:
