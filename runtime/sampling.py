@@ -37,7 +37,7 @@ class Sampling:
         return self.temperature == 0
 
 
-_NUCLEUS_CANDIDATES = 1024  # top-p sorts only this many likeliest tokens when they hold the mass it needs
+_NUCLEUS_CANDIDATES = 1024  # top-p sorts this many likeliest tokens (x4 until they hold the mass it needs)
 
 
 def candidates(logits: np.ndarray, sampling: Sampling) -> tuple[np.ndarray, np.ndarray]:
@@ -57,10 +57,13 @@ def candidates(logits: np.ndarray, sampling: Sampling) -> tuple[np.ndarray, np.n
     p /= p.sum()
     if sampling.top_p < 1.0:
         ranked = np.arange(p.size)
-        if p.size > _NUCLEUS_CANDIDATES:  # a full sort of a 50k vocabulary costs more than the model's step
-            top = np.sort(np.argpartition(p, -_NUCLEUS_CANDIDATES)[-_NUCLEUS_CANDIDATES:])
+        n = _NUCLEUS_CANDIDATES
+        while n < p.size:  # a full sort of a 50k vocabulary costs more than a small model's step: sort the
+            top = np.sort(np.argpartition(p, -n)[-n:])  # likeliest n tokens if they hold the mass needed
             if p[top].sum() >= sampling.top_p:
                 ranked = top
+                break
+            n *= 4
         order = ranked[np.argsort(-p[ranked], kind="stable")]  # most likely first
         before = np.cumsum(p[order]) - p[order]  # probability mass of the tokens ranked above each one
         order = order[before < sampling.top_p]
