@@ -80,7 +80,7 @@ class GenerationStats:
 
     prompt_tokens: list[int] = field(default_factory=list)  # per row, after any truncation
     token_ids: list[list[int]] = field(default_factory=list)  # per row, the generated ids (no eos)
-    prefill_s: float = 0.0  # the first run (the whole prompt)
+    prefill_s: float = 0.0  # the first run (the whole prompt) and its token: the first-token latency
     decode_s: float = 0.0  # every later step, loop included
     decode_runs: int = 0
     decode_session_s: float = 0.0  # of decode_s, inside session.run
@@ -282,7 +282,7 @@ class Generator:
                 feeds["position_ids"] = positions
             t0 = time.perf_counter()
             logits, past = self._run(feeds, options)
-            t1 = time.perf_counter()
+            ran = time.perf_counter() - t0  # inside session.run
             chosen = np.full((B, 1), pad, np.int64)
             for r in range(B):
                 if not live[r]:
@@ -297,12 +297,14 @@ class Generator:
                 if stops[r].stopped:
                     live[r] = False
                 if piece:
+                    t_out = time.perf_counter()
                     yield r, piece
+                    t0 += time.perf_counter() - t_out  # the caller's time with the piece is not ours
             if step == 0:
                 stats.prefill_s = time.perf_counter() - t0
             else:
                 stats.decode_runs += 1
-                stats.decode_session_s += t1 - t0
+                stats.decode_session_s += ran
                 stats.decode_s += time.perf_counter() - t0
             if not any(live) or step == max_new_tokens - 1:
                 break

@@ -81,6 +81,15 @@ def test_greedy_tokens_equal_transformers_generate(gen, model, prompt) -> None:
     assert text == gen.tokenizer.decode(ours, skip_special_tokens=True)
 
 
+def test_stats_count_the_steps(gen) -> None:
+    pieces = []
+    for piece in gen.stream(PROMPTS[0], max_new_tokens=20):
+        pieces.append(piece)
+    s = gen.stats
+    assert s.new_tokens == [20] and s.decode_runs == 19  # the prefill gives the first token
+    assert 0 < s.decode_session_s < s.decode_s and s.prefill_s > 0 and s.overhead_per_token_s > 0
+
+
 def test_prompts_tokenize_as_transformers(gen, tokenizer_dir) -> None:
     from transformers import AutoTokenizer
 
