@@ -7,7 +7,8 @@ transformers causal LM, through `torch.onnx.export` (TorchScript, dynamo=False) 
 DynamicCache from the explicit past tensors. fp32 only, no checks beyond the contract: the runtime tests
 need graphs, not an exporter.
 
-`tiny_llama(vocab_size, seed)` is the tiny random grouped-query-attention Llama the generation tests use.
+`tiny_llama(vocab_size, seed)` is the tiny random grouped-query-attention Llama (or Qwen2) the generation
+tests use.
 """
 
 from __future__ import annotations
@@ -25,21 +26,24 @@ from edgelora.exporters.bundle import write_bundle
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, context: int = 96) -> nn.Module:
-    """2 layers, hidden 64, 4 query heads over 2 KV heads (GQA), eager attention, fp32, eval mode.
+def tiny_llama(vocab_size: int, seed: int = 0, context: int = 96, kind: str = "llama") -> nn.Module:
+    """2 layers, hidden 64, 4 query heads over 2 KV heads (GQA), eager attention, fp32, eval mode; `kind`
+    "qwen2" gives the same shape as a Qwen2 (biases on q/k/v).
 
     Weights are drawn wider than Hugging Face's default (std 0.2 instead of 0.02) so that the next-token
     logits have clear winners: near-ties would make greedy agreement between two correct fp32
     implementations a matter of summation order.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_class, model_class = classes[kind]
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                         initializer_range=0.2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=2, attn_implementation="eager")
-    return LlamaForCausalLM(config).eval()
+    config = config_class(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                          initializer_range=0.2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                          pad_token_id=2, attn_implementation="eager")
+    return model_class(config).eval()
 
 
 class _WithPast(nn.Module):

@@ -81,6 +81,17 @@ def test_greedy_tokens_equal_transformers_generate(gen, model, prompt) -> None:
     assert text == gen.tokenizer.decode(ours, skip_special_tokens=True)
 
 
+def test_qwen2_greedy_tokens_equal_transformers(tokenizer_dir, tmp_path) -> None:
+    qwen = tiny_llama(VOCAB, seed=1, context=CONTEXT, kind="qwen2")
+    assert qwen.model.layers[0].self_attn.q_proj.bias is not None  # the architecture difference under test
+    g = Generator(export_test_decoder(qwen, tokenizer_dir, tmp_path / "qwen2", context_length=CONTEXT))
+    for prompt in (PROMPTS[2], CHAT):
+        g.generate(prompt, max_new_tokens=32)
+        assert g.stats.token_ids[0] == hf_greedy(qwen, g.prompt_ids(prompt), 32)
+    assert g.generate_batch([PROMPTS[2], CHAT], max_new_tokens=16) == \
+           [g.generate(p, max_new_tokens=16) for p in (PROMPTS[2], CHAT)]
+
+
 def test_stats_count_the_steps(gen) -> None:
     pieces = []
     for piece in gen.stream(PROMPTS[0], max_new_tokens=20):
