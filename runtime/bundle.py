@@ -318,6 +318,7 @@ class Generation(_Record):
     head_dim: int
     context_length: int  # positions the base has: prompt plus generated tokens
     eos_token_ids: tuple[int, ...]
+    vocab_size: int | None = None  # width of the logits
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     chat_template: str | None = None
@@ -341,6 +342,8 @@ class Generation(_Record):
         for key in ("bos_token_id", "pad_token_id"):
             if data.get(key) is not None and not _is_int(data[key]):
                 raise bad(key, "a token id or null")
+        if data.get("vocab_size") is not None and not _is_int(data["vocab_size"], 1):
+            raise bad("vocab_size", "a positive integer or null")
         if data.get("chat_template") is not None and not isinstance(data["chat_template"], str):
             raise bad("chat_template", "a Jinja template string or null")
         known, extra = _split(cls, data)

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgelora.errors import EdgeloraError
-from edgelora.runtime.bundle import ADAPTER_IDS, MANIFEST_FILE, MODEL_FILE, Manifest, read_manifest
+from edgelora.runtime.bundle import ADAPTER_IDS, CAUSAL_LM, MANIFEST_FILE, MODEL_FILE, Manifest, read_manifest
 from edgelora.runtime.cpu import detect_isa, int8_saturates
 
 _PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<PAD>")
@@ -101,6 +101,7 @@ class Runtime:
         self._bank: tuple[ort.RunOptions, dict[str | None, int]] | None = None
         self._bank_lock = threading.Lock()
         self._banked: bool | None = None
+        self._generator = None  # a decoder bundle's Generator, built on first use over this session
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -480,6 +481,26 @@ class Runtime:
                 results.append({"label": labels[name][best], "score": float(p[best]),
                                 "scores": {lab: float(q) for lab, q in zip(labels[name], p)}})
         return results
+
+    def generator(self):
+        """The `Generator` of a decoder bundle (task "causal-lm"), sharing this session and its adapters."""
+        if self.manifest.task != CAUSAL_LM:
+            raise EdgeloraError(f"{self.bundle_dir}: an encoder bundle does not generate text; use run() or "
+                                "predict(), or export a causal LM")
+        if self._generator is None:
+            from edgelora.runtime.generate import Generator
+
+            self._generator = Generator(self.bundle_dir, session=self._session, manifest=self.manifest,
+                                        run_options=self._run_options)
+        return self._generator
+
+    def generate(self, prompt, adapter: str | None = None, **kwargs) -> str:
+        """A decoder bundle's reply to a text or chat messages; see `Generator.stream` for the arguments."""
+        return self.generator().generate(prompt, adapter, **kwargs)
+
+    def stream(self, prompt, adapter: str | None = None, **kwargs):
+        """A decoder bundle's reply piece by piece as it decodes; see `Generator.stream`."""
+        return self.generator().stream(prompt, adapter, **kwargs)
 
     def __repr__(self) -> str:
         m = self.manifest

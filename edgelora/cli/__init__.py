@@ -34,6 +34,8 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "bench": ("int8 vs fp32 latency, throughput, size and memory, interleaved in one run",
               "run", "add_bench_arguments", "bench_command"),
     "serve": ("HTTP inference with per-request adapter choice", "serve", "add_serve_arguments", "serve_command"),
+    "generate": ("generate text with a decoder bundle, streamed to stdout (--chat: a conversation)",
+                 "generate", "add_arguments", "command"),
     "add-adapter": ("add trained adapters to a switchable bundle without re-exporting its base",
                     "export", "add_adapter_arguments", "add_adapter_command"),
     "extract": ("SVD: a LoRA adapter of rank K (or energy F) from a full fine-tune and its base",
