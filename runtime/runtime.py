@@ -1,8 +1,9 @@
 """Load an edgelora bundle into one ONNX Runtime CPU session and run text or feeds through it.
 
 The bundle is checked before anything is loaded (`edgelora.runtime.bundle.read_manifest`: format, version,
-fields and every file's sha256); this module holds the session. In switchable mode each adapter is loaded once and
-bound to its own RunOptions, so choosing an adapter per call costs microseconds and never a new session.
+fields and every file's sha256); runtime/session.py loads the session, tokenizer and adapter files, and this
+module holds them and runs them. In switchable mode each adapter is loaded once and bound to its own
+RunOptions, so choosing an adapter per call costs microseconds and never a new session.
 A batch that mixes adapters (`adapters=[...]`, one per row) runs once, through the bundle's adapter bank
 (`bank.onnx_adapter`, loaded on first use) and the graph's `adapter_ids` input: see exporters/switchable.py.
 """
@@ -10,8 +11,6 @@ A batch that mixes adapters (`adapters=[...]`, one per row) runs once, through t
 from __future__ import annotations
 
 import os
-import re
-import tempfile
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -23,28 +22,7 @@ import onnxruntime as ort
 from edgelora.errors import EdgeloraError
 from edgelora.runtime.bundle import ADAPTER_IDS, CAUSAL_LM, MANIFEST_FILE, MODEL_FILE, Manifest, read_manifest
 from edgelora.runtime.cpu import detect_isa, int8_saturates
-
-_PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<PAD>")
-
-
-def _first_line(exc: BaseException) -> str:
-    """ORT errors carry C++ source paths and several lines; keep the part a user can read."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = re.sub(r"^\S+\.(?:cc|cpp|h):\d+ .*?\)\s+(?=[A-Z])", "", text)  # C++ file:line and signature
-    return text.split(" : ", 2)[-1][:300]
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
-
-
-def _check_requires(m: Manifest, bundle: Path) -> None:
-    """Refuse, in one line, a bundle whose graph needs a newer onnxruntime than the one installed (switchable
-    bundles use ONNX's Attention, opset 23, which ORT's CPU runs from 1.23)."""
-    need = m.requires.onnxruntime if m.requires is not None else None
-    if need is not None and _version(ort.__version__) < _version(need):
-        raise EdgeloraError(f"{bundle / MODEL_FILE} needs onnxruntime>={need} (installed: {ort.__version__}); "
-                            f"pip install -U 'onnxruntime>={need}'")
+from edgelora.runtime.session import check_requires, first_line, load_adapter, load_session, load_tokenizer
 
 
 class Runtime:
@@ -76,17 +54,17 @@ class Runtime:
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
-        _check_requires(self.manifest, self.bundle_dir)
+        check_requires(self.manifest, self.bundle_dir)
         cpu = detect_isa()
         threads = cpu.physical_cores if intra_op_threads is None else intra_op_threads
         if not isinstance(threads, int) or threads < 1:
             raise EdgeloraError(f"intra_op_threads is {intra_op_threads!r}; pass a positive integer or None")
         self.intra_op_threads = threads
-        self._spinning = "1" if allow_spinning else "0"
         self._warn_if_saturating(cpu.isa)
-        self._session = self._load_session(cpu.isa, optimized_cache)
+        self._session = load_session(self.bundle_dir, self.manifest, cpu.isa, threads=threads, spinning=allow_spinning,
+                                     use_cache=optimized_cache)
         self._check_io()
-        self._tokenizer = self._load_tokenizer()
+        self._tokenizer = load_tokenizer(self.bundle_dir, self.manifest.tokenizer)
         # Adapters reach the graph only through RunOptions, and ORT ignores them on the IOBinding path
         # (run_with_iobinding silently runs the plain base), so every run here goes through session.run.
         self._run_options: dict[str | None, ort.RunOptions] = {None: ort.RunOptions()}
@@ -103,18 +81,7 @@ class Runtime:
         self._banked: bool | None = None
         self._generator = None  # a decoder bundle's Generator, built on first use over this session
 
-    # -- loading ---------------------------------------------------------------------------------
-
-    def _options(self, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = level
-        so.intra_op_num_threads = self.intra_op_threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3  # ORT warns on every overridable initializer; errors still surface
-        so.add_session_config_entry("session.intra_op.allow_spinning", self._spinning)
-        so.add_session_config_entry("session.inter_op.allow_spinning", self._spinning)
-        return so
+    # -- loading (the parts themselves load in runtime/session.py) ---------------------------------
 
     def _warn_if_saturating(self, isa: str) -> None:
         quant = self.manifest.quantization
@@ -126,45 +93,6 @@ class Runtime:
                 RuntimeWarning,
                 stacklevel=3,
             )
-
-    def _load_session(self, isa: str, use_cache: bool) -> ort.InferenceSession:
-        model = self.bundle_dir / MODEL_FILE
-        sha = str(self.manifest.files[MODEL_FILE])[:12]
-        cache = self.bundle_dir / ".cache" / f"model.{sha}.{ort.__version__}.{isa}.opt.onnx"
-        providers = ["CPUExecutionProvider"]
-        if use_cache and cache.is_file() and cache.stat().st_mtime >= model.stat().st_mtime:
-            try:  # already optimized offline: ORT's docs say load it with optimizations off
-                return ort.InferenceSession(str(cache), self._options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
-                                            providers=providers)
-            except Exception:  # noqa: BLE001 - a stale or damaged cache is rebuilt from model.onnx below
-                pass
-        so = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-        tmp = None
-        if use_cache:
-            try:
-                cache.parent.mkdir(exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name + ".", suffix=".tmp")
-                os.close(fd)
-                so.optimized_model_filepath = tmp
-            except OSError:  # read-only bundle: run without a cache
-                tmp = None
-        try:
-            session = ort.InferenceSession(str(model), so, providers=providers)
-        except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
-            raise EdgeloraError(
-                f"{model}: onnxruntime cannot load it ({_first_line(e)}); re-export the bundle"
-            ) from None
-        if tmp:
-            try:
-                os.replace(tmp, cache)  # atomic: a concurrent loader sees the old cache or the whole new one
-            except OSError:
-                Path(tmp).unlink(missing_ok=True)
-            for old in cache.parent.glob("model.*.opt.onnx"):  # caches of a model.onnx since replaced
-                if not old.name.startswith(f"model.{sha}."):
-                    old.unlink(missing_ok=True)
-        return session
 
     def _check_io(self) -> None:
         model = self.bundle_dir / MODEL_FILE
@@ -180,76 +108,12 @@ class Runtime:
             raise EdgeloraError(f"{model}: has no output {missing} that manifest.json lists; re-export the bundle")
         self._outputs = list(self.manifest.outputs)
 
-    def _load_tokenizer(self):
-        spec = self.manifest.tokenizer
-        if spec is None:
-            return None
-        from tokenizers import Tokenizer
-
-        path = self.bundle_dir / spec.file
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
-            raise EdgeloraError(f"{path}: not a readable tokenizers JSON file ({_first_line(e)}); re-export") from None
-        tok.enable_truncation(max_length=spec.max_length)
-        pad = tok.padding or {}
-        pad_token = pad.get("pad_token")
-        if pad_token is None or tok.token_to_id(pad_token) is None:
-            pad_token = next((t for t in _PAD_TOKENS if tok.token_to_id(t) is not None), None)
-        pad_id = tok.token_to_id(pad_token) if pad_token else 0  # padded positions are masked out anyway
-        tok.enable_padding(pad_id=pad_id, pad_token=pad_token or tok.id_to_token(0) or "[PAD]",
-                           pad_type_id=pad.get("pad_type_id", 0), direction=pad.get("direction", "right"))
-        return tok  # enable_padding without length pads each batch to its longest row
-
     def _load_adapter(self, path: Path, bank_entries: int | None = None) -> ort.RunOptions:
-        """RunOptions activating the `.onnx_adapter` at `path`, after checking every parameter against the
-        graph's adapter inputs (and, for a bank, that each holds `bank_entries` entries)."""
-        slots = {i.name: i for i in self._session.get_overridable_initializers()}
-        try:
-            params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
-        except Exception as e:  # noqa: BLE001
-            raise EdgeloraError(f"{path}: not a valid .onnx_adapter file ({_first_line(e)}); re-export it") from None
-        for name, value in params.items():
-            slot = slots.get(name)
-            if slot is None:
-                raise EdgeloraError(
-                    f"{path}: parameter {name!r} is not an adapter input of model.onnx; "
-                    "this adapter was exported for another base, re-export it against this bundle"
-                )
-            shape = value.shape()
-            fits = len(shape) == len(slot.shape) and all(
-                not isinstance(want, int) or want == got for want, got in zip(slot.shape, shape)
-            )
-            if not fits or value.data_type() != slot.type:
-                raise EdgeloraError(
-                    f"{path}: parameter {name!r} is {value.data_type()}{list(shape)}, model.onnx expects "
-                    f"{slot.type}{list(slot.shape)}; re-export the adapter against this bundle"
-                )
-            if bank_entries is not None and shape[0] != bank_entries:
-                raise EdgeloraError(
-                    f"{path}: parameter {name!r} holds {shape[0]} entries, manifest.json's bank lists "
-                    f"{bank_entries}; re-export the bundle or re-run `edgelora add-adapter`"
-                )
-        if bank_entries is not None:
-            slot_names = {n for n in slots if n != ADAPTER_IDS}
-            if set(params) != slot_names:
-                raise EdgeloraError(
-                    f"{path}: the adapter bank lacks {sorted(slot_names - set(params))[:3]}; a bank must fill "
-                    "every adapter input; re-export the bundle or re-run `edgelora add-adapter`"
-                )
-        adapter = ort.LoraAdapter()
-        try:
-            adapter.Load(str(path))
-        except Exception as e:  # noqa: BLE001
-            raise EdgeloraError(
-                f"{path}: onnxruntime cannot load the adapter ({_first_line(e)}); re-export it"
-            ) from None
+        """RunOptions activating the checked `.onnx_adapter` at `path`; the adapter is kept alive with them."""
+        options, adapter = load_adapter(self._session, path, bank_entries)
         self._lora.append(adapter)
-        options = ort.RunOptions()
-        options.add_active_adapter(adapter)
         return options
 
-    # -- public API ------------------------------------------------------------------------------
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -367,7 +231,7 @@ class Runtime:
             values = self._session.run(self._outputs, feeds, options)
         except Exception as e:  # noqa: BLE001
             raise EdgeloraError(
-                f"{self.bundle_dir / MODEL_FILE}: run failed ({_first_line(e)}); check the feeds' shapes and dtypes"
+                f"{self.bundle_dir / MODEL_FILE}: run failed ({first_line(e)}); check the feeds' shapes and dtypes"
             ) from None
         return dict(zip(self._outputs, values))
 

@@ -143,7 +143,7 @@ def test_read_only_bundle_runs_without_a_cache(merged: Tiny, monkeypatch: pytest
     def refuse(*args, **kwargs):
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr("edgelora.runtime.runtime.tempfile.mkstemp", refuse)  # chmod does not stop root
+    monkeypatch.setattr("edgelora.runtime.session.tempfile.mkstemp", refuse)  # chmod does not stop root
     np.testing.assert_allclose(Runtime(merged.path, intra_op_threads=1).run(TEXTS)["logits"],
                                reference(merged, TEXTS, None)[0], atol=ATOL)
     assert not list((merged.path / ".cache").glob("*"))
