@@ -230,6 +230,17 @@ INT8_MIN_COSINE = 0.99
 TRACKS_FAKE_QUANT_FACTOR = 3
 # A randomized adapter must move the outputs at least this much, or an equivalence test proves nothing.
 MIN_ADAPTER_EFFECT = 1e-2
+
+
+def assert_each_adapter_changes_output(model: nn.Module, names, feeds: dict[str, torch.Tensor]) -> None:
+    """Every adapter in `names` moves `model.encode(**feeds)` by more than MIN_ADAPTER_EFFECT from the plain
+    base, so a test comparing paths through it cannot pass with an identity adapter."""
+    with torch.no_grad():
+        model.set_adapter(None)
+        plain = model.encode(**feeds)
+        for name in names:
+            model.set_adapter(name)
+            assert (model.encode(**feeds) - plain).abs().max() > MIN_ADAPTER_EFFECT, f"adapter {name} is an identity"
 # 7-bit weights never saturate ORT's int8 kernels (AVX2 without VNNI included), so the int8 numbers
 # above hold on whatever CPU runs the tests; the export is told so rather than left to detect the CPU.
 WEIGHT_BITS = 7

@@ -338,15 +338,6 @@ def test_bench_command_reads_labelled_data(bundles: list[Path], tmp_path: Path, 
         cli_run.bench_command(parser.parse_args([str(bundles[0]), "--data", str(tmp_path / "nowhere.jsonl")]))
 
 
-def test_builtin_data_loads_without_torch() -> None:
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from edgelora.cli import run\n"
-            "texts, gold = run.load_labelled('builtin:intent:16')\n"
-            "assert len(texts) == len(gold) == 16 and sys.modules['torch'] is None")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-
-
 def test_module_entry_point_reports_errors_like_the_cli(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "edgelora.cli", "bench", str(tmp_path / "nowhere")],
                           capture_output=True, text=True)

@@ -240,32 +240,32 @@ def _one_layer(quant: QuantConfig) -> tuple[AdaptedLinear, torch.Tensor]:
     return layer, x
 
 
-@pytest.mark.parametrize("activations", ["dynamic", "none"])
-@pytest.mark.parametrize("bits", [8, 7])
-def test_merged_mode_fake_quantizes_the_merged_weight(bits: int, activations: str) -> None:
-    layer, x = _one_layer(QuantConfig(weight_bits=bits, activations=activations, mode="merged"))
-    W0, b = layer.base.weight, layer.base.bias
-    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
-    xq = fake_quantize_activation(x) if activations == "dynamic" else x
-    merged_weight = W0 + 2.0 * (B @ A)  # alpha / r = 8 / 4
-    expected = F.linear(xq, fake_quantize_weight(merged_weight, bits), b)
-    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
-    # what training saw is exactly what merging and quantizing gives
-    layer.merge()
-    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+# The switchable layer and the reference compute the same float branch, perhaps in another order (the layer's
+# dropout/scaling path vs x @ A.T @ B.T here): equal on this CPU (measured 0), 1e-6 leaves other kernels room.
+BRANCH_ATOL = 1e-6
 
 
 @pytest.mark.parametrize("activations", ["dynamic", "none"])
 @pytest.mark.parametrize("bits", [8, 7])
-def test_switchable_mode_quantizes_the_base_and_keeps_the_branch_float(bits: int, activations: str) -> None:
-    layer, x = _one_layer(QuantConfig(weight_bits=bits, activations=activations, mode="switchable"))
+@pytest.mark.parametrize("mode", ["merged", "switchable"])
+def test_fake_quantization_sees_the_weights_each_mode_deploys(mode: str, bits: int, activations: str) -> None:
+    """merged: the merged weight W0 + s*BA is quantized, exactly what merging then quantizing gives;
+    switchable: only the base W0 is, and the adapter branch stays float on the float input."""
+    layer, x = _one_layer(QuantConfig(weight_bits=bits, activations=activations, mode=mode))
     W0, b = layer.base.weight, layer.base.bias
     A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
     xq = fake_quantize_activation(x) if activations == "dynamic" else x
-    expected = F.linear(xq, fake_quantize_weight(W0, bits), b) + 2.0 * ((x @ A.T) @ B.T)  # branch sees float x
-    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
-    merged_layer, _ = _one_layer(QuantConfig(weight_bits=bits, activations=activations, mode="merged"))
-    assert (merged_layer(x) - layer(x)).abs().max() > 1e-4  # the two modes quantize different tensors
+    scaling = 2.0  # alpha / r = 8 / 4
+    if mode == "merged":
+        expected = F.linear(xq, fake_quantize_weight(W0 + scaling * (B @ A), bits), b)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+        layer.merge()  # what training saw is exactly what merging and quantizing gives
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    else:
+        expected = F.linear(xq, fake_quantize_weight(W0, bits), b) + scaling * ((x @ A.T) @ B.T)
+        torch.testing.assert_close(layer(x), expected, rtol=BRANCH_ATOL, atol=BRANCH_ATOL)
+        merged_layer, _ = _one_layer(QuantConfig(weight_bits=bits, activations=activations, mode="merged"))
+        assert (merged_layer(x) - layer(x)).abs().max() > 1e-4  # the two modes quantize different tensors
 
 
 def test_set_quant_wraps_every_quantizable_layer_and_off_restores_float() -> None:

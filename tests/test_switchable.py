@@ -21,8 +21,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import (FP32_ATOL, INT8_MIN_COSINE, MIN_ADAPTER_EFFECT, TRACKS_FAKE_QUANT_FACTOR, VOCAB_SIZE,
-                      WEIGHT_BITS, make_base, make_inputs, max_abs, mean_abs, randomize_adapters, snapshot,
-                      unread_initializers, worst_cosine)
+                      WEIGHT_BITS, assert_each_adapter_changes_output, make_base, make_inputs, max_abs, mean_abs,
+                      randomize_adapters, snapshot, unread_initializers, worst_cosine)
 from safetensors.torch import load_file, save_file
 
 import edgelora.exporters.switchable as switchable_module
@@ -68,13 +68,7 @@ def save_randomized(base_dir: Path, out: Path, names=tuple(ADAPTERS)) -> dict[st
     for name in names:
         model.add_adapter(name, ADAPTERS[name], labels=LABELS[name])
     randomize_adapters(model)
-    feeds = make_inputs("bert")
-    with torch.no_grad():
-        model.set_adapter(None)
-        plain = model.encode(**feeds)
-        for name in names:
-            model.set_adapter(name)
-            assert (model.encode(**feeds) - plain).abs().max() > MIN_ADAPTER_EFFECT, f"adapter {name} is an identity"
+    assert_each_adapter_changes_output(model, names, make_inputs("bert"))
     return {name: save_adapter(model, name, out / name) for name in names}
 
 
