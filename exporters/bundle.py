@@ -39,7 +39,8 @@ def check_out(out: Path) -> None:
 
 
 def write_bundle(out: Path, manifest: dict[str, Any], writers: dict[str, Callable[[Path], None]],
-                 tokenizer_dir: Path | None, keep: Mapping[str, str | None] | None = None) -> Path:
+                 tokenizer_dir: Path | None, keep: Mapping[str, str | None] | None = None,
+                 format_version: int = BUNDLE_FORMAT_VERSION) -> Path:
     """Create bundle `out` from `writers` (relative path -> function writing that file) and a manifest.
 
     The manifest gets `files` (sha256 of every file) and each adapter entry its file's sha256.
@@ -50,6 +51,7 @@ def write_bundle(out: Path, manifest: dict[str, Any], writers: dict[str, Callabl
             such as the runtime's optimized-graph cache under `.cache/`). They are hard-linked (copied
             where the filesystem cannot link): every writer of bundles replaces files by rename, never
             in place, so the old and new bundle never share a file that changes.
+        format_version: the bundle format the manifest declares (decoder bundles: 2).
     """
     out = Path(out)
     check_out(out)
@@ -73,7 +75,7 @@ def write_bundle(out: Path, manifest: dict[str, Any], writers: dict[str, Callabl
             if p.is_file() and p.relative_to(tmp).as_posix() not in keep:
                 files[p.relative_to(tmp).as_posix()] = sha256_file(p)
         files = dict(sorted(files.items()))
-        full = dict(manifest, format=BUNDLE_FORMAT, format_version=BUNDLE_FORMAT_VERSION, files=files)
+        full = dict(manifest, format=BUNDLE_FORMAT, format_version=format_version, files=files)
         for entry in full.get("adapters", []):
             if entry.get("file"):
                 entry["sha256"] = files[entry["file"]]
