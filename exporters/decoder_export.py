@@ -61,16 +61,19 @@ def merge_lora(model: torch.nn.Module, adapter: str | Path) -> dict[str, Any]:
     config = adapter_config(data, str(source))
     if not isinstance(config, LoraConfig):
         raise EdgeloraError(f"{source}: a {config.kind} adapter cannot be merged into a decoder; give a LoRA adapter")
+    modules = dict(model.named_modules())
     expected = (data.get("edgelora") or {}).get("base_fingerprint")
     if expected and expected != fingerprint(model):
         raise EdgeloraError(f"{path}: adapter was trained on another base (fingerprint {expected[:12]}…); "
                             "export it with the base it was trained on")
-    modules = dict(model.named_modules())
     a_keys = sorted(k for k in tensors if k.endswith(".lora_A.weight"))
     stray = sorted(set(tensors) - set(a_keys) - {k.replace(".lora_A.", ".lora_B.") for k in a_keys})
-    if stray:
-        raise EdgeloraError(f"{weights}: key {stray[0]} is not a LoRA A/B weight of a linear; "
-                            "only plain LoRA on linear layers merges into a decoder")
+    for key in stray:  # PEFT saves a tied LM head's base weight beside its LoRA: harmless if it is this base's
+        own = modules.get(key[len(PEFT_PREFIX):].removesuffix(".weight").removesuffix(".base_layer"))
+        if not (key.endswith(".weight") and own is not None and isinstance(getattr(own, "weight", None), torch.Tensor)
+                and torch.equal(own.weight.detach(), tensors[key].to(own.weight.dtype))):
+            raise EdgeloraError(f"{weights}: key {key} is neither a LoRA A/B weight of a linear nor a weight of this "
+                                "base; only plain LoRA on linear layers merges into a decoder")
     if not a_keys:
         raise EdgeloraError(f"{weights}: holds no LoRA weights")
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
