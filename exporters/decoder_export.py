@@ -153,7 +153,7 @@ def export_decoder(
     *,
     adapter: str | Path | None = None,
     precision: str = "fp32",
-    attention: str = "ops",
+    attention: str = "invariant",
     tokenizer_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -165,7 +165,8 @@ def export_decoder(
         adapter: a PEFT LoRA directory (CAUSAL_LM), merged as W0 + scaling * B @ A before quantization.
         precision: "fp32", or "int8" (blockwise MatMulNBits; the graph is checked layer by layer against
             the fake-quant model, `edgelora.fake_quant.fake_quantize_*_blockwise`).
-        attention: the attention core, "ops" (MatMul/Softmax) or "onnx" (ONNX's Attention node).
+        attention: the attention core (`decoder_graph.ATTENTION_CORES`): "invariant" (the default: float64
+            softmax, batch-invariant), "ops" or "onnx" (float32, faster, rows may change with left padding).
         tokenizer_dir: where the tokenizer files are (default: the base directory).
     """
     if precision not in PRECISIONS:

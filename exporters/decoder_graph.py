@@ -4,7 +4,8 @@ The graph takes the new tokens and the cache and returns logits and the longer c
 decoder-with-past names), so prefill (past length 0) and each decode step run the same graph; prompts in
 a batch are left-padded. Every linear is a MatMul (fp32) or a MatMulNBits node (int8: blocks of 32 along
 the input, int8 compute with activations quantized per row and block — a row's result never depends on
-its batch-mates). Llama-style models (Llama, Mistral, Qwen2: grouped-query attention, RMSNorm, rotary,
+its batch-mates), and the default attention core sums over keys in float64, so left padding cannot
+change a row either: a request's logits are bit-identical alone and batched. Llama-style models (Llama, Mistral, Qwen2: grouped-query attention, RMSNorm, rotary,
 SwiGLU, with or without q/k/v biases) are supported; other model types are refused.
 """
 
@@ -23,7 +24,11 @@ from edgelora.fake_quant import BLOCK, quantize_weight_blockwise
 OPSET = 23  # RMSNormalization and Attention
 IR_VERSION = 11
 LLAMA_STYLE = ("llama", "mistral", "qwen2")
-ATTENTION_CORES = ("onnx", "ops")  # ONNX's Attention node, or MatMul / Softmax / MatMul
+# "invariant": MatMul / Softmax / MatMul with the softmax and probs @ v in float64 (the default); "ops": the
+# same in float32; "onnx": ONNX's Attention node. Left padding moves a row's keys to other indices of the
+# key axis, so float32 reductions over it (softmax's sum, probs @ v) round differently alone and in a
+# batch; in float64 those differences stay far below float32's last bit and the row is bit-identical.
+ATTENTION_CORES = ("invariant", "ops", "onnx")
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds to masked scores: finite, so no NaN ever
 
 
@@ -168,8 +173,10 @@ def _rope(b: _Builder, x: str, cos: str, sin: str, half: int, name: str) -> str:
     return b.op("Add", [b.op("Mul", [x, cos], f"{name}.xcos"), b.op("Mul", [rotated, sin], f"{name}.rsin")], name)
 
 
-def _attention_ops(b: _Builder, q: str, k: str, v: str, mask: str, spec: DecoderSpec, name: str) -> str:
-    """softmax(q k^T / sqrt(d) + mask) v with q grouped per KV head: q (B, S, Hq, D), k/v (B, Hkv, T, D)."""
+def _attention_ops(b: _Builder, q: str, k: str, v: str, mask: str, spec: DecoderSpec, name: str,
+                   wide: bool) -> str:
+    """softmax(q k^T / sqrt(d) + mask) v with q grouped per KV head: q (B, S, Hq, D), k/v (B, Hkv, T, D);
+    `wide`: the reductions over the key axis in float64 (see ATTENTION_CORES)."""
     group = spec.num_heads // spec.num_kv_heads
     q = b.op("Reshape", [q, b.ints(f"{name}.qshape", [0, 0, spec.num_kv_heads, group, spec.head_dim])], f"{name}.q5")
     q = b.op("Transpose", [q], f"{name}.qt", perm=[0, 2, 3, 1, 4])  # (B, Hkv, G, S, D)
@@ -178,21 +185,30 @@ def _attention_ops(b: _Builder, q: str, k: str, v: str, mask: str, spec: Decoder
     scores = b.op("MatMul", [q, kt], f"{name}.qk")  # (B, Hkv, G, S, T)
     scores = b.op("Add", [b.op("Mul", [scores, b.scalar(f"{name}.scale", spec.head_dim ** -0.5)], f"{name}.scaled"),
                           mask], f"{name}.masked")
-    probs = b.op("Softmax", [scores], f"{name}.probs", axis=-1)
     v5 = b.op("Unsqueeze", [v, f"{name}.ax2"], f"{name}.v5")
-    context = b.op("MatMul", [probs, v5], f"{name}.pv")  # (B, Hkv, G, S, D)
+    if wide:  # exp in float32 (elementwise: order-free), the two sums over keys in float64
+        top = b.op("ReduceMax", [scores, b.ints(f"{name}.last", [-1])], f"{name}.max", keepdims=1)
+        e = b.op("Cast", [b.op("Exp", [b.op("Sub", [scores, top], f"{name}.shifted")], f"{name}.exp")],
+                 f"{name}.exp64", to=TensorProto.DOUBLE)
+        weighted = b.op("MatMul", [e, b.op("Cast", [v5], f"{name}.v64", to=TensorProto.DOUBLE)], f"{name}.ev")
+        total = b.op("ReduceSum", [e, f"{name}.last"], f"{name}.sum", keepdims=1)
+        context = b.op("Cast", [b.op("Div", [weighted, total], f"{name}.pv64")], f"{name}.pv", to=TensorProto.FLOAT)
+    else:
+        probs = b.op("Softmax", [scores], f"{name}.probs", axis=-1)
+        context = b.op("MatMul", [probs, v5], f"{name}.pv")  # (B, Hkv, G, S, D)
     context = b.op("Transpose", [context], f"{name}.ct", perm=[0, 3, 1, 2, 4])  # (B, S, Hkv, G, D)
     return b.op("Reshape", [context, b.ints(f"{name}.oshape", [0, 0, -1])], f"{name}.context")
 
 
-def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attention: str = "ops") -> DecoderGraph:
+def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attention: str = "invariant") -> DecoderGraph:
     """The ONNX graph of a loaded Llama-style causal LM (its weights as they are: merge adapters first).
 
     Args:
         precision: "fp32", or "int8" (every linear and the LM head as MatMulNBits, bits 8, block 32;
             embeddings, norms and attention scores stay fp32).
-        attention: "ops" (MatMul / Softmax / MatMul, grouped per KV head) or "onnx" (ONNX's Attention
-            node, opset 23, with q_num_heads / kv_num_heads).
+        attention: "invariant" (MatMul / Softmax / MatMul grouped per KV head, softmax and probs @ v in
+            float64: a row's logits are bit-identical alone and in a left-padded batch), "ops" (the same
+            in float32) or "onnx" (ONNX's Attention node, opset 23); see ATTENTION_CORES.
     """
     if attention not in ATTENTION_CORES:
         raise EdgeloraError(f"attention={attention!r} is not supported; choose from {', '.join(ATTENTION_CORES)}")
@@ -244,10 +260,10 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
                   f"{p}.k_rope")
         k = b.op("Transpose", [k], f"{p}.k_t", perm=[0, 2, 1, 3])  # (B, Hkv, S, D)
         v = b.op("Transpose", [b.op("Reshape", [v, f"{p}.kh"], f"{p}.v4")], f"{p}.v_t", perm=[0, 2, 1, 3])
-        if attention == "ops":
+        if attention != "onnx":
             k = b.op("Concat", [f"past_key_values.{i}.key", k], f"present.{i}.key", axis=2)
             v = b.op("Concat", [f"past_key_values.{i}.value", v], f"present.{i}.value", axis=2)
-            context = _attention_ops(b, q, k, v, mask, spec, f"{p}.attn")
+            context = _attention_ops(b, q, k, v, mask, spec, f"{p}.attn", wide=attention == "invariant")
         else:
             q = b.op("Transpose", [q], f"{p}.q_t", perm=[0, 2, 1, 3])  # (B, Hq, S, D)
             b.nodes.append(helper.make_node(

@@ -91,7 +91,7 @@ def _rel_error(got: list[np.ndarray], ref: list[np.ndarray], feeds: list[dict]) 
     return worst
 
 
-@pytest.mark.parametrize("attention", ["ops", "onnx"])
+@pytest.mark.parametrize("attention", ["invariant", "ops", "onnx"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
 def test_fp32_graph_equals_torch_over_decode_steps(kind: str, attention: str) -> None:
     model = make_decoder(kind)
@@ -120,27 +120,43 @@ def test_int8_graph_matches_fake_quant_layer_by_layer(kind: str) -> None:
     assert fq_err < 1e-4 < fp_err, (fq_err, fp_err)
 
 
-def test_int8_row_is_the_same_alone_and_in_a_padded_batch() -> None:
-    model = make_decoder("llama")
-    graph = build_decoder_graph(model, "int8")
+def _alone_and_batched(graph, pad: int, real: int = 40, seed: int = 3) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Row 0 (`real` tokens) run alone and left-padded by `pad` in a batch with a longer row: the logits of
+    its prefill (real positions) and of one decode step, each way."""
     sess = session(graph.model)
-    rng = np.random.default_rng(3)
-    ids = rng.integers(5, 128, size=(3, 9))
-    ids[0, :4] = 0
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, 128, size=(2, real + pad))
+    ids[0, :pad] = 0
     mask = np.ones_like(ids)
-    mask[0, :4] = 0  # row 0: five real tokens, left-padded to the batch's nine
+    mask[0, :pad] = 0
 
-    def run(ids: np.ndarray, mask: np.ndarray, next_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def run(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         empty = np.zeros((len(ids), graph.spec.num_kv_heads, 0, graph.spec.head_dim), np.float32)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask, ids.shape[1]),
                  **{n: empty for n in input_names(2)[3:]}}
         out = sess.run(None, feeds)
-        return out[0], sess.run(None, decode_feeds(feeds, out[1:], np.array(next_ids)))[0]
+        step = sess.run(None, decode_feeds(feeds, out[1:], np.full(len(ids), 7)))[0]
+        return [out[0][0, -real:], step[0]]
 
-    alone_prefill, alone_decode = run(ids[:1, 4:], mask[:1, 4:], [7])
-    batch_prefill, batch_decode = run(ids, mask, [7, 8, 9])
-    assert np.array_equal(alone_prefill[0], batch_prefill[0, 4:])
-    assert np.array_equal(alone_decode[0], batch_decode[0])
+    return run(ids[:1, pad:], mask[:1, pad:]), run(ids, mask)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_row_is_bit_identical_alone_and_in_a_padded_batch(precision: str) -> None:
+    graph = build_decoder_graph(make_decoder("llama"), precision)  # the default core: "invariant"
+    for pad in (1, 3, 7, 13):
+        alone, batched = _alone_and_batched(graph, pad)
+        assert all(np.array_equal(a, b) for a, b in zip(alone, batched)), f"left padding {pad} changed the row"
+
+
+def test_float32_attention_core_is_not_batch_invariant() -> None:
+    """Why the default core sums over keys in float64: in float32, left padding moves a row's keys to other
+    indices, ORT's reductions round differently and the row's logits change. If this fails, ORT's float32
+    kernels became order-stable: the "ops" core would then do."""
+    graph = build_decoder_graph(make_decoder("llama"), "int8", attention="ops")
+    alone, batched = _alone_and_batched(graph, pad=3)
+    assert not np.array_equal(alone[0], batched[0])
+    assert np.abs(alone[0] - batched[0]).max() < 1e-3 * np.abs(alone[0]).max()  # rounding, not a wrong mask
 
 
 # --- merged LoRA --------------------------------------------------------------------------------------
