@@ -5,8 +5,9 @@ decoder-with-past names), so prefill (past length 0) and each decode step run th
 a batch are left-padded. Every linear is a MatMul (fp32) or a MatMulNBits node (int8: blocks of 32 along
 the input, int8 compute with activations quantized per row and block — a row's result never depends on
 its batch-mates), and the default attention core sums over keys in float64, so left padding cannot
-change a row either: a request's logits are bit-identical alone and batched. Llama-style models (Llama, Mistral, Qwen2: grouped-query attention, RMSNorm, rotary,
-SwiGLU, with or without q/k/v biases) are supported; other model types are refused.
+change a row either: a request's logits are bit-identical alone and batched. Llama-style models (Llama,
+Mistral, Qwen2: grouped-query attention, RMSNorm, rotary, SwiGLU, with or without q/k/v biases) are
+supported; other model types are refused.
 """
 
 from __future__ import annotations
