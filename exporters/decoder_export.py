@@ -49,6 +49,7 @@ def merge_lora(model: torch.nn.Module, adapter: str | Path) -> dict[str, Any]:
     scaling is lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), r read per layer from A's shape
     (PEFT's rank_pattern). Refuses, naming the file and key, an adapter of another task, another base
     (a module this model lacks, a shape it does not have) or a LoRA variant that computes something else.
+    GPT-2's Conv1D layers (weight (in, out), PEFT's fan_in_fan_out) take the transposed product.
     """
     path = Path(adapter)
     data, tensors = read_adapter(path)
@@ -56,8 +57,6 @@ def merge_lora(model: torch.nn.Module, adapter: str | Path) -> dict[str, Any]:
     task = data.get("task_type")
     if task not in (None, "CAUSAL_LM"):
         raise EdgeloraError(f"{source}: task_type {task!r} is not a causal-LM adapter; give a CAUSAL_LM LoRA adapter")
-    if data.get("fan_in_fan_out"):
-        raise EdgeloraError(f"{source}: fan_in_fan_out adapters (GPT-2 Conv1D layout) are not supported here")
     config = adapter_config(data, str(source))
     if not isinstance(config, LoraConfig):
         raise EdgeloraError(f"{source}: a {config.kind} adapter cannot be merged into a decoder; give a LoRA adapter")
@@ -82,25 +81,27 @@ def merge_lora(model: torch.nn.Module, adapter: str | Path) -> dict[str, Any]:
         b_key = a_key.replace(".lora_A.", ".lora_B.")
         name = a_key[len(PEFT_PREFIX):-len(".lora_A.weight")] if a_key.startswith(PEFT_PREFIX) else a_key
         module = modules.get(name)
-        if not isinstance(module, torch.nn.Linear):
+        conv = type(module).__name__ == "Conv1D"  # GPT-2's linear, weight (in, out): PEFT's fan_in_fan_out
+        if not (isinstance(module, torch.nn.Linear) or conv):
             raise EdgeloraError(f"{weights}: {a_key} targets {name!r}, which is not a linear layer of this base; "
                                 "the adapter is for another base")
         if b_key not in tensors:
             raise EdgeloraError(f"{weights}: {a_key} has no {b_key}; re-save the adapter")
         a, b = tensors[a_key].to(torch.float32), tensors[b_key].to(torch.float32)  # (r, in), (out, r)
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != module.in_features or b.shape[0] != module.out_features \
-                or a.shape[0] != b.shape[1]:
+        n_out, n_in = module.weight.shape[::-1] if conv else module.weight.shape
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
             raise EdgeloraError(f"{weights}: {a_key} {tuple(a.shape)} / {b_key} {tuple(b.shape)} do not fit "
-                                f"{name} ({module.out_features}x{module.in_features}); the adapter is for another base")
-        planned.append((name, module, a, b))
-    for name, module, a, b in planned:
+                                f"{name} ({n_out}x{n_in}); the adapter is for another base")
+        planned.append((name, module, a, b, conv))
+    for name, module, a, b, conv in planned:
         rank = a.shape[0]
         scaling = config.alpha / (math.sqrt(rank) if config.use_rslora else rank)
         if tied and module is model.get_output_embeddings():  # merging must not change the input embeddings
             module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+        delta = scaling * (b @ a)  # (out, in)
         with torch.no_grad():
-            module.weight += scaling * (b @ a)
-    ranks = sorted({a.shape[0] for _, _, a, _ in planned})
+            module.weight += delta.T if conv else delta
+    ranks = sorted({a.shape[0] for _, _, a, _, _ in planned})
     return {"name": path.name, "kind": "lora", "file": None, "sha256": None, "layers": len(planned),
             "rank": ranks[0] if len(ranks) == 1 else ranks, "alpha": config.alpha, "use_rslora": config.use_rslora,
             "source_sha256": sha256_file(weights)}
@@ -218,7 +219,8 @@ def export_decoder(
             "quantized_matmuls": len(graph.quantized),
             "excluded": "embeddings, norms, rotary, attention scores",
         },
-        "graph": {"opset": OPSET, "attention": attention, "packed": ["q|k|v", "gate|up"]},
+        "graph": {"opset": OPSET, "attention": attention,
+                  "packed": ["q|k|v"] + (["gate|up"] if spec.model_type != "gpt2" else [])},
         "requires": {"onnxruntime": REQUIRES_ORT},
         "isa": cpu.isa,
         "validation": report,

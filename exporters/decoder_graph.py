@@ -6,8 +6,8 @@ a batch are left-padded. Every linear is a MatMul (fp32) or a MatMulNBits node (
 the input, int8 compute with activations quantized per row and block — a row's result never depends on
 its batch-mates), and the default attention core sums over keys in float64, so left padding cannot
 change a row either: a request's logits are bit-identical alone and batched. Llama-style models (Llama,
-Mistral, Qwen2: grouped-query attention, RMSNorm, rotary, SwiGLU, with or without q/k/v biases) are
-supported; other model types are refused.
+Mistral, Qwen2: grouped-query attention, RMSNorm, rotary, SwiGLU, with or without q/k/v biases) and GPT-2
+(LayerNorm, learned positions, GELU, Conv1D weights) are supported; other model types are refused.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ class DecoderSpec:
     head_dim: int
     vocab_size: int
     context_length: int
-    rms_eps: float
+    norm_eps: float
+    attention_scale: float
+    activation: str = "silu"  # the MLP's: SwiGLU with silu (Llama-style), or GPT-2's gelu / gelu_new
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,27 @@ class DecoderGraph:
         return [o.name for o in self.model.graph.output]
 
 
+GPT2_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # ONNX Gelu's `approximate`
+
+
 def decoder_spec(model: torch.nn.Module) -> DecoderSpec:
     """The spec of a loaded causal LM, or a one-line refusal for a model type the graph cannot express."""
     config = model.config
     kind = getattr(config, "model_type", None) or type(model).__name__
+    if kind == "gpt2":
+        act = config.activation_function
+        odd = [f for f in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention")
+               if getattr(config, f, False)]
+        if act not in GPT2_ACTIVATIONS or odd:
+            raise EdgeloraError(f"decoder export supports plain GPT-2; this one has "
+                                f"{', '.join(odd) or f'activation_function {act!r}'}")
+        head_dim = config.n_embd // config.n_head
+        return DecoderSpec(kind, config.n_layer, config.n_embd, config.n_head, config.n_head, head_dim,
+                           config.vocab_size, int(config.n_positions), float(config.layer_norm_epsilon),
+                           head_dim ** -0.5 if config.scale_attn_weights else 1.0, act)
     if kind not in LLAMA_STYLE:
-        raise EdgeloraError(f"decoder export supports model types {', '.join(LLAMA_STYLE)}; this base is {kind!r}")
+        raise EdgeloraError(f"decoder export supports model types {', '.join(LLAMA_STYLE)}, gpt2; "
+                            f"this base is {kind!r}")
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         raise EdgeloraError(f"decoder export supports the SwiGLU MLP (hidden_act 'silu'); this base uses {act!r}")
@@ -89,7 +106,7 @@ def decoder_spec(model: torch.nn.Module) -> DecoderSpec:
         context = min(context, int(window))  # within the window, sliding attention is full attention
     return DecoderSpec(kind, config.num_hidden_layers, config.hidden_size, heads,
                        getattr(config, "num_key_value_heads", None) or heads, head_dim, config.vocab_size,
-                       context, float(config.rms_norm_eps))
+                       context, float(config.rms_norm_eps), float(model.model.layers[0].self_attn.scaling))
 
 
 def input_names(num_layers: int) -> list[str]:
@@ -184,7 +201,7 @@ def _attention_ops(b: _Builder, q: str, k: str, v: str, mask: str, spec: Decoder
     kt = b.op("Transpose", [b.op("Unsqueeze", [k, b.ints(f"{name}.ax2", [2])], f"{name}.k5")], f"{name}.kt",
               perm=[0, 1, 2, 4, 3])  # (B, Hkv, 1, D, T)
     scores = b.op("MatMul", [q, kt], f"{name}.qk")  # (B, Hkv, G, S, T)
-    scores = b.op("Add", [b.op("Mul", [scores, b.scalar(f"{name}.scale", spec.head_dim ** -0.5)], f"{name}.scaled"),
+    scores = b.op("Add", [b.op("Mul", [scores, b.scalar(f"{name}.scale", spec.attention_scale)], f"{name}.scaled"),
                           mask], f"{name}.masked")
     v5 = b.op("Unsqueeze", [v, f"{name}.ax2"], f"{name}.v5")
     if wide:  # exp in float32 (elementwise: order-free), the two sums over keys in float64
@@ -201,8 +218,98 @@ def _attention_ops(b: _Builder, q: str, k: str, v: str, mask: str, spec: Decoder
     return b.op("Reshape", [context, b.ints(f"{name}.oshape", [0, 0, -1])], f"{name}.context")
 
 
+def _attend(b: _Builder, q: str, k: str, v: str, mask: str, spec: DecoderSpec, i: int, attention: str) -> str:
+    """Layer i's attention over its cache: q (B, S, Hq, D), k / v (B, S, Hkv, D) of the new tokens; writes
+    present.{i}.key / value and returns the context (B, S, Hq * D)."""
+    p = f"layers.{i}"
+    k = b.op("Transpose", [k], f"{p}.k_t", perm=[0, 2, 1, 3])  # (B, Hkv, S, D)
+    v = b.op("Transpose", [v], f"{p}.v_t", perm=[0, 2, 1, 3])
+    if attention != "onnx":
+        k = b.op("Concat", [f"past_key_values.{i}.key", k], f"present.{i}.key", axis=2)
+        v = b.op("Concat", [f"past_key_values.{i}.value", v], f"present.{i}.value", axis=2)
+        return _attention_ops(b, q, k, v, mask, spec, f"{p}.attn", wide=attention == "invariant")
+    q = b.op("Transpose", [q], f"{p}.q_t", perm=[0, 2, 1, 3])  # (B, Hq, S, D)
+    b.nodes.append(helper.make_node(
+        "Attention", [q, k, v, mask, f"past_key_values.{i}.key", f"past_key_values.{i}.value"],
+        [f"{p}.attn.y", f"present.{i}.key", f"present.{i}.value"], name=f"{p}.attn/Attention",
+        q_num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, scale=spec.attention_scale))
+    y = b.op("Transpose", [f"{p}.attn.y"], f"{p}.attn.yt", perm=[0, 2, 1, 3])  # (B, S, Hq, D)
+    return b.op("Reshape", [y, b.ints(f"{p}.oshape", [0, 0, -1])], f"{p}.attn.context")
+
+
+def _split_heads(b: _Builder, qkv: str, spec: DecoderSpec, p: str) -> tuple[str, str, str]:
+    """The packed projection's q (B, S, Hq, D), k and v (B, S, Hkv, D)."""
+    D, Hkv = spec.head_dim, spec.num_kv_heads
+    q, k, v = (f"{p}.split.{j}" for j in range(3))
+    b.op("Split", [qkv, b.ints(f"{p}.sizes", [spec.num_heads * D, Hkv * D, Hkv * D])], f"{p}.split", outputs=3, axis=-1)
+    q = b.op("Reshape", [q, b.ints(f"{p}.qh", [0, 0, spec.num_heads, D])], f"{p}.q4")
+    k = b.op("Reshape", [k, b.ints(f"{p}.kh", [0, 0, Hkv, D])], f"{p}.k4")
+    return q, k, b.op("Reshape", [v, f"{p}.kh"], f"{p}.v4")
+
+
+def _llama_layer(b: _Builder, x: str, layer: torch.nn.Module, i: int, spec: DecoderSpec, rope: tuple[str, str],
+                 mask: str, attention: str, linear) -> str:
+    """x + attention(RMSNorm(x)) with rotary q / k, then + SwiGLU(RMSNorm(.))."""
+    p, attn, mlp = f"layers.{i}", layer.self_attn, layer.mlp
+
+    def norm(h: str, weight: torch.Tensor, name: str) -> str:
+        return b.op("RMSNormalization", [h, b.init(f"{name}.weight", weight.detach().numpy())], name,
+                    axis=-1, epsilon=spec.norm_eps)
+
+    h = norm(x, layer.input_layernorm.weight, f"{p}.input_norm")
+    q, k, v = _split_heads(b, linear(h, f"{p}.qkv", *_packed([attn.q_proj, attn.k_proj, attn.v_proj])), spec, p)
+    half = spec.head_dim // 2
+    q, k = (_rope(b, t, *rope, half, f"{p}.{n}_rope") for t, n in ((q, "q"), (k, "k")))
+    context = _attend(b, q, k, v, mask, spec, i, attention)
+    x = b.op("Add", [x, linear(context, f"{p}.o_proj", attn.o_proj.weight, attn.o_proj.bias)], f"{p}.attn_residual")
+    h = norm(x, layer.post_attention_layernorm.weight, f"{p}.post_norm")
+    gate_up = linear(h, f"{p}.gate_up", *_packed([mlp.gate_proj, mlp.up_proj]))
+    gate, up = f"{p}.gu.0", f"{p}.gu.1"
+    b.op("Split", [gate_up, b.ints(f"{p}.gu_sizes", [mlp.gate_proj.out_features] * 2)], f"{p}.gu", outputs=2, axis=-1)
+    act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}.sig")], f"{p}.silu"), up], f"{p}.swiglu")
+    down = linear(act, f"{p}.down_proj", mlp.down_proj.weight, mlp.down_proj.bias)
+    return b.op("Add", [x, down], f"{p}.mlp_residual")
+
+
+def _layer_norm(b: _Builder, h: str, norm: torch.nn.LayerNorm, name: str, eps: float) -> str:
+    return b.op("LayerNormalization", [h, b.init(f"{name}.weight", norm.weight.detach().numpy()),
+                                       b.init(f"{name}.bias", norm.bias.detach().numpy())], name, axis=-1, epsilon=eps)
+
+
+def _gpt2_layer(b: _Builder, x: str, block: torch.nn.Module, i: int, spec: DecoderSpec, mask: str, attention: str,
+                linear) -> str:
+    """x + attention(LayerNorm(x)), then + MLP(LayerNorm(.)) with GELU; Conv1D weights are (in, out)."""
+    p, attn, mlp = f"layers.{i}", block.attn, block.mlp
+    h = _layer_norm(b, x, block.ln_1, f"{p}.ln_1", spec.norm_eps)
+    q, k, v = _split_heads(b, linear(h, f"{p}.qkv", attn.c_attn.weight.T, attn.c_attn.bias), spec, p)
+    context = _attend(b, q, k, v, mask, spec, i, attention)
+    x = b.op("Add", [x, linear(context, f"{p}.o_proj", attn.c_proj.weight.T, attn.c_proj.bias)], f"{p}.attn_residual")
+    h = _layer_norm(b, x, block.ln_2, f"{p}.ln_2", spec.norm_eps)
+    act = b.op("Gelu", [linear(h, f"{p}.c_fc", mlp.c_fc.weight.T, mlp.c_fc.bias)], f"{p}.gelu",
+               approximate=GPT2_ACTIVATIONS[spec.activation])
+    return b.op("Add", [x, linear(act, f"{p}.down_proj", mlp.c_proj.weight.T, mlp.c_proj.bias)], f"{p}.mlp_residual")
+
+
+def _mask(b: _Builder) -> str:
+    """The additive (B, 1, 1, S, T) mask: key j is visible to new token i (at past + i) when j <= past + i
+    and attention_mask[:, j] is 1; MASKED elsewhere."""
+    seq = b.op("Gather", [b.op("Shape", ["input_ids"], "ids_shape"), b.ints("one", [1])], "seq")
+    total = b.op("Gather", [b.op("Shape", ["attention_mask"], "mask_shape"), "one"], "total")
+    past = b.op("Sub", [total, seq], "past_len")
+    zero, step = b.init("zero_s", np.asarray(0, np.int64)), b.init("one_s", np.asarray(1, np.int64))
+    squeeze = b.ints("ax0", [0])
+    total_s = b.op("Squeeze", [total, squeeze], "total_s")
+    key_pos = b.op("Range", [zero, total_s, step], "key_pos")  # (T,)
+    query_pos = b.op("Range", [b.op("Squeeze", [past, squeeze], "past_s"), total_s, step], "query_pos")  # (S,)
+    causal = b.op("LessOrEqual", [key_pos, b.op("Unsqueeze", [query_pos, b.ints("ax1", [1])], "query_col")],
+                  "causal")  # (S, T)
+    keep = b.op("Cast", ["attention_mask"], "keep", to=TensorProto.BOOL)
+    allowed = b.op("And", [causal, b.op("Unsqueeze", [keep, b.ints("ax123", [1, 2, 3])], "keep5")], "allowed")
+    return b.op("Where", [allowed, b.scalar("unmasked", 0.0), b.scalar("masked", MASKED)], "mask")
+
+
 def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attention: str = "invariant") -> DecoderGraph:
-    """The ONNX graph of a loaded Llama-style causal LM (its weights as they are: merge adapters first).
+    """The ONNX graph of a loaded causal LM (its weights as they are: merge adapters first).
 
     Args:
         precision: "fp32", or "int8" (every linear and the LM head as MatMulNBits, bits 8, block 32;
@@ -217,85 +324,40 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
     b = _Builder()
     quantized: dict[str, QuantizedMatMul] = {}
     L, Hkv, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
-    inner = model.model
 
-    # embeddings, rotary tables gathered by position, and the additive causal + padding mask
-    x = b.op("Gather", [b.init("embed_tokens.weight", inner.embed_tokens.weight.detach().numpy()), "input_ids"],
-             "embed", axis=0)
-    cos_table, sin_table = rotary_tables(model, spec.context_length)
-    cos = b.op("Gather", [b.init("rope.cos", cos_table), "position_ids"], "rope.cos_b", axis=0)  # (B, S, D)
-    sin = b.op("Gather", [b.init("rope.sin", sin_table), "position_ids"], "rope.sin_b", axis=0)
-    cos = b.op("Unsqueeze", [cos, b.ints("ax2", [2])], "rope.cos_h")  # (B, S, 1, D)
-    sin = b.op("Unsqueeze", [sin, "ax2"], "rope.sin_h")
-    seq = b.op("Gather", [b.op("Shape", ["input_ids"], "ids_shape"), b.ints("one", [1])], "seq")
-    total = b.op("Gather", [b.op("Shape", ["attention_mask"], "mask_shape"), "one"], "total")
-    past = b.op("Sub", [total, seq], "past_len")
-    zero, step = b.init("zero_s", np.asarray(0, np.int64)), b.init("one_s", np.asarray(1, np.int64))
-    squeeze = b.ints("ax0", [0])
-    total_s = b.op("Squeeze", [total, squeeze], "total_s")
-    key_pos = b.op("Range", [zero, total_s, step], "key_pos")  # (T,)
-    query_pos = b.op("Range", [b.op("Squeeze", [past, squeeze], "past_s"), total_s, step], "query_pos")  # (S,)
-    causal = b.op("LessOrEqual", [key_pos, b.op("Unsqueeze", [query_pos, b.ints("ax1", [1])], "query_col")],
-                  "causal")  # (S, T)
-    keep = b.op("Cast", ["attention_mask"], "keep", to=TensorProto.BOOL)
-    allowed = b.op("And", [causal, b.op("Unsqueeze", [keep, b.ints("ax123", [1, 2, 3])], "keep5")], "allowed")
-    mask = b.op("Where", [allowed, b.scalar("unmasked", 0.0), b.scalar("masked", MASKED)], "mask")  # (B,1,1,S,T)
+    def linear(x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+        return _linear(b, x, name, weight, bias, precision, quantized)
+
+    mask = _mask(b)
     if attention == "onnx":
         mask = b.op("Squeeze", [mask, b.ints("ax1_", [1])], "mask4")  # (B, 1, S, T)
+    embed = model.get_input_embeddings()
+    x = b.op("Gather", [b.init("embed_tokens.weight", embed.weight.detach().numpy()), "input_ids"], "embed", axis=0)
+    if spec.model_type == "gpt2":
+        wpe = model.transformer.wpe.weight.detach().numpy()
+        x = b.op("Add", [x, b.op("Gather", [b.init("wpe.weight", wpe), "position_ids"], "positions", axis=0)], "embed_pos")
+        for i, block in enumerate(model.transformer.h):
+            x = _gpt2_layer(b, x, block, i, spec, mask, attention, linear)
+        h = _layer_norm(b, x, model.transformer.ln_f, "final_norm", spec.norm_eps)
+    else:
+        cos_table, sin_table = rotary_tables(model, spec.context_length)
+        cos = b.op("Gather", [b.init("rope.cos", cos_table), "position_ids"], "rope.cos_b", axis=0)  # (B, S, D)
+        sin = b.op("Gather", [b.init("rope.sin", sin_table), "position_ids"], "rope.sin_b", axis=0)
+        rope = (b.op("Unsqueeze", [cos, b.ints("ax2", [2])], "rope.cos_h"),  # (B, S, 1, D)
+                b.op("Unsqueeze", [sin, "ax2"], "rope.sin_h"))
+        for i, layer in enumerate(model.model.layers):
+            x = _llama_layer(b, x, layer, i, spec, rope, mask, attention, linear)
+        h = b.op("RMSNormalization", [x, b.init("final_norm.weight", model.model.norm.weight.detach().numpy())],
+                 "final_norm", axis=-1, epsilon=spec.norm_eps)
 
-    def norm(h: str, weight: torch.Tensor, name: str) -> str:
-        return b.op("RMSNormalization", [h, b.init(f"{name}.weight", weight.detach().numpy())], name,
-                    axis=-1, epsilon=spec.rms_eps)
-
-    for i, layer in enumerate(inner.layers):
-        p, attn, mlp = f"layers.{i}", layer.self_attn, layer.mlp
-        h = norm(x, layer.input_layernorm.weight, f"{p}.input_norm")
-        weight, bias = _packed([attn.q_proj, attn.k_proj, attn.v_proj])
-        qkv = _linear(b, h, f"{p}.qkv", weight, bias, precision, quantized)
-        sizes = [spec.num_heads * D, Hkv * D, Hkv * D]
-        q, k, v = (f"{p}.split.{j}" for j in range(3))
-        b.op("Split", [qkv, b.ints(f"{p}.sizes", sizes)], f"{p}.split", outputs=3, axis=-1)
-        q = _rope(b, b.op("Reshape", [q, b.ints(f"{p}.qh", [0, 0, spec.num_heads, D])], f"{p}.q4"), cos, sin, D // 2,
-                  f"{p}.q_rope")
-        k = _rope(b, b.op("Reshape", [k, b.ints(f"{p}.kh", [0, 0, Hkv, D])], f"{p}.k4"), cos, sin, D // 2,
-                  f"{p}.k_rope")
-        k = b.op("Transpose", [k], f"{p}.k_t", perm=[0, 2, 1, 3])  # (B, Hkv, S, D)
-        v = b.op("Transpose", [b.op("Reshape", [v, f"{p}.kh"], f"{p}.v4")], f"{p}.v_t", perm=[0, 2, 1, 3])
-        if attention != "onnx":
-            k = b.op("Concat", [f"past_key_values.{i}.key", k], f"present.{i}.key", axis=2)
-            v = b.op("Concat", [f"past_key_values.{i}.value", v], f"present.{i}.value", axis=2)
-            context = _attention_ops(b, q, k, v, mask, spec, f"{p}.attn", wide=attention == "invariant")
-        else:
-            q = b.op("Transpose", [q], f"{p}.q_t", perm=[0, 2, 1, 3])  # (B, Hq, S, D)
-            b.nodes.append(helper.make_node(
-                "Attention", [q, k, v, mask, f"past_key_values.{i}.key", f"past_key_values.{i}.value"],
-                [f"{p}.attn.y", f"present.{i}.key", f"present.{i}.value"], name=f"{p}.attn/Attention",
-                q_num_heads=spec.num_heads, kv_num_heads=Hkv, scale=D ** -0.5))
-            y = b.op("Transpose", [f"{p}.attn.y"], f"{p}.attn.yt", perm=[0, 2, 1, 3])  # (B, S, Hq, D)
-            context = b.op("Reshape", [y, b.ints(f"{p}.oshape", [0, 0, -1])], f"{p}.attn.context")
-        o = _linear(b, context, f"{p}.o_proj", attn.o_proj.weight, attn.o_proj.bias, precision, quantized)
-        x = b.op("Add", [x, o], f"{p}.attn_residual")
-        h = norm(x, layer.post_attention_layernorm.weight, f"{p}.post_norm")
-        weight, bias = _packed([mlp.gate_proj, mlp.up_proj])
-        gate_up = _linear(b, h, f"{p}.gate_up", weight, bias, precision, quantized)
-        gate, up = f"{p}.gu.0", f"{p}.gu.1"
-        b.op("Split", [gate_up, b.ints(f"{p}.gu_sizes", [mlp.gate_proj.out_features] * 2)], f"{p}.gu", outputs=2,
-             axis=-1)
-        act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}.sig")], f"{p}.silu"), up], f"{p}.swiglu")
-        down = _linear(b, act, f"{p}.down_proj", mlp.down_proj.weight, mlp.down_proj.bias, precision, quantized)
-        x = b.op("Add", [x, down], f"{p}.mlp_residual")
-
-    h = norm(x, inner.norm.weight, "final_norm")
-    head = model.lm_head
-    tied = head.weight is inner.embed_tokens.weight
-    if precision == "fp32" and tied:  # x @ E^T without a second copy of E: (B*S, H) Gemm(transB) and back
+    head = model.get_output_embeddings()
+    if precision == "fp32" and head.weight is embed.weight:  # x @ E^T, no second copy of E: (B*S, H) Gemm(transB)
         flat = b.op("Reshape", [h, b.ints("flat", [-1, spec.hidden_size])], "head.flat")
         logits = b.op("Gemm", [flat, "embed_tokens.weight"], "head.gemm", transB=1)
         out_shape = b.op("Concat", ["ids_shape", b.ints("vocab", [spec.vocab_size])], "head.shape", axis=0)
         logits = b.op("Reshape", [logits, out_shape], "logits")
     else:
-        logits = _linear(b, h, "lm_head", head.weight, head.bias, precision, quantized)
-        logits = b.op("Identity", [logits], "logits")
+        logits = b.op("Identity", [linear(h, "lm_head", head.weight, head.bias)], "logits")
 
     def io(name: str, elem: int, dims: list) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, elem, dims)

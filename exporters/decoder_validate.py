@@ -100,25 +100,30 @@ def _compare(got: list[np.ndarray], ref: list[np.ndarray], masks: list[np.ndarra
 
 
 class _FakeQuantLinear(torch.nn.Module):
-    """A linear computing what its MatMulNBits node computes: blockwise int8 weight and activation."""
+    """A linear (or GPT-2 Conv1D, weight (in, out)) computing what its MatMulNBits node computes:
+    blockwise int8 weight and activation."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Module) -> None:
         super().__init__()
         self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = fake_quantize_weight_blockwise(self.linear.weight)
-        return F.linear(fake_quantize_activation_blockwise(x), w, self.linear.bias)
+        weight = self.linear.weight if isinstance(self.linear, torch.nn.Linear) else self.linear.weight.T
+        return F.linear(fake_quantize_activation_blockwise(x), fake_quantize_weight_blockwise(weight), self.linear.bias)
 
 
 def fake_quant_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a Llama-style causal LM whose every projection and LM head is blockwise fake-quantized."""
+    """A copy of a causal LM whose every projection and LM head is blockwise fake-quantized."""
     fq = copy.deepcopy(model)
-    for layer in fq.model.layers:
-        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
-            for name in names:
-                setattr(parent, name, _FakeQuantLinear(getattr(parent, name)))
+    if getattr(fq.config, "model_type", None) == "gpt2":
+        targets = [(getattr(block, part), name) for block in fq.transformer.h for part, name in
+                   (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))]
+    else:
+        targets = [(parent, name) for layer in fq.model.layers for parent, names in
+                   ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                    (layer.mlp, ("gate_proj", "up_proj", "down_proj"))) for name in names]
+    for parent, name in targets:
+        setattr(parent, name, _FakeQuantLinear(getattr(parent, name)))
     fq.lm_head = _FakeQuantLinear(fq.lm_head)
     return fq
 

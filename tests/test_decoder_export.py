@@ -1,7 +1,7 @@
 """Claims about the decoder export (exporters/decoder_graph.py, decoder_validate.py, decoder_export.py).
 
 Tiny random Llama (grouped-query attention, tied embeddings), Qwen2 (q/k/v biases, ragged K: hidden 48 and
-MLP 80 are not multiples of 32) and Mistral bases: the fp32 graph gives torch's logits over a left-padded
+MLP 80 are not multiples of 32), Mistral and GPT-2 (Conv1D, LayerNorm, learned positions) bases: the fp32 graph gives torch's logits over a left-padded
 prefill and several decode steps through its cache; the int8 graph equals the fake-quant model layer by
 layer; a row's int8 logits do not change with its batch; a merged LoRA adapter gives PEFT's own logits;
 bad adapters and unsupported bases are refused in one line; the bundle is whole and atomic.
@@ -92,7 +92,7 @@ def _rel_error(got: list[np.ndarray], ref: list[np.ndarray], feeds: list[dict]) 
 
 
 @pytest.mark.parametrize("attention", ["invariant", "ops", "onnx"])
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2"])
 def test_fp32_graph_equals_torch_over_decode_steps(kind: str, attention: str) -> None:
     model = make_decoder(kind)
     graph = build_decoder_graph(model, "fp32", attention)
@@ -105,7 +105,7 @@ def test_fp32_graph_equals_torch_over_decode_steps(kind: str, attention: str) ->
     assert last["past_key_values.0.key"].shape == (3, graph.spec.num_kv_heads, 12 + DECODE_STEPS - 1, graph.spec.head_dim)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
 def test_int8_graph_matches_fake_quant_layer_by_layer(kind: str) -> None:
     model = make_decoder(kind)
     graph = build_decoder_graph(model, "int8")
@@ -194,6 +194,18 @@ def test_merged_lora_equals_peft(tmp_path: Path, rslora: bool) -> None:
     assert base.lm_head.weight is base.model.embed_tokens.weight
 
 
+def test_merged_lora_on_gpt2_conv1d_equals_peft(tmp_path: Path) -> None:
+    base = make_decoder("gpt2")
+    peft_model = _peft_adapter(base, tmp_path / "adapter", ["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    manifest = export_decoder(base, tmp_path / "bundle", adapter=tmp_path / "adapter")
+    assert manifest["adapters"][0]["layers"] == 2 * 4  # c_proj matches in attn and mlp
+    sess = session(onnx.load(str(tmp_path / "bundle" / "model.onnx")))
+    feeds, logits = _graph_steps(sess, build_decoder_graph(base).spec, steps=2)
+    with_adapter = _torch_logits(peft_model, feeds)
+    assert _rel_error(_torch_logits(base, feeds), with_adapter, feeds) > 1e-2
+    assert _rel_error(logits, with_adapter, feeds) <= FP32_REL_TOL
+
+
 def test_merged_lora_int8_export_passes_its_checks(tmp_path: Path) -> None:
     base = make_decoder("qwen2")
     _peft_adapter(base, tmp_path / "adapter", ["q_proj", "v_proj", "up_proj"])
@@ -234,9 +246,18 @@ def test_adapter_of_another_task_or_variant_is_refused(tmp_path: Path) -> None:
 
 
 def test_unsupported_model_type_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(EdgeloraError, match=r"^decoder export supports model types llama, mistral, qwen2; this base "
-                                            r"is 'gpt2'$"):
-        export_decoder(make_decoder("gpt2"), tmp_path / "b")
+    import transformers as tf
+
+    opt = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                         num_attention_heads=4, max_position_embeddings=64))
+    with pytest.raises(EdgeloraError, match=r"^decoder export supports model types llama, mistral, qwen2, gpt2; this "
+                                            r"base is 'opt'$"):
+        export_decoder(opt, tmp_path / "b")
+    odd = make_decoder("gpt2")
+    odd.config.scale_attn_by_inverse_layer_idx = True
+    with pytest.raises(EdgeloraError, match=r"^decoder export supports plain GPT-2; this one has "
+                                            r"scale_attn_by_inverse_layer_idx$"):
+        export_decoder(odd, tmp_path / "b")
     with pytest.raises(EdgeloraError, match=r"--precision 'int4' is not supported; choose from fp32, int8"):
         export_decoder(make_decoder("llama"), tmp_path / "b", precision="int4")
 
