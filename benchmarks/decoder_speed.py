@@ -1,7 +1,7 @@
 """SmolLM2-135M decoder bundles, fp32 vs int8: decode rate, first-token and 256-token prefill latency,
 file sizes, and how close int8's greedy tokens and logits stay to fp32's.
 
-Exports both bundles (or reuses --bundles DIR/{fp32,int8}), then times one session at a time (two live
+Exports both bundles in a child process (or reuses --bundles DIR/{fp32,int8}-ATTENTION), then times one session at a time (two live
 sessions steal each other's cores, see DESIGN.md): batch 1, greedy, a chat prompt, 64 new tokens, the
 median of --runs runs, --threads intra-op threads. The generation loop is a minimal numpy one over the
 graph's cache inputs and outputs, with no sampling and no tokenizer work in the timed region.
@@ -15,6 +15,8 @@ import argparse
 import gc
 import json
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +25,6 @@ import numpy as np
 import onnxruntime as ort
 
 from edgelora.atomic import write_text_atomic
-from edgelora.exporters.decoder_export import export_decoder
 from edgelora.exporters.decoder_validate import position_ids
 
 PROMPTS = [
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--attention", default="invariant", help="the graph's attention core (decoder_graph.ATTENTION_CORES)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -100,12 +102,15 @@ def main() -> None:
     prompts = [list(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"]) for m in PROMPTS]
     results: dict = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                     "attention": args.attention,
                      "onnxruntime": ort.__version__, "prompt_tokens": len(prompts[0]), "new_tokens": args.new_tokens}
     greedy: dict = {}
     for precision in ("fp32", "int8"):
-        bundle = args.bundles / precision
-        if not (bundle / "manifest.json").is_file():
-            export_decoder("smollm2", bundle, precision=precision)
+        bundle = args.bundles / f"{precision}-{args.attention}"
+        if not (bundle / "manifest.json").is_file():  # in a child: torch's threads and memory would skew the timing
+            code = "import sys; from edgelora.exporters.decoder_export import export_decoder; " \
+                   "export_decoder('smollm2', sys.argv[1], precision=sys.argv[2], attention=sys.argv[3])"
+            subprocess.run([sys.executable, "-c", code, str(bundle), precision, args.attention], check=True)
         manifest = json.loads((bundle / "manifest.json").read_text())
         ban = manifest["generation"]["eos_token_ids"]
         sess = session(bundle, args.threads)
