@@ -1,9 +1,9 @@
 """SmolLM2-135M decoder bundles, fp32 vs int8: decode rate, first-token and 256-token prefill latency,
 file sizes, and how close int8's greedy tokens and logits stay to fp32's.
 
-Exports both bundles in a child process (or reuses --bundles DIR/{fp32,int8}-ATTENTION), then times one session at a time (two live
-sessions steal each other's cores, see DESIGN.md): batch 1, greedy, a chat prompt, 64 new tokens, the
-median of --runs runs, --threads intra-op threads. The generation loop is a minimal numpy one over the
+Exports both bundles in a child process (or reuses --bundles DIR/{fp32,int8}-ATTENTION), then times
+one session at a time (two live sessions steal each other's cores, see DESIGN.md): batch 1, greedy, a
+chat prompt, 64 new tokens, the median of --runs runs, --threads intra-op threads. The generation loop is a minimal numpy one over the
 graph's cache inputs and outputs, with no sampling and no tokenizer work in the timed region.
 
     python benchmarks/decoder_speed.py --threads 2 --runs 5 --json decoder_speed.json
