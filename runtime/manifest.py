@@ -323,8 +323,8 @@ class Generation(_Record):
             if not _is_int(data.get(key), 1):
                 raise bad(key, "a positive integer")
         eos = data.get("eos_token_ids")
-        if not (isinstance(eos, list) and eos and all(_is_int(t) for t in eos)):
-            raise bad("eos_token_ids", "a non-empty list of token ids")
+        if not (isinstance(eos, list) and all(_is_int(t) for t in eos)):  # empty: a base that never stops itself
+            raise bad("eos_token_ids", "a list of token ids")
         for key in ("bos_token_id", "pad_token_id"):
             if data.get(key) is not None and not _is_int(data[key]):
                 raise bad(key, "a token id or null")

@@ -1,0 +1,242 @@
+"""A causal LM (and optionally one LoRA adapter merged into it) -> a checked decoder bundle.
+
+The bundle holds model.onnx (see `decoder_graph`: new tokens + KV cache in, logits + longer cache out),
+the base's tokenizer files with its chat template, and a manifest (format version 2, task "causal-lm")
+whose "generation" record is what a generation loop needs: cache shape, vocabulary, context length and
+the special token ids. Every export is checked against torch first (`decoder_validate`).
+
+Example:
+    >>> export_decoder("smollm2", "bundles/smol8", adapter="runs/home", precision="int8")
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+import torch
+
+from edgelora import __version__
+from edgelora.config import LoraConfig
+from edgelora.errors import EdgeloraError
+from edgelora.model import fingerprint, load_causal_lm
+from edgelora.peft_format import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, read_adapter
+from edgelora.runtime.cpu import detect_isa
+from edgelora.runtime.bundle import (
+    CAUSAL_LM,
+    DECODER_TOKENIZER_FILES,
+    FORMAT,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Manifest,
+    check_out,
+    format_version_for,
+    sha256_file,
+    write_bundle,
+)
+from .decoder_graph import ATTENTION_CORES, OPSET, DecoderSpec, build_decoder_graph, decoder_spec
+from .decoder_validate import validate_decoder
+
+PRECISIONS = ("fp32", "int8")
+TASK = CAUSAL_LM
+PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf refuses messages of 2 GiB; keep a margin for the graph itself
+REQUIRES_ORT = "1.23"  # opset 23 (Attention, RMSNormalization) on CPU; the checks ran on the version in "validation"
+
+
+def merge_lora(model: torch.nn.Module, adapter: str | Path) -> dict[str, Any]:
+    """Merge a PEFT LoRA adapter (CAUSAL_LM) into `model` in place: W = W0 + scaling * B @ A per target.
+
+    scaling is lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), r read per layer from A's shape
+    (PEFT's rank_pattern). Refuses, naming the file and key, an adapter of another task, another base
+    (a module this model lacks, a shape it does not have) or a LoRA variant that computes something else.
+    GPT-2's Conv1D layers (weight (in, out), PEFT's fan_in_fan_out) take the transposed product.
+    """
+    path = Path(adapter)
+    data, tensors = read_adapter(path)
+    source, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    task = data.get("task_type")
+    if task not in (None, "CAUSAL_LM"):
+        raise EdgeloraError(f"{source}: task_type {task!r} is not a causal-LM adapter; give a CAUSAL_LM LoRA adapter")
+    config = adapter_config(data, str(source))
+    if not isinstance(config, LoraConfig):
+        raise EdgeloraError(f"{source}: a {config.kind} adapter cannot be merged into a decoder; give a LoRA adapter")
+    modules = dict(model.named_modules())
+    expected = (data.get("edgelora") or {}).get("base_fingerprint")
+    if expected and expected != fingerprint(model):
+        raise EdgeloraError(f"{path}: adapter was trained on another base (fingerprint {expected[:12]}…); "
+                            "export it with the base it was trained on")
+    a_keys = sorted(k for k in tensors if k.endswith(".lora_A.weight"))
+    stray = sorted(set(tensors) - set(a_keys) - {k.replace(".lora_A.", ".lora_B.") for k in a_keys})
+    for key in stray:  # PEFT saves a tied LM head's base weight beside its LoRA: harmless if it is this base's
+        own = modules.get(key[len(PEFT_PREFIX):].removesuffix(".weight").removesuffix(".base_layer"))
+        if not (key.endswith(".weight") and own is not None and isinstance(getattr(own, "weight", None), torch.Tensor)
+                and torch.equal(own.weight.detach(), tensors[key].to(own.weight.dtype))):
+            raise EdgeloraError(f"{weights}: key {key} is neither a LoRA A/B weight of a linear nor a weight of this "
+                                "base; only plain LoRA on linear layers merges into a decoder")
+    if not a_keys:
+        raise EdgeloraError(f"{weights}: holds no LoRA weights")
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    planned = []
+    for a_key in a_keys:
+        b_key = a_key.replace(".lora_A.", ".lora_B.")
+        name = a_key[len(PEFT_PREFIX):-len(".lora_A.weight")] if a_key.startswith(PEFT_PREFIX) else a_key
+        module = modules.get(name)
+        conv = type(module).__name__ == "Conv1D"  # GPT-2's linear, weight (in, out): PEFT's fan_in_fan_out
+        if not (isinstance(module, torch.nn.Linear) or conv):
+            raise EdgeloraError(f"{weights}: {a_key} targets {name!r}, which is not a linear layer of this base; "
+                                "the adapter is for another base")
+        if b_key not in tensors:
+            raise EdgeloraError(f"{weights}: {a_key} has no {b_key}; re-save the adapter")
+        a, b = tensors[a_key].to(torch.float32), tensors[b_key].to(torch.float32)  # (r, in), (out, r)
+        n_out, n_in = module.weight.shape[::-1] if conv else module.weight.shape
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
+            raise EdgeloraError(f"{weights}: {a_key} {tuple(a.shape)} / {b_key} {tuple(b.shape)} do not fit "
+                                f"{name} ({n_out}x{n_in}); the adapter is for another base")
+        planned.append((name, module, a, b, conv))
+    for name, module, a, b, conv in planned:
+        rank = a.shape[0]
+        scaling = config.alpha / (math.sqrt(rank) if config.use_rslora else rank)
+        if tied and module is model.get_output_embeddings():  # merging must not change the input embeddings
+            module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+        delta = scaling * (b @ a)  # (out, in)
+        with torch.no_grad():
+            module.weight += delta.T if conv else delta
+    ranks = sorted({a.shape[0] for _, _, a, _, _ in planned})
+    return {"name": path.name, "kind": "lora", "file": None, "sha256": None, "layers": len(planned),
+            "rank": ranks[0] if len(ranks) == 1 else ranks, "alpha": config.alpha, "use_rslora": config.use_rslora,
+            "source_sha256": sha256_file(weights)}
+
+
+def write_model(proto: onnx.ModelProto, path: Path) -> None:
+    """model.onnx, its weights beside it in model.onnx.data when the graph passes protobuf's 2 GB limit
+    (fp32 models above ~500M parameters); the bundle's manifest lists and hashes both files."""
+    if proto.ByteSize() < PROTOBUF_LIMIT:
+        path.write_bytes(proto.SerializeToString())
+        return
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024)
+
+
+def _token_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def generation_record(model: torch.nn.Module, spec: DecoderSpec, tokenizer_dir: Path | None) -> dict[str, Any]:
+    """The manifest's "generation" entry: eos ids from generation_config (else config), the chat template."""
+    config, gen = model.config, getattr(model, "generation_config", None)
+
+    def first(attr: str) -> Any:
+        for source in (gen, config):
+            value = getattr(source, attr, None) if source is not None else None
+            if value is not None:
+                return value
+        return None
+
+    eos = list(dict.fromkeys(_token_ids(first("eos_token_id"))))
+    template = None
+    if tokenizer_dir is not None and (tokenizer_dir / "chat_template.jinja").is_file():
+        template = (tokenizer_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    elif tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").is_file():
+        template = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    bos, pad = first("bos_token_id"), first("pad_token_id")
+    return {"num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+            "vocab_size": spec.vocab_size, "context_length": spec.context_length, "eos_token_ids": eos,
+            "bos_token_id": None if bos is None else _token_ids(bos)[0],
+            "pad_token_id": None if pad is None else _token_ids(pad)[0],
+            "chat_template": template if isinstance(template, str) else None}
+
+
+def export_decoder(
+    base: str | Path | torch.nn.Module,
+    out: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    precision: str = "fp32",
+    attention: str = "invariant",
+    tokenizer_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Export a causal LM, with `adapter` merged, to a checked decoder bundle at `out`; returns its manifest.
+
+    Args:
+        base: "smollm2", a Hugging Face causal-LM directory, or a loaded model (left unchanged: a merged
+            adapter goes into a copy).
+        adapter: a PEFT LoRA directory (CAUSAL_LM), merged as W0 + scaling * B @ A before quantization.
+        precision: "fp32", or "int8" (blockwise MatMulNBits; the graph is checked layer by layer against
+            the fake-quant model, `edgelora.fake_quant.fake_quantize_*_blockwise`).
+        attention: the attention core (`decoder_graph.ATTENTION_CORES`): "invariant" (the default: float64
+            softmax, batch-invariant), "ops" or "onnx" (float32, faster, rows may change with left padding).
+        tokenizer_dir: where the tokenizer files are (default: the base directory).
+    """
+    if precision not in PRECISIONS:
+        raise EdgeloraError(f"--precision {precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
+    if attention not in ATTENTION_CORES:
+        raise EdgeloraError(f"attention={attention!r} is not supported; choose from {', '.join(ATTENTION_CORES)}")
+    check_out(Path(out))  # before minutes of work, not only when writing
+    say = progress or (lambda _msg: None)
+    say("loading base")
+    if isinstance(base, torch.nn.Module):
+        model, base_dir, base_name = base, None, getattr(base.config, "_name_or_path", "") or type(base).__name__
+        if adapter is not None:
+            model = copy.deepcopy(base)
+    else:
+        model, base_dir = load_causal_lm(base)
+        base_name = str(base)
+    model.eval()
+    spec = decoder_spec(model)  # refuses an unsupported model type before any other work
+    base_fingerprint = fingerprint(model)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else base_dir
+    adapters = []
+    if adapter is not None:
+        say("merging adapter")
+        adapters.append(merge_lora(model, adapter))
+    say("building graph")
+    graph = build_decoder_graph(model, precision, attention)
+    say("validating against torch")
+    label = f"adapter {adapters[0]['name']!r}" if adapters else "the base"
+    report = validate_decoder(graph, model, precision, label)
+    report["onnxruntime"] = ort.__version__
+    cpu = detect_isa()
+    manifest: dict[str, Any] = {
+        "edgelora_version": __version__,
+        "task": TASK,
+        "mode": "merged",
+        "precision": precision,
+        "base": {"name": base_name, "fingerprint": base_fingerprint, "architecture": spec.model_type,
+                 "hidden_size": spec.hidden_size},
+        "inputs": graph.input_names,
+        "outputs": graph.output_names,
+        "tokenizer": {"file": "tokenizer.json", "max_length": spec.context_length}
+        if tok_dir is not None and (tok_dir / "tokenizer.json").is_file() else None,
+        "generation": generation_record(model, spec, tok_dir),
+        "adapters": adapters,
+        "quantization": None if precision == "fp32" else {
+            "scheme": "weights int8 symmetric per block of 32 inputs; activations int8 per row and block of 32 "
+                      "at run time (MatMulNBits bits 8, accuracy_level 4): a row's result does not depend on its batch",
+            "kernel": "com.microsoft.MatMulNBits", "weight_bits": 8, "block_size": 32, "accuracy_level": 4,
+            "quantized_matmuls": len(graph.quantized),
+            "excluded": "embeddings, norms, rotary, attention scores",
+        },
+        "graph": {"opset": OPSET, "attention": attention,
+                  "packed": ["q|k|v"] + (["gate|up"] if spec.model_type != "gpt2" else [])},
+        "requires": {"onnxruntime": REQUIRES_ORT},
+        "isa": cpu.isa,
+        "validation": report,
+    }
+    typed = Manifest.from_dict({**manifest, "format": FORMAT, "format_version": format_version_for(TASK), "files": {}},
+                               Path(out) / MANIFEST_FILE)
+    writers: dict[str, Callable[[Path], None]] = {MODEL_FILE: lambda p: write_model(graph.model, p)}
+    for name in DECODER_TOKENIZER_FILES:
+        if tok_dir is not None and (tok_dir / name).is_file():
+            writers[name] = lambda p, src=tok_dir / name: shutil.copyfile(src, p)
+    say("writing bundle")
+    return write_bundle(Path(out), typed, writers, None)

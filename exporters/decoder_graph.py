@@ -1,0 +1,379 @@
+"""A Hugging Face causal LM as one ONNX graph with a KV cache, built directly from its weights.
+
+The graph takes the new tokens and the cache and returns logits and the longer cache (Optimum's
+decoder-with-past names), so prefill (past length 0) and each decode step run the same graph; prompts in
+a batch are left-padded. Every linear is a MatMul (fp32) or a MatMulNBits node (int8: blocks of 32 along
+the input, int8 compute with activations quantized per row and block — a row's result never depends on
+its batch-mates), and the default attention core sums over keys in float64, so left padding cannot
+change a row either: a request's logits are bit-identical alone and batched. Llama-style models (Llama,
+Mistral, Qwen2: grouped-query attention, RMSNorm, rotary, SwiGLU, with or without q/k/v biases) and GPT-2
+(LayerNorm, learned positions, GELU, Conv1D weights) are supported; other model types are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edgelora.errors import EdgeloraError
+from edgelora.fake_quant import BLOCK, quantize_weight_blockwise
+
+OPSET = 23  # RMSNormalization and Attention
+IR_VERSION = 11
+LLAMA_STYLE = ("llama", "mistral", "qwen2")
+# "invariant": MatMul / Softmax / MatMul with the softmax and probs @ v in float64 (the default); "ops": the
+# same in float32; "onnx": ONNX's Attention node. Left padding moves a row's keys to other indices of the
+# key axis, so float32 reductions over it (softmax's sum, probs @ v) round differently alone and in a
+# batch; in float64 those differences stay far below float32's last bit and the row is bit-identical.
+ATTENTION_CORES = ("invariant", "ops", "onnx")
+MASKED = float(np.finfo(np.float32).min)  # what transformers adds to masked scores: finite, so no NaN ever
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What the graph and the runtime need to know about a decoder's shape."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    norm_eps: float
+    attention_scale: float
+    activation: str = "silu"  # the MLP's: SwiGLU with silu (Llama-style), or GPT-2's gelu / gelu_new
+
+
+@dataclass(frozen=True)
+class QuantizedMatMul:
+    """One int8 matmul of the graph: its float input and output tensors and the float weight it quantized."""
+
+    input: str
+    output: str
+    weight: np.ndarray  # (out, in) float32, before quantization
+
+
+@dataclass
+class DecoderGraph:
+    model: onnx.ModelProto
+    spec: DecoderSpec
+    quantized: dict[str, QuantizedMatMul] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.model.graph.input]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.model.graph.output]
+
+
+GPT2_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # ONNX Gelu's `approximate`
+
+
+def decoder_spec(model: torch.nn.Module) -> DecoderSpec:
+    """The spec of a loaded causal LM, or a one-line refusal for a model type the graph cannot express."""
+    config = model.config
+    kind = getattr(config, "model_type", None) or type(model).__name__
+    if kind == "gpt2":
+        act = config.activation_function
+        odd = [f for f in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention")
+               if getattr(config, f, False)]
+        if act not in GPT2_ACTIVATIONS or odd:
+            raise EdgeloraError(f"decoder export supports plain GPT-2; this one has "
+                                f"{', '.join(odd) or f'activation_function {act!r}'}")
+        head_dim = config.n_embd // config.n_head
+        return DecoderSpec(kind, config.n_layer, config.n_embd, config.n_head, config.n_head, head_dim,
+                           config.vocab_size, int(config.n_positions), float(config.layer_norm_epsilon),
+                           head_dim ** -0.5 if config.scale_attn_weights else 1.0, act)
+    if kind not in LLAMA_STYLE:
+        raise EdgeloraError(f"decoder export supports model types {', '.join(LLAMA_STYLE)}, gpt2; "
+                            f"this base is {kind!r}")
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise EdgeloraError(f"decoder export supports the SwiGLU MLP (hidden_act 'silu'); this base uses {act!r}")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    context = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    if window and (kind == "mistral" or getattr(config, "use_sliding_window", False)):
+        context = min(context, int(window))  # within the window, sliding attention is full attention
+    return DecoderSpec(kind, config.num_hidden_layers, config.hidden_size, heads,
+                       getattr(config, "num_key_value_heads", None) or heads, head_dim, config.vocab_size,
+                       context, float(config.rms_norm_eps), float(model.model.layers[0].self_attn.scaling))
+
+
+def input_names(num_layers: int) -> list[str]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past]
+
+
+def output_names(num_layers: int) -> list[str]:
+    return ["logits", *[f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]]
+
+
+def rotary_tables(model: torch.nn.Module, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin) (length, head_dim) from the model's own rotary module, so every RoPE variant it knows
+    (default, llama3, linear, ...) gives the very values it computes at those positions."""
+    rotary = model.model.rotary_emb
+    positions = torch.arange(length, dtype=torch.int64)[None]
+    probe = torch.zeros(1, dtype=torch.float32)
+    with torch.no_grad():
+        cos, sin = rotary(probe, positions)
+    return cos[0].numpy().astype(np.float32), sin[0].numpy().astype(np.float32)
+
+
+class _Builder:
+    """Nodes and initializers with unique names; `op` returns the (first) output's name."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def op(self, op_type: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs) -> str:
+        outs = [name] if outputs == 1 else [f"{name}.{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{name}/{op_type}", domain=domain, **attrs))
+        return outs[0]
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def ints(self, name: str, values: list[int]) -> str:
+        return self.init(name, np.asarray(values, dtype=np.int64))
+
+    def scalar(self, name: str, value: float) -> str:
+        return self.init(name, np.asarray(value, dtype=np.float32))
+
+
+def _linear(b: _Builder, x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None, precision: str,
+            quantized: dict[str, QuantizedMatMul]) -> str:
+    """x @ weight.T (+ bias): MatMul on the transposed fp32 weight, or MatMulNBits on blockwise int8."""
+    w = weight.detach().to(torch.float32)
+    n, k = w.shape
+    if precision == "fp32":
+        y = b.op("MatMul", [x, b.init(f"{name}.weight_t", w.T.contiguous().numpy())], f"{name}.matmul")
+    else:
+        q, scale = quantize_weight_blockwise(w, BLOCK)
+        blocks = scale.shape[1]
+        padded = torch.zeros(n, blocks * BLOCK, dtype=torch.int32)
+        padded[:, :k] = q.to(torch.int32)
+        data = (padded + 128).to(torch.uint8).reshape(n, blocks, BLOCK)  # MatMulNBits' 8-bit zero point is 128
+        y = b.op("MatMulNBits", [x, b.init(f"{name}.qweight", data.numpy()),
+                                 b.init(f"{name}.scales", scale.reshape(-1).numpy())],
+                 f"{name}.matmul", domain="com.microsoft", K=k, N=n, bits=8, block_size=BLOCK, accuracy_level=4)
+        quantized[name] = QuantizedMatMul(x, y, w.numpy())
+    if bias is not None:
+        y = b.op("Add", [y, b.init(f"{name}.bias", bias.detach().to(torch.float32).numpy())], f"{name}.out")
+    return y
+
+
+def _packed(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (sum of outs, in) weight for linears sharing an input (q|k|v, gate|up), and their biases if any."""
+    weight = torch.cat([m.weight for m in modules])
+    if all(m.bias is None for m in modules):
+        return weight, None
+    return weight, torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules])
+
+
+def _rope(b: _Builder, x: str, cos: str, sin: str, half: int, name: str) -> str:
+    """x * cos + rotate_half(x) * sin on (..., head_dim), rotate_half(x) = [-x2, x1] as transformers does."""
+    x1, x2 = (f"{name}.half.0", f"{name}.half.1")
+    b.op("Split", [x, b.ints(f"{name}.halves", [half, half])], f"{name}.half", outputs=2, axis=-1)
+    rotated = b.op("Concat", [b.op("Neg", [x2], f"{name}.neg"), x1], f"{name}.rot", axis=-1)
+    return b.op("Add", [b.op("Mul", [x, cos], f"{name}.xcos"), b.op("Mul", [rotated, sin], f"{name}.rsin")], name)
+
+
+def _attention_ops(b: _Builder, q: str, k: str, v: str, mask: str, spec: DecoderSpec, name: str,
+                   wide: bool) -> str:
+    """softmax(q k^T / sqrt(d) + mask) v with q grouped per KV head: q (B, S, Hq, D), k/v (B, Hkv, T, D);
+    `wide`: the reductions over the key axis in float64 (see ATTENTION_CORES)."""
+    group = spec.num_heads // spec.num_kv_heads
+    q = b.op("Reshape", [q, b.ints(f"{name}.qshape", [0, 0, spec.num_kv_heads, group, spec.head_dim])], f"{name}.q5")
+    q = b.op("Transpose", [q], f"{name}.qt", perm=[0, 2, 3, 1, 4])  # (B, Hkv, G, S, D)
+    kt = b.op("Transpose", [b.op("Unsqueeze", [k, b.ints(f"{name}.ax2", [2])], f"{name}.k5")], f"{name}.kt",
+              perm=[0, 1, 2, 4, 3])  # (B, Hkv, 1, D, T)
+    scores = b.op("MatMul", [q, kt], f"{name}.qk")  # (B, Hkv, G, S, T)
+    scores = b.op("Add", [b.op("Mul", [scores, b.scalar(f"{name}.scale", spec.attention_scale)], f"{name}.scaled"),
+                          mask], f"{name}.masked")
+    v5 = b.op("Unsqueeze", [v, f"{name}.ax2"], f"{name}.v5")
+    if wide:  # exp in float32 (elementwise: order-free), the two sums over keys in float64
+        top = b.op("ReduceMax", [scores, b.ints(f"{name}.last", [-1])], f"{name}.max", keepdims=1)
+        e = b.op("Cast", [b.op("Exp", [b.op("Sub", [scores, top], f"{name}.shifted")], f"{name}.exp")],
+                 f"{name}.exp64", to=TensorProto.DOUBLE)
+        weighted = b.op("MatMul", [e, b.op("Cast", [v5], f"{name}.v64", to=TensorProto.DOUBLE)], f"{name}.ev")
+        total = b.op("ReduceSum", [e, f"{name}.last"], f"{name}.sum", keepdims=1)
+        context = b.op("Cast", [b.op("Div", [weighted, total], f"{name}.pv64")], f"{name}.pv", to=TensorProto.FLOAT)
+    else:
+        probs = b.op("Softmax", [scores], f"{name}.probs", axis=-1)
+        context = b.op("MatMul", [probs, v5], f"{name}.pv")  # (B, Hkv, G, S, D)
+    context = b.op("Transpose", [context], f"{name}.ct", perm=[0, 3, 1, 2, 4])  # (B, S, Hkv, G, D)
+    return b.op("Reshape", [context, b.ints(f"{name}.oshape", [0, 0, -1])], f"{name}.context")
+
+
+def _attend(b: _Builder, q: str, k: str, v: str, mask: str, spec: DecoderSpec, i: int, attention: str) -> str:
+    """Layer i's attention over its cache: q (B, S, Hq, D), k / v (B, S, Hkv, D) of the new tokens; writes
+    present.{i}.key / value and returns the context (B, S, Hq * D)."""
+    p = f"layers.{i}"
+    k = b.op("Transpose", [k], f"{p}.k_t", perm=[0, 2, 1, 3])  # (B, Hkv, S, D)
+    v = b.op("Transpose", [v], f"{p}.v_t", perm=[0, 2, 1, 3])
+    if attention != "onnx":
+        k = b.op("Concat", [f"past_key_values.{i}.key", k], f"present.{i}.key", axis=2)
+        v = b.op("Concat", [f"past_key_values.{i}.value", v], f"present.{i}.value", axis=2)
+        return _attention_ops(b, q, k, v, mask, spec, f"{p}.attn", wide=attention == "invariant")
+    q = b.op("Transpose", [q], f"{p}.q_t", perm=[0, 2, 1, 3])  # (B, Hq, S, D)
+    b.nodes.append(helper.make_node(
+        "Attention", [q, k, v, mask, f"past_key_values.{i}.key", f"past_key_values.{i}.value"],
+        [f"{p}.attn.y", f"present.{i}.key", f"present.{i}.value"], name=f"{p}.attn/Attention",
+        q_num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, scale=spec.attention_scale))
+    y = b.op("Transpose", [f"{p}.attn.y"], f"{p}.attn.yt", perm=[0, 2, 1, 3])  # (B, S, Hq, D)
+    return b.op("Reshape", [y, b.ints(f"{p}.oshape", [0, 0, -1])], f"{p}.attn.context")
+
+
+def _split_heads(b: _Builder, qkv: str, spec: DecoderSpec, p: str) -> tuple[str, str, str]:
+    """The packed projection's q (B, S, Hq, D), k and v (B, S, Hkv, D)."""
+    D, Hkv = spec.head_dim, spec.num_kv_heads
+    q, k, v = (f"{p}.split.{j}" for j in range(3))
+    b.op("Split", [qkv, b.ints(f"{p}.sizes", [spec.num_heads * D, Hkv * D, Hkv * D])], f"{p}.split", outputs=3, axis=-1)
+    q = b.op("Reshape", [q, b.ints(f"{p}.qh", [0, 0, spec.num_heads, D])], f"{p}.q4")
+    k = b.op("Reshape", [k, b.ints(f"{p}.kh", [0, 0, Hkv, D])], f"{p}.k4")
+    return q, k, b.op("Reshape", [v, f"{p}.kh"], f"{p}.v4")
+
+
+def _llama_layer(b: _Builder, x: str, layer: torch.nn.Module, i: int, spec: DecoderSpec, rope: tuple[str, str],
+                 mask: str, attention: str, linear) -> str:
+    """x + attention(RMSNorm(x)) with rotary q / k, then + SwiGLU(RMSNorm(.))."""
+    p, attn, mlp = f"layers.{i}", layer.self_attn, layer.mlp
+
+    def norm(h: str, weight: torch.Tensor, name: str) -> str:
+        return b.op("RMSNormalization", [h, b.init(f"{name}.weight", weight.detach().numpy())], name,
+                    axis=-1, epsilon=spec.norm_eps)
+
+    h = norm(x, layer.input_layernorm.weight, f"{p}.input_norm")
+    q, k, v = _split_heads(b, linear(h, f"{p}.qkv", *_packed([attn.q_proj, attn.k_proj, attn.v_proj])), spec, p)
+    half = spec.head_dim // 2
+    q, k = (_rope(b, t, *rope, half, f"{p}.{n}_rope") for t, n in ((q, "q"), (k, "k")))
+    context = _attend(b, q, k, v, mask, spec, i, attention)
+    x = b.op("Add", [x, linear(context, f"{p}.o_proj", attn.o_proj.weight, attn.o_proj.bias)], f"{p}.attn_residual")
+    h = norm(x, layer.post_attention_layernorm.weight, f"{p}.post_norm")
+    gate_up = linear(h, f"{p}.gate_up", *_packed([mlp.gate_proj, mlp.up_proj]))
+    gate, up = f"{p}.gu.0", f"{p}.gu.1"
+    b.op("Split", [gate_up, b.ints(f"{p}.gu_sizes", [mlp.gate_proj.out_features] * 2)], f"{p}.gu", outputs=2, axis=-1)
+    act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}.sig")], f"{p}.silu"), up], f"{p}.swiglu")
+    down = linear(act, f"{p}.down_proj", mlp.down_proj.weight, mlp.down_proj.bias)
+    return b.op("Add", [x, down], f"{p}.mlp_residual")
+
+
+def _layer_norm(b: _Builder, h: str, norm: torch.nn.LayerNorm, name: str, eps: float) -> str:
+    return b.op("LayerNormalization", [h, b.init(f"{name}.weight", norm.weight.detach().numpy()),
+                                       b.init(f"{name}.bias", norm.bias.detach().numpy())], name, axis=-1, epsilon=eps)
+
+
+def _gpt2_layer(b: _Builder, x: str, block: torch.nn.Module, i: int, spec: DecoderSpec, mask: str, attention: str,
+                linear) -> str:
+    """x + attention(LayerNorm(x)), then + MLP(LayerNorm(.)) with GELU; Conv1D weights are (in, out)."""
+    p, attn, mlp = f"layers.{i}", block.attn, block.mlp
+    h = _layer_norm(b, x, block.ln_1, f"{p}.ln_1", spec.norm_eps)
+    q, k, v = _split_heads(b, linear(h, f"{p}.qkv", attn.c_attn.weight.T, attn.c_attn.bias), spec, p)
+    context = _attend(b, q, k, v, mask, spec, i, attention)
+    x = b.op("Add", [x, linear(context, f"{p}.o_proj", attn.c_proj.weight.T, attn.c_proj.bias)], f"{p}.attn_residual")
+    h = _layer_norm(b, x, block.ln_2, f"{p}.ln_2", spec.norm_eps)
+    act = b.op("Gelu", [linear(h, f"{p}.c_fc", mlp.c_fc.weight.T, mlp.c_fc.bias)], f"{p}.gelu",
+               approximate=GPT2_ACTIVATIONS[spec.activation])
+    return b.op("Add", [x, linear(act, f"{p}.down_proj", mlp.c_proj.weight.T, mlp.c_proj.bias)], f"{p}.mlp_residual")
+
+
+def _mask(b: _Builder) -> str:
+    """The additive (B, 1, 1, S, T) mask: key j is visible to new token i (at past + i) when j <= past + i
+    and attention_mask[:, j] is 1; MASKED elsewhere."""
+    seq = b.op("Gather", [b.op("Shape", ["input_ids"], "ids_shape"), b.ints("one", [1])], "seq")
+    total = b.op("Gather", [b.op("Shape", ["attention_mask"], "mask_shape"), "one"], "total")
+    past = b.op("Sub", [total, seq], "past_len")
+    zero, step = b.init("zero_s", np.asarray(0, np.int64)), b.init("one_s", np.asarray(1, np.int64))
+    squeeze = b.ints("ax0", [0])
+    total_s = b.op("Squeeze", [total, squeeze], "total_s")
+    key_pos = b.op("Range", [zero, total_s, step], "key_pos")  # (T,)
+    query_pos = b.op("Range", [b.op("Squeeze", [past, squeeze], "past_s"), total_s, step], "query_pos")  # (S,)
+    causal = b.op("LessOrEqual", [key_pos, b.op("Unsqueeze", [query_pos, b.ints("ax1", [1])], "query_col")],
+                  "causal")  # (S, T)
+    keep = b.op("Cast", ["attention_mask"], "keep", to=TensorProto.BOOL)
+    allowed = b.op("And", [causal, b.op("Unsqueeze", [keep, b.ints("ax123", [1, 2, 3])], "keep5")], "allowed")
+    return b.op("Where", [allowed, b.scalar("unmasked", 0.0), b.scalar("masked", MASKED)], "mask")
+
+
+def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attention: str = "invariant") -> DecoderGraph:
+    """The ONNX graph of a loaded causal LM (its weights as they are: merge adapters first).
+
+    Args:
+        precision: "fp32", or "int8" (every linear and the LM head as MatMulNBits, bits 8, block 32;
+            embeddings, norms and attention scores stay fp32).
+        attention: "invariant" (MatMul / Softmax / MatMul grouped per KV head, softmax and probs @ v in
+            float64: a row's logits are bit-identical alone and in a left-padded batch), "ops" (the same
+            in float32) or "onnx" (ONNX's Attention node, opset 23); see ATTENTION_CORES.
+    """
+    if attention not in ATTENTION_CORES:
+        raise EdgeloraError(f"attention={attention!r} is not supported; choose from {', '.join(ATTENTION_CORES)}")
+    spec = decoder_spec(model)
+    b = _Builder()
+    quantized: dict[str, QuantizedMatMul] = {}
+    L, Hkv, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
+
+    def linear(x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+        return _linear(b, x, name, weight, bias, precision, quantized)
+
+    mask = _mask(b)
+    if attention == "onnx":
+        mask = b.op("Squeeze", [mask, b.ints("ax1_", [1])], "mask4")  # (B, 1, S, T)
+    embed = model.get_input_embeddings()
+    x = b.op("Gather", [b.init("embed_tokens.weight", embed.weight.detach().numpy()), "input_ids"], "embed", axis=0)
+    if spec.model_type == "gpt2":
+        wpe = model.transformer.wpe.weight.detach().numpy()
+        x = b.op("Add", [x, b.op("Gather", [b.init("wpe.weight", wpe), "position_ids"], "positions", axis=0)], "embed_pos")
+        for i, block in enumerate(model.transformer.h):
+            x = _gpt2_layer(b, x, block, i, spec, mask, attention, linear)
+        h = _layer_norm(b, x, model.transformer.ln_f, "final_norm", spec.norm_eps)
+    else:
+        cos_table, sin_table = rotary_tables(model, spec.context_length)
+        cos = b.op("Gather", [b.init("rope.cos", cos_table), "position_ids"], "rope.cos_b", axis=0)  # (B, S, D)
+        sin = b.op("Gather", [b.init("rope.sin", sin_table), "position_ids"], "rope.sin_b", axis=0)
+        rope = (b.op("Unsqueeze", [cos, b.ints("ax2", [2])], "rope.cos_h"),  # (B, S, 1, D)
+                b.op("Unsqueeze", [sin, "ax2"], "rope.sin_h"))
+        for i, layer in enumerate(model.model.layers):
+            x = _llama_layer(b, x, layer, i, spec, rope, mask, attention, linear)
+        h = b.op("RMSNormalization", [x, b.init("final_norm.weight", model.model.norm.weight.detach().numpy())],
+                 "final_norm", axis=-1, epsilon=spec.norm_eps)
+
+    head = model.get_output_embeddings()
+    if precision == "fp32" and head.weight is embed.weight:  # x @ E^T, no second copy of E: (B*S, H) Gemm(transB)
+        flat = b.op("Reshape", [h, b.ints("flat", [-1, spec.hidden_size])], "head.flat")
+        logits = b.op("Gemm", [flat, "embed_tokens.weight"], "head.gemm", transB=1)
+        out_shape = b.op("Concat", ["ids_shape", b.ints("vocab", [spec.vocab_size])], "head.shape", axis=0)
+        logits = b.op("Reshape", [logits, out_shape], "logits")
+    else:
+        logits = b.op("Identity", [linear(h, "lm_head", head.weight, head.bias)], "logits")
+
+    def io(name: str, elem: int, dims: list) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, elem, dims)
+
+    cache_in = ["batch", Hkv, "past_sequence", D]
+    cache_out = ["batch", Hkv, "total_sequence", D]
+    inputs = [io("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+              io("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
+              io("position_ids", TensorProto.INT64, ["batch", "sequence"])]
+    inputs += [io(n, TensorProto.FLOAT, cache_in) for n in input_names(L)[3:]]
+    outputs = [io("logits", TensorProto.FLOAT, ["batch", "sequence", spec.vocab_size])]
+    outputs += [io(n, TensorProto.FLOAT, cache_out) for n in output_names(L)[1:]]
+    graph = helper.make_graph(b.nodes, f"edgelora-{spec.model_type}-decoder", inputs, outputs, initializer=b.inits)
+    opsets = [helper.make_opsetid("", OPSET)]
+    if precision == "int8":
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="edgelora")
+    proto.ir_version = IR_VERSION
+    return DecoderGraph(proto, spec, quantized)

@@ -1,0 +1,310 @@
+"""Claims about the decoder export (exporters/decoder_graph.py, decoder_validate.py, decoder_export.py).
+
+Tiny random Llama (grouped-query attention, tied embeddings), Qwen2 (q/k/v biases, ragged K: hidden 48 and
+MLP 80 are not multiples of 32), Mistral and GPT-2 (Conv1D, LayerNorm, learned positions) bases: the fp32 graph gives torch's logits over a left-padded
+prefill and several decode steps through its cache; the int8 graph equals the fake-quant model layer by
+layer; a row's int8 logits do not change with its batch; a merged LoRA adapter gives PEFT's own logits;
+bad adapters and unsupported bases are refused in one line; the bundle is whole and atomic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgelora.errors import EdgeloraError
+from edgelora.exporters import decoder_export
+from edgelora.exporters.decoder_export import export_decoder, merge_lora
+from edgelora.exporters.decoder_graph import build_decoder_graph, input_names, output_names
+from edgelora.exporters.decoder_validate import (
+    FP32_REL_TOL,
+    INT8_LAYER_REL_TOL,
+    decode_feeds,
+    fake_quant_model,
+    layerwise_error,
+    position_ids,
+    prefill_feeds,
+    session,
+)
+
+DECODE_STEPS = 4
+
+
+def make_decoder(kind: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """A tiny random causal LM, eager attention, eval mode; Qwen2 gets non-zero q/k/v biases."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, num_hidden_layers=layers, max_position_embeddings=64, attn_implementation="eager")
+    if kind == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                                   num_key_value_heads=2, tie_word_embeddings=True, **common))
+    elif kind == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=48, intermediate_size=80, num_attention_heads=4,
+                                                   num_key_value_heads=1, tie_word_embeddings=False, **common))
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    elif kind == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                                       num_key_value_heads=2, sliding_window=48, **common))
+    else:
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    return model.eval()
+
+
+def _torch_logits(model: torch.nn.Module, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """torch's logits for each step of `feeds` (a prefill, then one token per step), through its own cache."""
+    cache, out = None, []
+    with torch.no_grad():
+        for f in feeds:
+            r = model(**{k: torch.from_numpy(f[k]) for k in ("input_ids", "attention_mask", "position_ids")},
+                      cache=cache, use_cache=True)
+            cache = r.cache
+            out.append(r.logits.numpy())
+    return out
+
+
+def _graph_steps(sess, spec, steps: int = DECODE_STEPS, batch: int = 3) -> tuple[list[dict], list[np.ndarray]]:
+    """A left-padded prefill and `steps` greedy decode steps through the graph: (feeds, logits) per step."""
+    feeds = [prefill_feeds(spec, batch=batch)]
+    logits = []
+    for _ in range(steps + 1):
+        out = sess.run(None, feeds[-1])
+        logits.append(out[0])
+        if len(logits) <= steps:
+            feeds.append(decode_feeds(feeds[-1], out[1:], out[0][:, -1].argmax(-1)))
+    return feeds, logits
+
+
+def _rel_error(got: list[np.ndarray], ref: list[np.ndarray], feeds: list[dict]) -> float:
+    """Max |difference| at real positions over the largest |logit|, across every step."""
+    worst = 0.0
+    for g, r, f in zip(got, ref, feeds):
+        real = f["attention_mask"][:, -g.shape[1]:].astype(bool)
+        worst = max(worst, float(np.abs(g[real] - r[real]).max() / np.abs(r[real]).max()))
+    return worst
+
+
+@pytest.mark.parametrize("attention", ["invariant", "ops", "onnx"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2"])
+def test_fp32_graph_equals_torch_over_decode_steps(kind: str, attention: str) -> None:
+    model = make_decoder(kind)
+    graph = build_decoder_graph(model, "fp32", attention)
+    assert graph.input_names == input_names(2) and graph.output_names == output_names(2)
+    feeds, logits = _graph_steps(session(graph.model), graph.spec)
+    assert feeds[0]["attention_mask"][:, 0].tolist() == [1, 0, 0]  # rows really are left-padded
+    err = _rel_error(logits, _torch_logits(model, feeds), feeds)
+    assert err <= FP32_REL_TOL, f"{kind}: relative error {err:.2e}"
+    last = feeds[-1]
+    assert last["past_key_values.0.key"].shape == (3, graph.spec.num_kv_heads, 12 + DECODE_STEPS - 1, graph.spec.head_dim)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_int8_graph_matches_fake_quant_layer_by_layer(kind: str) -> None:
+    model = make_decoder(kind)
+    graph = build_decoder_graph(model, "int8")
+    assert sum(n.op_type == "MatMulNBits" for n in graph.model.graph.node) == len(graph.quantized) == 2 * 4 + 1  # qkv, o, gate|up, down; head
+    assert not any(n.op_type == "MatMul" and "matmul" in n.name for n in graph.model.graph.node)
+    feeds, logits = _graph_steps(session(graph.model), graph.spec, steps=2)
+    err, layer = layerwise_error(graph, feeds)
+    assert err <= INT8_LAYER_REL_TOL, f"{layer}: relative error {err:.2e}"
+    # end to end, the int8 graph follows the fake-quant model, not the float one
+    fq_err = _rel_error(logits, _torch_logits(fake_quant_model(model), feeds), feeds)
+    fp_err = _rel_error(logits, _torch_logits(model, feeds), feeds)
+    assert fq_err < 1e-4 < fp_err, (fq_err, fp_err)
+
+
+def _alone_and_batched(graph, pad: int, real: int = 40, seed: int = 3) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Row 0 (`real` tokens) run alone and left-padded by `pad` in a batch with a longer row: the logits of
+    its prefill (real positions) and of one decode step, each way."""
+    sess = session(graph.model)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, 128, size=(2, real + pad))
+    ids[0, :pad] = 0
+    mask = np.ones_like(ids)
+    mask[0, :pad] = 0
+
+    def run(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        empty = np.zeros((len(ids), graph.spec.num_kv_heads, 0, graph.spec.head_dim), np.float32)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask, ids.shape[1]),
+                 **{n: empty for n in input_names(2)[3:]}}
+        out = sess.run(None, feeds)
+        step = sess.run(None, decode_feeds(feeds, out[1:], np.full(len(ids), 7)))[0]
+        return [out[0][0, -real:], step[0]]
+
+    return run(ids[:1, pad:], mask[:1, pad:]), run(ids, mask)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_row_is_bit_identical_alone_and_in_a_padded_batch(precision: str) -> None:
+    graph = build_decoder_graph(make_decoder("llama"), precision)  # the default core: "invariant"
+    for pad in (1, 3, 7, 13):
+        alone, batched = _alone_and_batched(graph, pad)
+        assert all(np.array_equal(a, b) for a, b in zip(alone, batched)), f"left padding {pad} changed the row"
+
+
+def test_float32_attention_core_is_not_batch_invariant() -> None:
+    """Why the default core sums over keys in float64: in float32, left padding moves a row's keys to other
+    indices, ORT's reductions round differently and the row's logits change. If this fails, ORT's float32
+    kernels became order-stable: the "ops" core would then do."""
+    graph = build_decoder_graph(make_decoder("llama"), "int8", attention="ops")
+    alone, batched = _alone_and_batched(graph, pad=3)
+    assert not np.array_equal(alone[0], batched[0])
+    assert np.abs(alone[0] - batched[0]).max() < 1e-3 * np.abs(alone[0]).max()  # rounding, not a wrong mask
+
+
+# --- merged LoRA --------------------------------------------------------------------------------------
+
+
+def _peft_adapter(model: torch.nn.Module, out: Path, targets: list[str], seed: int = 1, **extra) -> torch.nn.Module:
+    """A PEFT LoRA (CAUSAL_LM) on `model` with random non-zero B, saved to `out`; returns the PEFT model."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                 task_type="CAUSAL_LM", **extra))
+    g = torch.Generator().manual_seed(seed)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    peft_model.save_pretrained(out)
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_merged_lora_equals_peft(tmp_path: Path, rslora: bool) -> None:
+    base = make_decoder("llama")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "lm_head"]
+    peft_model = _peft_adapter(base, tmp_path / "adapter", targets, use_rslora=rslora)
+    manifest = export_decoder(base, tmp_path / "bundle", adapter=tmp_path / "adapter").to_dict()
+    assert manifest["adapters"][0]["layers"] == 2 * 6 + 1 and manifest["adapters"][0]["use_rslora"] == rslora
+    sess = session(onnx.load(str(tmp_path / "bundle" / "model.onnx")))
+    feeds, logits = _graph_steps(sess, build_decoder_graph(base).spec, steps=2)
+    with_adapter, without = _torch_logits(peft_model, feeds), _torch_logits(base, feeds)
+    assert _rel_error(without, with_adapter, feeds) > 1e-2  # the adapter really changes the output
+    assert _rel_error(logits, with_adapter, feeds) <= FP32_REL_TOL
+    # `base` itself was left alone (its logits above are the plain ones), its embeddings still tied
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+
+
+def test_merged_lora_on_gpt2_conv1d_equals_peft(tmp_path: Path) -> None:
+    base = make_decoder("gpt2")
+    peft_model = _peft_adapter(base, tmp_path / "adapter", ["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    manifest = export_decoder(base, tmp_path / "bundle", adapter=tmp_path / "adapter").to_dict()
+    assert manifest["adapters"][0]["layers"] == 2 * 4  # c_proj matches in attn and mlp
+    sess = session(onnx.load(str(tmp_path / "bundle" / "model.onnx")))
+    feeds, logits = _graph_steps(sess, build_decoder_graph(base).spec, steps=2)
+    with_adapter = _torch_logits(peft_model, feeds)
+    assert _rel_error(_torch_logits(base, feeds), with_adapter, feeds) > 1e-2
+    assert _rel_error(logits, with_adapter, feeds) <= FP32_REL_TOL
+
+
+def test_merged_lora_int8_export_passes_its_checks(tmp_path: Path) -> None:
+    base = make_decoder("qwen2")
+    _peft_adapter(base, tmp_path / "adapter", ["q_proj", "v_proj", "up_proj"])
+    manifest = export_decoder(base, tmp_path / "bundle", adapter=tmp_path / "adapter", precision="int8").to_dict()
+    report = manifest["validation"]
+    assert report["int8_layers_vs_fake_quant"]["max_rel_error"] <= INT8_LAYER_REL_TOL
+    assert report["vs_fake_quant_torch"]["worst_cosine"] > 0.999
+    assert manifest["quantization"]["quantized_matmuls"] == 9
+
+
+def test_adapter_for_another_base_is_refused(tmp_path: Path) -> None:
+    base = make_decoder("llama")
+    _peft_adapter(make_decoder("llama", layers=3), tmp_path / "deep", ["q_proj"])  # a layer the base lacks
+    with pytest.raises(EdgeloraError, match=r"adapter_model.safetensors: base_model\.model\.model\.layers\.2\.self_attn"
+                                            r"\.q_proj\.lora_A\.weight targets .* not a linear layer of this base"):
+        export_decoder(base, tmp_path / "b1", adapter=tmp_path / "deep")
+    _peft_adapter(make_decoder("qwen2"), tmp_path / "narrow", ["q_proj"])  # hidden 48, not 64
+    with pytest.raises(EdgeloraError, match=r"adapter_model.safetensors: .*q_proj\.lora_A\.weight \(4, 48\) .* do not "
+                                            r"fit model\.layers\.0\.self_attn\.q_proj \(64x64\)"):
+        export_decoder(base, tmp_path / "b2", adapter=tmp_path / "narrow")
+    assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()
+
+
+def test_adapter_of_another_task_or_variant_is_refused(tmp_path: Path) -> None:
+    base = make_decoder("llama")
+    _peft_adapter(base, tmp_path / "a", ["q_proj"])
+    config = tmp_path / "a" / "adapter_config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps(dict(data, task_type="SEQ_CLS")))
+    with pytest.raises(EdgeloraError, match=r"adapter_config.json: task_type 'SEQ_CLS' is not a causal-LM adapter"):
+        merge_lora(base, tmp_path / "a")
+    config.write_text(json.dumps(dict(data, use_dora=True)))
+    with pytest.raises(EdgeloraError, match=r"adapter_config.json: DoRA is not supported"):
+        merge_lora(base, tmp_path / "a")
+    config.write_text(json.dumps(dict(data, edgelora={"base_fingerprint": "0" * 64})))
+    with pytest.raises(EdgeloraError, match=r"adapter was trained on another base"):
+        merge_lora(base, tmp_path / "a")
+
+
+def test_unsupported_model_type_is_refused(tmp_path: Path) -> None:
+    import transformers as tf
+
+    opt = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                         num_attention_heads=4, max_position_embeddings=64))
+    with pytest.raises(EdgeloraError, match=r"^decoder export supports model types llama, mistral, qwen2, gpt2; this "
+                                            r"base is 'opt'$"):
+        export_decoder(opt, tmp_path / "b")
+    odd = make_decoder("gpt2")
+    odd.config.scale_attn_by_inverse_layer_idx = True
+    with pytest.raises(EdgeloraError, match=r"^decoder export supports plain GPT-2; this one has "
+                                            r"scale_attn_by_inverse_layer_idx$"):
+        export_decoder(odd, tmp_path / "b")
+    with pytest.raises(EdgeloraError, match=r"--precision 'int4' is not supported; choose from fp32, int8"):
+        export_decoder(make_decoder("llama"), tmp_path / "b", precision="int4")
+
+
+# --- the bundle -----------------------------------------------------------------------------------------
+
+
+def test_bundle_holds_graph_tokenizer_and_generation_record(tmp_path: Path) -> None:
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    (tok / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<e>"}))
+    (tok / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    model = make_decoder("llama")
+    model.generation_config.eos_token_id = [2, 5]
+    manifest = export_decoder(model, tmp_path / "bundle", tokenizer_dir=tok, precision="int8").to_dict()
+    on_disk = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert manifest["format_version"] == 2 and manifest["task"] == "causal-lm" and manifest["mode"] == "merged"
+    assert sorted(manifest["files"]) == ["chat_template.jinja", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
+    assert manifest["inputs"] == input_names(2) and manifest["outputs"] == output_names(2)
+    assert manifest["generation"] == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 128,
+                                      "context_length": 64, "eos_token_ids": [2, 5], "bos_token_id": 1,
+                                      "pad_token_id": None, "chat_template": "{{ messages[0]['content'] }}"}
+    assert manifest["quantization"]["weight_bits"] == 8 and manifest["quantization"]["block_size"] == 32
+    assert manifest["validation"]["int8_layers_vs_fake_quant"]["matmuls"] == 9
+
+
+def test_failed_export_keeps_the_previous_bundle(tmp_path: Path) -> None:
+    base = make_decoder("llama")
+    export_decoder(base, tmp_path / "bundle")
+    before = (tmp_path / "bundle" / "manifest.json").read_bytes()
+    _peft_adapter(make_decoder("qwen2"), tmp_path / "wrong", ["q_proj"])
+    with pytest.raises(EdgeloraError, match="do not fit"):
+        export_decoder(base, tmp_path / "bundle", adapter=tmp_path / "wrong")
+    assert (tmp_path / "bundle" / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "wrong"]
+
+
+def test_large_graph_goes_to_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decoder_export, "PROTOBUF_LIMIT", 0)  # as a > 2 GB graph would
+    model = make_decoder("llama")
+    manifest = export_decoder(model, tmp_path / "bundle").to_dict()
+    assert sorted(manifest["files"]) == ["model.onnx", "model.onnx.data"]
+    assert (tmp_path / "bundle" / "model.onnx").stat().st_size < 100_000
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "bundle" / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds, logits = _graph_steps(sess, build_decoder_graph(model).spec, steps=1)
+    assert _rel_error(logits, _torch_logits(model, feeds), feeds) <= FP32_REL_TOL
