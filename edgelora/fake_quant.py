@@ -138,3 +138,77 @@ def fake_quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, zero_p
     `scale` and `zero_point` are float32 scalars (`qparams_from_range` gives them).
     """
     return _StaticActFakeQuant.apply(x, scale, zero_point)
+
+
+# --- blockwise int8: the decoder scheme, ONNX Runtime's MatMulNBits (bits 8, accuracy_level 4) ----------------
+#
+# MLAS's int8 path quantizes its float input per row and per block of `block` values along K (the last block
+# may be shorter): amax = max|x| over the block, scale = amax / 127 and inverse = 127 / amax, both float32
+# divisions (inverse 0 for an all-zero block), q = x * inverse rounded half to even. Weights use the same rule
+# here, so one function gives both: symmetric, never clamped (|q| <= 127 by construction), stored by the
+# exporter as uint8 q + 128 (MatMulNBits' default 8-bit zero point). A row's integers depend on that row
+# alone, so a request's result does not change with its batch-mates.
+
+BLOCK = 32
+_BLOCK_QMAX = 127.0
+
+
+def _check_block(block: int) -> None:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise EdgeloraError(f"weight_block={block!r} is not supported; give a power of two >= 16, e.g. 32")
+
+
+def _blockwise(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(q as float32 (..., n_blocks, block), scale float32 (..., n_blocks), padded columns) of the last dim."""
+    _check_block(block)
+    k = x.shape[-1]
+    pad = -k % block
+    xf = x.detach().to(torch.float32)
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, pad))  # zeros change no block's max
+    xb = xf.reshape(*xf.shape[:-1], (k + pad) // block, block)
+    amax = xb.abs().amax(dim=-1)  # (..., n_blocks)
+    scale = amax / _BLOCK_QMAX
+    inverse = torch.where(amax > 0, _BLOCK_QMAX / torch.where(amax > 0, amax, torch.ones_like(amax)),
+                          torch.zeros_like(amax))
+    q = torch.round(xb * inverse[..., None])  # round half to even, as _mm512_roundscale_ps(NEAREST)
+    return q, scale, pad
+
+
+def quantize_weight_blockwise(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 q (out, in), float32 scale (out, ceil(in / block))) of a (out, in) weight, blocks along `in`.
+
+    `in` need not be a multiple of `block`: the last block is shorter, as MatMulNBits pads it with zeros.
+    """
+    q, scale, pad = _blockwise(weight, block)
+    q = q.reshape(weight.shape[0], -1)
+    return q[:, : q.shape[1] - pad].to(torch.int8), scale
+
+
+def _dequantize_blockwise(x: torch.Tensor, block: int) -> torch.Tensor:
+    q, scale, pad = _blockwise(x, block)
+    y = (q * scale[..., None]).reshape(*x.shape[:-1], -1)
+    return y[..., : y.shape[-1] - pad].to(x.dtype)
+
+
+class _BlockwiseFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, block: int) -> torch.Tensor:  # type: ignore[override]
+        return _dequantize_blockwise(x, block)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+def fake_quantize_weight_blockwise(weight: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """Quantize-dequantize a (out, in) weight on the symmetric int8 grid per block of `block` inputs,
+    straight-through in the backward pass (no clamp ever cuts: each block's scale is its own max)."""
+    return _BlockwiseFakeQuant.apply(weight, block)
+
+
+def fake_quantize_activation_blockwise(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """Quantize-dequantize an activation as MatMulNBits' int8 path does at run time: per row (every leading
+    index) and per block of `block` values of the last dimension, symmetric int8; straight-through gradient.
+    Each row's result depends on that row only, which is what makes the int8 decoder batch-invariant."""
+    return _BlockwiseFakeQuant.apply(x, block)
