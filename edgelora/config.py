@@ -45,6 +45,11 @@ class QuantConfig:
         smoothing: SmoothQuant migration strength alpha in [0, 1] (`edgelora.smooth`), or None for none.
             The factors it gives are computed once from the frozen base on calibration text, then training
             and export both apply them; they save with the adapter (`smoothing.safetensors`).
+        weight_block: 0 is the encoder scheme above (per-output-channel weights, per-tensor uint8
+            activations). A power of two >= 16 (32 for the decoder export) is the decoder scheme of ONNX
+            Runtime's MatMulNBits: symmetric int8 weights per block of `weight_block` inputs and, with
+            activations "dynamic", each input row quantized per block too, so a row's result never depends
+            on its batch-mates. It needs 8-bit weights and dynamic or no activation quantization.
     """
 
     weight_bits: int = 8
@@ -52,9 +57,11 @@ class QuantConfig:
     mode: str = "merged"
     skip_layers: tuple[str, ...] = ()
     smoothing: float | None = None
+    weight_block: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("weight_bits", self.weight_bits, (8, 7))
+        _check_weight_block(self)
         _check_choice("activations", self.activations, ACTIVATION_MODES)
         _check_choice("mode", self.mode, EXPORT_MODES)
         if isinstance(self.skip_layers, str) or not all(isinstance(n, str) and n for n in self.skip_layers):
@@ -65,6 +72,18 @@ class QuantConfig:
                                            or not 0.0 <= self.smoothing <= 1.0):
             raise EdgeloraError(f"smoothing={self.smoothing!r} must be a number between 0 and 1 (SmoothQuant's alpha, "
                                 "e.g. 0.7) or null for none")
+
+
+def _check_weight_block(quant: QuantConfig) -> None:
+    block = quant.weight_block
+    if isinstance(block, bool) or not isinstance(block, int) or (block != 0 and (block < 16 or block & (block - 1))):
+        raise EdgeloraError(f"weight_block={block!r} must be 0 (per-channel int8) or a power of two >= 16 "
+                            "(blockwise int8, 32 for decoders)")
+    if block and quant.weight_bits != 8:
+        raise EdgeloraError(f"weight_block={block} (blockwise int8) needs weight_bits=8, got {quant.weight_bits}")
+    if block and quant.activations == "static":
+        raise EdgeloraError(f"weight_block={block} quantizes activations per row and block at run time; "
+                            "use activations='dynamic' or 'none', not 'static'")
 
 
 @dataclass(frozen=True)

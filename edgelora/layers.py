@@ -17,7 +17,12 @@ from torch import nn
 from edgelora import svd
 from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
-from edgelora.fake_quant import fake_quantize_activation, fake_quantize_weight
+from edgelora.fake_quant import (
+    fake_quantize_activation,
+    fake_quantize_activation_blockwise,
+    fake_quantize_weight,
+    fake_quantize_weight_blockwise,
+)
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 STATIC_NEEDS_CALIBRATION = (
@@ -226,6 +231,8 @@ class AdaptedLinear(nn.Module):
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The int8 path's input as the recipe quantizes it: dynamic, static (calibrated) or not at all."""
         if self.quant.activations == "dynamic":
+            if self.quant.weight_block:  # MatMulNBits: each row per block of the input dimension
+                return fake_quantize_activation_blockwise(x, self.quant.weight_block)
             return fake_quantize_activation(x)
         if self.quant.activations == "static":
             if self.act_observer is None:
@@ -250,6 +257,8 @@ class AdaptedLinear(nn.Module):
         return weight if self.smooth is None else weight * self.smooth.to(weight.dtype)
 
     def _fake_quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.quant.weight_block:
+            return fake_quantize_weight_blockwise(self.smoothed_weight(weight), self.quant.weight_block)
         return fake_quantize_weight(self.smoothed_weight(weight), self.quant.weight_bits)
 
     def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
