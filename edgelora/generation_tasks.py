@@ -97,7 +97,8 @@ _PEOPLE = ("Priya", "Tom", "Anna", "Kenji", "Fatima", "Lucas", "Mei", "Omar", "S
            "~Zoe", "~Rahul")
 _DAYS = {"Monday": ("monday", "mon", "Monday"), "Tuesday": ("tuesday", "tue", "Tues"),
          "Wednesday": ("wednesday", "wed", "Wed"), "Thursday": ("thursday", "thu", "~thurs"),
-         "Friday": ("friday", "fri", "Friday"), "~Saturday": ("saturday", "sat")}
+         "Friday": ("friday", "fri", "Friday"), "Saturday": ("saturday", "sat")}
+_DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "~Saturday")
 _TOPICS = ("the roadmap", "the budget", "the launch", "hiring", "the Q3 report", "the design review", "onboarding",
            "the migration", "the contract", "~the offsite", "~pricing")
 _HOURS = (8, 9, 10, 11, 12, 13, 14, 15, 16, 17)
@@ -121,9 +122,8 @@ def _spoken_time(hour: int, minute: int, rng: _Draw) -> str:
 
 def _meeting_example(rng: _Draw) -> tuple[str, dict[str, Any]]:
     person, topic = rng.pick(_PEOPLE), rng.pick(_TOPICS)
-    day_key = rng.pick(tuple(_DAYS))
-    day = day_key.removeprefix("~")
-    spoken_day = rng.pick(_DAYS[day if day in _DAYS else day_key])
+    day = rng.pick(_DAY_NAMES)
+    spoken_day = rng.pick(_DAYS[day])
     hour, minute = rng.pick(_HOURS), int(rng.pick(_MINUTES))
     text = rng.pick(_MEETING).format(day=spoken_day, time=_spoken_time(hour, minute, rng), person=person, topic=topic)
     return text, {"person": person, "day": day, "time": f"{hour:02d}:{minute:02d}", "topic": topic}

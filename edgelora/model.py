@@ -331,7 +331,8 @@ class AdapterModel(nn.Module):
             raise EdgeloraError(f"unknown adapter {name!r}; this model has {sorted(self.configs) or 'none'}")
         for _, layer in self.adapted_layers():
             layer.delete(name)
-        self.heads.pop(name, None)  # a causal-LM adapter has no head
+        if name in self.heads:  # a causal-LM adapter has none
+            del self.heads[name]
         self.labels.pop(name, None)
         del self.configs[name]
         if self.active == name:
