@@ -14,7 +14,6 @@ from torch import nn
 
 from edgelora.config import AdapterConfig, LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
-from edgelora.layers import AdaptedLinear
 from edgelora.model import AdapterModel, load_causal_lm
 
 IGNORE_INDEX = -100  # label of a token the loss skips (prompt, padding), as Hugging Face and PyTorch use it
@@ -101,8 +100,3 @@ class CausalLMAdapterModel(AdapterModel):
             return (logits,)
         summed, count = token_loss(logits, labels)
         return summed / count.clamp(min=1.0), logits
-
-    def lm_head_layer(self) -> AdaptedLinear | None:
-        """The LM head's wrapper once fake quantization has wrapped it (None before)."""
-        head = self.base.get_submodule(self.output_layer_name())
-        return head if isinstance(head, AdaptedLinear) else None

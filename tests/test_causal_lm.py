@@ -227,6 +227,30 @@ def test_several_adapters_one_active_and_errors(tok):
     assert sorted(model.configs) == ["a"]
 
 
+def test_hf_trainer_trains_only_the_active_lora(tmp_path, tok):
+    import transformers
+
+    torch.set_num_threads(1)
+    rows = tokenize_examples(tok, [ChatExample.from_prompt(p, c) for p, c in generation_tasks.make_pairs("home-json", 32, 0)])
+    pad = causal_data.pad_id(tok)
+    model = CausalLMAdapterModel(make_lm("qwen2", 400))
+    model.add_adapter("other", LoraConfig(r=2))
+    model.add_adapter("a", LoraConfig(r=8, include_mlp=True))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=4, learning_rate=1e-2,
+        save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True, remove_unused_columns=False,
+        dataloader_pin_memory=False, logging_steps=1)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=list(range(len(rows))),
+                                   data_collator=lambda index: causal_data.collate(rows, index, pad))
+    assert trainer.label_names == ["labels"]
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0], losses
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v.detach(), before[k])}
+    assert moved and all(".lora_A.a." in k or ".lora_B.a." in k for k in moved), sorted(moved)[:5]
+
+
 # --- QAT --------------------------------------------------------------------------------------------------------
 def test_quant_config_weight_block_is_validated():
     assert QuantConfig(weight_block=32).weight_block == 32
