@@ -462,15 +462,23 @@ def test_evaluate_generation_decodes_greedily_per_row(tok):
 
 
 # --- the real model ---------------------------------------------------------------------------------------------
+# SmolLM2 on home-json, 80 rows (10 steps of 8), lr 5e-3, 1 thread on a shared 2-core machine: held-out exact match
+# 0.0 for the plain base (it never writes the schema) and 0.5 after training (field accuracy 0.84) in
+# benchmarks/causal_train_speed.py; requiring +0.25 leaves room for run-to-run change and still fails a LoRA that
+# learned nothing. ~2.5 minutes on a busy 2-core machine.
+SMOLLM2_MIN_GAIN = 0.25
+
+
 @pytest.mark.slow
 def test_smollm2_lora_improves_held_out_exact_match(tmp_path):
-    torch.set_num_threads(2)
-    report = train_causal_lm("smollm2", "builtin:home-json:120", "builtin:home-json:24", out=tmp_path / "home",
-                             epochs=1, batch_size=8, lr=3e-3, max_length=96, eval_generate=24, max_new_tokens=32)
-    from edgelora.causal_lm import CausalLMAdapterModel as Model
-
-    model = Model.from_base("smollm2")
+    data, held_source = "builtin:home-json:80", "builtin:home-json:16"
+    model = CausalLMAdapterModel.from_base("smollm2")
     tok = load_tokenizer(model.base_path)
-    _, held = causal_data.load_splits("builtin:home-json:120", "builtin:home-json:24")
+    _, held = causal_data.load_splits(data, held_source)
     plain = evaluate_generation(model, tok, held, 32, task="home-json")
-    assert report["generation"]["exact_match"] > plain["exact_match"] + 0.25, (report["generation"], plain)
+    del model
+    report = train_causal_lm("smollm2", data, held_source, out=tmp_path / "home", epochs=1, batch_size=8, lr=5e-3,
+                             max_length=96, eval_generate=None, max_new_tokens=32)
+    assert report["steps"] == 10 and report["generation"]["rows"] == len(held) == 16
+    assert report["generation"]["exact_match"] >= plain["exact_match"] + SMOLLM2_MIN_GAIN, (report["generation"], plain)
+    assert report["generation"]["field_accuracy"] > plain["field_accuracy"]
