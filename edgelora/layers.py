@@ -68,6 +68,13 @@ class LoraStart(nn.Module):
         return F.linear(F.linear(x, self.A), self.B)
 
 
+def weight_quantizer(quant: QuantConfig):
+    """The weight fake quantizer of a recipe: blockwise (decoder) when `weight_block` is set, else per channel."""
+    if quant.weight_block:
+        return lambda w: fake_quantize_weight_blockwise(w, quant.weight_block)
+    return lambda w: fake_quantize_weight(w, quant.weight_bits)
+
+
 def svd_init(weight: torch.Tensor, r: int, scaling: float, init: str,
              quant: QuantConfig | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Starting (A (r, in), B (out, r)) for init "pissa" or "int8-residual", with scaling * B @ A the fitted part."""
@@ -77,7 +84,7 @@ def svd_init(weight: torch.Tensor, r: int, scaling: float, init: str,
     else:
         if quant is None or quant.mode != "switchable":
             raise EdgeloraError(INT8_RESIDUAL_NEEDS_SWITCHABLE)
-        A, B, _ = svd.int8_residual_init(W, r, lambda w: fake_quantize_weight(w, quant.weight_bits))
+        A, B, _ = svd.int8_residual_init(W, r, weight_quantizer(quant))
     root = scaling**0.5  # split the scale evenly so that scaling * B @ A is the fit, as PEFT's PiSSA does
     A, B = A / root, B / root
     if A.shape[0] < r:  # r above min(out, in): the extra components start (and stay) zero
@@ -257,9 +264,7 @@ class AdaptedLinear(nn.Module):
         return weight if self.smooth is None else weight * self.smooth.to(weight.dtype)
 
     def _fake_quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.quant.weight_block:
-            return fake_quantize_weight_blockwise(self.smoothed_weight(weight), self.quant.weight_block)
-        return fake_quantize_weight(self.smoothed_weight(weight), self.quant.weight_bits)
+        return weight_quantizer(self.quant)(self.smoothed_weight(weight))
 
     def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         h = self.lora_A[name](self.lora_dropout[name](x))  # (..., r)

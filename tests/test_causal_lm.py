@@ -283,6 +283,15 @@ def test_blockwise_qat_layer_computes_the_quantizers_merged_weight(arch, tok):
     torch.testing.assert_close(layer(x[1:2]), layer(x)[1:2], rtol=0, atol=0)
 
 
+def test_int8_residual_init_fits_the_blockwise_rounding_error():
+    model = CausalLMAdapterModel(make_lm("llama", 400))
+    model.add_adapter("a", LoraConfig(r=8, init="int8-residual"), quant=QuantConfig(weight_block=32, mode="switchable"))
+    layer = dict(model.adapted_layers())["model.layers.0.self_attn.q_proj"]
+    w0 = layer.base.weight
+    q = fake_quantize_weight_blockwise(w0, 32)
+    assert (q + layer.lora_delta("a") - w0).norm() < 0.9 * (q - w0).norm()  # the branch absorbs blockwise error
+
+
 # --- training ---------------------------------------------------------------------------------------------------
 def _loop(model, tok, rows, eval_rows, config, **kwargs):
     train = tokenize_examples(tok, rows, 96)
