@@ -285,11 +285,13 @@ def test_blockwise_qat_layer_computes_the_quantizers_merged_weight(arch, tok):
 
 def test_int8_residual_init_fits_the_blockwise_rounding_error():
     model = CausalLMAdapterModel(make_lm("llama", 400))
-    model.add_adapter("a", LoraConfig(r=8, init="int8-residual"), quant=QuantConfig(weight_block=32, mode="switchable"))
-    layer = dict(model.adapted_layers())["model.layers.0.self_attn.q_proj"]
+    model.add_adapter("a", LoraConfig(r=8, init="int8-residual", include_mlp=True),
+                      quant=QuantConfig(weight_block=32, mode="switchable"))
+    layer = dict(model.adapted_layers())["model.layers.0.mlp.down_proj"]  # 64 inputs: two blocks per row
     w0 = layer.base.weight
     q = fake_quantize_weight_blockwise(w0, 32)
-    assert (q + layer.lora_delta("a") - w0).norm() < 0.9 * (q - w0).norm()  # the branch absorbs blockwise error
+    # The branch absorbs the blockwise error (measured 0.69 of it left; fitting the per-channel error leaves 1.00).
+    assert (q + layer.lora_delta("a") - w0).norm() < 0.8 * (q - w0).norm()
 
 
 # --- training ---------------------------------------------------------------------------------------------------
