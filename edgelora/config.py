@@ -213,6 +213,8 @@ AdapterConfig = LoraConfig | BottleneckConfig
 
 def config_to_dict(config: AdapterConfig | QuantConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
+    if isinstance(config, QuantConfig) and not config.weight_block:
+        del data["weight_block"]  # the per-channel recipe saves as it did before blockwise int8 existed
     if "target_modules" in data and data["target_modules"] is not None:
         data["target_modules"] = list(data["target_modules"])
     if data.get("rank_pattern") is not None:
