@@ -168,9 +168,9 @@ def _blockwise(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor,
         xf = torch.nn.functional.pad(xf, (0, pad))  # zeros change no block's max
     xb = xf.reshape(*xf.shape[:-1], (k + pad) // block, block)
     amax = xb.abs().amax(dim=-1)  # (..., n_blocks)
-    scale = amax / _BLOCK_QMAX
-    inverse = torch.where(amax > 0, _BLOCK_QMAX / torch.where(amax > 0, amax, torch.ones_like(amax)),
-                          torch.zeros_like(amax))
+    qmax = torch.full_like(amax, _BLOCK_QMAX)  # tensor / tensor: torch computes `127.0 / t` as 127 * (1 / t),
+    scale = amax / qmax  # one ulp off MLAS's single division, which moves values next to a .5 tie
+    inverse = torch.where(amax > 0, qmax / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.zeros_like(amax))
     q = torch.round(xb * inverse[..., None])  # round half to even, as _mm512_roundscale_ps(NEAREST)
     return q, scale, pad
 

@@ -159,3 +159,35 @@ def test_bad_block_is_refused(block: int) -> None:
         quantize_weight_blockwise(torch.ones(2, 64), block)
     with pytest.raises(EdgeloraError, match="weight_block="):
         fake_quantize_activation_blockwise(torch.ones(2, 64), block)
+
+
+def test_activation_integers_are_the_kernels_on_many_rows() -> None:
+    """Identity weights (integer 127, scale 1/127) make the kernel output q * s * (127 * (1/127)), so
+    round(y / s) reads back its integer for every activation: over ~260k values, ours are the same. This
+    caught 127 / amax computed as 127 * (1 / amax) (torch's scalar / tensor), one ulp off and enough to
+    move a value sitting next to a .5 tie."""
+    g = torch.Generator().manual_seed(10)
+    amax = torch.rand(4096, 1, generator=g, dtype=torch.float64) * 3 + 0.01
+    ties = torch.randint(-126, 126, (4096, 2 * BLOCK), generator=g) + 0.5
+    x = (ties * amax / 127).to(torch.float32)  # within an ulp or two of a .5 tie: the rounding decides
+    x[:, 0] = x[:, BLOCK] = amax[:, 0].to(torch.float32)  # each block's max
+    q, scale = quantize_weight_blockwise(torch.eye(2 * BLOCK))
+    (y,) = matmul_nbits(q, scale).run(None, {"x": x.numpy()})
+    amax = x.reshape(4096, 2, BLOCK).abs().amax(-1).repeat_interleave(BLOCK, dim=1)
+    s = amax / torch.full_like(amax, 127.0)
+    kernel_q = torch.round(torch.from_numpy(y) / s)
+    ours_q = torch.round(fake_quantize_activation_blockwise(x) / s)
+    assert torch.equal(kernel_q, ours_q), f"{int((kernel_q != ours_q).sum())} activation integers differ"
+
+
+def test_scales_are_float32_divisions() -> None:
+    """scale = amax / 127 and inverse = 127 / amax, each one correctly rounded float32 division, as MLAS."""
+    amax = torch.rand(100_000, generator=torch.Generator().manual_seed(12)) * 5 + 1e-3
+    x = torch.zeros(100_000, BLOCK)
+    x[:, 0] = amax
+    x[:, 1] = (amax.double() * 46.5 / 127).float()  # next to the 46.5 tie
+    expected = np.rint(x[:, 1].numpy() * (np.float32(127.0) / amax.numpy()))  # numpy: one rounding per op
+    q = torch.round(fake_quantize_activation_blockwise(x)[:, 1] / (amax / torch.full_like(amax, 127.0)))
+    assert torch.equal(q, torch.from_numpy(expected))
+    _, scale = quantize_weight_blockwise(x)
+    assert np.array_equal(scale[:, 0].numpy(), amax.numpy() / np.float32(127.0))
