@@ -59,6 +59,11 @@ class QuantConfig:
         smoothing: SmoothQuant migration strength alpha in [0, 1] (`edgelora.smooth`), or None for none.
             The factors it gives are computed once from the frozen base on calibration text, then training
             and export both apply them; they save with the adapter (`smoothing.safetensors`).
+        weight_block: 0 is the encoder scheme above (per-output-channel weights, per-tensor uint8
+            activations). A power of two >= 16 (32 for the decoder export) is the decoder scheme of ONNX
+            Runtime's MatMulNBits: symmetric int8 weights per block of `weight_block` inputs and, with
+            activations "dynamic", each input row quantized per block too, so a row's result never depends
+            on its batch-mates. It needs 8-bit weights and dynamic or no activation quantization.
     """
 
     weight_bits: int = 8
@@ -66,9 +71,11 @@ class QuantConfig:
     mode: str = "merged"
     skip_layers: tuple[str, ...] = ()
     smoothing: float | None = None
+    weight_block: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("weight_bits", self.weight_bits, (8, 7))
+        _check_weight_block(self)
         _check_choice("activations", self.activations, ACTIVATION_MODES)
         _check_choice("mode", self.mode, EXPORT_MODES)
         if isinstance(self.skip_layers, str) or not all(isinstance(n, str) and n for n in self.skip_layers):
@@ -77,6 +84,18 @@ class QuantConfig:
         object.__setattr__(self, "skip_layers", tuple(sorted(set(self.skip_layers))))  # JSON lists come back as tuples
         if self.smoothing is not None:
             check_smoothing(self.smoothing)
+
+
+def _check_weight_block(quant: QuantConfig) -> None:
+    block = quant.weight_block
+    if isinstance(block, bool) or not isinstance(block, int) or (block != 0 and (block < 16 or block & (block - 1))):
+        raise EdgeloraError(f"weight_block={block!r} must be 0 (per-channel int8) or a power of two >= 16 "
+                            "(blockwise int8, 32 for decoders)")
+    if block and quant.weight_bits != 8:
+        raise EdgeloraError(f"weight_block={block} (blockwise int8) needs weight_bits=8, got {quant.weight_bits}")
+    if block and quant.activations == "static":
+        raise EdgeloraError(f"weight_block={block} quantizes activations per row and block at run time; "
+                            "use activations='dynamic' or 'none', not 'static'")
 
 
 @dataclass(frozen=True)
@@ -220,6 +239,8 @@ def check_recipe(adapter: AdapterConfig, quant: QuantConfig | None) -> None:
 
 def config_to_dict(config: AdapterConfig | QuantConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
+    if isinstance(config, QuantConfig) and not config.weight_block:
+        del data["weight_block"]  # the per-channel recipe saves as it did before blockwise int8 existed
     if "target_modules" in data and data["target_modules"] is not None:
         data["target_modules"] = list(data["target_modules"])
     if data.get("rank_pattern") is not None:

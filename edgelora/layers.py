@@ -17,7 +17,12 @@ from torch import nn
 from edgelora import svd
 from edgelora.config import INT8_RESIDUAL_NEEDS_SWITCHABLE, BottleneckConfig, LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
-from edgelora.fake_quant import fake_quantize_activation, fake_quantize_weight
+from edgelora.fake_quant import (
+    fake_quantize_activation,
+    fake_quantize_activation_blockwise,
+    fake_quantize_weight,
+    fake_quantize_weight_blockwise,
+)
 
 # Where adapter tensors sit in a state dict, by the attribute names below: `<layer>.lora_A.<name>.weight`,
 # `<layer>.lora_B.<name>.weight`, `<layer>.bottleneck.<name>.{down,up}.{weight,bias}`; PEFT's files say
@@ -64,6 +69,13 @@ class LoraStart(nn.Module):
         return F.linear(F.linear(x, self.A), self.B)
 
 
+def weight_quantizer(quant: QuantConfig):
+    """The weight fake quantizer of a recipe: blockwise (decoder) when `weight_block` is set, else per channel."""
+    if quant.weight_block:
+        return lambda w: fake_quantize_weight_blockwise(w, quant.weight_block)
+    return lambda w: fake_quantize_weight(w, quant.weight_bits)
+
+
 def svd_init(weight: torch.Tensor, r: int, scaling: float, init: str,
              quant: QuantConfig | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Starting (A (r, in), B (out, r)) for init "pissa" or "int8-residual", with scaling * B @ A the fitted part."""
@@ -73,7 +85,7 @@ def svd_init(weight: torch.Tensor, r: int, scaling: float, init: str,
     else:
         if quant is None or quant.mode != "switchable":
             raise EdgeloraError(INT8_RESIDUAL_NEEDS_SWITCHABLE)
-        A, B, _ = svd.int8_residual_init(W, r, lambda w: fake_quantize_weight(w, quant.weight_bits))
+        A, B, _ = svd.int8_residual_init(W, r, weight_quantizer(quant))
     root = scaling**0.5  # split the scale evenly so that scaling * B @ A is the fit, as PEFT's PiSSA does
     A, B = A / root, B / root
     if A.shape[0] < r:  # r above min(out, in): the extra components start (and stay) zero
@@ -227,6 +239,8 @@ class AdaptedLinear(nn.Module):
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The int8 path's input as the recipe quantizes it: dynamic, static (calibrated) or not at all."""
         if self.quant.activations == "dynamic":
+            if self.quant.weight_block:  # MatMulNBits: each row per block of the input dimension
+                return fake_quantize_activation_blockwise(x, self.quant.weight_block)
             return fake_quantize_activation(x)
         if self.quant.activations == "static":
             if self.act_observer is None:
@@ -251,7 +265,7 @@ class AdaptedLinear(nn.Module):
         return weight if self.smooth is None else weight * self.smooth.to(weight.dtype)
 
     def _fake_quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_weight(self.smoothed_weight(weight), self.quant.weight_bits)
+        return weight_quantizer(self.quant)(self.smoothed_weight(weight))
 
     def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         h = self.lora_A[name](self.lora_dropout[name](x))  # (..., r)

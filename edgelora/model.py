@@ -180,6 +180,8 @@ class AdapterModel(nn.Module):
         >>> model.set_adapter("intent")
     """
 
+    task = "classification"  # what `forward` computes; `edgelora.causal_lm` adds "causal-lm"
+
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base_fingerprint = fingerprint(base)
@@ -258,12 +260,24 @@ class AdapterModel(nn.Module):
         self, name: str, config: AdapterConfig, labels: list[str], quant: QuantConfig | None = None
     ) -> None:
         """Inject adapter `name` with a fresh head over `labels`; `quant` sets the fake-quant recipe of the model."""
+        self._check_new_name(name)
+        if len(labels) < 2:
+            raise EdgeloraError(f"adapter {name!r} needs at least 2 labels, got {len(labels)}")
+        self._inject(name, config, quant)
+        ref = next(self.base.parameters())
+        self.heads[name] = nn.Linear(hidden_size(self.base), len(labels)).to(ref.device)
+        self.labels[name] = list(labels)
+        self.set_adapter(name)
+
+    def _check_new_name(self, name: str) -> None:
         if not ADAPTER_NAME.fullmatch(name or ""):
             raise EdgeloraError(f"adapter name {name!r} must be {ADAPTER_NAME_RULE}")
         if name in self.configs:
             raise EdgeloraError(f"adapter {name!r} already exists; delete it first or pick another name")
-        if len(labels) < 2:
-            raise EdgeloraError(f"adapter {name!r} needs at least 2 labels, got {len(labels)}")
+
+    def _inject(self, name: str, config: AdapterConfig, quant: QuantConfig | None) -> None:
+        """Put adapter `name` into its target layers (wrapping them on first use) and record its config; the
+        one injection every task shares (`edgelora.causal_lm.CausalLMAdapterModel` adds no head)."""
         check_recipe(config, quant if quant is not None else self.quant)
         if quant is not None:
             self.set_quant(quant)
@@ -273,11 +287,7 @@ class AdapterModel(nn.Module):
         else:
             for layer_name in self._bottleneck_target_names(config):
                 self._wrap(layer_name).add_bottleneck(name, config)
-        ref = next(self.base.parameters())
-        self.heads[name] = nn.Linear(hidden_size(self.base), len(labels)).to(ref.device)
-        self.labels[name] = list(labels)
         self.configs[name] = config
-        self.set_adapter(name)
 
     def set_quant(self, quant: QuantConfig | None) -> None:
         """Fake-quantize every quantizable linear with `quant` (None turns fake quantization off)."""
@@ -320,7 +330,10 @@ class AdapterModel(nn.Module):
             raise EdgeloraError(f"unknown adapter {name!r}; this model has {sorted(self.configs) or 'none'}")
         for _, layer in self.adapted_layers():
             layer.delete(name)
-        del self.heads[name], self.labels[name], self.configs[name]
+        if name in self.heads:  # a causal-LM adapter has none
+            del self.heads[name]
+        self.labels.pop(name, None)
+        del self.configs[name]
         if self.active == name:
             self.set_adapter(None)
 

@@ -62,9 +62,9 @@ def adapter_state(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:
                 sub = getattr(layer.bottleneck[name], part)
                 tensors[f"{PEFT_PREFIX}{layer_name}{BOTTLENECK_KEY}{part}.weight"] = sub.weight
                 tensors[f"{PEFT_PREFIX}{layer_name}{BOTTLENECK_KEY}{part}.bias"] = sub.bias
-    head = model.heads[name]
-    tensors[HEAD_PREFIX + "weight"] = head.weight
-    tensors[HEAD_PREFIX + "bias"] = head.bias
+    if name in model.heads:  # a causal-LM adapter has none: the base's own LM head predicts
+        tensors[HEAD_PREFIX + "weight"] = model.heads[name].weight
+        tensors[HEAD_PREFIX + "bias"] = model.heads[name].bias
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
 
 
@@ -90,7 +90,8 @@ def save_adapter(
         "format_version": FORMAT_VERSION,
         "adapter": config_to_dict(config),
         "quantization": None if model.quant is None else config_to_dict(model.quant),
-        "labels": model.labels[name],
+        "task": model.task,
+        **({"labels": model.labels[name]} if name in model.labels else {}),
         "base_fingerprint": model.base_fingerprint,
         "name": name,
         **({"init": init} if init is not None else {}),
@@ -100,7 +101,7 @@ def save_adapter(
     if isinstance(config, LoraConfig):
         data: dict[str, Any] = {
             "peft_type": "LORA",
-            "task_type": None,
+            "task_type": "CAUSAL_LM" if model.task == "causal-lm" else None,
             "base_model_name_or_path": base_name,
             "r": config.r,
             "lora_alpha": config.alpha,
@@ -208,7 +209,14 @@ def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None,
             f"{path}: adapter was trained on another base (fingerprint {fp[:12]}…, this base {model.base_fingerprint[:12]}…); "
             "export it with the base it was trained on"
         )
-    if f"{HEAD_PREFIX}weight" in tensors:
+    task = extras.get("task") or ("classification" if f"{HEAD_PREFIX}weight" in tensors else model.task)
+    if task != model.task:  # a stock PEFT adapter (no extras, no head) loads into either
+        raise EdgeloraError(f"{path}: a {task} adapter cannot load into a {model.task} model; "
+                            + ("load the base with CausalLMAdapterModel" if task == "causal-lm" else
+                               "load it with AdapterModel (an encoder task)"))
+    if model.task == "causal-lm":
+        labels = []
+    elif f"{HEAD_PREFIX}weight" in tensors:
         n_labels = tensors[f"{HEAD_PREFIX}weight"].shape[0]
         labels = list(extras.get("labels") or [str(i) for i in range(n_labels)])
     else:
@@ -286,7 +294,7 @@ def _module_state(name: str, tensors: dict[str, torch.Tensor], resolved: dict[st
 
 
 # Recipe fields every adapter of one model (hence one bundle) must share: the graph has one base.
-SHARED_RECIPE_FIELDS = ("weight_bits", "activations", "mode", "skip_layers", "smoothing")
+SHARED_RECIPE_FIELDS = ("weight_bits", "activations", "mode", "skip_layers", "smoothing", "weight_block")
 
 
 def _check_same_recipe(model: AdapterModel, recipe: QuantConfig | None, path: Path) -> None:

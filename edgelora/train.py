@@ -224,6 +224,61 @@ def train_adapter(
             f"the tokenizer truncates at {truncation['max_length']} tokens but the base has {limit} positions; "
             f"use max_length <= {limit}"
         )
+    labels_np = np.asarray(train_labels)
+
+    def batch_loss(step_model: torch.nn.Module, rows: np.ndarray, device: torch.device):
+        feeds = _batches(encode(tokenizer, [train_texts[j] for j in rows]), device)
+        target = torch.from_numpy(labels_np[rows]).to(device)
+        with _autocast(device):
+            logits, _ = step_model(**feeds)
+        return F.cross_entropy(logits.float(), target, reduction="sum"), torch.tensor(float(len(rows)), device=device)
+
+    def evaluate() -> tuple[dict[str, float], float]:
+        acc = accuracy(model, tokenizer, eval_texts, eval_labels)
+        return {"eval_accuracy": acc}, acc
+
+    task = LoopTask(
+        size=len(train_texts),
+        batch_loss=batch_loss,
+        evaluate=evaluate if len(eval_texts) else None,
+        empty_metrics={"eval_accuracy": float("nan")},
+        signature=lambda world: _signature(model, name, tokenizer, train_texts, train_labels, eval_texts, eval_labels,
+                                           config, world),
+        head_params=list(model.heads[name].parameters()),
+    )
+    return run_loop(model, name, task, config, progress=progress, checkpoint=checkpoint)
+
+
+@dataclass(frozen=True)
+class LoopTask:
+    """What `run_loop` needs from a task (classification here, causal LM in `edgelora.causal_train`).
+
+    Args:
+        size: number of training rows; the loop draws batches of row indices from it.
+        batch_loss: (model, row indices, device) -> (summed loss over the rows' targets, number of targets
+            as a float tensor): the loss of a batch is their ratio, and under torchrun the ratio of the sums over
+            processes, so a batch gives the same gradient however its rows are shared out.
+        evaluate: rank 0's held-out evaluation after each epoch: (metrics for the history, a score where higher
+            is better, which picks the best epoch); None when there is no held-out set.
+        empty_metrics: the history's metrics when `evaluate` is None.
+        signature: (number of processes) -> what the run's result depends on; a resumed checkpoint must match.
+        head_params: parameters trained at `TrainConfig.head_lr` (a classification head), none for causal LMs.
+    """
+
+    size: int
+    batch_loss: Callable[[torch.nn.Module, np.ndarray, torch.device], tuple[torch.Tensor, torch.Tensor]]
+    evaluate: Callable[[], tuple[dict[str, float], float]] | None
+    empty_metrics: dict[str, float]
+    signature: Callable[[int], dict[str, Any]]
+    head_params: list[torch.nn.Parameter] = field(default_factory=list)
+
+
+def run_loop(model: AdapterModel, name: str, task: LoopTask, config: TrainConfig,
+             progress: Callable[[str], None] | None = None, checkpoint: CheckpointConfig | None = None) -> TrainResult:
+    """The training loop every task shares: AdamW with warm-up and linear decay, gradient clipping, a stop at a
+    non-finite loss, held-out evaluation each epoch keeping the best epoch's weights, checkpoints and --resume,
+    DistributedDataParallel under torchrun. `train_adapter` and `train_causal_lm` check their inputs and call it."""
+    rank, world = distributed.world()
     if checkpoint is not None:
         distributed.on_rank0(checkpoint.check)
     seed_everything(config.seed + rank)  # dropout differs per process; the data order (order_rng) is shared
@@ -232,27 +287,25 @@ def train_adapter(
         device = torch.device("cuda", torch.cuda.current_device())  # this process's GPU (set by process_group)
     model.to(device)
     params = model.trainable_parameters()
-    head_params = list(model.heads[name].parameters())
+    head_params = [p for p in task.head_params if p.requires_grad]
     head_ids = {id(p) for p in head_params}
     groups = [
         {"params": [p for p in params if id(p) not in head_ids], "lr": config.lr},
         {"params": head_params, "lr": config.head_lr or config.lr},
     ]
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_texts) / config.batch_size)
+    steps_per_epoch = math.ceil(task.size / config.batch_size)
     total = steps_per_epoch * config.epochs
     warmup = max(1, int(total * config.warmup_ratio))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     )
     order_rng = np.random.default_rng(config.seed)
-    labels_np = np.asarray(train_labels)
     result = TrainResult(best_accuracy=-1.0, best_epoch=-1, device=str(device), processes=world)
     loop = _Loop()
     saver = None
     if checkpoint is not None:
-        saver = _Saver(checkpoint, _signature(model, name, tokenizer, train_texts, train_labels, eval_texts,
-                                              eval_labels, config, world))
+        saver = _Saver(checkpoint, task.signature(world))
         if checkpoint.resume:
             saver.restore(model, name, optimizer, scheduler, order_rng, loop, result)
     step_model: torch.nn.Module = model
@@ -269,7 +322,7 @@ def train_adapter(
     while loop.epoch < config.epochs:
         step_model.train()
         if loop.order is None:
-            loop.order, loop.batch, loop.losses = order_rng.permutation(len(train_texts)), 0, []
+            loop.order, loop.batch, loop.losses = order_rng.permutation(task.size), 0, []
         while loop.batch < steps_per_epoch:
             idx = loop.order[loop.batch * config.batch_size : (loop.batch + 1) * config.batch_size]
             rows = idx if world == 1 else distributed.shard(idx, rank, world)
@@ -277,19 +330,17 @@ def train_adapter(
             # so every process still joins the gradient all-reduce.
             weight = 1.0 if len(rows) else 0.0
             rows = rows if len(rows) else idx[:1]
-            feeds = _batches(encode(tokenizer, [train_texts[j] for j in rows]), device)
-            target = torch.from_numpy(labels_np[rows]).to(device)
-            with _autocast(device):
-                logits, _ = step_model(**feeds)
+            summed, count = task.batch_loss(step_model, rows, device)
             if world == 1:
-                loss = reported = F.cross_entropy(logits.float(), target)
+                loss = reported = summed / count.clamp(min=1.0)
             else:
                 # DDP divides the summed gradients by the number of processes; scaling this process's summed loss
-                # by world / len(idx) makes the result the gradient of the global batch's mean loss, as one
-                # process computes it, however unevenly the rows are shared.
-                summed = F.cross_entropy(logits.float(), target, reduction="sum") * weight
-                loss = summed * (world / len(idx))
-                reported = distributed.all_sum(summed) / len(idx)  # the global batch's mean loss, on every rank
+                # by world / (the global batch's number of targets) makes the result the gradient of the global
+                # batch's mean loss, as one process computes it, however unevenly the rows are shared.
+                summed = summed * weight
+                targets = distributed.all_sum(count * weight).clamp(min=1.0)
+                loss = summed * (world / targets)
+                reported = distributed.all_sum(summed) / targets  # the global batch's mean loss, on every rank
             if not torch.isfinite(reported):
                 raise EdgeloraError(f"loss became {reported.item()} at step {loop.step}; lower --lr (now {config.lr})"
                                     + (saver.kept_note() if saver else ""))
@@ -305,14 +356,14 @@ def train_adapter(
                 saver.save(model, name, optimizer, scheduler, order_rng, loop, result)
             if progress and rank == 0:
                 progress(f"epoch {loop.epoch + 1}/{config.epochs} step {loop.step}/{total} loss {reported.item():.4f}")
-        acc = float("nan")
-        if rank == 0 and len(eval_texts):
-            acc = accuracy(model, tokenizer, eval_texts, eval_labels)
+        metrics, score = dict(task.empty_metrics), float("nan")
+        if rank == 0 and task.evaluate is not None:
+            metrics, score = task.evaluate()
         if world > 1:
-            acc = distributed.broadcast(acc)  # every process keeps the same best epoch
-        result.history.append({"epoch": loop.epoch + 1, "train_loss": float(np.mean(loop.losses)), "eval_accuracy": acc})
-        if not len(eval_texts) or acc > result.best_accuracy:
-            result.best_accuracy, result.best_epoch = acc, loop.epoch + 1
+            metrics, score = distributed.broadcast((metrics, score))  # every process keeps the same best epoch
+        result.history.append({"epoch": loop.epoch + 1, "train_loss": float(np.mean(loop.losses)), **metrics})
+        if task.evaluate is None or score > result.best_accuracy:
+            result.best_accuracy, result.best_epoch = score, loop.epoch + 1
             loop.best_state = {k: v.detach().clone() for k, v in _adapter_state(model, name).items()}
         loop.epoch, loop.order, loop.batch, loop.losses = loop.epoch + 1, None, 0, []
         if saver:  # every epoch end; the last one holds the finished run until the caller has saved the adapter

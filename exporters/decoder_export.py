@@ -26,6 +26,7 @@ import torch
 from edgelora import __version__
 from edgelora.config import LoraConfig
 from edgelora.errors import EdgeloraError
+from edgelora.layers import LORA_A_KEY, LORA_B_KEY
 from edgelora.model import fingerprint, load_causal_lm
 from edgelora.peft_format import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, read_adapter
 from edgelora.runtime.cpu import detect_isa
@@ -72,8 +73,8 @@ def merge_lora(model: torch.nn.Module, adapter: str | Path) -> dict[str, Any]:
     if expected and expected != fingerprint(model):
         raise EdgeloraError(f"{path}: adapter was trained on another base (fingerprint {expected[:12]}…); "
                             "export it with the base it was trained on")
-    a_keys = sorted(k for k in tensors if k.endswith(".lora_A.weight"))
-    stray = sorted(set(tensors) - set(a_keys) - {k.replace(".lora_A.", ".lora_B.") for k in a_keys})
+    a_keys = sorted(k for k in tensors if k.endswith(f"{LORA_A_KEY}weight"))
+    stray = sorted(set(tensors) - set(a_keys) - {k.replace(LORA_A_KEY, LORA_B_KEY) for k in a_keys})
     for key in stray:  # PEFT saves a tied LM head's base weight beside its LoRA: harmless if it is this base's
         own = modules.get(key[len(PEFT_PREFIX):].removesuffix(".weight").removesuffix(".base_layer"))
         if not (key.endswith(".weight") and own is not None and isinstance(getattr(own, "weight", None), torch.Tensor)
@@ -85,8 +86,8 @@ def merge_lora(model: torch.nn.Module, adapter: str | Path) -> dict[str, Any]:
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     planned = []
     for a_key in a_keys:
-        b_key = a_key.replace(".lora_A.", ".lora_B.")
-        name = a_key[len(PEFT_PREFIX):-len(".lora_A.weight")] if a_key.startswith(PEFT_PREFIX) else a_key
+        b_key = a_key.replace(LORA_A_KEY, LORA_B_KEY)
+        name = a_key[len(PEFT_PREFIX):-len(f"{LORA_A_KEY}weight")] if a_key.startswith(PEFT_PREFIX) else a_key
         module = modules.get(name)
         conv = type(module).__name__ == "Conv1D"  # GPT-2's linear, weight (in, out): PEFT's fan_in_fan_out
         if not (isinstance(module, torch.nn.Linear) or conv):

@@ -1,0 +1,227 @@
+"""Training and scoring a causal-LM adapter: the library entry point behind `edgelora train --task causal-lm`.
+
+`train_causal_lm` loads the base, adds a LoRA adapter (q/k/v/o, MLP optional), optionally fake-quantized with
+the decoder's blockwise int8 recipe, trains it with `edgelora.train.run_loop` (checkpoints, --resume, torchrun,
+the non-finite-loss stop), saves it in PEFT's CAUSAL_LM layout and scores greedy generation on held-out rows.
+`evaluate_generation` is the torch reference score a decoder bundle's score is compared with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgelora import causal_data, distributed, generation_tasks
+from edgelora.causal_data import ChatExample, TokenizedRows
+from edgelora.causal_lm import CausalLMAdapterModel, token_loss
+from edgelora.config import LoraConfig, QuantConfig, config_to_dict
+from edgelora.errors import EdgeloraError
+from edgelora.model import max_positions
+from edgelora.train import CheckpointConfig, LoopTask, TrainConfig, run_loop
+
+DECODER_BLOCK = 32  # the blockwise int8 scheme the decoder export uses (MatMulNBits block_size)
+QAT_CHOICES = (None, "int8")
+
+
+def load_tokenizer(path: str | Path):
+    """The base's Hugging Face tokenizer (with its chat template), from disk only."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EdgeloraError(f"{path}: could not load the tokenizer ({first}); the base directory needs tokenizer files") from None
+
+
+def decoder_quant(weight_block: int = DECODER_BLOCK, activations: str = "dynamic") -> QuantConfig:
+    """The int8 recipe of a decoder: blockwise weights, activations per row and block (batch-invariant)."""
+    if not weight_block:
+        raise EdgeloraError("causal-LM QAT uses the decoder's blockwise int8 (weight_block=32); weight_block=0 is the "
+                            "encoder's per-channel scheme, which the decoder export does not write")
+    return QuantConfig(weight_block=weight_block, activations=activations)
+
+
+def _prompt_texts(tokenizer, rows: Sequence[ChatExample]) -> list[str]:
+    """What the model is given to answer each row: the chat template with its generation prompt, or the raw prompt."""
+    if causal_data.has_chat_template(tokenizer):
+        return [tokenizer.apply_chat_template(r.prompt_messages, tokenize=False, add_generation_prompt=True) for r in rows]
+    return [r.messages[0][1] for r in rows]
+
+
+@torch.no_grad()
+def generate_answers(model: CausalLMAdapterModel, tokenizer, rows: Sequence[ChatExample], max_new_tokens: int = 48,
+                     batch_size: int = 16) -> list[str]:
+    """Greedy answers of the active adapter (or the plain base) to each row's prompt, special tokens removed."""
+    model.eval()
+    device = next(model.parameters()).device
+    texts = _prompt_texts(tokenizer, rows)
+    templated = causal_data.has_chat_template(tokenizer)
+    pad = causal_data.pad_id(tokenizer)
+    eos = tokenizer.eos_token_id
+    answers: list[str] = []
+    for i in range(0, len(texts), batch_size):
+        encoded = [tokenizer(t, add_special_tokens=not templated)["input_ids"] for t in texts[i : i + batch_size]]
+        longest = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), longest), dtype=torch.long)
+        for b, e in enumerate(encoded):  # left padding: every prompt ends where generation starts
+            ids[b, longest - len(e):] = torch.tensor(e)
+            mask[b, longest - len(e):] = 1
+        out = model.base.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                  max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        for row in out[:, longest:]:
+            answers.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
+    return answers
+
+
+def evaluate_generation(model: CausalLMAdapterModel, tokenizer, rows: Sequence[ChatExample], max_new_tokens: int = 48,
+                        task: str | None = None, batch_size: int = 16) -> dict[str, Any]:
+    """Greedy generation scored against each row's final answer: exact match and, for a builtin task, per-field
+    accuracy (`edgelora.generation_tasks.score`). Returns the scores and the answers (`predictions`)."""
+    predictions = generate_answers(model, tokenizer, rows, max_new_tokens, batch_size)
+    references = [r.reference for r in rows]
+    if task is not None:
+        scores = generation_tasks.score(task, predictions, references)
+    else:
+        hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+        scores = {"exact_match": hits / max(1, len(rows))}
+    return {**scores, "rows": len(rows), "predictions": predictions}
+
+
+def eval_loss(model: CausalLMAdapterModel, rows: TokenizedRows, pad: int, batch_size: int = 16) -> float:
+    """Mean cross-entropy per answer token over held-out rows (teacher forcing), in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            feeds = causal_data.collate(rows, range(i, min(len(rows), i + batch_size)), pad, device)
+            (logits,) = model(feeds["input_ids"], feeds["attention_mask"])
+            summed, n = token_loss(logits, feeds["labels"])
+            total, count = total + summed.item(), count + n.item()
+    return total / max(count, 1.0)
+
+
+def causal_loop_task(model: CausalLMAdapterModel, name: str, tokenizer, train: TokenizedRows, held_out: TokenizedRows,
+                     config: TrainConfig) -> LoopTask:
+    """The `run_loop` task of causal-LM training: token loss on answers, held-out loss each epoch (lower wins)."""
+    pad = causal_data.pad_id(tokenizer)
+
+    def batch_loss(step_model: torch.nn.Module, rows: np.ndarray, device: torch.device):
+        feeds = causal_data.collate(train, rows.tolist(), pad, device)
+        (logits,) = step_model(feeds["input_ids"], feeds["attention_mask"])
+        return token_loss(logits, feeds["labels"])
+
+    def evaluate() -> tuple[dict[str, float], float]:
+        loss = eval_loss(model, held_out, pad)
+        return {"eval_loss": loss}, -loss
+
+    def signature(world: int) -> dict[str, Any]:
+        data = json.dumps([train.input_ids, train.labels, held_out.input_ids, held_out.labels])
+        return {
+            **({"number of processes": world} if world > 1 else {}),
+            "task": "causal-lm",
+            "adapter": name,
+            "adapter config": config_to_dict(model.configs[name]),
+            "quantization": None if model.quant is None else config_to_dict(model.quant),
+            "base": model.base_fingerprint,
+            "training settings": dataclasses.asdict(config),
+            "data": hashlib.sha256(data.encode()).hexdigest(),  # token ids: the tokenizer and max_length included
+        }
+
+    return LoopTask(size=len(train), batch_loss=batch_loss, evaluate=evaluate if len(held_out) else None,
+                    empty_metrics={"eval_loss": float("nan")}, signature=signature)
+
+
+def train_causal_lm(
+    base: str | Path,
+    data: str | Path,
+    eval: str | Path | None = None,
+    *,
+    out: str | Path,
+    name: str = "adapter",
+    epochs: int = 1,
+    lr: float = 2e-3,
+    batch_size: int = 8,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    include_mlp: bool = False,
+    qat: str | None = None,
+    weight_block: int = DECODER_BLOCK,
+    max_length: int = causal_data.DEFAULT_MAX_LENGTH,
+    seed: int = 0,
+    eval_fraction: float = 0.2,
+    eval_generate: int | None = 64,
+    max_new_tokens: int = 48,
+    checkpoint: CheckpointConfig | None = None,
+    device: str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train a LoRA adapter for generation on a frozen causal LM and save it (PEFT CAUSAL_LM layout) to `out`.
+
+    Example:
+        >>> report = train_causal_lm("smollm2", "builtin:home-json:2000", out="runs/home", qat="int8")  # doctest: +SKIP
+        >>> report["generation"]["exact_match"]  # doctest: +SKIP
+
+    Args:
+        data / eval: JSONL files or `builtin:TASK[:N]` (see `edgelora.causal_data.load_splits`).
+        qat: "int8" fake-quantizes every linear (q/k/v/o, MLP, LM head) with the decoder's blockwise recipe,
+            merged mode (training sees Q(W0 + s B A), the tensor the export quantizes); None trains fp32.
+        eval_generate: held-out rows to answer greedily after training and score (None: all; 0: none). Each
+            costs up to `max_new_tokens` decoding steps.
+    Returns a report: data counts (truncated, dropped), steps, seconds, tokens per second, the loss history,
+    and the held-out generation scores.
+    """
+    from edgelora.peft_format import check_adapter_out, save_adapter
+
+    if qat not in QAT_CHOICES:
+        raise EdgeloraError(f"qat={qat!r} is not supported; choose int8 or leave it unset for fp32")
+    check_adapter_out(out)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+    lora = LoraConfig(r=rank, alpha=alpha, dropout=dropout, include_mlp=include_mlp)
+    quant = decoder_quant(weight_block) if qat == "int8" else None
+    train_rows, eval_rows = causal_data.load_splits(data, eval, seed=seed, eval_fraction=eval_fraction)
+    model = CausalLMAdapterModel.from_base(str(base))
+    tokenizer = load_tokenizer(model.base_path)
+    limit = max_positions(model.base)
+    if limit is not None and max_length > limit:
+        raise EdgeloraError(f"max_length={max_length} exceeds the base's {limit} positions; use max_length <= {limit}")
+    train_tok = causal_data.tokenize_examples(tokenizer, train_rows, max_length)
+    eval_tok = causal_data.tokenize_examples(tokenizer, eval_rows, max_length)
+    if not len(train_tok):
+        raise EdgeloraError(f"{data}: no training row keeps an answer token within max_length={max_length}; "
+                            "raise max_length")
+    model.add_adapter(name, lora, quant=quant)
+    task = causal_loop_task(model, name, tokenizer, train_tok, eval_tok, config)
+    started = time.perf_counter()
+    result = run_loop(model, name, task, config, progress=progress, checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+    builtin = generation_tasks.task_of(str(eval if eval is not None else data))
+    if distributed.world()[0] != 0:
+        return {"out": str(out), "history": result.history}  # rank 0 saves, scores and reports
+    save_adapter(model, name, out, base_name=str(base), extra={"max_length": max_length, "data": str(data)})
+    if checkpoint is not None:
+        checkpoint.remove()
+    steps = -(-len(train_tok) // batch_size) * epochs
+    report: dict[str, Any] = {
+        "out": str(out),
+        "train_rows": len(train_tok), "eval_rows": len(eval_tok),
+        "truncated": train_tok.truncated + eval_tok.truncated, "dropped": train_tok.dropped + eval_tok.dropped,
+        "steps": steps, "seconds": seconds, "tokens_per_second": train_tok.tokens * epochs / seconds,
+        "history": result.history, "best_epoch": result.best_epoch, "device": result.device,
+        "qat": qat,
+    }
+    if eval_generate != 0 and eval_rows:
+        rows = eval_rows if eval_generate is None else eval_rows[:eval_generate]
+        report["generation"] = evaluate_generation(model, tokenizer, rows, max_new_tokens, task=builtin)
+    return report
