@@ -51,7 +51,7 @@ PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf refuses messages of 2 GiB; keep a mar
 REQUIRES_ORT = "1.23"  # opset 23 (Attention, RMSNormalization) on CPU; the checks ran on the version in "validation"
 
 
-def merge_lora(model: torch.nn.Module, adapter: str | Path) -> dict[str, Any]:
+def merge_lora(model: torch.nn.Module, adapter: str | Path, adapter_name: str | None = None) -> dict[str, Any]:
     """Merge a PEFT LoRA adapter (CAUSAL_LM) into `model` in place: W = W0 + scaling * B @ A per target.
 
     scaling is lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), r read per layer from A's shape
@@ -110,7 +110,7 @@ def merge_lora(model: torch.nn.Module, adapter: str | Path) -> dict[str, Any]:
         with torch.no_grad():
             module.weight += delta.T if conv else delta
     ranks = sorted({a.shape[0] for _, _, a, _, _ in planned})
-    return {"name": path.name, "kind": "lora", "file": None, "sha256": None, "layers": len(planned),
+    return {"name": adapter_name or path.name, "kind": "lora", "file": None, "sha256": None, "layers": len(planned),
             "rank": ranks[0] if len(ranks) == 1 else ranks, "alpha": config.alpha, "use_rslora": config.use_rslora,
             "source_sha256": sha256_file(weights)}
 
@@ -161,11 +161,12 @@ def export_decoder(
     out: str | Path,
     *,
     adapter: str | Path | None = None,
+    adapter_name: str | None = None,
     precision: str = "fp32",
     attention: str = "invariant",
     tokenizer_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Export a causal LM, with `adapter` merged, to a checked decoder bundle at `out`; returns its manifest.
 
     Args:
@@ -199,7 +200,7 @@ def export_decoder(
     adapters = []
     if adapter is not None:
         say("merging adapter")
-        adapters.append(merge_lora(model, adapter))
+        adapters.append(merge_lora(model, adapter, adapter_name))
     say("building graph")
     graph = build_decoder_graph(model, precision, attention)
     say("validating against torch")

@@ -16,7 +16,10 @@ from edgelora.errors import EdgeloraError
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `edgelora export`."""
-    p.add_argument("base", help="Hugging Face model directory, or 'minilm'")
+    p.add_argument("base", help="Hugging Face model directory, or 'minilm' or 'smollm2' (the embedded bases)")
+    p.add_argument("--task", choices=("auto", "classification", "causal-lm"), default="auto",
+                   help="causal-lm writes a decoder bundle (KV cache, generation; `edgelora generate` runs it); auto: "
+                        "causal-lm for 'smollm2' or a CAUSAL_LM adapter, else classification")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR", help="adapter directory (repeatable)")
     p.add_argument("--mode", choices=("merged", "switchable"), default="merged")
     p.add_argument("--precision", choices=("fp32", "int8"), default="int8")
@@ -43,6 +46,10 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 def export_command(args: argparse.Namespace) -> int:
     from edgelora.exporters.export import export_bundle
 
+    adapters = parse_adapter_specs(args.adapter)
+    if _export_task(args.task, args.base, adapters) == "causal-lm":
+        return _export_decoder(args, adapters)
+
     if args.target_cosine is not None and (args.keep_fp32 or "").strip() != "auto":
         raise EdgeloraError("--target-cosine is the goal of --keep-fp32 auto; add --keep-fp32 auto or drop it")
     if args.smooth is not None:
@@ -52,7 +59,7 @@ def export_command(args: argparse.Namespace) -> int:
             check_smoothing(args.smooth)
     bar = Progress(None, "export")
     try:
-        manifest = export_bundle(args.base, parse_adapter_specs(args.adapter), mode=args.mode, precision=args.precision,
+        manifest = export_bundle(args.base, adapters, mode=args.mode, precision=args.precision,
                                  out=args.out, weight_bits=args.weight_bits, max_length=args.max_length,
                                  lora_slots=args.slots, fusions=parse_fusions(args.fusions),
                                  keep_fp32=parse_keep_fp32(args.keep_fp32), smooth_alpha=args.smooth,
@@ -66,6 +73,53 @@ def export_command(args: argparse.Namespace) -> int:
                       f"{tokenizer.max_length} tokens")
     print(json.dumps({"bundle": str(args.out), "mode": manifest.mode, "precision": manifest.precision,
                       "adapters": list(manifest.adapter_names), "validation": manifest.validation}))
+    return 0
+
+
+# export flags a decoder bundle does not take, with the value that means "not given"
+ENCODER_ONLY = {"weight_bits": None, "max_length": 128, "slots": "adapters", "keep_fp32": None, "target_cosine": None,
+                "fusions": None, "smooth": None}
+
+
+def _export_task(task: str, base: str, adapters: dict[str, str]) -> str:
+    """causal-lm or classification: as asked, else from the base's name or the adapters' PEFT task type."""
+    if task != "auto":
+        return task
+    if base == "smollm2":
+        return "causal-lm"
+    for path in adapters.values():
+        try:
+            config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # the exporter names the unreadable file
+        if isinstance(config, dict) and config.get("task_type") == "CAUSAL_LM":
+            return "causal-lm"
+    return "classification"
+
+
+def _export_decoder(args: argparse.Namespace, adapters: dict[str, str]) -> int:
+    """A merged decoder bundle: the base with at most one LoRA folded in, fp32 or blockwise int8."""
+    from edgelora.exporters.decoder_export import export_decoder
+
+    given = [k for k, unset in ENCODER_ONLY.items() if getattr(args, k) != unset]
+    if given:
+        raise EdgeloraError(f"--{given[0].replace('_', '-')} applies to encoder bundles; drop it for a causal-lm export")
+    if args.mode != "merged":
+        raise EdgeloraError("causal-lm bundles are merged for now (switchable decoders are not built yet); "
+                            "use --mode merged, one bundle per adapter")
+    if len(adapters) > 1:
+        raise EdgeloraError(f"a merged causal-lm bundle holds one adapter, got {len(adapters)} ({', '.join(adapters)}); "
+                            "export one bundle per adapter")
+    name, path = next(iter(adapters.items()), (None, None))
+    bar = Progress(None, "export")
+    try:
+        manifest = export_decoder(args.base, args.out, adapter=path, adapter_name=name, precision=args.precision,
+                                  progress=bar.describe)
+    finally:
+        bar.close()
+    print(json.dumps({"bundle": str(args.out), "task": manifest.task, "mode": manifest.mode,
+                      "precision": manifest.precision, "adapters": list(manifest.adapter_names),
+                      "validation": manifest.validation}))
     return 0
 
 

@@ -1,0 +1,94 @@
+"""The decoder path through the command line, as a user types it: `train --task causal-lm`, `export` (routed to
+the decoder exporter by the adapter's CAUSAL_LM task), `generate`, and the flags each refuses in one line.
+
+The base is a tiny random Llama saved with its chat tokenizer (tests/tiny_decoder.py); the checks compare the
+bundle with the torch model the adapter was trained into, not with fixed strings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_line_error, cli
+from tiny_decoder import lm_dir, train_chat_tokenizer
+
+from edgelora.causal_lm import CausalLMAdapterModel
+from edgelora.peft_format import load_adapter
+from edgelora.runtime import Runtime
+
+TRAIN = ["--task", "causal-lm", "--data", "builtin:home-json:24", "--batch-size", "8", "--eval-generate", "2",
+         "--max-new-tokens", "4"]
+FP32_LOGIT_TOL = 1e-4  # the exporter's own fp32 check: same weights, only summation order differs
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli_decoder")
+    tok = train_chat_tokenizer(root / "tok")
+    return {"root": root, "base": lm_dir(root, "llama", tok)}
+
+
+@pytest.fixture(scope="module")
+def trained(workspace) -> Path:
+    from edgelora.cli import main
+
+    torch.set_num_threads(1)
+    out = workspace["root"] / "adapters" / "home"
+    assert main(["train", *TRAIN, "--base", str(workspace["base"]), "--qat", "int8", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_causal_lm_reports_and_saves_a_causal_adapter(trained, capsys) -> None:
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["edgelora"]["quantization"]["weight_block"] == 32
+
+
+def test_export_routes_a_causal_adapter_to_a_decoder_bundle_that_equals_torch(workspace, trained, capsys) -> None:
+    out = workspace["root"] / "bundles" / "fp32"
+    rc, stdout, err = cli(["export", workspace["base"], "--adapter", f"home={trained}", "--precision", "fp32",
+                           "--out", out], capsys)
+    assert rc == 0, err
+    printed = json.loads(stdout)
+    assert (printed["task"], printed["mode"], printed["adapters"]) == ("causal-lm", "merged", ["home"])
+    model = CausalLMAdapterModel.from_base(str(workspace["base"]))
+    load_adapter(model, trained)
+    model.set_quant(None)  # the fp32 bundle is the float model with the adapter merged
+    ids = torch.tensor([[5, 17, 33, 8, 90, 12]])
+    with torch.no_grad():
+        want = model.base(input_ids=ids).logits.numpy()
+    session = Runtime(out).session
+    L = Runtime(out).manifest.generation
+    empty = np.zeros((1, L.num_kv_heads, 0, L.head_dim), np.float32)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()),
+             "position_ids": np.arange(6, dtype=np.int64)[None],
+             **{f"past_key_values.{i}.{kv}": empty for i in range(L.num_layers) for kv in ("key", "value")}}
+    got = session.run(["logits"], feeds)[0]
+    assert np.abs(got - want).max() <= FP32_LOGIT_TOL * np.abs(want).max()
+    rc, stdout, err = cli(["generate", out, "--prompt", "turn on the kitchen light", "--max-new-tokens", "5",
+                           "--adapter", "home"], capsys)
+    assert rc == 0, err
+    assert stdout.strip() == Runtime(out).generate([{"role": "user", "content": "turn on the kitchen light"}],
+                                                   adapter="home", max_new_tokens=5).strip()
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--kind", "bottleneck"], "--kind applies to --task classification"),
+    (["--smooth", "0.5"], "--smooth applies to --task classification"),
+    (["--weight-bits", "7"], "--weight-bits 7: causal-lm int8 uses 8-bit blocks of 32"),
+])
+def test_train_causal_lm_refuses_classification_flags(workspace, tmp_path, capsys, extra, fragment) -> None:
+    rc, _, err = cli(["train", *TRAIN, "--base", workspace["base"], "--out", tmp_path / "x", *extra], capsys)
+    assert_one_line_error(rc, err, fragment)
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--mode", "switchable"], "causal-lm bundles are merged for now"),
+    (["--fusions", "none"], "--fusions applies to encoder bundles"),
+])
+def test_export_causal_lm_refuses_encoder_flags(workspace, trained, tmp_path, capsys, extra, fragment) -> None:
+    rc, _, err = cli(["export", workspace["base"], "--adapter", trained, "--out", tmp_path / "b", *extra], capsys)
+    assert_one_line_error(rc, err, fragment)
