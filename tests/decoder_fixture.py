@@ -1,26 +1,21 @@
-"""TEST FIXTURE ONLY: a stand-in decoder exporter, until the real one (branch `decoder`) is merged.
+"""Decoder bundles for the generation tests, written by the real exporter (`export_decoder`).
 
-`export_test_decoder(model, tokenizer_dir, out)` writes a decoder bundle by the decoder contract (inputs
-input_ids, attention_mask, position_ids, past_key_values.{i}.key|value; outputs logits, present.{i}.key|value;
-manifest task "causal-lm", format_version 2, a `generation` record, the tokenizer files) from any
-transformers causal LM, through `torch.onnx.export` (TorchScript, dynamo=False) of a wrapper that builds a
-DynamicCache from the explicit past tensors. fp32 only, no checks beyond the contract: the runtime tests
-need graphs, not an exporter.
-
-`tiny_llama(vocab_size, seed)` is the tiny random grouped-query-attention Llama (or Qwen2) the generation
-tests use.
+`export_test_decoder(model, tokenizer_dir, out)` exports `model` to a merged fp32 decoder bundle with the
+tokenizer files of `tokenizer_dir` (a chat template there, or `chat_template`, travels with it); `adapter`
+names a LoRA that is merged in: a zero-B one, so the bundle computes the base's function under that name.
+`tiny_llama(vocab_size, seed)` is the tiny random grouped-query-attention Llama (or Qwen2) they use.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from edgelora.runtime.bundle import CAUSAL_LM, AdapterEntry, Generation, Manifest, write_bundle
+from edgelora.exporters.decoder_export import export_decoder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -45,67 +40,33 @@ def tiny_llama(vocab_size: int, seed: int = 0, context: int = 96, kind: str = "l
     return model_class(config).eval()
 
 
-class _WithPast(nn.Module):
-    """The contract's flat signature around a transformers causal LM: explicit past tensors in, presents out."""
+def _zero_lora(model: nn.Module, directory: Path) -> Path:
+    """A PEFT CAUSAL_LM LoRA on q_proj/v_proj with B = 0: a real adapter file that leaves the base unchanged."""
+    import copy
 
-    def __init__(self, model: nn.Module, num_layers: int) -> None:
-        super().__init__()
-        self.model = model
-        self.num_layers = num_layers
+    from peft import LoraConfig, get_peft_model
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        for i in range(self.num_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        presents = []
-        for layer in out.past_key_values.layers:
-            presents += [layer.keys, layer.values]
-        return (out.logits, *presents)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                                task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(directory)
+    return directory
 
 
-def export_test_decoder(model: nn.Module, tokenizer_dir: Path, out: Path, *, context_length: int,
-                        adapter: str | None = None, eos_token_ids: tuple[int, ...] = (2,),
-                        chat_template: str | None = None) -> Path:
-    """A merged fp32 decoder bundle of `model` at `out` (see the module docstring)."""
-    c = model.config
-    L, kv, hd = c.num_hidden_layers, c.num_key_value_heads, c.hidden_size // c.num_attention_heads
-    past_names = [f"past_key_values.{i}.{t}" for i in range(L) for t in ("key", "value")]
-    present_names = [f"present.{i}.{t}" for i in range(L) for t in ("key", "value")]
-    inputs = ["input_ids", "attention_mask", "position_ids", *past_names]
-    outputs = ["logits", *present_names]
-    batch, past, seq = 2, 3, 4
-    example = (
-        torch.randint(3, c.vocab_size, (batch, seq)),
-        torch.ones(batch, past + seq, dtype=torch.int64),
-        torch.arange(past, past + seq).expand(batch, seq).contiguous(),
-        *[torch.randn(batch, kv, past, hd) for _ in past_names],
-    )
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total_seq"},
-            "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
-    axes.update({n: {0: "batch", 2: "past_seq"} for n in past_names})
-    axes.update({n: {0: "batch", 2: "total_seq"} for n in present_names})
+def export_test_decoder(model: nn.Module, tokenizer_dir: Path, out: Path, *, context_length: int | None = None,
+                        adapter: str | None = None, chat_template: str | None = None) -> Path:
+    """A merged fp32 decoder bundle of `model` at `out`, checked by the exporter against torch.
 
-    def write_model(path: Path) -> None:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on the cache's Python-side branches
-            torch.onnx.export(_WithPast(model, L), example, str(path), input_names=inputs, output_names=outputs,
-                              dynamic_axes=axes, opset_version=17, dynamo=False)
-
-    def copier(name: str):
-        return lambda path: shutil.copyfile(tokenizer_dir / name, path)
-
-    writers = {"model.onnx": write_model}
-    writers.update({n: copier(n) for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()})
-    manifest = Manifest(
-        task=CAUSAL_LM, mode="merged", precision="fp32", inputs=tuple(inputs), outputs=tuple(outputs),
-        adapters=(AdapterEntry.create(adapter, kind="lora", labels=(), switchable=False),) if adapter else (),
-        generation=Generation(num_layers=L, num_kv_heads=kv, head_dim=hd, vocab_size=c.vocab_size,
-                              context_length=context_length, eos_token_ids=tuple(eos_token_ids),
-                              bos_token_id=c.bos_token_id, pad_token_id=c.pad_token_id, chat_template=chat_template),
-    )
-    write_bundle(out, manifest, writers, tokenizer_dir=None)
+    `context_length`, where given, must be the model's own (the exporter takes it from the config)."""
+    if context_length is not None:
+        assert context_length == model.config.max_position_embeddings, "the exporter reads the model's context"
+    tok = out.parent / f"{out.name}.tokenizer"
+    tok.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copyfile(Path(tokenizer_dir) / name, tok / name)
+    if chat_template is not None:
+        config = json.loads((tok / "tokenizer_config.json").read_text()) if (tok / "tokenizer_config.json").is_file() else {}
+        (tok / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=chat_template)))
+    lora = _zero_lora(model, out.parent / f"{out.name}.{adapter}") if adapter else None
+    export_decoder(model, out, adapter=lora, adapter_name=adapter, precision="fp32", tokenizer_dir=tok)
     return out

@@ -29,7 +29,7 @@ def test_smollm2_fp32_greedy_equals_transformers(tmp_path) -> None:
 
     base = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager", dtype=torch.float32).eval()
-    gen = Generator(export_test_decoder(model, base, tmp_path / "smollm2", context_length=2048))
+    gen = Generator(export_test_decoder(model, base, tmp_path / "smollm2"))
     for prompt in PROMPTS:
         gen.generate(prompt, max_new_tokens=NEW_TOKENS)
         ids = gen.prompt_ids(prompt)
