@@ -41,7 +41,8 @@ class Runtime:
             when several sessions or processes share the cores, or they steal each other's cores.
         optimized_cache: save the ORT-optimized graph under `<bundle>/.cache/` and load it next time,
             skipping graph optimization. Keyed by model sha256, ORT version and ISA; skipped silently where
-            the bundle directory is read-only.
+            the bundle directory is read-only. None (the default): on for encoder bundles, off for decoder
+            bundles, whose graph is hundreds of MB and optimizes in seconds.
     """
 
     def __init__(
@@ -50,10 +51,12 @@ class Runtime:
         *,
         intra_op_threads: int | None = None,
         allow_spinning: bool = True,
-        optimized_cache: bool = True,
+        optimized_cache: bool | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
+        if optimized_cache is None:
+            optimized_cache = self.manifest.task != CAUSAL_LM
         check_requires(self.manifest, self.bundle_dir)
         cpu = detect_isa()
         threads = cpu.physical_cores if intra_op_threads is None else intra_op_threads
@@ -85,6 +88,10 @@ class Runtime:
 
     def _warn_if_saturating(self, isa: str) -> None:
         quant = self.manifest.quantization
+        # The 7-bit advice is for DynamicQuantizeMatMul; decoder bundles run MatMulNBits (MLAS's blockwise kernels),
+        # whose behaviour on CPUs without VNNI has not been measured, so nothing is claimed for them here.
+        if self.manifest.task == CAUSAL_LM:
+            return
         if self.manifest.precision == "int8" and quant is not None and quant.weight_bits == 8 and int8_saturates(isa):
             warnings.warn(
                 f"{self.bundle_dir}: 8-bit int8 weights (tuned for {quant.isa or 'another CPU'}) on this {isa} "

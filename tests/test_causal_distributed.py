@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_causal_lm import _train_tokenizer, make_lm
+from tiny_decoder import make_lm, train_chat_tokenizer
 
 from edgelora import generation_tasks
 from edgelora.causal_data import ChatExample, tokenize_examples
@@ -58,7 +58,7 @@ def worker(tok_dir: Path, out: Path) -> None:
 @pytest.mark.slow
 def test_two_processes_train_a_causal_lm_like_one(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    tok_dir = _train_tokenizer(tmp_path / "tok")
+    tok_dir = train_chat_tokenizer(tmp_path / "tok")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_runtime import TEXTS, make_bundle  # the torch-free tiny-bundle builder
+from tiny_bundle import TEXTS, make_bundle  # the torch-free tiny-bundle builder
 
 # Importing a blocked module raises ImportError, as a missing package does.
 NO_TORCH = "import sys\nsys.modules['torch'] = None\n"

@@ -138,3 +138,11 @@ def test_every_runtime_module_and_the_builtin_data_load_without_torch() -> None:
             "assert len(texts) == len(gold) == 16 and sys.modules['torch'] is None\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_no_test_file_imports_another() -> None:
+    """Shared helpers live in conftest.py and the tests/tiny_*.py and decoder_fixture.py modules, never in a
+    test file: importing one test module from another runs its fixtures' module state twice."""
+    offenders = [f"{path.name}:{line} imports {module}" for path in sorted((ROOT / "tests").glob("test_*.py"))
+                 for module, line in imported_modules(path, "tests") if module.split(".")[0].startswith("test_")]
+    assert not offenders, offenders
