@@ -1,4 +1,4 @@
-"""The decoder export on the real model, SmolLM2-135M-Instruct (slow: two exports of 540 MB and 64-token runs).
+"""The decoder export on the real model, SmolLM2-135M-Instruct (slow: two exports of 540 and 270 MB and 64-token runs).
 
 fp32 bundle: greedy tokens equal transformers' own greedy `generate` for 64 new tokens on three chat
 prompts, logits at every step within 1e-4 relative. int8 bundle: its greedy tokens are the same for each
@@ -130,3 +130,27 @@ def test_int8_bundle_is_batch_invariant_and_close_to_fp32(smollm2, bundles) -> N
     # A sanity floor only: the first prompt's fp32 top three lie within 0.4 of 25, so int8 may pick another
     # of them; a broken graph puts its first token far down fp32's ranking and its logits far off.
     assert max(rank) < 5 and max(logit_err) < 0.1
+
+
+RUNTIME_PROMPTS = [
+    [{"role": "system", "content": "You are a poet."}, {"role": "user", "content": "Write about the sea."}],
+    [{"role": "user", "content": "Explain in detail how a bicycle works."}],
+    "The history of the Roman empire",
+]
+
+
+def test_runtime_generator_on_the_fp32_bundle_generates_what_transformers_generates(smollm2, bundles) -> None:
+    """The runtime's own loop (chat template rendered without transformers, KV cache fed back) on the same bundle:
+    64 greedy tokens equal transformers' for a system+user chat, a user chat and a plain text prompt."""
+    from edgelora.runtime.generate import Generator
+
+    model, _, _ = smollm2
+    gen = Generator(bundles["fp32"], intra_op_threads=2)
+    for prompt in RUNTIME_PROMPTS:
+        gen.generate(prompt, max_new_tokens=NEW_TOKENS)
+        ids = gen.prompt_ids(prompt)
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=2,
+                                 pad_token_id=2)[0, len(ids):].tolist()
+        assert len(ref) == NEW_TOKENS and 2 not in ref  # the prompts were chosen for 64 tokens without eos
+        assert gen.stats.token_ids[0] == ref
