@@ -81,13 +81,18 @@ def as_flags(fields: Mapping[str, str], phrases: Mapping[str, str] | None = None
     try:
         yield
     except EdgeloraError as exc:
-        message = str(exc)
-        for phrase, flag_phrase in (phrases or {}).items():
-            message = message.replace(phrase, flag_phrase)
-        for field, flag in fields.items():
-            # field='text' or field=value (up to a space or the punctuation that ends a clause)
-            message = re.sub(rf"(?<![\w.-]){re.escape(field)}=(?:'([^']*)'|([^\s,;:()]+))",
-                             lambda m, flag=flag: f"{flag} {m[1] if m[1] is not None else m[2]}", message)
+        message = flag_words(str(exc), fields, phrases)
         if message == str(exc):
             raise
         raise EdgeloraError(message) from exc
+
+
+def flag_words(message: str, fields: Mapping[str, str], phrases: Mapping[str, str] | None = None) -> str:
+    """`message` in the words of the command line (what `as_flags` does to errors; for warnings the library returns)."""
+    for phrase, flag_phrase in (phrases or {}).items():
+        message = message.replace(phrase, flag_phrase)
+    for field, flag in fields.items():
+        # field='text' or field=value (up to a space or the punctuation that ends a clause)
+        message = re.sub(rf"(?<![\w.-]){re.escape(field)}=(?:'([^']*)'|([^\s,;:()]+))",
+                         lambda m, flag=flag: f"{flag} {m[1] if m[1] is not None else m[2]}", message)
+    return message
