@@ -71,12 +71,12 @@ def add_adapters(
     bundle = Path(bundle)
     say = progress or (lambda _msg: None)
     if not adapters:
-        raise EdgeloraError("give at least one --adapter [NAME=]DIR to add")
+        raise EdgeloraError("adapters is empty; give at least one adapter directory to add")
     manifest = read_manifest(bundle)
     if manifest.mode != "switchable":
         raise EdgeloraError(
             f"{bundle}: a merged bundle has its adapter baked into model.onnx; adapters can be added only to "
-            "a switchable bundle (edgelora export --mode switchable)"
+            "a switchable bundle (exported with mode='switchable')"
         )
     import onnx
 
@@ -97,7 +97,7 @@ def add_adapters(
         if name in added or (name in existing and not replace):
             raise EdgeloraError(
                 f"{path}: bundle {bundle} already has an adapter {name!r}; write NEW_NAME={path} to add it under "
-                "another name, or pass --replace"
+                "another name, or pass replace=True"
             )
         added[name] = (entry, values)
 
@@ -136,7 +136,7 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
     if quant and trained and trained.get("weight_bits") != quant.weight_bits:
         raise EdgeloraError(
             f"{path}: adapter was trained with {trained.get('weight_bits')}-bit weights, bundle {bundle} is "
-            f"{quant.weight_bits}-bit; retrain with --weight-bits {quant.weight_bits} or export anew"
+            f"{quant.weight_bits}-bit; retrain with weight_bits={quant.weight_bits} or export anew"
         )
     if quant:
         _check_smoothing(path, bundle, quant.smoothing_digest)
@@ -175,7 +175,7 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
         have = sorted(n.rsplit(".", 1)[0].removeprefix("model.base.") for n in specs
                       if n.endswith(".lora_A" if kind == "LoRA" else ".down_w"))
         where = f"{len(have)} layers, e.g. {have[0]}" if have else "none"
-        hint = "re-export the bundle with --slots attention+mlp" if kind == "LoRA" else "export the bundle with this adapter"
+        hint = "re-export the bundle with lora_slots='attention+mlp'" if kind == "LoRA" else "export the bundle with this adapter"
         raise EdgeloraError(
             f"{path}: adapter targets layer {layer} with {kind}, which has no {kind} slot in bundle {bundle} "
             f"({kind} slots: {where}); {hint}"
@@ -223,7 +223,7 @@ def _check_smoothing(path: Path, bundle: Path, theirs: str | None) -> None:
     if mine and theirs:
         why = f"trained with other SmoothQuant factors than bundle {bundle} holds"
     elif mine:
-        why = f"trained with SmoothQuant (--smooth) but bundle {bundle} is not smoothed"
+        why = f"trained with SmoothQuant (QuantConfig.smoothing) but bundle {bundle} is not smoothed"
     else:
         why = f"trained without SmoothQuant but bundle {bundle} smooths its int8 inputs"
     raise EdgeloraError(f"{path}: {why}; export a new bundle with all the adapters")
@@ -250,17 +250,17 @@ def _check_against_torch(bundle: Path, manifest: Manifest, proto: onnx.ModelProt
     recorded = manifest.base
     base = base if base is not None else (recorded.name if recorded else None)
     if not base:
-        raise EdgeloraError(f"{bundle}: manifest.json names no base to check the new adapter against; pass --base, "
-                            "or --no-check")
+        raise EdgeloraError(f"{bundle}: manifest.json names no base to check the new adapter against; pass base, "
+                            "or check=False")
     try:
         hf_model, _ = load_base(base)
     except EdgeloraError as e:
-        raise EdgeloraError(f"{e} (needed to check the new adapter against torch: pass --base, or --no-check)") from None
+        raise EdgeloraError(f"{e} (needed to check the new adapter against torch: pass base, or check=False)") from None
     model = AdapterModel(hf_model)
     if model.base_fingerprint != recorded.fingerprint:
         raise EdgeloraError(
             f"{base}: is not the base of bundle {bundle} (fingerprint {model.base_fingerprint[:12]}…, bundle "
-            f"{str(recorded.fingerprint)[:12]}…); pass the right --base"
+            f"{str(recorded.fingerprint)[:12]}…); pass the right base"
         )
     for name in added:
         load_adapter(model, paths[name], name)

@@ -180,7 +180,7 @@ def export_decoder(
         tokenizer_dir: where the tokenizer files are (default: the base directory).
     """
     if precision not in PRECISIONS:
-        raise EdgeloraError(f"--precision {precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
+        raise EdgeloraError(f"precision={precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
     if attention not in ATTENTION_CORES:
         raise EdgeloraError(f"attention={attention!r} is not supported; choose from {', '.join(ATTENTION_CORES)}")
     check_out(Path(out))  # before minutes of work, not only when writing

@@ -67,8 +67,8 @@ def _weight_bits(model: AdapterModel, requested: int | None, isa: str) -> tuple[
     if requested is not None:
         if trained and requested not in trained:
             raise EdgeloraError(
-                f"--weight-bits {requested} differs from the {trained.pop()}-bit recipe the adapters were trained with; "
-                "drop the flag or retrain"
+                f"weight_bits={requested} differs from the {trained.pop()}-bit recipe the adapters were trained with; "
+                "drop weight_bits or retrain"
             )
         return requested, "flag"
     if trained:
@@ -98,15 +98,16 @@ def _smoothing(model: AdapterModel, requested: float | None, bits: int, base_pat
     alpha = model.quant.smoothing if model.quant is not None else None
     if trained:
         if requested is not None and requested != alpha:
-            raise EdgeloraError(f"--smooth {requested} differs from the smoothing the adapters were trained with "
-                                f"({alpha}); drop the flag or retrain")
+            raise EdgeloraError(f"smooth_alpha={requested} differs from the smoothing the adapters were trained with "
+                                f"({alpha}); drop smooth_alpha or retrain")
         return alpha, {"alpha": alpha, "from": "adapter training recipe", "layers": len(trained),
                        "digest": smooth.factors_digest(trained)}
     if requested is None:
         return None, {"alpha": None, "from": "none"}
     if _activations(model) == "static":
-        raise EdgeloraError(f"--smooth {requested}: the adapters' static activation ranges were calibrated on "
-                            "unsmoothed inputs; drop --smooth, or retrain with --smooth and --activations static")
+        raise EdgeloraError(f"smooth_alpha={requested}: the adapters' static activation ranges were calibrated on "
+                            "unsmoothed inputs; drop smooth_alpha, or retrain with QuantConfig(smoothing=ALPHA, "
+                            "activations='static')")
     previous = model.quant
     model.set_quant(QuantConfig(weight_bits=bits))  # wraps every quantizable linear, so each can hold factors
     model.set_quant(previous)
@@ -144,15 +145,15 @@ def _fp32_layers(model: AdapterModel, keep_fp32, units, bits: int, mode: str, ba
         chosen = choose_fp32_layers(model, recipe, units, feeds, target=target, calibration=described)
         return chosen.fp32_layers, {"from": "measured sensitivity", "sensitivity": chosen.as_manifest()}
     if isinstance(keep_fp32, str):
-        raise EdgeloraError(f"--keep-fp32 {keep_fp32!r}: give layer names or 'auto'")
+        raise EdgeloraError(f"keep_fp32={keep_fp32!r}: give layer names or 'auto'")
     unknown = sorted(set(keep_fp32) - known)
     if unknown:
-        raise EdgeloraError(f"--keep-fp32: {unknown[0]!r} is not a quantizable layer; e.g. {sorted(known)[0]!r}")
+        raise EdgeloraError(f"keep_fp32: {unknown[0]!r} is not a quantizable layer; e.g. {sorted(known)[0]!r}")
     layers = expand_to_units(tuple(keep_fp32), units)
     if trained and set(layers) != set(expand_to_units(trained, units)):
         raise EdgeloraError(
-            f"--keep-fp32 {sorted(keep_fp32)} differs from the fp32 layers the adapters were trained with "
-            f"({sorted(trained)}); drop the flag or retrain"
+            f"keep_fp32={sorted(keep_fp32)} differs from the fp32 layers the adapters were trained with "
+            f"({sorted(trained)}); drop keep_fp32 or retrain"
         )
     return layers, {"from": "request"}
 
@@ -193,21 +194,21 @@ def export_bundle(
             later on them can be added with `edgelora add-adapter` (see `switchable.slot_plan`).
     """
     if mode not in EXPORT_MODES:
-        raise EdgeloraError(f"--mode {mode!r} is not supported; choose from {', '.join(EXPORT_MODES)}")
+        raise EdgeloraError(f"mode={mode!r} is not supported; choose from {', '.join(EXPORT_MODES)}")
     if precision not in PRECISIONS:
-        raise EdgeloraError(f"--precision {precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
+        raise EdgeloraError(f"precision={precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
     if not adapters:
-        raise EdgeloraError("give at least one --adapter [NAME=]DIR to export")
+        raise EdgeloraError("adapters is empty; give at least one adapter directory to export")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise EdgeloraError(f"--max-length {max_length!r} must be a positive number of tokens, e.g. 128")
+        raise EdgeloraError(f"max_length={max_length!r} must be a positive number of tokens, e.g. 128")
     if lora_slots not in LORA_SLOT_POLICIES:
-        raise EdgeloraError(f"--slots {lora_slots!r} is not supported; choose from {', '.join(LORA_SLOT_POLICIES)}")
+        raise EdgeloraError(f"lora_slots={lora_slots!r} is not supported; choose from {', '.join(LORA_SLOT_POLICIES)}")
     if mode == "merged" and len(adapters) != 1:
-        raise EdgeloraError(f"merged mode bakes one adapter into the graph, got {len(adapters)}; use --mode switchable for several")
+        raise EdgeloraError(f"merged mode bakes one adapter into the graph, got {len(adapters)}; use mode='switchable' for several")
     if isinstance(target_cosine, bool) or not isinstance(target_cosine, (int, float)) or not 0.0 < target_cosine <= 1.0:
-        raise EdgeloraError(f"--target-cosine {target_cosine!r} must be in (0, 1], e.g. 0.995")
+        raise EdgeloraError(f"target_cosine={target_cosine!r} must be in (0, 1], e.g. 0.995")
     if smooth_alpha is not None and precision != "int8":
-        raise EdgeloraError("--smooth applies to int8 exports; drop it or add --precision int8")
+        raise EdgeloraError("smooth_alpha applies to int8 exports; drop it or pass precision='int8'")
     if smooth_alpha is not None:
         check_smoothing(smooth_alpha)
     check_out(Path(out))  # before minutes of export work, not only when writing
@@ -366,7 +367,7 @@ def _validate(model, proto, feeds_names, names, mode, precision, recipe, adapter
                     raise EdgeloraError(
                         f"export check failed for {label}: int8 layer {layer} differs from the fake-quant product "
                         f"by {err:.2g} relative (> {validate.INT8_LAYER_REL_TOL}); with 8-bit weights on a CPU "
-                        "without VNNI, export with --weight-bits 7"
+                        "without VNNI, export with weight_bits=7"
                     )
             report[name or "(no adapter)"] = entry
     return report

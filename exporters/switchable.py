@@ -281,7 +281,7 @@ def slot_plan(model: AdapterModel, names: Sequence[str], lora_slots: str = "adap
             zero-width branch per layer at run time.
     """
     if lora_slots not in LORA_SLOT_POLICIES:
-        raise EdgeloraError(f"--slots {lora_slots!r} is not supported; choose from {', '.join(LORA_SLOT_POLICIES)}")
+        raise EdgeloraError(f"lora_slots={lora_slots!r} is not supported; choose from {', '.join(LORA_SLOT_POLICIES)}")
     lora: set[str] = set()
     bottleneck: dict[str, torch.nn.Module] = {}
     for layer_name, layer in model.adapted_layers():

@@ -146,7 +146,7 @@ def check_out(out: Path) -> None:
     except (OSError, ValueError):
         data = None
     if not (isinstance(data, dict) and data.get("format") == FORMAT):
-        raise EdgeloraError(f"{out}: exists and is not a bundle; choose an empty or new --out directory")
+        raise EdgeloraError(f"{out}: exists and is not a bundle; choose an empty or new directory for out")
 
 
 def write_bundle(out: Path, manifest: Manifest, writers: Mapping[str, Callable[[Path], None]],

@@ -258,7 +258,7 @@ def test_unsupported_model_type_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EdgeloraError, match=r"^decoder export supports plain GPT-2; this one has "
                                             r"scale_attn_by_inverse_layer_idx$"):
         export_decoder(odd, tmp_path / "b")
-    with pytest.raises(EdgeloraError, match=r"--precision 'int4' is not supported; choose from fp32, int8"):
+    with pytest.raises(EdgeloraError, match=r"precision='int4' is not supported; choose from fp32, int8"):
         export_decoder(make_decoder("llama"), tmp_path / "b", precision="int4")
 
 

@@ -405,7 +405,7 @@ def test_export_over_a_bundle_replaces_it(tiny_bert_dir, adapters, tmp_path: Pat
 
 
 def test_merged_mode_refuses_two_adapters(tiny_bert_dir, adapters, tmp_path: Path) -> None:
-    with pytest.raises(EdgeloraError, match=r"merged mode bakes one adapter into the graph, got 2; use --mode switchable"):
+    with pytest.raises(EdgeloraError, match=r"merged mode bakes one adapter into the graph, got 2; use mode='switchable'"):
         export_bundle(str(tiny_bert_dir), adapters, mode="merged", precision="fp32", out=tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
@@ -422,8 +422,8 @@ def test_adapter_of_another_base_is_refused(tiny_bert_dir, tmp_path: Path) -> No
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"mode": "fused", "precision": "fp32"}, r"--mode 'fused' is not supported; choose from merged, switchable"),
-        ({"mode": "merged", "precision": "int4"}, r"--precision 'int4' is not supported; choose from fp32, int8"),
+        ({"mode": "fused", "precision": "fp32"}, r"mode='fused' is not supported; choose from merged, switchable"),
+        ({"mode": "merged", "precision": "int4"}, r"precision='int4' is not supported; choose from fp32, int8"),
     ],
 )
 def test_unknown_mode_or_precision_is_refused(tiny_bert_dir, adapters, tmp_path: Path, kwargs, message: str) -> None:
@@ -432,7 +432,7 @@ def test_unknown_mode_or_precision_is_refused(tiny_bert_dir, adapters, tmp_path:
 
 
 def test_no_adapter_or_a_missing_adapter_dir_is_refused(tiny_bert_dir, tmp_path: Path) -> None:
-    with pytest.raises(EdgeloraError, match=r"give at least one --adapter"):
+    with pytest.raises(EdgeloraError, match=r"adapters is empty; give at least one adapter directory"):
         export_bundle(str(tiny_bert_dir), {}, mode="switchable", precision="fp32", out=tmp_path / "b")
     missing = tmp_path / "nowhere"
     with pytest.raises(EdgeloraError, match=rf"^{re.escape(str(missing))}: adapter directory does not exist"):
@@ -457,6 +457,6 @@ def test_out_that_is_not_a_bundle_is_refused_first_and_left_alone(tiny_bert_dir,
 
 def test_weight_bits_conflicting_with_the_qat_recipe_is_refused(tiny_bert_dir, tmp_path: Path) -> None:
     saved = build_and_save(tiny_bert_dir, tmp_path, names=("lo",), quant=QuantConfig(weight_bits=7))
-    with pytest.raises(EdgeloraError, match=r"--weight-bits 8 differs from the 7-bit recipe the adapters were trained with"):
+    with pytest.raises(EdgeloraError, match=r"weight_bits=8 differs from the 7-bit recipe the adapters were trained with"):
         export_bundle(str(tiny_bert_dir), saved, mode="merged", precision="int8", out=tmp_path / "b", weight_bits=8)
     assert not (tmp_path / "b").exists()

@@ -201,7 +201,7 @@ def test_smoothing_mismatches_are_refused(tiny_bert_dir: Path, tmp_path: Path) -
     with pytest.raises(EdgeloraError, match="differs from the smoothing"):
         export_bundle(tiny_bert_dir, {"lo": smoothed}, mode="merged", precision="int8", out=tmp_path / "b",
                       smooth_alpha=0.9)
-    with pytest.raises(EdgeloraError, match="--smooth applies to int8"):
+    with pytest.raises(EdgeloraError, match="smooth_alpha applies to int8"):
         export_bundle(tiny_bert_dir, {"lo": smoothed}, mode="merged", precision="fp32", out=tmp_path / "c",
                       smooth_alpha=0.5)
     (smoothed / SMOOTHING_FILE).unlink()

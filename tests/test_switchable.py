@@ -398,7 +398,7 @@ def test_a_bottleneck_adapter_joins_a_bundle_with_bottleneck_slots(bundles, adap
     mixed = rt.run(feeds, adapters=["bn2", "bn", "lo"])
     np.testing.assert_array_equal(mixed["logits"][0], mixed["logits"][1])
     np.testing.assert_array_equal(mixed["embeddings"][0], mixed["embeddings"][1])
-    with pytest.raises(EdgeloraError, match=r"--slots 'everything' is not supported; choose from adapters, attention"):
+    with pytest.raises(EdgeloraError, match=r"lora_slots='everything' is not supported; choose from adapters, attention"):
         export_bundle(str(bundle), {"lo": adapters["lo"]}, mode="switchable", precision="fp32", out=tmp_path / "x",
                       lora_slots="everything")
 
@@ -460,7 +460,7 @@ def _no_slot(tmp_path: Path, base_dir: Path, adapters, wide: Path) -> tuple[Path
         (_merged, r"{bundle}: a merged bundle has its adapter baked into model\.onnx; adapters can be added only"),
         (_no_slot, r"{adapter}: adapter targets layer encoder\.layer\.0\.intermediate\.dense with LoRA, which has no "
                    r"LoRA slot in bundle {bundle} \(LoRA slots: 8 layers, e\.g\. .*\); re-export the bundle with "
-                   r"--slots attention\+mlp"),
+                   r"lora_slots='attention\+mlp'"),
     ],
     ids=["foreign-base", "wrong-shape", "merged-bundle", "layer-without-slot"],
 )

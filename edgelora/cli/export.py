@@ -13,6 +13,35 @@ from pathlib import Path
 from edgelora.cli.common import Progress, as_flags
 from edgelora.errors import EdgeloraError
 
+# The library's parameters (export_bundle, export_decoder, add_adapters) and the flags that set them: its errors
+# name the parameter, `as_flags` turns them into the flag a command-line user typed.
+FLAGS = {"weight_bits": "--weight-bits", "smooth_alpha": "--smooth", "keep_fp32": "--keep-fp32", "mode": "--mode",
+         "precision": "--precision", "max_length": "--max-length", "lora_slots": "--slots",
+         "target_cosine": "--target-cosine"}
+PHRASES = {
+    "drop weight_bits or retrain": "drop the flag or retrain",
+    "drop smooth_alpha or retrain": "drop the flag or retrain",
+    "drop keep_fp32 or retrain": "drop the flag or retrain",
+    "keep_fp32: ": "--keep-fp32: ",
+    "drop smooth_alpha, or retrain with QuantConfig(smoothing=ALPHA, activations='static')":
+        "drop --smooth, or retrain with --smooth and --activations static",
+    "smooth_alpha applies to int8 exports; drop it or pass precision='int8'":
+        "--smooth applies to int8 exports; drop it or add --precision int8",
+    "adapters is empty; give at least one adapter directory to export": "give at least one --adapter [NAME=]DIR to export",
+    "choose an empty or new directory for out": "choose an empty or new --out directory",
+    "retrain with QuantConfig.smoothing": "retrain with --smooth",
+    "train with activations='dynamic'": "train with --activations dynamic",
+}
+ADD_PHRASES = {
+    "adapters is empty; give at least one adapter directory to add": "give at least one --adapter [NAME=]DIR to add",
+    "(exported with mode='switchable')": "(edgelora export --mode switchable)",
+    "pass replace=True": "pass --replace",
+    "SmoothQuant (QuantConfig.smoothing)": "SmoothQuant (--smooth)",
+    "pass base, or check=False": "pass --base, or --no-check",
+    "; pass the right base": "; pass the right --base",
+    "retrain with QuantConfig.smoothing": "retrain with --smooth",
+}
+
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `edgelora export`."""
@@ -59,12 +88,13 @@ def export_command(args: argparse.Namespace) -> int:
             check_smoothing(args.smooth)
     bar = Progress(None, "export")
     try:
-        manifest = export_bundle(args.base, adapters, mode=args.mode, precision=args.precision,
-                                 out=args.out, weight_bits=args.weight_bits, max_length=args.max_length,
-                                 lora_slots=args.slots, fusions=parse_fusions(args.fusions),
-                                 keep_fp32=parse_keep_fp32(args.keep_fp32), smooth_alpha=args.smooth,
-                                 **({"target_cosine": args.target_cosine} if args.target_cosine is not None else {}),
-                                 progress=bar.describe)
+        with as_flags(FLAGS, PHRASES):
+            manifest = export_bundle(args.base, adapters, mode=args.mode, precision=args.precision,
+                                     out=args.out, weight_bits=args.weight_bits, max_length=args.max_length,
+                                     lora_slots=args.slots, fusions=parse_fusions(args.fusions),
+                                     keep_fp32=parse_keep_fp32(args.keep_fp32), smooth_alpha=args.smooth,
+                                     **({"target_cosine": args.target_cosine} if args.target_cosine is not None else {}),
+                                     progress=bar.describe)
     finally:
         bar.close()
     tokenizer = manifest.tokenizer
@@ -113,8 +143,9 @@ def _export_decoder(args: argparse.Namespace, adapters: dict[str, str]) -> int:
     name, path = next(iter(adapters.items()), (None, None))
     bar = Progress(None, "export")
     try:
-        manifest = export_decoder(args.base, args.out, adapter=path, adapter_name=name, precision=args.precision,
-                                  progress=bar.describe)
+        with as_flags(FLAGS, PHRASES):
+            manifest = export_decoder(args.base, args.out, adapter=path, adapter_name=name, precision=args.precision,
+                                      progress=bar.describe)
     finally:
         bar.close()
     print(json.dumps({"bundle": str(args.out), "task": manifest.task, "mode": manifest.mode,
@@ -179,8 +210,9 @@ def add_adapter_command(args: argparse.Namespace) -> int:
             print(f"add-adapter: {message}", file=sys.stderr)
 
     adapters = parse_adapter_specs(args.adapter)
-    manifest = add_adapters(args.bundle, adapters, base=args.base, check=not args.no_check, replace=args.replace,
-                            progress=say)
+    with as_flags({"weight_bits": "--weight-bits", "lora_slots": "--slots"}, ADD_PHRASES):
+        manifest = add_adapters(args.bundle, adapters, base=args.base, check=not args.no_check, replace=args.replace,
+                                progress=say)
     print(json.dumps({"bundle": str(args.bundle), "added": list(adapters),
                       "adapters": list(manifest.adapter_names),
                       "bank": manifest.bank.file if manifest.bank else None,
