@@ -191,7 +191,7 @@ def _needs_static(model: AdapterModel, what: str) -> list[tuple[str, AdaptedLine
     if model.quant is None or model.quant.activations != "static":
         have = "no int8 recipe" if model.quant is None else f"activations={model.quant.activations!r}"
         raise EdgeloraError(f"{what} needs a static int8 recipe, the model has {have}; "
-                            "set one with model.set_quant(QuantConfig(activations='static')) (CLI: --activations static)")
+                            "set one with model.set_quant(QuantConfig(activations='static'))")
     return static_layers(model)
 
 
@@ -268,7 +268,7 @@ def static_qparams(model: AdapterModel) -> dict[str, tuple[float, int]]:
     missing = [n for n, layer in layers if layer.act_observer is None]
     if missing:
         raise EdgeloraError(f"layer {missing[0]} has no calibrated activation range; run edgelora.calibrate.calibrate "
-                            "on the model (CLI: edgelora train --activations static)")
+                            "on the model")
     return {n: layer.act_observer.qparams() for n, layer in layers}
 
 
@@ -332,7 +332,7 @@ def load_ranges(model: AdapterModel, data: Any, source: str) -> None:
             raise EdgeloraError(
                 f"{source}: layer {name!r} already holds another adapter's static activation range; adapters "
                 "calibrated apart cannot share one static int8 graph: export them one per bundle, or train with "
-                "--activations dynamic"
+                "activations='dynamic'"
             )
         observer = ActivationObserver(config).to(layer.base.weight.device)
         with torch.no_grad():

@@ -59,7 +59,7 @@ def process_group(launch: Launch, device: torch.device) -> Iterator[torch.device
         visible = torch.cuda.device_count()
         if launch.local_rank >= visible:
             raise EdgeloraError(f"LOCAL_RANK={launch.local_rank} but {visible} CUDA GPU(s) are visible; "
-                                f"use --nproc_per_node {visible} or fewer, or --device cpu")
+                                f"use --nproc_per_node {visible} or fewer, or device='cpu'")
         device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -32,8 +32,7 @@ ADAPTER_KEYS = (LORA_A_KEY, LORA_B_KEY, BOTTLENECK_KEY)
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 STATIC_NEEDS_CALIBRATION = (
-    "activations='static' needs calibrated input ranges; run edgelora.calibrate.calibrate(model, batches) first "
-    "(CLI: edgelora train --qat int8 --activations static)"
+    "activations='static' needs calibrated input ranges; run edgelora.calibrate.calibrate(model, batches) first"
 )
 
 

@@ -106,13 +106,13 @@ class CheckpointConfig:
     def check(self) -> None:
         """Refuse early what `train_adapter` would refuse: resuming nothing, or starting over a checkpoint."""
         if Path(self.dir).exists() and not Path(self.dir).is_dir():
-            raise EdgeloraError(f"{self.dir}: exists and is not a directory; choose another --checkpoint-dir")
-        check_writable(self.path, "--checkpoint-dir")
+            raise EdgeloraError(f"{self.dir}: exists and is not a directory; choose another checkpoint dir")
+        check_writable(self.path, "checkpoint dir")
         if self.resume and not self.path.is_file():
-            raise EdgeloraError(f"{self.path}: no checkpoint to resume from; run without --resume to start training")
+            raise EdgeloraError(f"{self.path}: no checkpoint to resume from; run with resume=False to start training")
         if not self.resume and self.path.is_file():
             raise EdgeloraError(
-                f"{self.path}: a checkpoint of an earlier run is here; pass --resume to continue it, "
+                f"{self.path}: a checkpoint of an earlier run is here; pass resume=True to continue it, "
                 f"or delete {self.dir} to start over"
             )
 
@@ -136,7 +136,7 @@ class TrainResult:
 
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise EdgeloraError("device=cuda but no CUDA GPU is visible; use --device auto or cpu")
+        raise EdgeloraError("device=cuda but no CUDA GPU is visible; use device='auto' or 'cpu'")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
@@ -206,7 +206,7 @@ def train_adapter(
     rank, world = distributed.world()
     if config.batch_size < world:
         raise EdgeloraError(f"batch_size={config.batch_size} is smaller than the {world} processes that share each "
-                            f"batch; use --batch-size {world} or more")
+                            f"batch; raise batch_size to {world} or more")
     model.set_adapter(name)  # refuses an unknown adapter by name
     n_labels = len(model.labels[name])
     for split, texts, labels in (("training", train_texts, train_labels), ("evaluation", eval_texts, eval_labels)):
@@ -312,7 +312,7 @@ def run_loop(model: AdapterModel, name: str, task: LoopTask, config: TrainConfig
     if world > 1 and any(layer.act_observer is not None and not layer.act_observer.frozen
                          for _, layer in model.adapted_layers()):
         raise EdgeloraError("static activation observers still observing would learn a different range on each "
-                            "process; calibrate with qat_steps=0 (CLI: --observe-steps 0) when training on several")
+                            "process; calibrate with qat_steps=0 when training on several")
     if world > 1:
         # Gradients are averaged for the parameters that require them (the active adapter and head); the frozen
         # base is copied from rank 0 once, here, and its buffers never change, so none are re-sent per step.
@@ -342,7 +342,7 @@ def run_loop(model: AdapterModel, name: str, task: LoopTask, config: TrainConfig
                 loss = summed * (world / targets)
                 reported = distributed.all_sum(summed) / targets  # the global batch's mean loss, on every rank
             if not torch.isfinite(reported):
-                raise EdgeloraError(f"loss became {reported.item()} at step {loop.step}; lower --lr (now {config.lr})"
+                raise EdgeloraError(f"loss became {reported.item()} at step {loop.step}; lower lr (now {config.lr})"
                                     + (saver.kept_note() if saver else ""))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -449,7 +449,7 @@ class _Saver:
         adapter = {k: v.detach().to("cpu", copy=True) for k, v in _adapter_state(model, name).items()}
         bad = next((k for k, v in adapter.items() if not torch.isfinite(v).all()), None)
         if bad is not None:  # never replace a good checkpoint with a diverged one
-            raise EdgeloraError(f"adapter weight {bad} is no longer finite at step {loop.step}; lower --lr"
+            raise EdgeloraError(f"adapter weight {bad} is no longer finite at step {loop.step}; lower lr"
                                 + self.kept_note())
         rank, world = distributed.world()
         rng = _rng_state(order_rng)

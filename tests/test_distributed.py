@@ -197,14 +197,14 @@ def test_ranks_agree_and_a_resumed_run_equals_an_uninterrupted_one(launched: Pat
 def test_a_batch_smaller_than_the_processes_is_refused(launched: Path) -> None:
     for rank in range(WORLD):
         message = load(launched, "error", rank)
-        assert message == "batch_size=1 is smaller than the 2 processes that share each batch; use --batch-size 2 or more"
+        assert message == "batch_size=1 is smaller than the 2 processes that share each batch; raise batch_size to 2 or more"
 
 
 @slow
 def test_every_rank_stops_with_rank_zeros_checkpoint_error(launched: Path) -> None:
     for rank in range(WORLD):
         assert load(launched, "refused", rank).startswith(
-            f"{launched / 'ckpt' / CHECKPOINT_FILE}: a checkpoint of an earlier run is here; pass --resume")
+            f"{launched / 'ckpt' / CHECKPOINT_FILE}: a checkpoint of an earlier run is here; pass resume=True")
 
 
 @slow

@@ -83,7 +83,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tokenizer, u
                 next(layer for _, layer in model.adapted_layers()).lora_B["task"].weight.fill_(float("nan"))
 
     kept = f"the last good checkpoint (step 8) is kept at {tmp_path / CHECKPOINT_FILE}"
-    with pytest.raises(EdgeloraError, match=r"loss became nan at step 8; lower --lr") as info:
+    with pytest.raises(EdgeloraError, match=r"loss became nan at step 8; lower lr") as info:
         train(tokenizer, CheckpointConfig(tmp_path, every=2), poison)
     assert str(info.value).endswith(kept)
     saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
@@ -94,7 +94,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tokenizer, u
 def test_diverging_run_never_writes_a_non_finite_checkpoint(tokenizer, tmp_path: Path) -> None:
     model = new_model()
     diverging = TrainConfig(epochs=2, batch_size=8, lr=1e30, warmup_ratio=0.0, device="cpu")
-    with pytest.raises(EdgeloraError, match=r"(loss became (nan|inf|-inf)|is no longer finite) at step \d+; lower --lr"):
+    with pytest.raises(EdgeloraError, match=r"(loss became (nan|inf|-inf)|is no longer finite) at step \d+; lower lr"):
         train_adapter(model, "task", tokenizer, *KEYWORD_TRAIN, *KEYWORD_EVAL, config=diverging,
                       checkpoint=CheckpointConfig(tmp_path, every=1))
     if (tmp_path / CHECKPOINT_FILE).exists():

@@ -119,7 +119,7 @@ def test_predict_gives_one_row_of_logits_per_text(tokenizer) -> None:
 
 def test_diverging_loss_stops_naming_the_step(tokenizer) -> None:
     model = new_model()
-    with pytest.raises(EdgeloraError, match=r"loss became (nan|inf|-inf) at step [1-9]\d*; lower --lr \(now 1e\+30\)"):
+    with pytest.raises(EdgeloraError, match=r"loss became (nan|inf|-inf) at step [1-9]\d*; lower lr \(now 1e\+30\)"):
         run(model, tokenizer, TrainConfig(epochs=2, batch_size=16, lr=1e30, warmup_ratio=0.0, device="cpu"))
 
 

@@ -26,6 +26,21 @@ CLASSIFICATION_ONLY = {"kind": "lora", "targets": None, "deploy_mode": "merged",
 FLAGS = {"smoothing": "--smooth", "init": "--init", "batches": "--calib-batches"}
 PHRASES = {"smoothing with init=": "--smooth with init=",
            "add the adapter with quant=QuantConfig(mode='switchable')": "add --qat int8 --deploy-mode switchable"}
+# Phrases of the library's errors (edgelora.train, .distributed, .peft_format, .calibrate) that name what a Python
+# caller passes, in the flags of train and calibrate; applied to every error of those verbs.
+COMMAND_PHRASES = {
+    "choose another checkpoint dir": "choose another --checkpoint-dir",
+    "run with resume=False to start training": "run without --resume to start training",
+    "pass resume=True to continue it": "pass --resume to continue it",
+    "use device='auto' or 'cpu'": "use --device auto or cpu",
+    "or device='cpu'": "or --device cpu",
+    "raise batch_size to ": "use --batch-size ",
+    "calibrate with qat_steps=0 when": "calibrate with qat_steps=0 (CLI: --observe-steps 0) when",
+    "; lower lr": "; lower --lr",
+    "choose an empty or new directory for out": "choose an empty or new --out directory",
+    "retrain with QuantConfig.smoothing": "retrain with --smooth",
+    "train with activations='dynamic'": "train with --activations dynamic",
+}
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,6 +119,11 @@ def _checkpoint_dir(args: argparse.Namespace) -> Path:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    with as_flags({}, COMMAND_PHRASES):
+        return _train_command(args)
+
+
+def _train_command(args: argparse.Namespace) -> int:
     from edgelora.distributed import launch_from_env, process_group
     from edgelora.train import pick_device
 
@@ -359,6 +379,11 @@ def calibrate_command(args: argparse.Namespace) -> int:
         edgelora calibrate plain --data d.jsonl --weight-bits 7 --out plain-static
         edgelora export minilm --adapter plain-static --precision int8 --out bundle
     """
+    with as_flags({}, COMMAND_PHRASES):
+        return _calibrate_command(args)
+
+
+def _calibrate_command(args: argparse.Namespace) -> int:
     import dataclasses
 
     from edgelora.atomic import check_writable
