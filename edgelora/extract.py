@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
     from edgelora.model import AdapterModel
 
-# A delta larger than this fraction of the base weight, in the median layer, means --base is most likely not
-# the model --tuned was fine-tuned from (fine-tunes move weights by ~0.1-10%; unrelated models by ~140%).
+# A delta larger than this fraction of the base weight, in the median layer, means `base` is most likely not
+# the model `tuned` was fine-tuned from (fine-tunes move weights by ~0.1-10%; unrelated models by ~140%).
 UNRELATED_BASE_REL_DELTA = 0.5
 # What each kind of dropped delta is, in a warning.
 DROPPED = {"bias": "biases", "linear": "linear weights outside the adaptable projections",
@@ -88,7 +88,8 @@ class Extraction:
 def check_target(rank: int | None, energy: float | None) -> None:
     """Exactly one of rank (an integer >= 1) or energy (a fraction in (0, 1])."""
     if (rank is None) == (energy is None):
-        raise EdgeloraError(f"give exactly one of rank (--rank K) or energy (--energy F), got rank={rank!r}, energy={energy!r}")
+        raise EdgeloraError(f"give exactly one of rank (components kept) or energy (fraction of sigma^2 kept), "
+                            f"got rank={rank!r}, energy={energy!r}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise EdgeloraError(f"rank={rank!r} must be an integer >= 1 (components kept per layer)")
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
@@ -111,18 +112,18 @@ def _check_pair(base: nn.Module, tuned: nn.Module) -> tuple[dict[str, Tensor], d
     kinds = (model_type(base) or type(base).__name__, model_type(tuned) or type(tuned).__name__)
     if kinds[0] != kinds[1]:
         raise EdgeloraError(f"the base is a {kinds[0]} model and the tuned one a {kinds[1]} model; "
-                            "--tuned must be a full fine-tune of --base")
+                            "tuned must be a full fine-tune of base")
     b, t = base_state_dict(base), base_state_dict(tuned)
     only_b, only_t = sorted(set(b) - set(t)), sorted(set(t) - set(b))
     if only_b or only_t:
         what = "; ".join(f"only in {side}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                          for side, keys in (("base", only_b), ("tuned", only_t)) if keys)
         raise EdgeloraError(f"base and tuned {kinds[0]} models have different architectures ({what}); "
-                            "--tuned must be a full fine-tune of --base")
+                            "tuned must be a full fine-tune of base")
     for key in b:
         if b[key].shape != t[key].shape:
             raise EdgeloraError(f"{key} has shape {tuple(b[key].shape)} in the base but {tuple(t[key].shape)} in the "
-                                "tuned model; --tuned must be a full fine-tune of --base")
+                                "tuned model; tuned must be a full fine-tune of base")
     return b, t
 
 
@@ -221,7 +222,7 @@ def extract_adapter(base: str | Path, tuned: str | Path, out: str | Path, *, ran
     check_adapter_out(out)  # before minutes of work
     name = name or Path(out).resolve().name
     if not ADAPTER_NAME.fullmatch(name):
-        raise EdgeloraError(f"adapter name {name!r} must be {ADAPTER_NAME_RULE}; give --name")
+        raise EdgeloraError(f"adapter name {name!r} must be {ADAPTER_NAME_RULE}; choose one with name=NAME")
     say = progress or (lambda _msg: None)
     say("loading models")
     with quiet_transformers():
@@ -263,8 +264,8 @@ def _warnings(extraction: Extraction, head: Head) -> list[str]:
     rel = sorted(f.delta_norm / max(f.base_norm, 1e-12) for f in extraction.fits)
     median = rel[len(rel) // 2]
     if median > UNRELATED_BASE_REL_DELTA:
-        warns.append(f"the median layer differs by {100 * median:.0f}% of its norm: is --base really the model "
-                     "--tuned was fine-tuned from?")
+        warns.append(f"the median layer differs by {100 * median:.0f}% of its norm: is base really the model "
+                     "tuned was fine-tuned from?")
     if head.note:
         warns.append(head.note)
     return warns

@@ -45,7 +45,7 @@ def check_adapter_out(out: str | Path) -> None:
     out = Path(out)
     if not out.exists() or (out.is_dir() and (not any(out.iterdir()) or (out / CONFIG_FILE).is_file())):
         return
-    raise EdgeloraError(f"{out}: exists and is not an adapter directory; choose an empty or new --out directory")
+    raise EdgeloraError(f"{out}: exists and is not an adapter directory; choose an empty or new directory for out")
 
 
 def adapter_state(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:
@@ -318,7 +318,7 @@ def _load_smoothing(model: AdapterModel, path: Path, quant: dict | None) -> None
     if not factors:
         if held:
             raise EdgeloraError(f"{path}: adapter was trained without smoothing but the model's other adapters use "
-                                "SmoothQuant factors; export them separately or retrain with --smooth")
+                                "SmoothQuant factors; export them separately or retrain with QuantConfig.smoothing")
         return
     if held:
         same = set(held) == set(factors) and all(torch.equal(held[k].cpu(), factors[k]) for k in factors)

@@ -216,7 +216,7 @@ def test_bias_and_other_deltas_are_reported_as_dropped(dirs, tmp_path: Path) -> 
 def test_an_unrelated_base_is_flagged(dirs, tmp_path: Path) -> None:
     other = save_model(make_base("bert", seed=1), tmp_path / "other")
     report = extract_adapter(dirs[0], other, tmp_path / "a", rank=1)
-    assert any("is --base really the model --tuned was fine-tuned from" in w for w in report["warnings"])
+    assert any("is base really the model tuned was fine-tuned from" in w for w in report["warnings"])
 
 
 def test_cli_commands_print_the_report_and_write_json(dirs, rank2, tmp_path: Path, capsys) -> None:
@@ -359,7 +359,7 @@ def test_lora_config_checks_init_and_rank_pattern() -> None:
     ({"rank": 2.5}, r"rank=2.5 must be an integer >= 1"),
     ({"energy": 0.0}, r"energy=0.0 must be in \(0, 1\]"),
     ({"energy": 1.5}, r"energy=1.5 must be in \(0, 1\]"),
-    ({}, r"give exactly one of rank \(--rank K\) or energy \(--energy F\)"),
+    ({}, r"give exactly one of rank \(components kept\) or energy \(fraction of sigma\^2 kept\)"),
     ({"rank": 2, "energy": 0.9}, r"give exactly one of rank"),
 ])
 def test_bad_rank_or_energy_is_refused(dirs, rank4, target, message: str, tmp_path: Path) -> None:
@@ -407,5 +407,5 @@ def test_reduce_refuses_bottleneck_adapters(tmp_path: Path) -> None:
 
 
 def test_an_adapter_name_the_model_would_refuse_stops_before_any_work(dirs, tmp_path: Path) -> None:
-    with pytest.raises(EdgeloraError, match=r"adapter name 'intent\.r2' must be letters, digits, '_' or '-'; give --name"):
+    with pytest.raises(EdgeloraError, match=r"adapter name 'intent\.r2' must be letters, digits, '_' or '-'; choose one with name=NAME"):
         extract_adapter(dirs[0], dirs[1], tmp_path / "intent.r2", rank=2)

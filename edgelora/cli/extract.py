@@ -8,7 +8,13 @@ import argparse
 import warnings
 from typing import Any
 
-from edgelora.cli.common import Progress, write_json
+from edgelora.cli.common import Progress, as_flags, flag_words, write_json
+
+# Phrases of edgelora.extract's errors and warnings that name its parameters, in the flags that set them.
+PHRASES = {"tuned must be a full fine-tune of base": "--tuned must be a full fine-tune of --base",
+           "; choose one with name=NAME": "; give --name",
+           "is base really the model tuned was fine-tuned from?": "is --base really the model --tuned was fine-tuned from?",
+           "choose an empty or new directory for out": "choose an empty or new --out directory"}
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
@@ -55,12 +61,13 @@ def extract_command(args: argparse.Namespace) -> int:
 
     bar = Progress(None, "extract")
     try:
-        report = extract_adapter(args.base, args.tuned, args.out, rank=args.rank, energy=args.energy, name=args.name,
-                                 progress=bar.describe)
+        with as_flags({}, PHRASES):
+            report = extract_adapter(args.base, args.tuned, args.out, rank=args.rank, energy=args.energy,
+                                     name=args.name, progress=bar.describe)
     finally:
         bar.close()
     for message in report["warnings"]:
-        warnings.warn(message)
+        warnings.warn(flag_words(message, {}, PHRASES))
     t = report["total"]
     print(_table(report["layers"]))
     print(f"{t['layers']} layers, ranks {t['ranks']}: {t['lora_params']:,} LoRA parameters for {t['dense_params']:,} "
@@ -77,7 +84,8 @@ def reduce_command(args: argparse.Namespace) -> int:
     """`edgelora reduce`: the per-layer table (rank before and after) and totals on stdout."""
     from edgelora.extract import reduce_adapter
 
-    report = reduce_adapter(args.adapter, args.out, rank=args.rank, energy=args.energy)
+    with as_flags({}, PHRASES):
+        report = reduce_adapter(args.adapter, args.out, rank=args.rank, energy=args.energy)
     t = report["total"]
     print(_table(report["layers"], before=True))
     print(f"{t['layers']} layers, ranks {t['ranks']}: {t['lora_params']:,} LoRA parameters (was "
