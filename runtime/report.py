@@ -88,7 +88,7 @@ def plot(result: dict, path_png: str | os.PathLike) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise EdgeloraError("bench --plot needs matplotlib; pip install matplotlib (or edgelora[dev])") from None
+        raise EdgeloraError("plotting needs matplotlib; pip install matplotlib (or edgelora[dev])") from None
     shapes = list(dict.fromkeys((r["batch"], r["seq"]) for r in result["rows"]))
     bundles = result["bundles"]
     rows = {(r["bundle"], r["batch"], r["seq"]): r for r in result["rows"]}

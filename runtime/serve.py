@@ -119,7 +119,7 @@ def listen(host: str = "127.0.0.1", port: int = 8080) -> socket.socket:
         if sock is not None:
             sock.close()
         why = getattr(e, "strerror", None) or str(e)
-        raise EdgeloraError(f"{host}:{port}: cannot listen ({why}); pick another --host or --port") from None
+        raise EdgeloraError(f"{host}:{port}: cannot listen ({why}); pick another host or port") from None
 
 
 def run_app(app, sock: socket.socket, *, log_level: str = "info", access_log: bool = False,

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from edgelora.cli.common import Progress, write_json
+from edgelora.cli.common import Progress, as_flags, write_json
 from edgelora.errors import EdgeloraError
 
 
@@ -82,7 +82,8 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.json:
         write_json(result, args.json)
     if args.plot:
-        plot(result, args.plot)
+        with as_flags({}, {"plotting needs matplotlib": "bench --plot needs matplotlib"}):
+            plot(result, args.plot)
     return 0
 
 

@@ -8,6 +8,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from edgelora.cli.common import as_flags
 from edgelora.errors import EdgeloraError
 
 if TYPE_CHECKING:
@@ -62,9 +63,10 @@ def serve_command(args: argparse.Namespace) -> int:
         ) from None
     from edgelora.runtime.serve import serve
 
-    serve(args.bundle, args.host, args.port, threads=args.threads, spin=args.spin, log_level=args.log_level,
-          access_log=args.access_log, graceful_timeout=args.graceful_timeout, on_ready=_announce,
-          batching=args.batching, mix_adapters=args.mix_adapters, max_batch=args.max_batch,
-          window_ms=args.window_ms, queue_limit=args.queue_limit, max_texts=args.max_texts,
-          max_text_chars=args.max_text_chars, max_body_bytes=args.max_body_bytes)
+    with as_flags({}, {"pick another host or port": "pick another --host or --port"}):
+        serve(args.bundle, args.host, args.port, threads=args.threads, spin=args.spin, log_level=args.log_level,
+              access_log=args.access_log, graceful_timeout=args.graceful_timeout, on_ready=_announce,
+              batching=args.batching, mix_adapters=args.mix_adapters, max_batch=args.max_batch,
+              window_ms=args.window_ms, queue_limit=args.queue_limit, max_texts=args.max_texts,
+              max_text_chars=args.max_text_chars, max_body_bytes=args.max_body_bytes)
     return 0
