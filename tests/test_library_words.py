@@ -4,7 +4,8 @@
 `--weight-bits 8` with `as_flags`, so its users keep the flag words. Read from the source: every string of the
 library (edgelora/ without cli/, exporters/, runtime/) in an `EdgeloraError(...)` or `warnings.warn(...)` call, or
 in a variable such a call reads, that holds `--` and a letter must be on the short list below, with why the
-command line is its subject.
+command line is its subject. And the same mistakes made through `export_bundle` and through `edgelora export`
+(refused before any model loads) read in parameter words and in flag words, exactly.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+
+import pytest
+from conftest import cli
+
+from edgelora.errors import EdgeloraError
+from edgelora.exporters.export import export_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = [*sorted((ROOT / "edgelora").glob("*.py")), *sorted((ROOT / "exporters").glob("*.py")),
@@ -76,3 +83,46 @@ def test_library_messages_name_parameters_not_flags() -> None:
              if (rel := path.relative_to(ROOT).as_posix()) not in NOT_YET
              for line, flag in flags_in_messages(path) if (rel, flag) not in ALLOWED]
     assert not wrong, "library messages naming CLI flags (name the parameter; the CLI rewrites it): " + "; ".join(wrong)
+
+
+# (export_bundle arguments, the edgelora export flags that make the same mistake, library message, CLI message)
+SAME_MISTAKE = [
+    ({"max_length": 0}, ["--max-length", "0"], "max_length=0 must be a positive number of tokens, e.g. 128",
+     "--max-length 0 must be a positive number of tokens, e.g. 128"),
+    ({"keep_fp32": "auto", "target_cosine": 1.5}, ["--keep-fp32", "auto", "--target-cosine", "1.5"],
+     "target_cosine=1.5 must be in (0, 1], e.g. 0.995", "--target-cosine 1.5 must be in (0, 1], e.g. 0.995"),
+    ({"precision": "fp32", "smooth_alpha": 0.5}, ["--precision", "fp32", "--smooth", "0.5"],
+     "smooth_alpha applies to int8 exports; drop it or pass precision='int8'",
+     "--smooth applies to int8 exports; drop it or add --precision int8"),
+    ({"adapters": {}}, [], "adapters is empty; give at least one adapter directory to export",
+     "give at least one --adapter [NAME=]DIR to export"),
+    ({"adapters": {"a": "a", "b": "b"}}, ["--adapter", "b=b"],
+     "merged mode bakes one adapter into the graph, got 2; use mode='switchable' for several",
+     "merged mode bakes one adapter into the graph, got 2; use --mode switchable for several"),
+]
+
+
+@pytest.mark.parametrize("kwargs, flags, library, command_line", SAME_MISTAKE,
+                         ids=["max-length", "target-cosine", "smooth-fp32", "no-adapter", "merged-two"])
+def test_one_mistake_reads_in_parameters_from_python_and_in_flags_from_the_cli(
+        kwargs, flags, library, command_line, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base, out = tmp_path / "base", tmp_path / "bundle"  # never read: the arguments are refused first
+    arguments = {"adapters": {"a": "a"}, "mode": "merged", "precision": "int8", "out": out, **kwargs}
+    with pytest.raises(EdgeloraError) as info:
+        export_bundle(base, arguments.pop("adapters"), **arguments)
+    assert str(info.value) == library
+    adapter = [] if kwargs.get("adapters") == {} else ["--adapter", "a=a"]
+    rc, _, err = cli(["export", base, *adapter, *flags, "--out", out], capsys)
+    assert (rc, err) == (2, f"edgelora: error: {command_line}\n")
+
+
+def test_an_output_directory_that_is_not_a_bundle_is_named_as_out_and_as_the_flag(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me", encoding="utf-8")
+    with pytest.raises(EdgeloraError) as info:
+        export_bundle(tmp_path / "base", {"a": "a"}, mode="merged", precision="int8", out=out)
+    assert str(info.value) == f"{out}: exists and is not a bundle; choose an empty or new directory for out"
+    rc, _, err = cli(["export", tmp_path / "base", "--adapter", "a=a", "--out", out], capsys)
+    assert (rc, err) == (2, f"edgelora: error: {out}: exists and is not a bundle; choose an empty or new --out directory\n")
