@@ -125,4 +125,5 @@ def test_an_output_directory_that_is_not_a_bundle_is_named_as_out_and_as_the_fla
         export_bundle(tmp_path / "base", {"a": "a"}, mode="merged", precision="int8", out=out)
     assert str(info.value) == f"{out}: exists and is not a bundle; choose an empty or new directory for out"
     rc, _, err = cli(["export", tmp_path / "base", "--adapter", "a=a", "--out", out], capsys)
-    assert (rc, err) == (2, f"edgelora: error: {out}: exists and is not a bundle; choose an empty or new --out directory\n")
+    assert (rc, err) == (2, f"edgelora: error: {out}: exists and is not a bundle; "
+                            "choose an empty or new --out directory\n")

@@ -27,7 +27,8 @@ PHRASES = {
         "drop --smooth, or retrain with --smooth and --activations static",
     "smooth_alpha applies to int8 exports; drop it or pass precision='int8'":
         "--smooth applies to int8 exports; drop it or add --precision int8",
-    "adapters is empty; give at least one adapter directory to export": "give at least one --adapter [NAME=]DIR to export",
+    "adapters is empty; give at least one adapter directory to export":
+        "give at least one --adapter [NAME=]DIR to export",
     "choose an empty or new directory for out": "choose an empty or new --out directory",
     "retrain with QuantConfig.smoothing": "retrain with --smooth",
     "train with activations='dynamic'": "train with --activations dynamic",
@@ -93,7 +94,8 @@ def export_command(args: argparse.Namespace) -> int:
                                      out=args.out, weight_bits=args.weight_bits, max_length=args.max_length,
                                      lora_slots=args.slots, fusions=parse_fusions(args.fusions),
                                      keep_fp32=parse_keep_fp32(args.keep_fp32), smooth_alpha=args.smooth,
-                                     **({"target_cosine": args.target_cosine} if args.target_cosine is not None else {}),
+                                     **({"target_cosine": args.target_cosine}
+                                        if args.target_cosine is not None else {}),
                                      progress=bar.describe)
     finally:
         bar.close()

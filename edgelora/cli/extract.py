@@ -13,7 +13,8 @@ from edgelora.cli.common import Progress, as_flags, flag_words, write_json
 # Phrases of edgelora.extract's errors and warnings that name its parameters, in the flags that set them.
 PHRASES = {"tuned must be a full fine-tune of base": "--tuned must be a full fine-tune of --base",
            "; choose one with name=NAME": "; give --name",
-           "is base really the model tuned was fine-tuned from?": "is --base really the model --tuned was fine-tuned from?",
+           "is base really the model tuned was fine-tuned from?":
+               "is --base really the model --tuned was fine-tuned from?",
            "choose an empty or new directory for out": "choose an empty or new --out directory"}
 
 
