@@ -129,12 +129,12 @@ def bundle_score(bundle: Path, adapter: str | None, rows, max_new_tokens: int, b
     return {**scores, "rows": len(rows), "answers": answers}
 
 
-def time_bundle(bundle: str, adapter: str | None, rows: int, max_new_tokens: int) -> dict:
+def time_bundle(bundle: str, adapter: str | None, rows: int, max_new_tokens: int, threads: int) -> dict:
     """Batch-1 greedy generation of the first SPEED_PROMPTS held-out prompts with one bundle, in this process
     alone (one warm-up answer first): per prompt, its tokens, first-token latency and decode rate."""
     from edgelora.runtime.generate import Generator
 
-    gen = Generator(bundle)
+    gen = Generator(bundle, intra_op_threads=threads)
     prompts = [r.prompt_messages for r in held_out_rows(rows, SPEED_PROMPTS)]
     gen.generate(prompts[0], adapter, max_new_tokens=max_new_tokens)
     timed = []
@@ -144,11 +144,12 @@ def time_bundle(bundle: str, adapter: str | None, rows: int, max_new_tokens: int
         timed.append({"prompt_tokens": st.prompt_tokens[0], "new_tokens": st.decode_runs + 1,
                       "first_token_s": st.prefill_s,
                       "decode_tokens_per_s": st.decode_runs / st.decode_s if st.decode_runs else None})
-    return {"threads": gen.session.get_session_options().intra_op_num_threads, "prompts": timed}
+    return {"threads": threads, "prompts": timed}
 
 
 def bundle_mb(bundle: Path) -> float:
-    return sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()) / 2**20
+    """The bundle's files as exported (the runtime's optimized-graph cache under .cache/ left out)."""
+    return sum(f.stat().st_size for f in bundle.iterdir() if f.is_file()) / 2**20
 
 
 def decoder_part(args: argparse.Namespace, out: Path) -> dict:
@@ -156,21 +157,32 @@ def decoder_part(args: argparse.Namespace, out: Path) -> dict:
     rows, n_eval, max_new = args.decoder_rows, args.eval_prompts, args.max_new_tokens
     adapter_dir = out / "adapters" / GEN_ADAPTER
 
-    # 1. Train a generation adapter on SmolLM2 with the decoder's int8 fake quantization (blocks of 32).
-    trained = sh("train", "--task", "causal-lm", "--base", "smollm2", "--data", f"builtin:{GEN_TASK}:{rows}",
-                 "--name", GEN_ADAPTER, "--qat", "int8", "--eval-generate", str(n_eval),
-                 "--max-new-tokens", str(max_new), "--out", str(adapter_dir), capture=True)
-    report = json.loads(trained.strip().splitlines()[-1])
-    print(json.dumps(report))
-    train_s = time.time() - started
-
-    # 2. Export the adapter merged, fp32 and int8, and the plain base int8 for "without the adapter".
+    train_report = out / "decoder_train.json"  # what `edgelora train` printed: the torch model's held-out score
     bundles = {p: out / "bundles" / f"smollm2-{GEN_ADAPTER}-{p}" for p in ("fp32", "int8")}
-    for precision, bundle in bundles.items():
-        sh("export", "smollm2", "--adapter", f"{GEN_ADAPTER}={adapter_dir}", "--precision", precision, "--out", str(bundle))
     base_bundle = out / "bundles" / "smollm2-int8"
-    sh("export", "smollm2", "--precision", "int8", "--out", str(base_bundle))
-    export_s = time.time() - started - train_s
+    if args.reuse_decoder:
+        missing = [str(p) for p in (train_report, *bundles.values(), base_bundle) if not p.exists()]
+        if missing:
+            raise SystemExit(f"--reuse-decoder: {', '.join(missing)} missing; run the decoder part once without it")
+        report = json.loads(train_report.read_text())
+        print(f"\nreusing the adapter and bundles under {out} (--reuse-decoder)")
+        train_s = export_s = 0.0
+    else:
+        # 1. Train a generation adapter on SmolLM2 with the decoder's int8 fake quantization (blocks of 32).
+        trained = sh("train", "--task", "causal-lm", "--base", "smollm2", "--data", f"builtin:{GEN_TASK}:{rows}",
+                     "--name", GEN_ADAPTER, "--qat", "int8", "--eval-generate", str(n_eval),
+                     "--max-new-tokens", str(max_new), "--out", str(adapter_dir), capture=True)
+        report = json.loads(trained.strip().splitlines()[-1])
+        print(json.dumps(report))
+        write_text_atomic(train_report, json.dumps(report, indent=2) + "\n")
+        train_s = time.time() - started
+
+        # 2. Export the adapter merged, fp32 and int8, and the plain base int8 for "without the adapter".
+        for precision, bundle in bundles.items():
+            sh("export", "smollm2", "--adapter", f"{GEN_ADAPTER}={adapter_dir}", "--precision", precision,
+               "--out", str(bundle))
+        sh("export", "smollm2", "--precision", "int8", "--out", str(base_bundle))
+        export_s = time.time() - started - train_s
 
     # 3. A few held-out prompts, with and without the adapter (both int8 bundles).
     held_out = held_out_rows(rows, n_eval)
@@ -200,16 +212,18 @@ def decoder_part(args: argparse.Namespace, out: Path) -> dict:
     score_s = time.time() - started - train_s - export_s
 
     # 5. Decode speed, batch 1: each bundle timed in a process of its own, fp32 and int8 alternating.
+    from edgelora.runtime.cpu import detect_isa
+
+    cpu = detect_isa()
+    threads = args.threads or cpu.physical_cores
     runs: dict[str, list[dict]] = {"fp32": [], "int8": []}
-    threads = {}
     for round_ in range(args.speed_rounds):
         for precision in (("fp32", "int8") if round_ % 2 == 0 else ("int8", "fp32")):
             child = subprocess.run([sys.executable, __file__, "--time-bundle", str(bundles[precision]),
-                                    "--decoder-rows", str(rows), "--max-new-tokens", str(max_new)],
+                                    "--decoder-rows", str(rows), "--max-new-tokens", str(max_new),
+                                    "--threads", str(threads)],
                                    check=True, text=True, stdout=subprocess.PIPE)
-            timed = json.loads(child.stdout.strip().splitlines()[-1])
-            threads[precision] = timed["threads"]
-            runs[precision] += timed["prompts"]
+            runs[precision] += json.loads(child.stdout.strip().splitlines()[-1])["prompts"]
     speed = {}
     for precision, timed in runs.items():
         rates = [t["decode_tokens_per_s"] for t in timed if t["decode_tokens_per_s"]]
@@ -217,18 +231,21 @@ def decoder_part(args: argparse.Namespace, out: Path) -> dict:
                             "first_token_ms": 1000 * statistics.median(t["first_token_s"] for t in timed),
                             "prompt_tokens": statistics.median(t["prompt_tokens"] for t in timed),
                             "new_tokens": statistics.median(t["new_tokens"] for t in timed),
-                            "samples": len(timed), "threads": threads[precision], "mb": bundle_mb(bundles[precision])}
+                            "samples": len(timed), "mb": bundle_mb(bundles[precision])}
     speed_s = time.time() - started - train_s - export_s - score_s
 
     result = {
         "task": GEN_TASK, "rows": rows, "steps": report["steps"],
         "held_out_prompts": len(held_out), "max_new_tokens": max_new, "examples": examples,
         "scores": {k: {m: v for m, v in s.items() if m != "answers"} for k, s in scores.items()},
-        "speed": speed, "speed_note": f"batch 1, greedy, median over {args.speed_rounds} rounds x {SPEED_PROMPTS} "
-                                      "held-out prompts, each bundle in its own process, fp32/int8 alternating",
+        "held_out": [{"prompt": r.prompt_messages[-1]["content"], "reference": r.reference,
+                      **{k: s["answers"][i] for k, s in scores.items() if "answers" in s}} for i, r in enumerate(held_out)],
+        "speed": speed, "threads": threads,
+        "speed_note": f"batch 1, greedy, median over {args.speed_rounds} rounds x {SPEED_PROMPTS} held-out prompts "
+                      f"(after a warm-up answer), each bundle in its own process, fp32/int8 alternating",
         "seconds": {"train": train_s, "export": export_s, "score": score_s, "speed": speed_s,
                     "total": time.time() - started},
-        "cpu": cpu_name(), "cores": os.cpu_count(),
+        "cpu": cpu_name(), "cores": os.cpu_count(), "isa": cpu.isa, "load_average": os.getloadavg(),
     }
     table = decoder_table(result)
     print("\n" + table)
@@ -261,8 +278,10 @@ def decoder_table(result: dict) -> str:
         em, fa = s.get("exact_match"), s.get("field_accuracy")
         lines.append(f"| {label} | {em:.3f} | {fa:.3f} | {speed} |" if em is not None else f"| {label} | - | - | {speed} |")
     lines.append("")
-    lines.append(f"{result['speed_note']}; {result['speed']['int8']['threads']} intra-op threads; "
-                 f"prompts ~{result['speed']['int8']['prompt_tokens']:.0f} tokens; {result['cpu']}, {result['cores']} cores.")
+    sp = result["speed"]["int8"]
+    lines.append(f"{result['speed_note']}; {result['threads']} intra-op threads; prompts ~{sp['prompt_tokens']:.0f} "
+                 f"tokens, answers ~{sp['new_tokens']:.0f}; {result['cpu']} ({result['isa']}), {result['cores']} cores, "
+                 f"load average {result['load_average'][0]:.1f} at the end.")
     return "\n".join(lines) + "\n"
 
 
@@ -278,12 +297,18 @@ def main() -> int:
                         help="decoder: builtin:home-json rows (20%% held out; 1 epoch of batch 8 over the rest)")
     parser.add_argument("--eval-prompts", type=int, default=48, help="decoder: held-out prompts scored")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="decoder: tokens per answer at most")
-    parser.add_argument("--speed-rounds", type=int, default=2,
+    parser.add_argument("--speed-rounds", type=int, default=3,
                         help="decoder: timing processes per bundle (fp32 and int8 alternating)")
+    parser.add_argument("--threads", type=int, default=None, help="decoder: intra-op threads when timing "
+                        "(default: the physical cores, as Runtime uses)")
+    parser.add_argument("--reuse-decoder", action="store_true",
+                        help="decoder: keep the adapter and bundles of an earlier run in --out (no training or "
+                             "export); prompts, scores and timing run again")
     parser.add_argument("--time-bundle", default=None, help=argparse.SUPPRESS)  # the timing child process
     args = parser.parse_args()
     if args.time_bundle:
-        print(json.dumps(time_bundle(args.time_bundle, GEN_ADAPTER, args.decoder_rows, args.max_new_tokens)))
+        print(json.dumps(time_bundle(args.time_bundle, GEN_ADAPTER, args.decoder_rows, args.max_new_tokens,
+                                     args.threads)))
         return 0
     held_out = max(1, round(args.decoder_rows * 0.2))
     if not 1 <= args.eval_prompts <= held_out:
