@@ -116,6 +116,7 @@ class AdaptedLinear(nn.Module):
         self.register_buffer("smooth_inv", None, persistent=False)  # (in,) float32 1/s, the graph's Mul constant
         self.active: str | None = None
         self.merged: str | None = None
+        self._int8_cache: tuple | None = None  # (key, Q(weight)) while no gradient is taken: see _int8_weight
         self._unmerged_weight: torch.Tensor | None = None
         base.weight.requires_grad_(False)
         if base.bias is not None:
@@ -224,13 +225,11 @@ class AdaptedLinear(nn.Module):
         else:
             xs = x if self.smooth_inv is None else x * self.smooth_inv
             xq = self._quantize_input(xs)
-            if lora is not None and self.quant.mode == "merged":
-                # Training sees the very tensor the merged export quantizes: Q(W0 + s B A).
-                y = F.linear(xq, self._fake_quant_weight(weight + self.lora_delta(lora)), bias)
-            else:
-                y = F.linear(xq, self._fake_quant_weight(weight), bias)
-                if lora is not None:
-                    y = y + self._lora_branch(lora, x)  # the switchable branch stays float
+            merged = lora is not None and self.quant.mode == "merged"
+            # merged: training sees the very tensor the merged export quantizes, Q(W0 + s B A)
+            y = F.linear(xq, self._int8_weight(lora if merged else None), bias)
+            if lora is not None and not merged:
+                y = y + self._lora_branch(lora, x)  # the switchable branch stays float
         if name is not None and name in self.bottleneck:
             y = self.bottleneck[name](y)
         return y
@@ -265,6 +264,24 @@ class AdaptedLinear(nn.Module):
 
     def _fake_quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight_quantizer(self.quant)(self.smoothed_weight(weight))
+
+    def _int8_weight(self, lora: str | None) -> torch.Tensor:
+        """Q(W0), or Q(W0 + s B A) for a merged-recipe LoRA. Without autograd (evaluation, generation) the
+        result is kept until a weight changes: a decoder's generate would otherwise requantize every layer,
+        LM head included, at every token."""
+        parts = [self.base.weight] + ([self.lora_A[lora].weight, self.lora_B[lora].weight] if lora else [])
+
+        def compute() -> torch.Tensor:
+            return self._fake_quant_weight(self.base.weight + self.lora_delta(lora) if lora else self.base.weight)
+
+        if torch.is_grad_enabled():
+            self._int8_cache = None
+            return compute()
+        key = (lora, self.quant, self.scaling.get(lora), id(self.smooth), self.merged,
+               *((p.data_ptr(), p._version) for p in parts))
+        if self._int8_cache is None or self._int8_cache[0] != key:
+            self._int8_cache = (key, compute())
+        return self._int8_cache[1]
 
     def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         h = self.lora_A[name](self.lora_dropout[name](x))  # (..., r)

@@ -369,3 +369,43 @@ def test_gpt2_conv1d_layers_are_wrapped_with_the_same_output() -> None:
     torch.testing.assert_close(hidden(model, feeds), before, rtol=0, atol=CONV1D_ATOL)
     randomize_adapters(model)
     assert_adapter_matters(model, feeds)
+
+
+@pytest.mark.parametrize("mode", ["merged", "switchable"])
+def test_the_int8_weight_kept_for_inference_follows_every_weight_change(mode: str) -> None:
+    """Without autograd the fake-quantized weight is computed once, and again whenever a weight changes: after
+    an optimizer step on the LoRA, an in-place edit of the base, or a switch of the active adapter."""
+    torch.manual_seed(0)
+    layer = AdaptedLinear(nn.Linear(64, 48))
+    layer.quant = QuantConfig(mode=mode)
+    layer.add_lora("a", LoraConfig(r=4))
+    layer.add_lora("b", LoraConfig(r=4))
+    for name in ("a", "b"):
+        nn.init.normal_(layer.lora_B[name].weight, std=0.5)
+    x = torch.randn(5, 64)
+
+    def fresh(name: str) -> torch.Tensor:  # the same forward with autograd on: nothing kept
+        layer.active = name
+        with torch.enable_grad():
+            return layer(x).detach()
+
+    def kept(name: str) -> torch.Tensor:
+        layer.active = name
+        with torch.no_grad():
+            return layer(x)
+
+    assert torch.equal(kept("a"), fresh("a"))
+    kept("a")
+    first = layer._int8_cache
+    kept("a")
+    assert layer._int8_cache is first  # reused, not recomputed
+    optimizer = torch.optim.SGD([layer.lora_A["a"].weight, layer.lora_B["a"].weight], lr=0.5)
+    layer.active = "a"
+    layer(x).sum().backward()
+    optimizer.step()
+    assert torch.equal(kept("a"), fresh("a"))
+    with torch.no_grad():
+        layer.base.weight.mul_(1.5)
+    assert torch.equal(kept("a"), fresh("a"))
+    assert torch.equal(kept("b"), fresh("b"))
+    assert not torch.equal(kept("a"), kept("b"))
