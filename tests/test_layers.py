@@ -402,10 +402,15 @@ def test_the_int8_weight_kept_for_inference_follows_every_weight_change(mode: st
     optimizer = torch.optim.SGD([layer.lora_A["a"].weight, layer.lora_B["a"].weight], lr=0.5)
     layer.active = "a"
     layer(x).sum().backward()
+    kept("a")  # kept from before the step
     optimizer.step()
-    assert torch.equal(kept("a"), fresh("a"))
+    after_step = kept("a")
+    assert torch.equal(after_step, fresh("a"))
+    kept("a")
     with torch.no_grad():
-        layer.base.weight.mul_(1.5)
-    assert torch.equal(kept("a"), fresh("a"))
+        layer.base.weight.mul_(1.5)  # in place: same storage, a new version
+    after_edit = kept("a")
+    assert torch.equal(after_edit, fresh("a")) and not torch.equal(after_edit, after_step)
+    kept("a")
     assert torch.equal(kept("b"), fresh("b"))
     assert not torch.equal(kept("a"), kept("b"))
