@@ -179,10 +179,12 @@ def markdown(parts: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     minutes = ", ".join(f"{p['seconds'] / 60:.1f}" for p in sorted(parts, key=lambda p: (p["task"], p["seed"])))
     lines = [f"# Decoder study: fp32 vs post-training int8 vs QAT int8 on {meta['base']}", "",
              f"CPU: {meta['cpu']}; {meta['threads']} thread(s); {meta['train']} training rows, {meta['epochs']} "
-             f"epoch(s), lr {meta['lr']}, batch {meta['batch']}, max_length {meta['max_length']}, LoRA r={meta['rank']} "
-             f"q/k/v/o; {meta['eval']} held-out prompts, greedy, up to {meta['max_new_tokens']} new tokens. "
+             f"epoch(s), lr {meta['lr']}, batch {meta['batch']}, max_length {meta['max_length']}, "
+             f"LoRA r={meta['rank']} q/k/v/o; {meta['eval']} held-out prompts, greedy, up to "
+             f"{meta['max_new_tokens']} new tokens. "
              f"Scores in percent, mean ± sample std over seeds; gaps in points. Time per seed (two trainings with "
-             f"their torch scoring, three adapter exports, runtime scoring; the first seed of a run also exports the plain base twice): "
+             f"their torch scoring, three adapter exports, runtime scoring; the first seed of a run also exports "
+             f"the plain base twice): "
              f"{minutes} min; {sum(p['seconds'] for p in parts) / 60:.1f} min in all.", ""]
     for task in sorted({p["task"] for p in parts}):
         rows = sorted((p for p in parts if p["task"] == task), key=lambda p: p["seed"])

@@ -53,7 +53,8 @@ def case(request, model, tok_dir, tmp_path_factory) -> tuple[Generator, torch.nn
     out = tmp_path_factory.mktemp("bundle") / request.param
     export_decoder(model, out, tokenizer_dir=tok_dir, precision=request.param)
     reference = model if request.param == "fp32" else fake_quant_model(model).eval()
-    return Generator(out, intra_op_threads=1), reference, FP32_LOGPROB_ATOL if request.param == "fp32" else INT8_LOGPROB_ATOL
+    atol = FP32_LOGPROB_ATOL if request.param == "fp32" else INT8_LOGPROB_ATOL
+    return Generator(out, intra_op_threads=1), reference, atol
 
 
 def torch_logprobs(model: torch.nn.Module, ids: list[int], first: int) -> np.ndarray:
