@@ -72,6 +72,33 @@ def _session(model: Path, threads: int | None, spinning: bool) -> ort.InferenceS
         raise EdgeloraError(f"{model}: onnxruntime cannot load it ({first}); re-export the bundle") from None
 
 
+@dataclass(frozen=True)
+class TokenScore:
+    """Log-probabilities (natural log, float64) the model gives each scored token, every one conditioned on all
+    the tokens before it (teacher forcing); `nll` and `perplexity` summarise them."""
+
+    logprobs: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        return int(self.logprobs.size)
+
+    @property
+    def nll(self) -> float:
+        """Summed negative log-likelihood of the scored tokens."""
+        return float(-self.logprobs.sum())
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll / self.tokens)) if self.tokens else float("nan")
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
 class Generator:
     """A decoder bundle ready to generate: its session, tokenizer, chat template and generation record.
 
@@ -277,6 +304,55 @@ class Generator:
             tail += stops[r].flush()
             if tail:
                 yield r, tail
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    def _token_logprobs(self, ids: list[int], first: int, adapter: str | None) -> np.ndarray:
+        """Log-probabilities of ids[first:], each given the ids before it, from one prefill run."""
+        C = self.spec.context_length
+        if len(ids) > C:
+            raise EdgeloraError(f"text is {len(ids)} tokens, the bundle's context_length is {C}: score at most {C} "
+                                "tokens at a time")
+        options = self._options(adapter)
+        T = len(ids)
+        empty = np.zeros((1, self.spec.num_kv_heads, 0, self.spec.head_dim), np.float32)
+        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, T), np.int64),
+                 **dict.fromkeys(self._past, empty)}
+        if self._positions:
+            feeds["position_ids"] = np.arange(T, dtype=np.int64)[None]
+        logits, _ = self._run(feeds, options)
+        logp = _log_softmax(logits[0, first - 1 : T - 1])  # row t predicts token t + 1
+        return np.take_along_axis(logp, np.asarray(ids[first:], np.int64)[:, None], axis=1)[:, 0]
+
+    def score(self, prompt: Prompt | None, completion: str, adapter: str | None = None) -> TokenScore:
+        """How likely the model finds `completion` after `prompt`: the log-probability of each completion token.
+
+        The prompt is tokenized as `generate` tokenizes it (text with special tokens, or messages through the
+        chat template with a generation prompt) and the completion after it without special tokens, so the
+        completion is scored as the answer `generate` would have to produce. With `prompt` None the
+        completion is a text on its own: tokenized with special tokens and scored from its second token.
+        """
+        if not isinstance(completion, str) or not completion:
+            raise EdgeloraError("completion is empty; pass the text to score")
+        if prompt is None:
+            ids = self.tokenizer.encode(completion, add_special_tokens=True).ids
+            return TokenScore(self._token_logprobs(ids, 1, adapter) if len(ids) > 1 else np.zeros(0))
+        head = self.prompt_ids(prompt)
+        tail = self.tokenizer.encode(completion, add_special_tokens=False).ids
+        return TokenScore(self._token_logprobs(head + tail, len(head), adapter))
+
+    def perplexity(self, texts: Sequence[str | tuple[Prompt, str]], adapter: str | None = None) -> float:
+        """exp of the mean negative log-likelihood per token over all `texts` (each a text, scored from its
+        second token, or a (prompt, completion) pair, its completion scored; see `score`)."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
+            raise EdgeloraError("perplexity: pass a non-empty list of texts or (prompt, completion) pairs")
+        nll, count = 0.0, 0
+        for item in texts:
+            s = self.score(*item, adapter=adapter) if isinstance(item, tuple) else self.score(None, item, adapter)
+            nll, count = nll + s.nll, count + s.tokens
+        if not count:
+            raise EdgeloraError("perplexity: the texts hold no token to score (each needs two tokens or more)")
+        return float(np.exp(nll / count))
 
     # -- public API ------------------------------------------------------------------------------
 
