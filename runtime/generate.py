@@ -209,7 +209,7 @@ class Generator:
         longest = max(len(p) for p in ids)
         if longest >= C:
             raise EdgeloraError(f"prompt is {longest} tokens, the bundle's context_length is {C}: shorten it to at "
-                                f"most {C - 1} tokens or pass truncate=True (--truncate) to keep its end")
+                                f"most {C - 1} tokens or pass truncate=True to keep its end")
         if longest + max_new_tokens > C:
             warnings.warn(f"max_new_tokens {max_new_tokens} with a {longest}-token prompt exceeds the context of "
                           f"{C} tokens; capped to {C - longest}", RuntimeWarning, stacklevel=4)

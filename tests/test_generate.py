@@ -277,7 +277,7 @@ def test_cli_chat_keeps_the_conversation(bundle, gen, capsys, monkeypatch) -> No
     (["--prompt", "hi", "--max-new-tokens", "0"], r"max_new_tokens 0 must be a positive integer"),
     (["--prompt", "hi", "--top-p", "2"], r"top_p 2\.0 must be in \(0, 1\]"),
     (["--prompt", "hi", "--raw", "--system", "s"], r"--raw sends --prompt as plain text"),
-    (["--prompt", " ".join(["word"] * 120)], r"context_length is 96: shorten it .* or pass truncate=True"),
+    (["--prompt", " ".join(["word"] * 120)], r"context_length is 96: shorten it .* or pass --truncate to keep its end"),
 ])
 def test_cli_errors_are_one_line(bundle, capsys, args, message) -> None:
     assert main(["generate", str(bundle), *args]) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edgelora.cli.common import as_flags
 from edgelora.errors import EdgeloraError
 
 
@@ -47,7 +48,18 @@ def _emit(pieces) -> str:
     return "".join(text)
 
 
+# The generator's parameters as the flags that set them, for its one-line errors.
+PHRASES = {"pass truncate=True": "pass --truncate"}
+
+
 def command(args: argparse.Namespace) -> int:
+    """`edgelora generate`: streams the reply (or a conversation, with --chat) to stdout."""
+    with as_flags({"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
+                   "top_k": "--top-k", "seed": "--seed"}, PHRASES):
+        return _command(args)
+
+
+def _command(args: argparse.Namespace) -> int:
     from edgelora.runtime import Runtime
 
     if args.raw and (args.chat or args.system is not None):
