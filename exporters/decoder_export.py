@@ -22,6 +22,7 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 import torch
+from tokenizers import Tokenizer
 
 from edgelora import __version__
 from edgelora.config import LoraConfig
@@ -43,7 +44,7 @@ from edgelora.runtime.bundle import (
     write_bundle,
 )
 from .decoder_graph import ATTENTION_CORES, OPSET, DecoderSpec, build_decoder_graph, decoder_spec
-from .decoder_validate import validate_decoder
+from .decoder_validate import PERPLEXITY_TEXTS, perplexity, validate_decoder
 
 PRECISIONS = ("fp32", "int8")
 TASK = CAUSAL_LM
@@ -206,6 +207,15 @@ def export_decoder(
     say("validating against torch")
     label = f"adapter {adapters[0]['name']!r}" if adapters else "the base"
     report = validate_decoder(graph, model, precision, label)
+    if precision == "int8" and tok_dir is not None and (tok_dir / "tokenizer.json").is_file():
+        say("measuring perplexity")
+        try:
+            tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        except Exception as exc:  # noqa: BLE001 - the Rust side raises a bare Exception; the runtime names the file
+            report["perplexity_vs_fp32_torch"] = f"not measured: tokenizer.json unreadable ({str(exc)[:80]})"
+        else:
+            ids = [tok.encode(text).ids[: spec.context_length] for text in PERPLEXITY_TEXTS]
+            report["perplexity_vs_fp32_torch"] = perplexity(graph, model, [i for i in ids if len(i) > 1])
     report["onnxruntime"] = ort.__version__
     cpu = detect_isa()
     manifest: dict[str, Any] = {

@@ -308,3 +308,32 @@ def test_large_graph_goes_to_external_data(tmp_path: Path, monkeypatch: pytest.M
     sess = ort.InferenceSession(str(tmp_path / "bundle" / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds, logits = _graph_steps(sess, build_decoder_graph(model).spec, steps=1)
     assert _rel_error(logits, _torch_logits(model, feeds), feeds) <= FP32_REL_TOL
+
+
+def test_int8_export_reports_perplexity_on_plain_text_against_fp32_torch(tmp_path: Path) -> None:
+    """The int8 manifest's perplexity figures: fp32 is the torch model's own next-token cross entropy over the
+    tokenized texts (recomputed here), int8 the graph's, and ratio their quotient."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from edgelora.exporters.decoder_validate import PERPLEXITY_TEXTS
+
+    words = sorted({w for t in PERPLEXITY_TEXTS for w in t.replace(",", " ").replace(".", " ").split()})[:126]
+    tok = Tokenizer(WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    model = make_decoder("llama")
+    report = export_decoder(model, tmp_path / "b", tokenizer_dir=tmp_path / "tok", precision="int8").validation
+    ppl = report["perplexity_vs_fp32_torch"]
+    losses, count = 0.0, 0
+    for text in PERPLEXITY_TEXTS:
+        ids = torch.tensor([tok.encode(text).ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].double()
+        losses += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    assert ppl["tokens"] == count and ppl["texts"] == len(PERPLEXITY_TEXTS)
+    assert ppl["fp32"] == pytest.approx(float(np.exp(losses / count)), rel=1e-6)
+    assert ppl["ratio"] == pytest.approx(ppl["int8"] / ppl["fp32"]) and ppl["int8"] != ppl["fp32"]
