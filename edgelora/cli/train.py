@@ -138,6 +138,43 @@ def _train_command(args: argparse.Namespace) -> int:
         return run(args, rank=launch.rank)
 
 
+def _checked_outputs(args: argparse.Namespace):
+    """The run's CheckpointConfig, once --out and the checkpoint are known to be usable: before minutes of
+    loading and training, an --out that holds other files or cannot be written, a checkpoint to resume that
+    is not there, or one a fresh start would overwrite, each stop the verb. Under torchrun one process probes
+    the directories and all stop on its error."""
+    from edgelora.atomic import check_writable
+    from edgelora.distributed import on_rank0
+    from edgelora.peft_format import check_adapter_out
+    from edgelora.train import CheckpointConfig
+
+    checkpoint = CheckpointConfig(_checkpoint_dir(args), every=args.checkpoint_every, resume=args.resume)
+
+    def check_outputs() -> None:
+        check_adapter_out(args.out)
+        check_writable(Path(args.out), "--out")
+        checkpoint.check()
+
+    on_rank0(check_outputs)
+    return checkpoint
+
+
+def _interruptible(train, checkpoint, rank: int, bar):
+    """Run `train()`, closing the progress bar; after Ctrl-C with a checkpoint on disk, say how to resume it and
+    return None (the verb exits 130)."""
+    try:
+        return train()
+    except KeyboardInterrupt:
+        if checkpoint.path.is_file() and rank == 0:
+            print(f"edgelora: interrupted; continue from {checkpoint.path} with the same command and --resume",
+                  file=sys.stderr)
+            return None
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def _fill_task_defaults(args: argparse.Namespace) -> None:
     """The task's defaults for what was not given; causal-lm refuses the classification-only flags by name."""
     if args.task == "causal-lm":
@@ -155,11 +192,7 @@ def _fill_task_defaults(args: argparse.Namespace) -> None:
 
 def _train_causal(args: argparse.Namespace, rank: int) -> int:
     """`edgelora train --task causal-lm`: a LoRA for generation, trained with the decoder's int8 recipe on --qat."""
-    from edgelora.atomic import check_writable
     from edgelora.causal_train import train_causal_lm
-    from edgelora.distributed import on_rank0
-    from edgelora.peft_format import check_adapter_out
-    from edgelora.train import CheckpointConfig
 
     name = args.name or Path(args.out).name
     if args.weight_bits not in ("auto", "8"):
@@ -167,36 +200,22 @@ def _train_causal(args: argparse.Namespace, rank: int) -> int:
                             "drop --weight-bits")
     if args.max_length < 1:
         raise EdgeloraError(f"--max-length {args.max_length} must be a positive number of tokens, e.g. 96")
-    checkpoint = CheckpointConfig(_checkpoint_dir(args), every=args.checkpoint_every, resume=args.resume)
-
-    def check_outputs() -> None:
-        check_adapter_out(args.out)
-        check_writable(Path(args.out), "--out")
-        checkpoint.check()
-
-    on_rank0(check_outputs)
+    checkpoint = _checked_outputs(args)
     bar = Progress(None, f"train {name}") if rank == 0 else None
 
     def progress(msg: str) -> None:
         if bar is not None:
             bar.describe(f"train {name}: {msg}")
 
-    try:
-        report = train_causal_lm(args.base, args.data, args.eval, out=args.out, name=name, epochs=args.epochs,
+    report = _interruptible(lambda: train_causal_lm(args.base, args.data, args.eval, out=args.out, name=name, epochs=args.epochs,
                                  lr=args.lr, batch_size=args.batch_size, rank=args.rank, alpha=args.alpha,
                                  dropout=args.dropout, include_mlp=args.include_mlp,
                                  qat="int8" if args.qat == "int8" else None, max_length=args.max_length,
                                  seed=args.seed, eval_generate=args.eval_generate, max_new_tokens=args.max_new_tokens,
-                                 checkpoint=checkpoint, device=args.device, progress=progress)
-    except KeyboardInterrupt:
-        if checkpoint.path.is_file() and rank == 0:
-            print(f"edgelora: interrupted; continue from {checkpoint.path} with the same command and --resume",
-                  file=sys.stderr)
-            return 130
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+                                 checkpoint=checkpoint, device=args.device, progress=progress),
+                            checkpoint, rank, bar)
+    if report is None:
+        return 130
     if rank != 0:
         return 0
     scores = {k: v for k, v in (report.get("generation") or {}).items() if k != "predictions"}
@@ -208,14 +227,12 @@ def _train_causal(args: argparse.Namespace, rank: int) -> int:
 
 def _train(args: argparse.Namespace, rank: int) -> int:
     """The train verb in one process; under torchrun, rank 0 alone draws progress, saves and prints."""
-    from edgelora.atomic import check_writable
     from edgelora.calibrate import check_calib_batches
     from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig, check_recipe
     from edgelora.data import load_splits
-    from edgelora.distributed import on_rank0
     from edgelora.model import AdapterModel
-    from edgelora.peft_format import check_adapter_out, save_adapter
-    from edgelora.train import CheckpointConfig, TrainConfig, seed_everything, train_adapter
+    from edgelora.peft_format import save_adapter
+    from edgelora.train import TrainConfig, seed_everything, train_adapter
 
     name = args.name or Path(args.out).name
     weight_bits = _resolve_bits(args.weight_bits)  # checked even without --qat: a typo should not pass silently
@@ -231,16 +248,7 @@ def _train(args: argparse.Namespace, rank: int) -> int:
         raise EdgeloraError(f"--observe-steps {args.observe_steps} must be 0 (freeze after calibration) or more steps")
     if args.max_length < 1:
         raise EdgeloraError(f"--max-length {args.max_length} must be a positive number of tokens, e.g. 128")
-    # Before minutes of loading and training: an --out that holds other files or cannot be written, a
-    # checkpoint to resume that is not there, or one a fresh start would overwrite.
-    checkpoint = CheckpointConfig(_checkpoint_dir(args), every=args.checkpoint_every, resume=args.resume)
-
-    def check_outputs() -> None:
-        check_adapter_out(args.out)
-        check_writable(Path(args.out), "--out")
-        checkpoint.check()
-
-    on_rank0(check_outputs)  # under torchrun, one process probes the directories and all stop on its error
+    checkpoint = _checked_outputs(args)
     train_ds, eval_ds = load_splits(args.data, args.eval, seed=args.seed, text_field=args.text_field, label_field=args.label_field)
     if args.kind == "lora":
         targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else None
@@ -272,18 +280,11 @@ def _train(args: argparse.Namespace, rank: int) -> int:
             loss = msg.partition(" loss ")[2]
             bar.update_to(int(step[1]) if step else bar.n + 1, "loss " + loss if loss else "")  # resumed: part-way
 
-    try:
-        result = train_adapter(model, name, tokenizer, train_ds.texts, train_ds.labels, eval_ds.texts, eval_ds.labels,
-                               train_config, progress, checkpoint)
-    except KeyboardInterrupt:
-        if checkpoint.path.is_file() and rank == 0:
-            print(f"edgelora: interrupted; continue from {checkpoint.path} with the same command and --resume",
-                  file=sys.stderr)
-            return 130
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+    result = _interruptible(lambda: train_adapter(model, name, tokenizer, train_ds.texts, train_ds.labels,
+                                                  eval_ds.texts, eval_ds.labels, train_config, progress, checkpoint),
+                            checkpoint, rank, bar)
+    if result is None:
+        return 130
     if rank != 0:
         return 0
     training = {"data": str(args.data), "train_size": len(train_ds), "eval_size": len(eval_ds),
