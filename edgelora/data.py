@@ -85,15 +85,21 @@ def _subset(ds: Dataset, idx: Sequence[int]) -> Dataset:
 
 
 # --- loaders ---------------------------------------------------------------------------------------------
-def _parse_builtin(source: str) -> tuple[str, int | None]:
-    """`builtin:intent` or `builtin:intent:N` -> (task, N or None)."""
+def parse_builtin_source(source: str, tasks: Sequence[str], kind: str = "") -> tuple[str, int | None]:
+    """`builtin:TASK` or `builtin:TASK:N` -> (TASK, N or None), TASK one of `tasks`; `kind` ("generation ")
+    names the family in the error."""
     parts = source.split(":")
-    if len(parts) not in (2, 3) or parts[1] not in BUILTIN_TASKS:
-        raise EdgeloraError(f"{source}: unknown builtin task; write builtin:TASK or builtin:TASK:N with TASK one of "
-                            f"{', '.join(BUILTIN_TASKS)}")
+    if len(parts) not in (2, 3) or parts[1] not in tasks:
+        raise EdgeloraError(f"{source}: unknown builtin {kind}task; write builtin:TASK or builtin:TASK:N with TASK "
+                            f"one of {', '.join(tasks)}")
     if len(parts) == 3 and not (parts[2].isdigit() and int(parts[2]) > 0):
         raise EdgeloraError(f"{source}: count {parts[2]!r} is not a positive integer; write e.g. builtin:{parts[1]}:2000")
     return parts[1], int(parts[2]) if len(parts) == 3 else None
+
+
+def _parse_builtin(source: str) -> tuple[str, int | None]:
+    """`builtin:intent` or `builtin:intent:N` -> (task, N or None)."""
+    return parse_builtin_source(source, BUILTIN_TASKS)
 
 
 def _read_rows(path: Path, text_field: str, label_field: str) -> list[tuple[str, Any, str]]:

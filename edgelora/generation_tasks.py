@@ -18,6 +18,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from edgelora.data import parse_builtin_source
 from edgelora.errors import EdgeloraError
 
 GENERATION_TASKS = ("home-json", "meeting")
@@ -199,13 +200,8 @@ def make_pairs(name: str, n: int, seed: int, split: str = "train", exclude: set[
 
 def parse_builtin(source: str) -> tuple[str, int]:
     """`builtin:home-json` or `builtin:home-json:N` -> (task, N); N defaults to DEFAULT_SIZE."""
-    parts = source.split(":")
-    if len(parts) not in (2, 3) or parts[1] not in _TASKS:
-        raise EdgeloraError(f"{source}: unknown builtin generation task; write builtin:TASK or builtin:TASK:N with TASK "
-                            f"one of {', '.join(GENERATION_TASKS)}")
-    if len(parts) == 3 and not (parts[2].isdigit() and int(parts[2]) > 0):
-        raise EdgeloraError(f"{source}: count {parts[2]!r} is not a positive integer; write e.g. builtin:{parts[1]}:2000")
-    return parts[1], int(parts[2]) if len(parts) == 3 else DEFAULT_SIZE
+    name, n = parse_builtin_source(source, GENERATION_TASKS, "generation ")
+    return name, DEFAULT_SIZE if n is None else n
 
 
 # --- scores ---------------------------------------------------------------------------------------------------
