@@ -233,6 +233,23 @@ class Runtime:
                 self._bank = (options, {name: i for i, name in enumerate(order)})
             return self._bank
 
+    def row_options(self, adapters: Sequence[str | None]) -> tuple[ort.RunOptions, dict[str, np.ndarray]]:
+        """The RunOptions and extra feeds for one session run whose row i goes through `adapters[i]`
+        (None: the plain base). One adapter for every row: that adapter's per-call options and no extra
+        feed. Different adapters: the bank's options and `adapter_ids` [rows]; a bundle without a bank
+        cannot mix them in one run (`mixes_in_one_run`)."""
+        rows = list(adapters)
+        if not rows:
+            raise EdgeloraError("adapters is empty; pass one adapter name (or None) per row")
+        options = {name: self._options_for(name) for name in dict.fromkeys(rows)}
+        if len({id(o) for o in options.values()}) == 1:
+            return options[rows[0]], {}
+        if not self.mixes_in_one_run:
+            raise EdgeloraError(f"{self.bundle_dir / MANIFEST_FILE}: this bundle has no adapter bank, so a batch "
+                                "cannot mix adapters in one run; re-export it in switchable mode")
+        bank, index = self._bank_options()
+        return bank, {ADAPTER_IDS: np.array([index[r] for r in rows], np.int64)}
+
     def _session_run(self, feeds: dict[str, np.ndarray], options: ort.RunOptions) -> dict[str, np.ndarray]:
         try:
             values = self._session.run(self._outputs, feeds, options)
@@ -279,11 +296,9 @@ class Runtime:
         if len(rows) != batch:
             raise EdgeloraError(f"run: {len(rows)} adapters for a batch of {batch} rows; pass one per row")
         widths = [len(self.labels(name)) for name in rows]
-        if len({id(o) for o in options.values()}) == 1:  # one adapter for every row: the plain per-call path
-            out = self._session_run(feeds, options[rows[0]])
-        elif self.mixes_in_one_run:
-            bank, index = self._bank_options()
-            out = self._session_run({**feeds, ADAPTER_IDS: np.array([index[r] for r in rows], np.int64)}, bank)
+        if len({id(o) for o in options.values()}) == 1 or self.mixes_in_one_run:
+            row_options, extra = self.row_options(rows)
+            out = self._session_run({**feeds, **extra}, row_options)
         else:  # a bundle without a bank: one run per adapter, rows put back in order
             out = {}
             for name, opts in options.items():
