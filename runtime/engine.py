@@ -1,7 +1,8 @@
 """Continuous batching for decoder bundles: several generations in flight in one session, each row its own adapter.
 
 A request joins at its prefill while the others decode: the prompts admitted at one step run together
-(left-padded) with an empty cache, each row samples its first token, and their cache is spliced into the
+(left-padded) from an empty cache, in chunks of at most `prefill_tokens` tokens (each run extends the cache of
+the one before), each row samples its first token, and their cache is spliced into the
 running batch, left-padded to the longer of the two. Every later step decodes one token for every row in one
 session run. A row that finishes (eos, a stop string, max_tokens) or whose client went away leaves at the next
 step; the cache then drops the leading columns that only padding fills. Each run asks
@@ -77,7 +78,8 @@ class Job:
     """One request in the engine: its arguments, the tokens and text so far, and how it ended.
 
     `sink`, when given, is called with every Piece from the engine's thread (keep it short: hand the piece to
-    another thread or loop). `cancel()` makes the request leave the batch at the next step.
+    another thread or loop); a sink that raises cancels its job. `cancel()` makes the request leave the batch
+    at the next step.
     """
 
     def __init__(self, engine: Engine, prompt_ids: list[int], adapter: str | None, max_tokens: int,
@@ -122,7 +124,11 @@ class Job:
         if finish_reason is not None:
             self.finish_reason, self.error = finish_reason, error
         if self._sink is not None and (text or finish_reason is not None):
-            self._sink(Piece(text, finish_reason, self.usage if finish_reason else None, error))
+            try:
+                self._sink(Piece(text, finish_reason, self.usage if finish_reason else None, error))
+            except Exception:  # noqa: BLE001 - the consumer is gone (e.g. its event loop closed): stop for it
+                self._sink = None
+                self.cancelled = True
         if finish_reason is not None:
             self._done.set()
 
@@ -154,17 +160,22 @@ class Engine:
         max_kv_mb: the KV cache budget in MiB (see the module docstring for what it bounds).
         max_rows: rows decoding together at most.
         queue_limit: requests waiting for room at most; `submit` raises Overloaded past it.
+        prefill_tokens: prompt tokens (rows x columns) per prefill run at most; longer prompts prefill in
+            chunks, each extending the cache. The graph returns logits for every position, so this bounds
+            that tensor (SmolLM2: 512 x 49,152 floats, 100 MB) and how long one prefill holds up the decoding rows.
     """
 
     def __init__(self, runtime: Runtime, *, max_kv_mb: float = 512.0, max_rows: int = 16,
-                 queue_limit: int = 64) -> None:
+                 queue_limit: int = 64, prefill_tokens: int = 512) -> None:
         if runtime.manifest.task != CAUSAL_LM:
             raise EdgeloraError(f"{runtime.bundle_dir}: task is {runtime.manifest.task!r}; the generation engine "
                                 f"serves {CAUSAL_LM!r} bundles only")
         check_positive("max_kv_mb", max_kv_mb, float)
         check_positive("max_rows", max_rows)
         check_positive("queue_limit", queue_limit)
+        check_positive("prefill_tokens", prefill_tokens)
         self.runtime = runtime
+        self.prefill_tokens = prefill_tokens
         self.generator = runtime.generator()  # tokenizer, chat template and graph checks
         spec = self.spec = runtime.manifest.generation
         self.max_rows, self.queue_limit = max_rows, queue_limit
@@ -369,19 +380,25 @@ class Engine:
         return values[0], values[1:]
 
     def _prefill(self, jobs: list[Job]) -> None:
-        """One run over the admitted prompts (left-padded, empty cache); their first tokens; then the splice."""
+        """The admitted prompts (left-padded, from an empty cache) in runs of at most `prefill_tokens` tokens;
+        their first tokens; then the splice."""
         B, T = len(jobs), max(len(j.prompt_ids) for j in jobs)
         input_ids = np.full((B, T), self._pad, np.int64)
         mask = np.zeros((B, T), np.int64)
         for r, job in enumerate(jobs):
             input_ids[r, T - len(job.prompt_ids):] = job.prompt_ids
             mask[r, T - len(job.prompt_ids):] = 1
-        empty = np.zeros((B, self.spec.num_kv_heads, 0, self.spec.head_dim), np.float32)
-        feeds = {"input_ids": input_ids, "attention_mask": mask, **dict.fromkeys(self._past_names, empty)}
-        if self._positions:
-            feeds["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        present = [np.zeros((B, self.spec.num_kv_heads, 0, self.spec.head_dim), np.float32)] * len(self._past_names)
+        chunk = max(1, self.prefill_tokens // B)  # the logits of a run are rows x chunk x vocab floats
         try:
-            logits, present = self._run(feeds, [j.adapter for j in jobs])
+            for c0 in range(0, T, chunk):  # the prompt in chunks, each run extending the cache of the last
+                c1 = min(T, c0 + chunk)
+                feeds = {"input_ids": input_ids[:, c0:c1], "attention_mask": mask[:, :c1],
+                         **dict(zip(self._past_names, present))}
+                if self._positions:
+                    feeds["position_ids"] = positions[:, c0:c1]
+                logits, present = self._run(feeds, [j.adapter for j in jobs])
         except EdgeloraError as e:
             for job in jobs:
                 self._end(job, "error", str(e))

@@ -77,7 +77,13 @@ class OpenAIService:
         self.created = int(time.time())
         self.responses: Counter[tuple[str, int]] = Counter()  # (route, status)
         self.first_token = _Histogram(Metrics.LATENCY_BUCKETS)
-        self.in_flight = 0
+        self._jobs: set[Job] = set()  # accepted and not yet ended
+
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet ended (queued or decoding)."""
+        self._jobs = {j for j in self._jobs if not j.done}
+        return len(self._jobs)
 
     # -- the worker's life -----------------------------------------------------------------------
 
@@ -246,26 +252,25 @@ class OpenAIService:
                                code="server_overloaded", headers={"Retry-After": str(self.retry_after_s)}) from None
         except ApiError as e:
             return self.error_response(e, route)
-        model = data["model"]
+        self._jobs.add(job)
+        # ends on the client's disconnect (cancelling the job) or once the response is complete
+        watcher = asyncio.create_task(self._watch(request, job))
         head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": model}
+                "model": data["model"]}
         if data.get("stream"):
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             self.responses[(route, 200)] += 1
-            return StreamingResponse(self._events(request, job, pieces, kind, head, include_usage),
+            return StreamingResponse(self._events(job, pieces, kind, head, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.in_flight += 1
-        watcher = asyncio.create_task(self._watch(request, job))
         try:
             while True:
                 piece = await pieces.get()
                 if piece.finish_reason is not None:
                     break
         finally:
-            self.in_flight -= 1
             watcher.cancel()
-            job.cancel()
+            job.cancel()  # a no-op once it ended; stops it if this handler was cancelled
         self._finished(job)
         if piece.finish_reason == "error":
             self.responses[(route, 500)] += 1
@@ -282,7 +287,7 @@ class OpenAIService:
         self.responses[(route, 200)] += 1
         return JSONResponse(body)
 
-    async def _events(self, request, job: Job, pieces: asyncio.Queue, kind: str, head: dict,
+    async def _events(self, job: Job, pieces: asyncio.Queue, kind: str, head: dict,
                       include_usage: bool) -> AsyncIterator[str]:
         """The stream's server-sent events; closing it (the client went away) cancels the job."""
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -298,8 +303,6 @@ class OpenAIService:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
 
-        self.in_flight += 1
-        watcher = asyncio.create_task(self._watch(request, job))
         try:
             if kind == "chat":
                 yield chunk("", first=True)
@@ -321,10 +324,8 @@ class OpenAIService:
                     break
             yield "data: [DONE]\n\n"
         finally:
-            self.in_flight -= 1
-            watcher.cancel()
             job.cancel()
-            if job.done:
+            if job.finish_reason in ("stop", "length"):
                 self._finished(job)
 
     @staticmethod

