@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from served_decoder import CONTEXT, PROMPTS, tiny_decoder_bundle
+from served_decoder import CONTEXT, PROMPTS, tiny_decoder_bundle, tiny_switchable_bundle
 
 from edgelora.errors import EdgeloraError
 from edgelora.runtime import Runtime
@@ -71,6 +71,42 @@ def test_each_request_equals_its_solo_run_whatever_runs_beside_it(runtime, prefi
                                                                           len(tokens))
     assert engine.active == 0 and engine.kv_bytes == 0
     assert engine.tokens_total == sum(len(j.token_ids) for j in jobs)
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def switchable(request, tmp_path_factory) -> Runtime:
+    return Runtime(tiny_switchable_bundle(tmp_path_factory.mktemp("switch"), request.param), intra_op_threads=1)
+
+
+# (prompt index, adapter, arrival step, max_tokens, sampling): the base and two adapters side by side
+MIXED = [(0, "a", 0, 30, {}), (0, "b", 0, 30, {}), (0, None, 2, 30, {}), (2, "b", 3, 24, {}),
+         (4, "a", 6, 20, {"temperature": 0.8, "seed": 5}), (1, None, 6, 16, {}), (3, "a", 20, 12, {})]
+
+
+def test_mixed_adapters_each_row_equals_its_solo_run_with_its_adapter(switchable) -> None:
+    engine = Engine(switchable)
+    solos = {}
+    for i, adapter, _, max_tokens, sampling in MIXED:
+        gen = switchable.generator()
+        gen.generate(PROMPTS[i], adapter, max_new_tokens=max_tokens, **sampling)
+        solos[(i, adapter)] = gen.stats.token_ids[0]
+    # the premise: the adapters change the tokens, so a row given the wrong adapter would be caught
+    assert len({tuple(solos[(0, a)]) for a in ("a", "b", None)}) == 3
+    jobs, most, mixed_runs = [None] * len(MIXED), 0, 0
+    for step in range(500):
+        for k, (i, adapter, at, max_tokens, sampling) in enumerate(MIXED):
+            if at == step:
+                jobs[k] = engine.submit(engine.prompt_ids(PROMPTS[i]), adapter=adapter, max_tokens=max_tokens,
+                                        **sampling)
+        mixed_runs += len({r.job.adapter for r in engine._rows}) > 1
+        engine.step()
+        most = max(most, engine.active)
+        if all(j is not None and j.done for j in jobs):
+            break
+    assert most >= 4 and mixed_runs > 10  # rows of different adapters did decode in the same runs
+    for job, (i, adapter, *_) in zip(jobs, MIXED):
+        assert job.token_ids == solos[(i, adapter)], (PROMPTS[i], adapter)
+    assert engine.adapter_tokens["a"] == sum(len(j.token_ids) for j, m in zip(jobs, MIXED) if m[1] == "a")
 
 
 def test_stop_strings_end_a_row_and_the_others_go_on(runtime) -> None:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from served_decoder import CONTEXT, PROMPTS, tiny_adapter_bundle
+from served_decoder import CONTEXT, PROMPTS, tiny_adapter_bundle, tiny_switchable_bundle
 
 from edgelora.runtime import Runtime
 
@@ -146,6 +146,35 @@ def test_concurrent_requests_each_equal_their_solo_run(server, runtime) -> None:
     assert [a.choices[0].text for a in answers] == want
     tokens = sum(a.usage.completion_tokens for a in answers)
     assert app.state.engine.steps - steps < tokens  # the premise: rows shared steps
+
+
+def test_requests_for_different_adapters_share_the_batch_and_each_gets_its_own(root) -> None:
+    bundle = tiny_switchable_bundle(root, "int8")
+    rt = Runtime(bundle, intra_op_threads=1)
+    app = create_app(Runtime(bundle, intra_op_threads=1))
+    models = [bundle.name, "a", "b"]
+    jobs = [(models[i % 3], PROMPTS[i % len(PROMPTS)], 12 + 3 * i) for i in range(9)]
+    want = [offline(rt, [{"role": "user", "content": p}], n, adapter=None if m == bundle.name else m)[0]
+            for m, p, n in jobs]
+    chat = [{"role": "user", "content": PROMPTS[0]}]
+    assert len({offline(rt, chat, 12, adapter=a)[0] for a in (None, "a", "b")}) == 3  # adapters change the replies
+    with running(app) as port:
+        assert [m.id for m in client(port).models.list()] == models
+        steps = app.state.engine.steps
+
+        def one(job):
+            model, prompt, n = job
+            return client(port).chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                        max_tokens=n, temperature=0)
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(one, jobs))
+        assert [a.choices[0].message.content for a in answers] == want
+        assert app.state.engine.steps - steps < sum(a.usage.completion_tokens for a in answers)
+        text = call(port, "GET", "/metrics")[2]
+    for model in models:
+        assert metric(text, f'edgelora_model_tokens_total{{model="{model}"}}') == sum(
+            a.usage.completion_tokens for a, (m, _, _) in zip(answers, jobs) if m == model)
 
 
 BAD = [
