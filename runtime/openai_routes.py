@@ -25,7 +25,7 @@ from edgelora.runtime.engine import Engine, Job, Piece, Refused
 from edgelora.runtime.http_common import ApiError, read_json
 from edgelora.runtime.runtime import Runtime
 
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the room left
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat: see default_max_tokens
 MAX_STOPS = 4  # OpenAI accepts up to 4 stop sequences
 ROLES = ("system", "developer", "user", "assistant")
 # Fields OpenAI defines that this server accepts only at their neutral value (anything else: 400 naming them).
@@ -204,11 +204,17 @@ class OpenAIService:
             raise ApiError(400, field, str(e)) from None
 
     def default_max_tokens(self, kind: str, prompt_len: int) -> int:
+        """max_tokens of a request that names none. Completions: OpenAI's 16. Chat: OpenAI gives the rest of
+        the context, but the KV budget reserves prompt + max_tokens per request, so a default that large
+        would let one request hold the whole budget; a chat gets one row's share of it instead (the budget
+        over max_rows, as llama-server splits its context into slots), at least 16 tokens, within the
+        context and the whole budget."""
         room = self.engine.spec.context_length - prompt_len
-        budget = self.engine.max_kv_bytes // self.engine.bytes_per_token - prompt_len
+        tokens = self.engine.max_kv_bytes // self.engine.bytes_per_token
         if kind == "completions":
             return max(1, min(COMPLETION_DEFAULT_MAX_TOKENS, room))
-        return max(1, min(room, budget))
+        share = max(tokens // self.engine.max_rows - prompt_len, COMPLETION_DEFAULT_MAX_TOKENS)
+        return max(1, min(share, room, tokens - prompt_len))
 
     # -- answering -------------------------------------------------------------------------------
 

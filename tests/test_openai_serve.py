@@ -177,6 +177,20 @@ def test_requests_for_different_adapters_share_the_batch_and_each_gets_its_own(r
             a.usage.completion_tokens for a, (m, _, _) in zip(answers, jobs) if m == model)
 
 
+def test_without_max_tokens_a_chat_gets_one_rows_share_of_the_kv_budget(bundle, runtime) -> None:
+    spec = runtime.manifest.generation
+    bytes_per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 4
+    prompt = len(runtime.generator().prompt_ids(CHAT))
+    share = prompt + 20  # tokens per row: 20 new ones after the prompt
+    app = create_app(Runtime(bundle, intra_op_threads=1), max_kv_mb=2 * share * bytes_per_token / 2**20, max_rows=2)
+    with running(app) as port:
+        r = client(port).chat.completions.create(model="demo", messages=CHAT, temperature=0)
+        plain = client(port).completions.create(model="demo", prompt=PROMPTS[0], temperature=0)
+    assert r.choices[0].message.content == offline(runtime, CHAT, 20)[0]
+    assert r.usage.completion_tokens <= 20 and plain.usage.completion_tokens <= 16  # OpenAI's completions default
+    assert plain.choices[0].text == offline(runtime, PROMPTS[0], 16)[0]
+
+
 BAD = [
     # (route, body, status, param, code)
     ("completions", {"model": "nope", "prompt": "hi"}, 404, "model", "model_not_found"),
