@@ -165,7 +165,7 @@ class Engine:
             that tensor (SmolLM2: 512 x 49,152 floats, 100 MB) and how long one prefill holds up the decoding rows.
     """
 
-    def __init__(self, runtime: Runtime, *, max_kv_mb: float = 512.0, max_rows: int = 16,
+    def __init__(self, runtime: Runtime, *, max_kv_mb: float = 512.0, max_rows: int = 8,
                  queue_limit: int = 64, prefill_tokens: int = 512) -> None:
         if runtime.manifest.task != CAUSAL_LM:
             raise EdgeloraError(f"{runtime.bundle_dir}: task is {runtime.manifest.task!r}; the generation engine "
@@ -235,7 +235,10 @@ class Engine:
                stop: str | Sequence[str] = (), sink: Callable[[Piece], None] | None = None) -> Job:
         """Queue one generation; returns its Job at once. Refused (an EdgeloraError naming the argument) for a
         request that can never run, Overloaded when `queue_limit` requests already wait."""
-        ids = [int(t) for t in prompt_ids]
+        ids = list(prompt_ids)
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+            raise Refused("prompt", "prompt_ids must be token ids (integers)")
+        ids = [int(t) for t in ids]
         if adapter is not None and adapter not in self.runtime.adapters:
             have = ", ".join(self.runtime.adapters) or "none"
             raise Refused("adapter", f"no adapter {adapter!r}; available: {have} (or None for the base)")

@@ -78,6 +78,7 @@ class OpenAIService:
         self.responses: Counter[tuple[str, int]] = Counter()  # (route, status)
         self.first_token = _Histogram(Metrics.LATENCY_BUCKETS)
         self._jobs: set[Job] = set()  # accepted and not yet ended
+        self._watchers: set[asyncio.Task] = set()
 
     @property
     def in_flight(self) -> int:
@@ -261,6 +262,8 @@ class OpenAIService:
         self._jobs.add(job)
         # ends on the client's disconnect (cancelling the job) or once the response is complete
         watcher = asyncio.create_task(self._watch(request, job))
+        self._watchers.add(watcher)  # the loop keeps only weak references to tasks
+        watcher.add_done_callback(self._watchers.discard)
         head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": data["model"]}
         if data.get("stream"):
@@ -278,6 +281,10 @@ class OpenAIService:
             watcher.cancel()
             job.cancel()  # a no-op once it ended; stops it if this handler was cancelled
         self._finished(job)
+        if piece.finish_reason == "cancelled":  # the engine stopped under it (the server is shutting down)
+            self.responses[(route, 503)] += 1
+            return JSONResponse(openai_error("the server stopped before the reply was done; retry", None,
+                                             "server_overloaded", "server_error"), status_code=503)
         if piece.finish_reason == "error":
             self.responses[(route, 500)] += 1
             return JSONResponse(openai_error(f"generation failed: {piece.error}", None, None, "server_error"),

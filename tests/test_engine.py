@@ -206,6 +206,7 @@ def test_refusals_name_the_argument(bundles) -> None:
         (dict(prompt_ids=[5] * CONTEXT), "prompt", rf"prompt is {CONTEXT} tokens, the model's context is {CONTEXT}"),
         (dict(prompt_ids=[]), "prompt", "prompt has no tokens"),
         (dict(prompt_ids=[400]), "prompt", r"outside the vocabulary \[0, 400\)"),
+        (dict(prompt_ids=["a"]), "prompt", r"prompt_ids must be token ids \(integers\)"),
         (dict(prompt_ids=ids, max_tokens=0), "max_tokens", "max_tokens 0 must be a positive integer"),
         (dict(prompt_ids=ids, max_tokens=CONTEXT), "max_tokens",
          rf"exceeds the model's context of {CONTEXT} tokens; ask for at most {CONTEXT - len(ids)}"),

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from served_decoder import CONTEXT, PROMPTS, tiny_adapter_bundle, tiny_switchable_bundle
 
+from edgelora.errors import EdgeloraError
 from edgelora.runtime import Runtime
 
 openai = pytest.importorskip("openai")
@@ -322,10 +323,43 @@ def test_a_client_that_goes_away_frees_its_row_at_once(bundle, stream) -> None:
         _wait_until(lambda: metric(call(port, "GET", "/metrics")[2], "edgelora_in_flight_requests") == 0, 5)
 
 
+class FailingDecoder(Runtime):
+    """A real decoder Runtime whose session runs fail from the `fail_from`-th on, as a broken bundle would."""
+
+    fail_from = 2
+    runs = 0
+
+    def row_options(self, adapters):
+        self.runs += 1
+        if self.runs >= self.fail_from:
+            raise EdgeloraError(f"{self.bundle_dir / 'model.onnx'}: run failed (simulated)")
+        return super().row_options(adapters)
+
+
+def test_a_failed_run_ends_its_requests_with_500_and_the_server_keeps_serving(bundle) -> None:
+    rt = FailingDecoder(bundle, intra_op_threads=1)
+    app = create_app(rt)
+    body = {"model": "demo", "prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0}
+    with running(app) as port:
+        status, _, answer = call(port, "POST", "/v1/completions", body)  # prefill runs, the first decode fails
+        assert status == 500 and answer["error"]["type"] == "server_error"
+        assert "run failed (simulated)" in answer["error"]["message"]
+        rt.runs = 0
+        status, _, text = call(port, "POST", "/v1/completions", {**body, "stream": True})
+        events = [e for e in text.split("\n\n") if e]
+        assert status == 200 and events[-1] == "data: [DONE]"
+        assert "run failed (simulated)" in json.loads(events[-2][len("data: "):])["error"]["message"]
+        rt.fail_from = 10**9
+        assert call(port, "POST", "/v1/completions", body)[0] == 200
+        _wait_until(lambda: app.state.engine.active == 0, 5)  # the row leaves right after its last piece
+        assert app.state.engine.alive
+
+
 def test_metrics_and_health(server) -> None:
     port, app = server
     c = client(port)
     c.completions.create(model="demo", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    _wait_until(lambda: app.state.engine.active == 0, 5)  # the row leaves right after its last piece
     status, _, text = call(port, "GET", "/metrics")
     assert status == 200
     assert metric(text, "edgelora_generated_tokens_total") == app.state.engine.tokens_total > 0
