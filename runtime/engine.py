@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -185,6 +186,15 @@ class Engine:
         self._outputs = ["logits", *(f"present.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value"))]
         inputs = {i.name for i in runtime.session.get_inputs()}
         self._positions = "position_ids" in inputs
+        graph = runtime.manifest.extra.get("graph")
+        core = graph.get("attention") if isinstance(graph, dict) else None
+        # whether a row's logits are bit-identical alone and batched (exporters/decoder_graph.py ATTENTION_CORES)
+        self.batch_invariant = core == "invariant"
+        if core is not None and not self.batch_invariant:
+            warnings.warn(f"{runtime.bundle_dir}: exported with attention core {core!r}, whose float32 sums over the "
+                          "keys change with left padding: a request's tokens may differ from its solo run; export "
+                          "with the default attention='invariant' for batch-invariant answers",
+                          RuntimeWarning, stacklevel=2)
         self._eos = frozenset(spec.eos_token_ids)
         self._pad = spec.pad_token_id if spec.pad_token_id is not None else next(iter(spec.eos_token_ids), 0)
         # waiting jobs (guarded by _cond); the batch below is touched only by the stepping thread

@@ -279,3 +279,17 @@ def test_smollm2_int8_requests_batched_continuously_equal_their_solo_runs(tmp_pa
     for job, chat in zip(jobs, chats):
         gen.generate(chat, max_new_tokens=40)
         assert job.token_ids == gen.stats.token_ids[0], chat
+
+
+def test_a_bundle_without_the_invariant_attention_core_is_flagged(bundles, tmp_path) -> None:
+    from decoder_fixture import tiny_llama
+    from served_decoder import VOCAB, chat_tokenizer
+
+    from edgelora.exporters.decoder_export import export_decoder
+
+    assert Engine(Runtime(bundles["int8"], intra_op_threads=1)).batch_invariant
+    out = tmp_path / "ops"
+    export_decoder(tiny_llama(VOCAB, context=CONTEXT), out, attention="ops", tokenizer_dir=chat_tokenizer(tmp_path))
+    with pytest.warns(RuntimeWarning, match="attention core 'ops'.* may differ from its solo run"):
+        engine = Engine(Runtime(out, intra_op_threads=1))
+    assert not engine.batch_invariant
