@@ -35,8 +35,9 @@ def tiny_decoder_bundle(root: Path, precision: str = "fp32", seed: int = 0) -> P
     return out
 
 
-def random_lora(base, out: Path, seed: int, r: int, targets: list[str]) -> Path:
-    """A PEFT CAUSAL_LM LoRA with random A and B wide enough to change the greedy tokens, saved at `out`."""
+def random_lora(base, out: Path, seed: int, r: int, targets: list[str], std: float = 0.3) -> Path:
+    """A PEFT CAUSAL_LM LoRA with random A and B (B drawn with `std`, wide enough to change the greedy tokens),
+    saved at `out`."""
     import copy
 
     import torch
@@ -48,7 +49,7 @@ def random_lora(base, out: Path, seed: int, r: int, targets: list[str]) -> Path:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(std=0.3)
+                p.normal_(std=std)
     model.save_pretrained(out)
     return out
 

