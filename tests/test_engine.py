@@ -11,6 +11,7 @@ import importlib.util
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from served_decoder import CONTEXT, PROMPTS, tiny_decoder_bundle, tiny_switchable_bundle
 
@@ -167,6 +168,31 @@ def test_the_kv_budget_makes_requests_wait_and_refuses_what_never_fits(bundles) 
                                       r"tokens") as e:
         engine.submit(ids, max_tokens=21)
     assert e.value.field == "max_tokens"
+
+
+def test_under_random_traffic_the_cache_never_outgrows_the_budget(bundles) -> None:
+    rt = Runtime(bundles["int8"], intra_op_threads=1)
+    engine = Engine(rt, max_kv_mb=3 * 60 * Engine(rt).bytes_per_token / 2**20, queue_limit=100)  # ~3 rows of 60
+    rng = np.random.default_rng(0)
+    arrivals = sorted((int(rng.integers(0, 60)), int(rng.integers(len(PROMPTS))), int(rng.integers(1, 45)))
+                      for _ in range(24))
+    jobs, most, waited, step = [], 0, 0, 0
+    while step < 2000:
+        for at, i, n in arrivals:
+            if at == step:
+                jobs.append((engine.submit(engine.prompt_ids(PROMPTS[i]), max_tokens=n), i, n))
+        if cancel := [j for j, _, _ in jobs if not j.done and rng.random() < 0.01]:
+            cancel[0].cancel()
+        engine.step()
+        assert engine.kv_bytes <= engine.kv_reserved_bytes <= engine.max_kv_bytes
+        most, waited = max(most, engine.active), max(waited, engine.queued)
+        step += 1
+        if len(jobs) == len(arrivals) and all(j.done for j, _, _ in jobs):
+            break
+    assert most >= 2 and waited >= 3 and all(j.done for j, _, _ in jobs)  # the budget did hold requests back
+    for job, i, n in jobs:
+        if job.finish_reason != "cancelled":
+            assert job.token_ids == solo(rt, PROMPTS[i], n)[0]
 
 
 def test_max_rows_bounds_the_batch(bundles) -> None:
