@@ -126,6 +126,33 @@ def test_stop_strings_end_a_row_and_the_others_go_on(runtime) -> None:
     assert other.token_ids == solo(runtime, PROMPTS[4], 30)[0]
 
 
+def test_a_long_prefill_runs_a_chunk_per_step_while_the_batch_decodes(bundles) -> None:
+    rt = Runtime(bundles["fp32"], intra_op_threads=1)
+    engine = Engine(rt, prefill_tokens=3)
+    running = engine.submit(engine.prompt_ids(PROMPTS[3]), max_tokens=40)
+    engine.step()
+    engine.step()
+    long_ids = engine.prompt_ids(PROMPTS[4])
+    joining = engine.submit(long_ids, max_tokens=10)
+    cancelled = engine.submit(engine.prompt_ids(PROMPTS[0]), max_tokens=10)
+    chunks = len(long_ids)  # two rows prefill together: 3 // 2 = 1 column per run, the longer prompt sets T
+    made = []
+    for _ in range(chunks - 1):
+        before = len(running.token_ids)
+        engine.step()
+        made.append(len(running.token_ids) - before)
+        if len(made) == 3:
+            cancelled.cancel()
+        assert engine.prefilling in (1, 2) and joining.token_ids == []
+    assert made == [1] * (chunks - 1)  # the decoding row got its token at every step of the prefill
+    assert cancelled.finish_reason == "cancelled" and cancelled.token_ids == []
+    engine.step()  # the last chunk: the first token, and the row joins
+    assert engine.prefilling == 0 and engine.active == 2 and len(joining.token_ids) == 2
+    while engine.step():
+        pass
+    assert joining.token_ids == solo(rt, PROMPTS[4], 10)[0] and running.token_ids == solo(rt, PROMPTS[3], 40)[0]
+
+
 def test_the_cache_sheds_the_padding_of_rows_that_left(runtime) -> None:
     engine = Engine(runtime)
     long = engine.submit(engine.prompt_ids(PROMPTS[4]), max_tokens=3)
