@@ -401,6 +401,8 @@ class OpenAIService:
                "# TYPE edgelora_engine_steps_total counter", f"edgelora_engine_steps_total {e.steps}",
                "# HELP edgelora_active_requests Requests decoding in the batch now.",
                "# TYPE edgelora_active_requests gauge", f"edgelora_active_requests {e.active}",
+               "# HELP edgelora_prefilling_requests Requests part way through their (chunked) prefill.",
+               "# TYPE edgelora_prefilling_requests gauge", f"edgelora_prefilling_requests {e.prefilling}",
                "# HELP edgelora_queue_depth Requests waiting for room in the batch.",
                "# TYPE edgelora_queue_depth gauge", f"edgelora_queue_depth {e.queued}",
                "# HELP edgelora_queue_limit Waiting requests before the server answers 503.",

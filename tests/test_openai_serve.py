@@ -365,6 +365,7 @@ def test_metrics_and_health(server) -> None:
     assert metric(text, "edgelora_generated_tokens_total") == app.state.engine.tokens_total > 0
     assert metric(text, "edgelora_tokens_per_second") > 0
     assert metric(text, "edgelora_kv_cache_bytes") == 0 and metric(text, "edgelora_active_requests") == 0
+    assert metric(text, "edgelora_prefilling_requests") == 0
     assert metric(text, "edgelora_kv_cache_budget_bytes") == 512 * 2**20
     assert metric(text, 'edgelora_model_tokens_total{model="demo"}') >= 4
     assert metric(text, 'edgelora_responses_total{route="/v1/completions",status="200"}') >= 1
