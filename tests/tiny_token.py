@@ -20,7 +20,7 @@ def slot_vocab() -> list[str]:
         for record in generate_slots(400, 0, split):
             words.update(record["text"].replace(".", " . ").split())
     pieces = [p for w in sorted(words) for p in SPLIT_WORDS.get(w, [w])]
-    extra = ["hello", "world", ",", "!", "?", "##s"]
+    extra = ["hello", "world", ",", "!", "?", "##s"] + [f"w{i}" for i in range(40)]  # >= 100 ids: export traces ids < 100
     return SPECIAL + sorted(set(pieces + extra) - set(SPECIAL))
 
 
