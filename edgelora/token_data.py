@@ -116,7 +116,7 @@ def _tokens_example(record: dict, where: str) -> tuple[str, list[tuple[int, int]
 
 def _check_tag(tag: str, where: str) -> str:
     prefix, kind = tag_type(tag)
-    if kind is not None and (not kind.strip() or kind != kind.strip()):
+    if tag in ("B-", "I-") or (kind is not None and (not kind.strip() or kind != kind.strip())):
         raise EdgeloraError(f"{where}: tag {tag!r} has no entity type; write e.g. \"B-room\", \"room\" or \"O\"")
     return tag
 
