@@ -275,18 +275,37 @@ def test_predict_tags_words_from_their_first_subtoken_with_offsets(tmp_path: Pat
 
 
 def test_serve_predict_returns_entities_with_offsets(tmp_path: Path, slot_base: Path, trained: Path) -> None:
-    pytest.importorskip("uvicorn")
-    from test_serve import call, running
+    uvicorn = pytest.importorskip("uvicorn")
+    import http.client
+    import threading
+    import time
 
     from edgelora.exporters.export import export_bundle
-    from edgelora.runtime.serve import create_app
+    from edgelora.runtime.serve import create_app, listen
 
     export_bundle(str(slot_base), {"slots": trained}, mode="merged", precision="int8", out=tmp_path / "b",
                   max_length=MAX_LENGTH)
     texts = [EXAMPLE, "turn on the lamp"]
     offline = Runtime(tmp_path / "b", intra_op_threads=1).predict(texts)
-    with running(create_app(Runtime(tmp_path / "b", intra_op_threads=1), batching="off")) as port:
-        status, _, body = call(port, "POST", "/v1/predict", {"texts": texts})
+    sock = listen("127.0.0.1", 0)
+    app = create_app(Runtime(tmp_path / "b", intra_op_threads=1), batching="off")
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.005)
+        conn = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=20)
+        conn.request("POST", "/v1/predict", body=json.dumps({"texts": texts}),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        status, body = response.status, json.loads(response.read())
+        conn.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
     assert status == 200, body
     assert body["predictions"] == json.loads(json.dumps(offline))
     assert all({"label", "start", "end", "text", "score"} == set(e) for p in body["predictions"] for e in p["entities"])
