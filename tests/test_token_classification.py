@@ -381,3 +381,29 @@ def test_peft_token_cls_adapter_without_its_classifier_is_refused(tmp_path: Path
     with pytest.raises(EdgeloraError, match="a TOKEN_CLS adapter without its classifier"):
         export_bundle(str(base_dir), {"peft": broken}, mode="merged", precision="fp32", out=tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_batch_mixing_token_adapters_gives_each_row_its_adapters_tags(tmp_path: Path, slot_base: Path,
+                                                                        trained: Path) -> None:
+    from edgelora.exporters.export import export_bundle
+
+    model = TokenAdapterModel(load_base(slot_base)[0])
+    model.add_adapter("rooms", LoraConfig(r=2), ["O", "B-room", "I-room"], quant=QuantConfig(weight_bits=7))
+    randomize_adapters(model, seed=2)
+    save_adapter(model, "rooms", tmp_path / "rooms")
+    manifest = export_bundle(str(slot_base), {"slots": trained, "rooms": tmp_path / "rooms"}, mode="switchable",
+                             precision="fp32", out=tmp_path / "b", max_length=MAX_LENGTH)
+    assert "mixed batch (bank)" in manifest.validation
+    rt = Runtime(tmp_path / "b", intra_op_threads=1)
+    texts = [EXAMPLE, "turn on the lamp", "keep the guest room at 19 degrees tonight"]
+    rows = ["slots", "rooms", "slots"]
+    mixed = rt.run(texts, adapters=rows)["logits"]
+    assert [m.shape[-1] for m in mixed] == [len(SLOT_TAGS), 3, len(SLOT_TAGS)]
+    for i, name in enumerate(rows):
+        alone = rt.run(texts, name)["logits"][i]
+        assert np.abs(mixed[i] - alone).max() <= PEFT_FP32_REL * max(1.0, np.abs(alone).max())
+    together = rt.predict(texts, adapters=rows)
+    for got, want in zip(together, [rt.predict([t], adapter=a)[0] for t, a in zip(texts, rows)]):
+        assert [(w["label"], w["start"], w["end"]) for w in got["words"]] == \
+            [(w["label"], w["start"], w["end"]) for w in want["words"]]
+        assert [w["score"] for w in got["words"]] == pytest.approx([w["score"] for w in want["words"]], abs=1e-5)
