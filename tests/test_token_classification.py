@@ -407,3 +407,10 @@ def test_a_batch_mixing_token_adapters_gives_each_row_its_adapters_tags(tmp_path
         assert [(w["label"], w["start"], w["end"]) for w in got["words"]] == \
             [(w["label"], w["start"], w["end"]) for w in want["words"]]
         assert [w["score"] for w in got["words"]] == pytest.approx([w["score"] for w in want["words"]], abs=1e-5)
+
+
+def test_cli_refuses_sequence_only_flags_for_token_classification(tmp_path: Path, slot_base: Path, capsys) -> None:
+    rc, _, err = cli(["train", "--task", "token-classification", "--base", slot_base, "--data", "builtin:slots:20",
+                      "--qat", "int8", "--smooth", "0.5", "--out", tmp_path / "ad"], capsys)
+    assert_one_line_error(rc, err, "--smooth applies to --task classification; drop it for --task token-classification")
+    assert not (tmp_path / "ad").exists()
