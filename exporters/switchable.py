@@ -45,8 +45,8 @@ from edgelora.errors import EdgeloraError
 from edgelora.layers import ADAPTER_KEYS, LORA_A_KEY, LORA_B_KEY, AdaptedLinear
 from edgelora.model import AdapterModel
 from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX, adapter_state
-from edgelora.runtime.bundle import TOKEN_CLASSIFICATION
-from edgelora.runtime.bundle import ADAPTER_IDS, BANK_FILE  # adapter_ids: int64 [rows], each row's bank entry; default [0]
+# adapter_ids: int64 [rows], each row's bank entry; default [0]
+from edgelora.runtime.bundle import ADAPTER_IDS, BANK_FILE, TOKEN_CLASSIFICATION
 
 from . import validate
 from .onnx_graph import ExportedGraph
@@ -357,10 +357,11 @@ def per_row_adapters(model: AdapterModel, rows: Sequence[str | None]) -> Iterato
 
 def mixed_torch_outputs(model: AdapterModel, feeds: Mapping[str, np.ndarray], rows: Sequence[str | None]) \
         -> tuple[list[np.ndarray], np.ndarray]:
-    """Per-row logits (each row its adapter's label count; none for "no adapter") and the pooled embeddings."""
+    """Per-row logits (each row its adapter's label count; none for "no adapter"; per token for a token head)
+    and the pooled embeddings."""
     with per_row_adapters(model, rows), torch.no_grad():
         inputs = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
-        if getattr(model, "hidden", None) is not None and model.task == TOKEN_CLASSIFICATION:
+        if model.task == TOKEN_CLASSIFICATION:
             hidden = model.hidden(**inputs)  # (batch, seq, hidden): each row's head classifies every token
             mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
