@@ -414,3 +414,30 @@ def test_cli_refuses_sequence_only_flags_for_token_classification(tmp_path: Path
                       "--qat", "int8", "--smooth", "0.5", "--out", tmp_path / "ad"], capsys)
     assert_one_line_error(rc, err, "--smooth applies to --task classification; drop it for --task token-classification")
     assert not (tmp_path / "ad").exists()
+
+
+def test_add_adapter_joins_a_token_bundle_and_refuses_a_sequence_adapter(tmp_path: Path, slot_base: Path,
+                                                                         trained: Path) -> None:
+    from edgelora.exporters.add import add_adapters
+    from edgelora.exporters.export import export_bundle
+    from edgelora.model import AdapterModel
+
+    export_bundle(str(slot_base), {"slots": trained}, mode="switchable", precision="fp32", out=tmp_path / "b",
+                  max_length=MAX_LENGTH)
+    model = TokenAdapterModel(load_base(slot_base)[0])
+    model.add_adapter("rooms", LoraConfig(r=4), ["O", "B-room", "I-room"], quant=QuantConfig(weight_bits=7))
+    randomize_adapters(model, seed=3)
+    save_adapter(model, "rooms", tmp_path / "rooms")
+    manifest = add_adapters(tmp_path / "b", {"rooms": tmp_path / "rooms"}, base=str(slot_base))
+    assert "rooms" in manifest.adapter_names
+    rt = Runtime(tmp_path / "b", intra_op_threads=1)
+    feeds = rt.tokenize([EXAMPLE])
+    ref = _torch_logits(slot_base, tmp_path / "rooms", feeds, None)
+    assert np.abs(rt.run([EXAMPLE], "rooms")["logits"] - ref).max() <= PEFT_FP32_REL * max(1.0, np.abs(ref).max())
+
+    sequence = AdapterModel(load_base(slot_base)[0])
+    sequence.add_adapter("intent", LoraConfig(r=4), ["on", "off"])
+    save_adapter(sequence, "intent", tmp_path / "intent")
+    with pytest.raises(EdgeloraError, match="a sequence-classification adapter cannot join bundle .* of task "
+                                            "token-classification"):
+        add_adapters(tmp_path / "b", {"intent": tmp_path / "intent"}, base=str(slot_base))
