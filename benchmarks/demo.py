@@ -3,11 +3,14 @@
 Runs the same `edgelora` commands the README shows, on synthetic tasks generated inside the project.
 Encoder part: two adapters on all-MiniLM-L6-v2 (smart-home commands -> intent, short product reviews ->
 sentiment; see edgelora/data.py), each task's held-out accuracy in fp32 and int8 and the int8-versus-fp32
-latency table. Decoder part: a generation adapter on SmolLM2-135M (smart-home command -> JSON action, see
-edgelora/generation_tasks.py) trained with int8 QAT, exported fp32 and int8, a few held-out prompts answered
-with and without it, the held-out task score of each bundle and its decode speed (runs/demo/decoder.json, .md).
+latency table. Slot-filling part: a token-classification adapter on MiniLM tagging the room, device and
+temperature in smart-home commands (builtin:slots), its entities with offsets, and held-out entity-level F1
+of the merged fp32 and int8 bundles (runs/demo/slots.json). Decoder part: a generation adapter on
+SmolLM2-135M (smart-home command -> JSON action, see edgelora/generation_tasks.py) trained with int8 QAT,
+exported fp32 and int8, a few held-out prompts answered with and without it, the held-out task score of each
+bundle and its decode speed (runs/demo/decoder.json, .md).
 
-    python benchmarks/demo.py [--out runs/demo] [--skip-encoder] [--skip-decoder] [--decoder-rows 240]
+    python benchmarks/demo.py [--out runs/demo] [--skip-encoder] [--skip-slots] [--skip-decoder] [--decoder-rows 240]
 """
 
 from __future__ import annotations
@@ -104,6 +107,53 @@ def encoder_part(args: argparse.Namespace, out: Path) -> None:
     print(f"$ edgelora {shlex.join(cmd)}", flush=True)
     subprocess.run([sys.executable, "-m", "edgelora.cli", *cmd], check=True)
     write_text_atomic(out / "accuracy.json", json.dumps(results, indent=2) + "\n")
+
+
+# --- token classification: slot filling ---------------------------------------------------------------------
+SLOT_EXAMPLES = ("set the guest room to 21.5 degrees please", "could you switch on the ceiling fan in the study")
+
+
+def bundle_entity_f1(rt: Runtime, adapter: str | None, ds) -> dict[str, float]:
+    """Entity-level F1 of a token-classification bundle on a `TokenDataset` whose words are `entities.words`'s."""
+    from edgelora.runtime.entities import entity_f1, words
+
+    gold, pred = [], []
+    for i in range(0, len(ds), 64):
+        texts = list(ds.texts[i : i + 64])
+        for j, p in enumerate(rt.predict(texts, adapter=adapter)):
+            if [(w["start"], w["end"]) for w in p["words"]] != [tuple(s) for s in ds.spans[i + j]]:
+                raise RuntimeError(f"example {i + j}: the bundle's words differ from the data's; use builtin data")
+            gold.append(ds.tag_names(i + j))
+            pred.append([w["label"] for w in p["words"]])
+    return entity_f1(gold, pred)
+
+
+def slots_part(args: argparse.Namespace, out: Path) -> dict:
+    """A token-classification LoRA (room, device, temperature spans) trained with int8 QAT on MiniLM, exported
+    merged fp32 and int8; held-out entity-level F1 of each bundle."""
+    from edgelora.token_data import load_token_splits
+
+    data = f"builtin:slots:{args.slot_size}"
+    sh("train", "--task", "token-classification", "--base", "minilm", "--data", data, "--name", "slots",
+       "--qat", "int8", "--epochs", str(args.epochs), "--out", str(out / "adapters" / "slots"))
+    bundles = {}
+    for precision in ("fp32", "int8"):
+        bundles[precision] = out / "bundles" / f"merged-slots-{precision}"
+        sh("export", "minilm", "--adapter", f"slots={out / 'adapters' / 'slots'}", "--mode", "merged",
+           "--precision", precision, "--out", str(bundles[precision]))
+    rt = Runtime(bundles["int8"])
+    print("\nslot filling, merged int8 bundle:")
+    for text, p in zip(SLOT_EXAMPLES, rt.predict(list(SLOT_EXAMPLES))):
+        shown = ", ".join(f"{e['label']}={e['text']!r} [{e['start']}:{e['end']}] ({e['score']:.2f})" for e in p["entities"])
+        print(f"  {text!r:52} -> {shown or 'no entities'}")
+    _, eval_ds = load_token_splits(data, seed=0)
+    result = {p: bundle_entity_f1(Runtime(b), None, eval_ds) for p, b in bundles.items()}
+    print(f"\nheld-out entity-level F1 ({len(eval_ds)} commands, exact span and type):")
+    print(f"  {'bundle':14} {'precision':>9} {'recall':>8} {'F1':>8}")
+    for p, r in result.items():
+        print(f"  {'merged ' + p:14} {r['precision']:9.3f} {r['recall']:8.3f} {r['f1']:8.3f}")
+    write_text_atomic(out / "slots.json", json.dumps({"data": data, "eval_size": len(eval_ds), **result}, indent=2) + "\n")
+    return result
 
 
 # --- decoder part ---------------------------------------------------------------------------------------------
@@ -290,6 +340,9 @@ def main() -> int:
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--skip-encoder", action="store_true", help="leave out the MiniLM classification part")
     parser.add_argument("--skip-decoder", action="store_true", help="leave out the SmolLM2 generation part")
+    parser.add_argument("--skip-slots", action="store_true", help="leave out the MiniLM slot-filling part")
+    parser.add_argument("--slot-size", type=int, default=800,
+                        help="slot filling: builtin:slots commands (20%% held out, with unseen paraphrases)")
     parser.add_argument("--train-size", type=int, default=2000, help="encoder: examples per task (20%% held out)")
     parser.add_argument("--epochs", type=int, default=3, help="encoder: epochs per adapter")
     parser.add_argument("--rounds", type=int, default=20, help="encoder: benchmark rounds per shape")
@@ -319,6 +372,10 @@ def main() -> int:
     if not args.skip_encoder:
         encoder_part(args, out)
         print(f"\nencoder part finished in {time.time() - start:.0f} s", flush=True)
+    if not args.skip_slots:
+        slots_start = time.time()
+        slots_part(args, out)
+        print(f"\nslot-filling part finished in {time.time() - slots_start:.0f} s", flush=True)
     if not args.skip_decoder:
         decoder_start = time.time()
         decoder_part(args, out)

@@ -31,6 +31,7 @@ from edgelora.config import (
 from edgelora.errors import EdgeloraError
 from edgelora.layers import ADAPTER_KEYS, BOTTLENECK_KEY, LORA_A_KEY, LORA_B_KEY
 from edgelora.model import AdapterModel
+from edgelora.runtime.bundle import TOKEN_CLASSIFICATION
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -209,7 +210,10 @@ def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None,
             f"{path}: adapter was trained on another base (fingerprint {fp[:12]}…, this base {model.base_fingerprint[:12]}…); "
             "export it with the base it was trained on"
         )
-    task = extras.get("task") or ("classification" if f"{HEAD_PREFIX}weight" in tensors else model.task)
+    task = extras.get("task") or _PEFT_TASKS.get(data.get("task_type")) or (
+        "classification" if f"{HEAD_PREFIX}weight" in tensors else model.task)
+    if task == TOKEN_CLASSIFICATION and not extras:  # PEFT's TOKEN_CLS: the classifier is in modules_to_save
+        tensors, extras = _peft_token_head(model, tensors, path)
     if task != model.task:  # a stock PEFT adapter (no extras, no head) loads into either
         raise EdgeloraError(f"{path}: a {task} adapter cannot load into a {model.task} model; "
                             + ("load the base with CausalLMAdapterModel" if task == "causal-lm" else
@@ -264,6 +268,40 @@ def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None,
             model.delete_adapter(name)
             raise
     return name
+
+
+# PEFT task types whose adapters we load as another task than the model's default guess.
+_PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "TOKEN_CLS": TOKEN_CLASSIFICATION}
+PEFT_TOKEN_HEAD = "classifier"  # BertForTokenClassification & co.: a per-token linear, saved by PEFT as modules_to_save
+
+
+def adapter_task(path: str | Path) -> str:
+    """The task an adapter directory was trained for: ours say it, PEFT's say it by `task_type`."""
+    data, tensors = read_adapter(path)
+    extras = data.get("edgelora") or {}
+    return extras.get("task") or _PEFT_TASKS.get(data.get("task_type")) or "classification"
+
+
+def _peft_token_head(model: AdapterModel, tensors: dict[str, torch.Tensor],
+                     path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A PEFT TOKEN_CLS adapter's tensors with its classifier under our head keys, and the label names from the
+    base config's id2label (transformers' LABEL_i where it has none); refuses an adapter without its classifier."""
+    weight_key, bias_key = (f"{PEFT_PREFIX}{PEFT_TOKEN_HEAD}.{p}" for p in ("weight", "bias"))
+    if weight_key not in tensors:
+        raise EdgeloraError(f"{path / WEIGHTS_FILE}: a TOKEN_CLS adapter without its classifier ({weight_key}, "
+                            "saved by PEFT under modules_to_save); re-save it with PEFT's save_pretrained")
+    weight = tensors[weight_key]
+    bias = tensors.get(bias_key, torch.zeros(weight.shape[0]))
+    others = [k for k in tensors if k not in (weight_key, bias_key) and not any(m in k for m in ADAPTER_KEYS)]
+    if others:
+        raise EdgeloraError(f"{path / WEIGHTS_FILE}: holds {others[0]}, which is neither LoRA nor the token "
+                            "classifier; export an adapter without extra modules_to_save")
+    n = weight.shape[0]
+    id2label = getattr(getattr(model.base, "config", None), "id2label", None) or {}
+    names = {int(k): str(v) for k, v in id2label.items()}
+    labels = [names[i] for i in range(n)] if sorted(names) == list(range(n)) else [f"LABEL_{i}" for i in range(n)]
+    kept = {k: v for k, v in tensors.items() if k not in (weight_key, bias_key)}
+    return {**kept, f"{HEAD_PREFIX}weight": weight, f"{HEAD_PREFIX}bias": bias}, {"labels": labels}
 
 
 def _resolve_layer(name: str, known: set[str]) -> str | None:

@@ -34,6 +34,7 @@ from edgelora.runtime.bundle import (
     ADAPTER_NAME_RULE,
     BANK_FILE,
     MODEL_FILE,
+    TOKEN_CLASSIFICATION,
     AdapterEntry,
     Bank,
     Manifest,
@@ -139,6 +140,10 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
             f"{path}: adapter was trained on another base (fingerprint {theirs[:12]}…) than bundle {bundle} "
             f"holds ({fingerprint[:12]}…); export it with the base it was trained on"
         )
+    token_adapter = (extras.get("task") or data.get("task_type")) in (TOKEN_CLASSIFICATION, "TOKEN_CLS")
+    if token_adapter != (manifest.task == TOKEN_CLASSIFICATION):
+        raise EdgeloraError(f"{path}: a {'token' if token_adapter else 'sequence'}-classification adapter cannot "
+                            f"join bundle {bundle} of task {manifest.task}; export it in a bundle of its own task")
     quant = manifest.quantization
     trained = extras.get("quantization") or {}
     if quant and trained and trained.get("weight_bits") != quant.weight_bits:
@@ -268,7 +273,12 @@ def _check_against_torch(bundle: Path, manifest: Manifest, proto: onnx.ModelProt
         hf_model, _ = load_base(base)
     except EdgeloraError as e:
         raise EdgeloraError(f"{e} (needed to check the new adapter against torch: pass base, or check=False)") from None
-    model = AdapterModel(hf_model)
+    if manifest.task == TOKEN_CLASSIFICATION:
+        from edgelora.token_model import TokenAdapterModel
+
+        model = TokenAdapterModel(hf_model)
+    else:
+        model = AdapterModel(hf_model)
     if model.base_fingerprint != recorded.fingerprint:
         raise EdgeloraError(
             f"{base}: is not the base of bundle {bundle} (fingerprint {model.base_fingerprint[:12]}…, bundle "
@@ -297,7 +307,7 @@ def _check_against_torch(bundle: Path, manifest: Manifest, proto: onnx.ModelProt
             model.set_adapter(name)
             ref_logits, ref_pooled = validate.torch_outputs(model, feeds)
             if not entry.labels:  # no task head in the adapter: only the embeddings are its output
-                ref_logits = ref_logits[:, :0]
+                ref_logits = ref_logits[..., :0]
             lc, pc = validate.compare("logits", logits, ref_logits), validate.compare("embeddings", pooled, ref_pooled)
             validate.check_tolerance(precision, f"adapter {name!r}", lc, pc, float(np.abs(ref_pooled).max()))
             key = "vs_fake_quant_torch" if precision == "int8" else "vs_fp32_torch"

@@ -21,6 +21,7 @@ from edgelora.model import AdapterModel, hidden_size, load_base, max_positions, 
 from edgelora.peft_format import WEIGHTS_FILE, load_adapter
 from edgelora.runtime.bundle import (
     MODEL_FILE,
+    TOKEN_CLASSIFICATION,
     TOKENIZER_FILE,
     AdapterEntry,
     BaseInfo,
@@ -215,7 +216,7 @@ def export_bundle(
     say = progress or (lambda _msg: None)
     say("loading base")
     hf_model, base_path = load_base(base)
-    model = AdapterModel(hf_model)
+    model = _model_for(hf_model, adapters)
     # Texts are truncated to what the base can embed: longer inputs would index past its position table.
     max_length = min(max_length, max_positions(hf_model) or max_length)
     for name, path in adapters.items():
@@ -291,7 +292,7 @@ def export_bundle(
         edgelora_version=__version__,
         mode=mode,
         precision=precision,
-        task=encoder_task(entries),
+        task=TOKEN_CLASSIFICATION if model.task == TOKEN_CLASSIFICATION else encoder_task(entries),
         base=BaseInfo(name=str(base), fingerprint=model.base_fingerprint,
                       architecture=model_type(hf_model) or type(hf_model).__name__, hidden_size=hidden_size(hf_model)),
         inputs=tuple(graph.feeds),
@@ -317,6 +318,16 @@ def export_bundle(
             writers[entry.file] = lambda p, values=adapter_values[entry.name]: write_adapter_file(p, values)
     say("writing bundle")
     return write_bundle(Path(out), manifest, writers, base_path)
+
+
+def _model_for(hf_model, adapters: Mapping[str, str | Path]) -> AdapterModel:
+    """The model the adapters load into: per-token heads for token-classification adapters (ours, or PEFT's
+    TOKEN_CLS), a sequence model otherwise; `load_adapter` refuses an adapter of the other task by name."""
+    from edgelora.peft_format import adapter_task
+    from edgelora.token_model import TokenAdapterModel
+
+    first = next(iter(adapters.values()))
+    return TokenAdapterModel(hf_model) if adapter_task(first) == TOKEN_CLASSIFICATION else AdapterModel(hf_model)
 
 
 def _validate(model, proto, feeds_names, names, mode, precision, recipe, adapter_values, quantized) -> dict[str, Any]:
@@ -356,7 +367,12 @@ def _validate(model, proto, feeds_names, names, mode, precision, recipe, adapter
                     continue
                 ref_model.set_adapter(name)
                 ref_logits, ref_pooled = validate.torch_outputs(ref_model, feeds)
-                lc, pc = validate.compare("logits", logits, ref_logits), validate.compare("embeddings", pooled, ref_pooled)
+                if logits.ndim == 3:  # per-token logits: padded positions mean nothing, compare the real tokens
+                    real = feeds["attention_mask"].astype(bool)
+                    lc = validate.compare("logits", logits[real], ref_logits[real])
+                else:
+                    lc = validate.compare("logits", logits, ref_logits)
+                pc = validate.compare("embeddings", pooled, ref_pooled)
                 entry[ref_name] = {"logits": lc.as_dict(), "embeddings": pc.as_dict()}
                 if (ref_name == "vs_fp32_torch") == (precision == "fp32"):
                     validate.check_tolerance(precision, label, lc, pc, float(np.abs(ref_pooled).max()))

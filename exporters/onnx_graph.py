@@ -19,6 +19,7 @@ from torch import nn
 
 from edgelora.layers import AdaptedLinear
 from edgelora.model import AdapterModel
+from edgelora.runtime.bundle import TOKEN_CLASSIFICATION
 
 OPSET = 17
 FEEDS = ("input_ids", "attention_mask", "token_type_ids")
@@ -78,7 +79,12 @@ class _ExportModel(nn.Module):
         self.use_token_types = use_token_types
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):  # type: ignore[override]
-        pooled = self.model.encode(input_ids, attention_mask, token_type_ids if self.use_token_types else None)
+        token_types = token_type_ids if self.use_token_types else None
+        if per_token(self.model):  # the head classifies every position of the last hidden state
+            hidden = self.model.hidden(input_ids, attention_mask, token_types)  # (batch, seq, hidden)
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+            return self.head(hidden), (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        pooled = self.model.encode(input_ids, attention_mask, token_types)
         return self.head(pooled), pooled
 
 
@@ -90,6 +96,12 @@ class ExportedGraph:
     feeds: tuple[str, ...]
     weights: dict[str, str] = field(default_factory=dict)  # layer -> its (in, out) base weight initializer
     slots: dict[str, tuple[str, ...]] = field(default_factory=dict)  # switchable adapter inputs by role
+    per_token: bool = False  # the head classifies each token: logits (batch, seq, labels)
+
+
+def per_token(model: AdapterModel) -> bool:
+    """Whether the model's heads classify each token (`logits` [batch, seq, labels]) rather than each text."""
+    return model.task == TOKEN_CLASSIFICATION
 
 
 def uses_token_types(model: AdapterModel) -> bool:
@@ -151,7 +163,8 @@ def export_graph(model: AdapterModel, *, mode: str, adapter: str | None, slots: 
     args = (ids, torch.ones_like(ids)) + ((torch.zeros_like(ids),) if token_types else ())
     buffer = io.BytesIO()
     dynamic = {n: {0: "batch", 1: "sequence"} for n in feeds}
-    dynamic.update({"logits": {0: "batch", 1: "num_labels"}, "embeddings": {0: "batch"}})
+    logits_axes = {0: "batch", 1: "sequence", 2: "num_labels"} if per_token(model) else {0: "batch", 1: "num_labels"}
+    dynamic.update({"logits": logits_axes, "embeddings": {0: "batch"}})
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -163,4 +176,4 @@ def export_graph(model: AdapterModel, *, mode: str, adapter: str | None, slots: 
     missing = [n for n in list(weights.values()) + sum(slot_names.values(), []) if n not in names]
     if missing:
         raise RuntimeError(f"export lost initializer names {missing[:3]}; the exporter needs them to quantize")
-    return ExportedGraph(proto, feeds, weights, {k: tuple(v) for k, v in slot_names.items()})
+    return ExportedGraph(proto, feeds, weights, {k: tuple(v) for k, v in slot_names.items()}, per_token(model))

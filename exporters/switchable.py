@@ -45,7 +45,8 @@ from edgelora.errors import EdgeloraError
 from edgelora.layers import ADAPTER_KEYS, LORA_A_KEY, LORA_B_KEY, AdaptedLinear
 from edgelora.model import AdapterModel
 from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX, adapter_state
-from edgelora.runtime.bundle import ADAPTER_IDS, BANK_FILE  # adapter_ids: int64 [rows], each row's bank entry; default [0]
+# adapter_ids: int64 [rows], each row's bank entry; default [0]
+from edgelora.runtime.bundle import ADAPTER_IDS, BANK_FILE, TOKEN_CLASSIFICATION
 
 from . import validate
 from .onnx_graph import ExportedGraph
@@ -119,6 +120,8 @@ def make_slots_inputs(graph: ExportedGraph) -> list[str]:
     for name in names:
         natural = numpy_helper.to_array(inits[name])
         axis, lead = _ROLES[_role(name)]
+        if graph.per_token and name == "head.bias":
+            lead = 2  # (adapters, 1, labels): a row's slice broadcasts over its positions
         width_axis = None if axis is None else axis + lead
         shape: list[int | str] = [BANK_AXIS] + [1] * (lead - 1) + list(natural.shape)
         default_shape = [1] + [1] * (lead - 1) + list(natural.shape)
@@ -142,7 +145,7 @@ def make_slots_inputs(graph: ExportedGraph) -> list[str]:
             raise RuntimeError(f"slot {node.input[uses[0]]} feeds a {node.op_type}; the bank rewrite expects MatMul or Add")
         slot = node.input[uses[0]]
         node.input[uses[0]] = gathered[slot]
-        if node.op_type == "MatMul" and _role(slot) == "weight_t" and slot.startswith("head."):
+        if node.op_type == "MatMul" and _role(slot) == "weight_t" and slot.startswith("head.") and not graph.per_token:
             # (batch, hidden) @ (batch, hidden, labels) would broadcast to (batch, batch, labels): lift the
             # pooled rows to (batch, 1, hidden), multiply per row, and drop the axis again.
             pooled, out = node.input[0], node.output[0]
@@ -170,6 +173,8 @@ def slot_specs(proto: onnx.ModelProto) -> dict[str, SlotSpec]:
             continue
         shape = tuple(int(d) for d in inits[inp.name].dims)
         axis, lead = _ROLES[_role(inp.name)]
+        if banked and inp.name == "head.bias":
+            lead = len(shape) - 1  # 2 for a per-token head's (adapters, 1, labels)
         width_axis = None if axis is None else axis + (lead if banked else 0)
         specs[inp.name] = SlotSpec(inp.name, shape, width_axis, banked)
     return specs
@@ -352,11 +357,20 @@ def per_row_adapters(model: AdapterModel, rows: Sequence[str | None]) -> Iterato
 
 def mixed_torch_outputs(model: AdapterModel, feeds: Mapping[str, np.ndarray], rows: Sequence[str | None]) \
         -> tuple[list[np.ndarray], np.ndarray]:
-    """Per-row logits (each row its adapter's label count; none for "no adapter") and the pooled embeddings."""
+    """Per-row logits (each row its adapter's label count; none for "no adapter"; per token for a token head)
+    and the pooled embeddings."""
     with per_row_adapters(model, rows), torch.no_grad():
-        pooled = model.encode(**{k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()})
-        logits = [model.heads[r](pooled[i]).numpy() if r is not None else np.zeros(0, np.float32)
-                  for i, r in enumerate(rows)]
+        inputs = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
+        if model.task == TOKEN_CLASSIFICATION:
+            hidden = model.hidden(**inputs)  # (batch, seq, hidden): each row's head classifies every token
+            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            logits = [model.heads[r](hidden[i]).numpy() if r is not None else np.zeros((hidden.shape[1], 0), np.float32)
+                      for i, r in enumerate(rows)]
+        else:
+            pooled = model.encode(**inputs)
+            logits = [model.heads[r](pooled[i]).numpy() if r is not None else np.zeros(0, np.float32)
+                      for i, r in enumerate(rows)]
     return logits, pooled.numpy()
 
 
@@ -389,8 +403,8 @@ def check_bank(model: AdapterModel, proto: onnx.ModelProto, feed_names: Sequence
         ref_model = copy.deepcopy(model)
         ref_model.set_quant(quant)
         ref_logits, ref_pooled = mixed_torch_outputs(ref_model, feeds, rows)
-        got = np.concatenate([logits[i, : len(ref)] for i, ref in enumerate(ref_logits)])
-        lc = validate.compare("logits", got, np.concatenate(ref_logits))
+        got = np.concatenate([logits[i][..., : ref.shape[-1]].ravel() for i, ref in enumerate(ref_logits)])
+        lc = validate.compare("logits", got, np.concatenate([ref.ravel() for ref in ref_logits]))
         pc = validate.compare("embeddings", pooled, ref_pooled)
         report[ref_name] = {"logits": lc.as_dict(), "embeddings": pc.as_dict()}
         if (ref_name == "vs_fp32_torch") == (precision == "fp32"):

@@ -20,7 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgelora.errors import EdgeloraError
-from edgelora.runtime.bundle import ADAPTER_IDS, CAUSAL_LM, MANIFEST_FILE, MODEL_FILE, Manifest, read_manifest
+from edgelora.runtime.bundle import (ADAPTER_IDS, CAUSAL_LM, MANIFEST_FILE, MODEL_FILE, TOKEN_CLASSIFICATION, Manifest,
+                                     read_manifest)
 from edgelora.runtime.cpu import detect_isa, int8_saturates
 from edgelora.runtime.session import check_requires, first_line, load_adapter, load_session, load_tokenizer
 
@@ -317,7 +318,7 @@ class Runtime:
                 f"{self.bundle_dir / MANIFEST_FILE}: adapters list up to {max(widths)} labels but model.onnx "
                 f"gives {logits.shape[-1]} logits; re-export the bundle"
             )
-        out["logits"] = [logits[i, :w] for i, w in enumerate(widths)]  # drop each row's zero-padded columns
+        out["logits"] = [logits[i, ..., :w] for i, w in enumerate(widths)]  # drop each row's zero-padded columns
         return out
 
     def predict(
@@ -329,6 +330,10 @@ class Runtime:
         batch_size: int = 32,
     ) -> list[dict]:
         """Classify texts: per text {"label", "score", "scores": {label: probability}} (softmax of logits).
+
+        A token-classification bundle tags words instead: per text {"words": [{"text", "start", "end", "label",
+        "score"}], "entities": [{"label", "start", "end", "text", "score"}]}, each word tagged from its first
+        sub-token and BIO tags merged into entities with character offsets (`runtime/token_predict.py`).
 
         Args:
             adapter: the adapter for every text.
@@ -348,6 +353,10 @@ class Runtime:
                 available = ", ".join(self.adapters) or "none"
                 what = f"adapter {name!r} has no labels (no task head)" if name else "no labels without an adapter"
                 raise EdgeloraError(f"{self.bundle_dir}: {what}; pass adapter= one of {available}")
+        if self.manifest.task == TOKEN_CLASSIFICATION:
+            from edgelora.runtime.token_predict import predict_entities
+
+            return predict_entities(self, texts, per_row, labels, batch_size)
         results: list[dict] = []
         for start in range(0, len(texts), batch_size):
             chunk = per_row[start : start + batch_size]

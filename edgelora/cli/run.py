@@ -99,7 +99,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """`edgelora run`: prints a JSON list of {"text", "label", "score", "scores"}."""
+    """`edgelora run`: prints a JSON list of {"text", "label", "score", "scores"} (token-classification bundles:
+    {"text", "words", "entities"}, each entity with its label, character offsets, text and score)."""
     texts = list(args.text)
     if args.file:
         try:

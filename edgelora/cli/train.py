@@ -14,10 +14,11 @@ from pathlib import Path
 from edgelora.cli.common import Progress, as_flags
 from edgelora.errors import EdgeloraError
 
-TASKS = ("classification", "causal-lm")
+TASKS = ("classification", "causal-lm", "token-classification")
 # Per task: base, epochs, batch size, learning rate, max length (the causal-lm ones measured on SmolLM2's home-json
 # task: 30 steps of 8 reach 0.83 exact match held out; benchmarks/causal_train_speed.py)
-DEFAULTS = {"classification": ("minilm", 3, 32, 2e-3, 128), "causal-lm": ("smollm2", 1, 8, 5e-3, 96)}
+DEFAULTS = {"classification": ("minilm", 3, 32, 2e-3, 128), "causal-lm": ("smollm2", 1, 8, 5e-3, 96),
+            "token-classification": ("minilm", 3, 32, 2e-3, 128)}
 # Flags the causal-lm task does not take, with the value that means "not given".
 CLASSIFICATION_ONLY = {"kind": "lora", "targets": None, "activations": "dynamic",
                        "smooth": None, "init": "default", "rslora": False, "text_field": "text", "label_field": "label"}
@@ -48,8 +49,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Train one adapter and save it as a PEFT-layout directory. Data-parallel on N GPUs (or N CPU "
                      "processes): torchrun --nproc_per_node N -m edgelora.cli train ...")
     p.add_argument("--task", choices=TASKS, default="classification",
-                   help="classification (a head over labelled texts) or causal-lm (generation: JSONL of "
-                        "{prompt, completion} or {messages}, loss on the answers only)")
+                   help="classification (a head over labelled texts), causal-lm (generation: JSONL of "
+                        "{prompt, completion} or {messages}, loss on the answers only) or token-classification "
+                        "(a tag per word: JSONL of {tokens, tags} or {text, spans}, or builtin:slots[:N])")
     p.add_argument("--base", default=None,
                    help="Hugging Face model directory, or 'minilm' (embedded all-MiniLM-L6-v2, the classification "
                         "default) or 'smollm2' (embedded SmolLM2-135M-Instruct, the causal-lm default)")
@@ -128,7 +130,9 @@ def _train_command(args: argparse.Namespace) -> int:
     from edgelora.train import pick_device
 
     _fill_task_defaults(args)
-    run = _train_causal if args.task == "causal-lm" else _train
+    from edgelora.cli.train_tokens import train_tokens
+
+    run = {"causal-lm": _train_causal, "token-classification": train_tokens}.get(args.task, _train)
     launch = launch_from_env()  # set by torchrun: one process per GPU (or CPU worker)
     if launch is None:
         return run(args, rank=0)
