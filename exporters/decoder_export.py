@@ -238,7 +238,7 @@ def export_decoder(
             "quantized_matmuls": len(graph.quantized),
             "excluded": "embeddings, norms, rotary, attention scores",
         },
-        "graph": {"opset": OPSET, "attention": attention,
+        "graph": {"opset": OPSET, "attention": attention, "optional_inputs": graph.optional_inputs,
                   "packed": ["q|k|v"] + (["gate|up"] if spec.model_type != "gpt2" else [])},
         "requires": {"onnxruntime": REQUIRES_ORT},
         "isa": cpu.isa,

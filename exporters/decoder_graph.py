@@ -30,6 +30,7 @@ LLAMA_STYLE = ("llama", "mistral", "qwen2")
 # key axis, so float32 reductions over it (softmax's sum, probs @ v) round differently alone and in a
 # batch; in float64 those differences stay far below float32's last bit and the row is bit-identical.
 ATTENTION_CORES = ("invariant", "ops", "onnx")
+LOGITS_TO_KEEP = "logits_to_keep"  # optional input: logits for the last N positions only (0: all)
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds to masked scores: finite, so no NaN ever
 
 
@@ -67,7 +68,15 @@ class DecoderGraph:
 
     @property
     def input_names(self) -> list[str]:
-        return [i.name for i in self.model.graph.input]
+        """The inputs a run must feed (the decoder contract's), in order."""
+        optional = set(self.optional_inputs)
+        return [i.name for i in self.model.graph.input if i.name not in optional]
+
+    @property
+    def optional_inputs(self) -> list[str]:
+        """Inputs with a default (an initializer of the same name), such as `logits_to_keep`."""
+        inits = {t.name for t in self.model.graph.initializer}
+        return [i.name for i in self.model.graph.input if i.name in inits]
 
     @property
     def output_names(self) -> list[str]:
@@ -143,7 +152,7 @@ class _Builder:
         return outs[0]
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array).reshape(np.shape(array)), name))
         return name
 
     def ints(self, name: str, values: list[int]) -> str:
@@ -308,6 +317,17 @@ def _mask(b: _Builder) -> str:
     return b.op("Where", [allowed, b.scalar("unmasked", 0.0), b.scalar("masked", MASKED)], "mask")
 
 
+def _keep_last(b: _Builder, h: str) -> str:
+    """h (B, S, H) cut to its last `logits_to_keep` positions (0, the default, or more than S: all of them), as
+    transformers' `logits_to_keep`: generation needs the last position's logits only, scoring needs all."""
+    b.init(LOGITS_TO_KEEP, np.asarray(0, np.int64))
+    keep = b.op("Unsqueeze", [LOGITS_TO_KEEP, "ax0"], "keep.n")  # (1,)
+    count = b.op("Where", [b.op("Equal", [keep, b.ints("keep.zero", [0])], "keep.all"), "seq",
+                           b.op("Min", [keep, "seq"], "keep.min")], "keep.count")
+    start = b.op("Neg", [count], "keep.start")
+    return b.op("Slice", [h, start, b.ints("keep.end", [2**62]), "one"], "keep.h")
+
+
 def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attention: str = "invariant") -> DecoderGraph:
     """The ONNX graph of a loaded causal LM (its weights as they are: merge adapters first).
 
@@ -350,11 +370,13 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
         h = b.op("RMSNormalization", [x, b.init("final_norm.weight", model.model.norm.weight.detach().numpy())],
                  "final_norm", axis=-1, epsilon=spec.norm_eps)
 
+    h = _keep_last(b, h)
     head = model.get_output_embeddings()
     if precision == "fp32" and head.weight is embed.weight:  # x @ E^T, no second copy of E: (B*S, H) Gemm(transB)
         flat = b.op("Reshape", [h, b.ints("flat", [-1, spec.hidden_size])], "head.flat")
         logits = b.op("Gemm", [flat, "embed_tokens.weight"], "head.gemm", transB=1)
-        out_shape = b.op("Concat", ["ids_shape", b.ints("vocab", [spec.vocab_size])], "head.shape", axis=0)
+        batch = b.op("Gather", ["ids_shape", "ax0"], "batch")
+        out_shape = b.op("Concat", [batch, b.ints("rest", [-1, spec.vocab_size])], "head.shape", axis=0)
         logits = b.op("Reshape", [logits, out_shape], "logits")
     else:
         logits = b.op("Identity", [linear(h, "lm_head", head.weight, head.bias)], "logits")
@@ -368,7 +390,8 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
               io("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
               io("position_ids", TensorProto.INT64, ["batch", "sequence"])]
     inputs += [io(n, TensorProto.FLOAT, cache_in) for n in input_names(L)[3:]]
-    outputs = [io("logits", TensorProto.FLOAT, ["batch", "sequence", spec.vocab_size])]
+    inputs.append(io(LOGITS_TO_KEEP, TensorProto.INT64, []))  # overridable: its initializer (0) keeps every position
+    outputs = [io("logits", TensorProto.FLOAT, ["batch", "logits_sequence", spec.vocab_size])]
     outputs += [io(n, TensorProto.FLOAT, cache_out) for n in output_names(L)[1:]]
     graph = helper.make_graph(b.nodes, f"edgelora-{spec.model_type}-decoder", inputs, outputs, initializer=b.inits)
     opsets = [helper.make_opsetid("", OPSET)]

@@ -149,6 +149,22 @@ def test_a_row_is_bit_identical_alone_and_in_a_padded_batch(precision: str) -> N
         assert all(np.array_equal(a, b) for a, b in zip(alone, batched)), f"left padding {pad} changed the row"
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_logits_to_keep_gives_the_last_positions_bit_identical(precision: str) -> None:
+    """The optional input keeps every position by default (scoring), or only the last N (generation)."""
+    graph = build_decoder_graph(make_decoder("llama"), precision)
+    assert graph.optional_inputs == ["logits_to_keep"]
+    sess = session(graph.model)
+    feeds = prefill_feeds(graph.spec, batch=3)
+    full = sess.run(None, feeds)
+    S = feeds["input_ids"].shape[1]
+    assert full[0].shape[1] == S
+    for keep in (1, 5, S, S + 9):
+        cut = sess.run(None, {**feeds, "logits_to_keep": np.asarray(keep, np.int64)})
+        assert np.array_equal(cut[0], full[0][:, -min(keep, S):]), keep
+        assert all(np.array_equal(a, b) for a, b in zip(cut[1:], full[1:]))  # the cache is the same
+
+
 def test_float32_attention_core_is_not_batch_invariant() -> None:
     """Why the default core sums over keys in float64: in float32, left padding moves a row's keys to other
     indices, ORT's reductions round differently and the row's logits change. If this fails, ORT's float32
