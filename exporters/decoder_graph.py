@@ -13,6 +13,7 @@ Mistral, Qwen2: grouped-query attention, RMSNorm, rotary, SwiGLU, with or withou
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -138,6 +139,13 @@ def rotary_tables(model: torch.nn.Module, length: int) -> tuple[np.ndarray, np.n
     return cos[0].numpy().astype(np.float32), sin[0].numpy().astype(np.float32)
 
 
+class Rotary(NamedTuple):
+    """The (positions, head_dim / 2) cos and sin tables of ONNX's RotaryEmbedding (one node per q and k)."""
+
+    cos: str
+    sin: str
+
+
 class _Builder:
     """Nodes and initializers with unique names; `op` returns the (first) output's name."""
 
@@ -246,18 +254,23 @@ def _attend(b: _Builder, q: str, k: str, v: str, mask: str, spec: DecoderSpec, i
     return b.op("Reshape", [y, b.ints(f"{p}.oshape", [0, 0, -1])], f"{p}.attn.context")
 
 
-def _split_heads(b: _Builder, qkv: str, spec: DecoderSpec, p: str) -> tuple[str, str, str]:
-    """The packed projection's q (B, S, Hq, D), k and v (B, S, Hkv, D)."""
+def _split_heads(b: _Builder, qkv: str, spec: DecoderSpec, p: str,
+                 rotary: Rotary | None = None) -> tuple[str, str, str]:
+    """The packed projection's q (B, S, Hq, D), k and v (B, S, Hkv, D); with `rotary` (fused tables), q and k
+    rotated by ONNX's RotaryEmbedding at their positions first."""
     D, Hkv = spec.head_dim, spec.num_kv_heads
     q, k, v = (f"{p}.split.{j}" for j in range(3))
     b.op("Split", [qkv, b.ints(f"{p}.sizes", [spec.num_heads * D, Hkv * D, Hkv * D])], f"{p}.split", outputs=3, axis=-1)
+    if rotary is not None:
+        q = b.op("RotaryEmbedding", [q, *rotary, "position_ids"], f"{p}.q_rope", num_heads=spec.num_heads)
+        k = b.op("RotaryEmbedding", [k, *rotary, "position_ids"], f"{p}.k_rope", num_heads=Hkv)
     q = b.op("Reshape", [q, b.ints(f"{p}.qh", [0, 0, spec.num_heads, D])], f"{p}.q4")
     k = b.op("Reshape", [k, b.ints(f"{p}.kh", [0, 0, Hkv, D])], f"{p}.k4")
     return q, k, b.op("Reshape", [v, f"{p}.kh"], f"{p}.v4")
 
 
-def _llama_layer(b: _Builder, x: str, layer: torch.nn.Module, i: int, spec: DecoderSpec, rope: tuple[str, str],
-                 mask: str, attention: str, linear) -> str:
+def _llama_layer(b: _Builder, x: str, layer: torch.nn.Module, i: int, spec: DecoderSpec,
+                 rope: tuple[str, str] | Rotary, mask: str, attention: str, linear) -> str:
     """x + attention(RMSNorm(x)) with rotary q / k, then + SwiGLU(RMSNorm(.))."""
     p, attn, mlp = f"layers.{i}", layer.self_attn, layer.mlp
 
@@ -266,9 +279,12 @@ def _llama_layer(b: _Builder, x: str, layer: torch.nn.Module, i: int, spec: Deco
                     axis=-1, epsilon=spec.norm_eps)
 
     h = norm(x, layer.input_layernorm.weight, f"{p}.input_norm")
-    q, k, v = _split_heads(b, linear(h, f"{p}.qkv", *_packed([attn.q_proj, attn.k_proj, attn.v_proj])), spec, p)
-    half = spec.head_dim // 2
-    q, k = (_rope(b, t, *rope, half, f"{p}.{n}_rope") for t, n in ((q, "q"), (k, "k")))
+    qkv = linear(h, f"{p}.qkv", *_packed([attn.q_proj, attn.k_proj, attn.v_proj]))
+    if isinstance(rope, Rotary):
+        q, k, v = _split_heads(b, qkv, spec, p, rope)
+    else:
+        q, k, v = _split_heads(b, qkv, spec, p)
+        q, k = (_rope(b, t, *rope, spec.head_dim // 2, f"{p}.{n}_rope") for t, n in ((q, "q"), (k, "k")))
     context = _attend(b, q, k, v, mask, spec, i, attention)
     x = b.op("Add", [x, linear(context, f"{p}.o_proj", attn.o_proj.weight, attn.o_proj.bias)], f"{p}.attn_residual")
     h = norm(x, layer.post_attention_layernorm.weight, f"{p}.post_norm")
@@ -361,10 +377,15 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
         h = _layer_norm(b, x, model.transformer.ln_f, "final_norm", spec.norm_eps)
     else:
         cos_table, sin_table = rotary_tables(model, spec.context_length)
-        cos = b.op("Gather", [b.init("rope.cos", cos_table), "position_ids"], "rope.cos_b", axis=0)  # (B, S, D)
-        sin = b.op("Gather", [b.init("rope.sin", sin_table), "position_ids"], "rope.sin_b", axis=0)
-        rope = (b.op("Unsqueeze", [cos, b.ints("ax2", [2])], "rope.cos_h"),  # (B, S, 1, D)
-                b.op("Unsqueeze", [sin, "ax2"], "rope.sin_h"))
+        half = spec.head_dim // 2
+        rope: tuple[str, str] | Rotary
+        if all(np.array_equal(t[:, :half], t[:, half:]) for t in (cos_table, sin_table)):  # rotate_half's tables
+            rope = Rotary(b.init("rope.cos", cos_table[:, :half]), b.init("rope.sin", sin_table[:, :half]))
+        else:  # a table whose halves differ: the elementwise form, which takes any table
+            cos = b.op("Gather", [b.init("rope.cos", cos_table), "position_ids"], "rope.cos_b", axis=0)  # (B, S, D)
+            sin = b.op("Gather", [b.init("rope.sin", sin_table), "position_ids"], "rope.sin_b", axis=0)
+            rope = (b.op("Unsqueeze", [cos, b.ints("ax2", [2])], "rope.cos_h"),  # (B, S, 1, D)
+                    b.op("Unsqueeze", [sin, "ax2"], "rope.sin_h"))
         for i, layer in enumerate(model.model.layers):
             x = _llama_layer(b, x, layer, i, spec, rope, mask, attention, linear)
         h = b.op("RMSNormalization", [x, b.init("final_norm.weight", model.model.norm.weight.detach().numpy())],
