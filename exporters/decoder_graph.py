@@ -27,10 +27,13 @@ OPSET = 23  # RMSNormalization and Attention
 IR_VERSION = 11
 LLAMA_STYLE = ("llama", "mistral", "qwen2")
 # "invariant": MatMul / Softmax / MatMul with the softmax and probs @ v in float64 (the default); "ops": the
-# same in float32; "onnx": ONNX's Attention node. Left padding moves a row's keys to other indices of the
-# key axis, so float32 reductions over it (softmax's sum, probs @ v) round differently alone and in a
-# batch; in float64 those differences stay far below float32's last bit and the row is bit-identical.
-ATTENTION_CORES = ("invariant", "ops", "onnx")
+# same in float32; "onnx": ONNX's Attention node; "gqa": ONNX Runtime's GroupQueryAttention (com.microsoft),
+# one node a layer taking the packed q|k|v, rotary, cache concat and attention together (the fastest).
+# Left padding moves a row's keys to other indices of the key axis, so float32 reductions over it
+# (softmax's sum, probs @ v) round differently alone and in a batch; in float64 those differences stay far
+# below float32's last bit and the row is bit-identical. Only "invariant" keeps a row's logits bit-identical
+# alone and in a left-padded batch; the others are exact to float32 rounding (and identical at batch 1).
+ATTENTION_CORES = ("invariant", "ops", "onnx", "gqa")
 LOGITS_TO_KEEP = "logits_to_keep"  # optional input: logits for the last N positions only (0: all)
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds to masked scores: finite, so no NaN ever
 
@@ -254,6 +257,41 @@ def _attend(b: _Builder, q: str, k: str, v: str, mask: str, spec: DecoderSpec, i
     return b.op("Reshape", [y, b.ints(f"{p}.oshape", [0, 0, -1])], f"{p}.attn.context")
 
 
+def _gqa(b: _Builder, qkv: str, spec: DecoderSpec, i: int, bias: str,
+         rotary: tuple[str, str] | Rotary | None) -> str:
+    """Layer i's attention as one GroupQueryAttention node: the cache concat (present.{i}.*) and
+    softmax(q k^T scale + bias) v on q (B, S, Hq D), k and v (B, S, Hkv D), rotated first (with `rotary`) by
+    RotaryEmbedding at position_ids — GQA's own rotary takes a decode step's position from the key length,
+    which left padding makes wrong. Every row is given the full key length (seqlens_k = T - 1) and left
+    padding is masked by `bias`, the additive (B, 1, S, T) mask; returns the context (B, S, Hq * D)."""
+    p = f"layers.{i}"
+    D, Hkv = spec.head_dim, spec.num_kv_heads
+    q, k, v = (f"{p}.split.{j}" for j in range(3))
+    b.op("Split", [qkv, b.ints(f"{p}.sizes", [spec.num_heads * D, Hkv * D, Hkv * D])], f"{p}.split", outputs=3, axis=-1)
+    if isinstance(rotary, Rotary):
+        q = b.op("RotaryEmbedding", [q, *rotary, "position_ids"], f"{p}.q_rope", num_heads=spec.num_heads)
+        k = b.op("RotaryEmbedding", [k, *rotary, "position_ids"], f"{p}.k_rope", num_heads=Hkv)
+    elif rotary is not None:  # the elementwise form on (B, S, H, D), back to (B, S, H D)
+        q, k = (b.op("Reshape", [_rope(b, b.op("Reshape", [t, b.ints(f"{p}.{n}h", [0, 0, heads, D])], f"{p}.{n}4"),
+                                       *rotary, D // 2, f"{p}.{n}_rope"), b.ints(f"{p}.{n}3", [0, 0, -1])],
+                           f"{p}.{n}_rope3")
+                for t, n, heads in ((q, "q", spec.num_heads), (k, "k", Hkv)))
+    b.nodes.append(helper.make_node(
+        "GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "gqa.seqlens_k",
+                                "gqa.total_length", "", "", "", bias],
+        [f"{p}.attn.context", f"present.{i}.key", f"present.{i}.value"], name=f"{p}.attn/GroupQueryAttention",
+        domain="com.microsoft", num_heads=spec.num_heads, kv_num_heads=Hkv, scale=spec.attention_scale))
+    return f"{p}.attn.context"
+
+
+def _gqa_lengths(b: _Builder) -> None:
+    """GroupQueryAttention's seqlens_k (B,) int32 = T - 1 for every row and total_sequence_length () int32 = T."""
+    total = b.op("Cast", [b.op("Squeeze", ["total", "ax0"], "gqa.total64")], "gqa.total_length", to=TensorProto.INT32)
+    rows = b.op("Gather", ["mask_shape", "ax0"], "gqa.rows")  # (1,) = B
+    last = b.op("Sub", [total, b.init("gqa.one32", np.asarray(1, np.int32))], "gqa.last")
+    b.op("Expand", [last, rows], "gqa.seqlens_k")
+
+
 def _split_heads(b: _Builder, qkv: str, spec: DecoderSpec, p: str,
                  rotary: Rotary | None = None) -> tuple[str, str, str]:
     """The packed projection's q (B, S, Hq, D), k and v (B, S, Hkv, D); with `rotary` (fused tables), q and k
@@ -280,12 +318,15 @@ def _llama_layer(b: _Builder, x: str, layer: torch.nn.Module, i: int, spec: Deco
 
     h = norm(x, layer.input_layernorm.weight, f"{p}.input_norm")
     qkv = linear(h, f"{p}.qkv", *_packed([attn.q_proj, attn.k_proj, attn.v_proj]))
-    if isinstance(rope, Rotary):
+    if attention == "gqa":
+        context = _gqa(b, qkv, spec, i, mask, rope)
+    elif isinstance(rope, Rotary):
         q, k, v = _split_heads(b, qkv, spec, p, rope)
     else:
         q, k, v = _split_heads(b, qkv, spec, p)
         q, k = (_rope(b, t, *rope, spec.head_dim // 2, f"{p}.{n}_rope") for t, n in ((q, "q"), (k, "k")))
-    context = _attend(b, q, k, v, mask, spec, i, attention)
+    if attention != "gqa":
+        context = _attend(b, q, k, v, mask, spec, i, attention)
     x = b.op("Add", [x, linear(context, f"{p}.o_proj", attn.o_proj.weight, attn.o_proj.bias)], f"{p}.attn_residual")
     h = norm(x, layer.post_attention_layernorm.weight, f"{p}.post_norm")
     gate_up = linear(h, f"{p}.gate_up", *_packed([mlp.gate_proj, mlp.up_proj]))
@@ -306,8 +347,12 @@ def _gpt2_layer(b: _Builder, x: str, block: torch.nn.Module, i: int, spec: Decod
     """x + attention(LayerNorm(x)), then + MLP(LayerNorm(.)) with GELU; Conv1D weights are (in, out)."""
     p, attn, mlp = f"layers.{i}", block.attn, block.mlp
     h = _layer_norm(b, x, block.ln_1, f"{p}.ln_1", spec.norm_eps)
-    q, k, v = _split_heads(b, linear(h, f"{p}.qkv", attn.c_attn.weight.T, attn.c_attn.bias), spec, p)
-    context = _attend(b, q, k, v, mask, spec, i, attention)
+    qkv = linear(h, f"{p}.qkv", attn.c_attn.weight.T, attn.c_attn.bias)
+    if attention == "gqa":
+        context = _gqa(b, qkv, spec, i, mask, None)
+    else:
+        q, k, v = _split_heads(b, qkv, spec, p)
+        context = _attend(b, q, k, v, mask, spec, i, attention)
     x = b.op("Add", [x, linear(context, f"{p}.o_proj", attn.c_proj.weight.T, attn.c_proj.bias)], f"{p}.attn_residual")
     h = _layer_norm(b, x, block.ln_2, f"{p}.ln_2", spec.norm_eps)
     act = b.op("Gelu", [linear(h, f"{p}.c_fc", mlp.c_fc.weight.T, mlp.c_fc.bias)], f"{p}.gelu",
@@ -352,11 +397,15 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
             embeddings, norms and attention scores stay fp32).
         attention: "invariant" (MatMul / Softmax / MatMul grouped per KV head, softmax and probs @ v in
             float64: a row's logits are bit-identical alone and in a left-padded batch), "ops" (the same
-            in float32) or "onnx" (ONNX's Attention node, opset 23); see ATTENTION_CORES.
+            in float32), "onnx" (ONNX's Attention node, opset 23) or "gqa" (ONNX Runtime's
+            GroupQueryAttention: the fastest); see ATTENTION_CORES.
     """
     if attention not in ATTENTION_CORES:
         raise EdgeloraError(f"attention={attention!r} is not supported; choose from {', '.join(ATTENTION_CORES)}")
     spec = decoder_spec(model)
+    if attention == "gqa" and spec.head_dim % 8:
+        raise EdgeloraError(f"attention='gqa': GroupQueryAttention needs head_dim a multiple of 8, this base has "
+                            f"{spec.head_dim}; export with attention='invariant'")
     b = _Builder()
     quantized: dict[str, QuantizedMatMul] = {}
     L, Hkv, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
@@ -365,8 +414,10 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
         return _linear(b, x, name, weight, bias, precision, quantized)
 
     mask = _mask(b)
-    if attention == "onnx":
+    if attention in ("onnx", "gqa"):
         mask = b.op("Squeeze", [mask, b.ints("ax1_", [1])], "mask4")  # (B, 1, S, T)
+    if attention == "gqa":
+        _gqa_lengths(b)
     embed = model.get_input_embeddings()
     x = b.op("Gather", [b.init("embed_tokens.weight", embed.weight.detach().numpy()), "input_ids"], "embed", axis=0)
     if spec.model_type == "gpt2":
