@@ -46,6 +46,7 @@ def weight_bytes_per_token(model_path: Path) -> dict[str, int]:
     sizes = {t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
              for t in model.graph.initializer}
     gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in sizes}
+    gathered |= {t for n in model.graph.node if n.op_type == "RotaryEmbedding" for t in n.input[1:3]}  # row lookups
     shared = {n.input[1] for n in model.graph.node if n.op_type == "Gemm"} & gathered  # tied head: read in full
     out = {"matmul_weights": 0, "gathered_rows": 0, "other": 0}
     for name, size in sizes.items():
