@@ -136,6 +136,16 @@ def test_gqa_core_int8_matches_fake_quant_and_the_default_core() -> None:
     assert fq_err < 1e-4, fq_err
 
 
+def test_gqa_core_is_not_batch_invariant() -> None:
+    """Why "gqa" is an option and not the default: its float32 sums over a left-padded key axis round
+    differently alone and batched, so a row's logits move in the last bits (the serving engine's batches need
+    the default core). If this fails, ORT's kernel became order-stable and "gqa" could be the default."""
+    graph = build_decoder_graph(make_decoder("llama"), "int8", attention="gqa")
+    alone, batched = _alone_and_batched(graph, pad=3)
+    assert not np.array_equal(alone[0], batched[0])
+    assert np.abs(alone[0] - batched[0]).max() < 1e-5 * np.abs(alone[0]).max()  # rounding, not a wrong mask
+
+
 def _alone_and_batched(graph, pad: int, real: int = 40, seed: int = 3) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Row 0 (`real` tokens) run alone and left-padded by `pad` in a batch with a longer row: the logits of
     its prefill (real positions) and of one decode step, each way."""
