@@ -467,7 +467,7 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
     outputs += [io(n, TensorProto.FLOAT, cache_out) for n in output_names(L)[1:]]
     graph = helper.make_graph(b.nodes, f"edgelora-{spec.model_type}-decoder", inputs, outputs, initializer=b.inits)
     opsets = [helper.make_opsetid("", OPSET)]
-    if precision == "int8":
+    if any(n.domain == "com.microsoft" for n in b.nodes):  # MatMulNBits, GroupQueryAttention
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="edgelora")
     proto.ir_version = IR_VERSION
