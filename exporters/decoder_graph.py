@@ -35,6 +35,7 @@ LLAMA_STYLE = ("llama", "mistral", "qwen2")
 # alone and in a left-padded batch; the others are exact to float32 rounding (and identical at batch 1).
 ATTENTION_CORES = ("invariant", "ops", "onnx", "gqa")
 LOGITS_TO_KEEP = "logits_to_keep"  # optional input: logits for the last N positions only (0: all)
+OPTIONAL_INPUTS = (LOGITS_TO_KEEP,)
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds to masked scores: finite, so no NaN ever
 
 
@@ -72,15 +73,16 @@ class DecoderGraph:
 
     @property
     def input_names(self) -> list[str]:
-        """The inputs a run must feed (the decoder contract's), in order."""
-        optional = set(self.optional_inputs)
-        return [i.name for i in self.model.graph.input if i.name not in optional]
+        """The inputs a run must feed (the decoder contract's), in order: not those with a default (an
+        initializer of the same name)."""
+        inits = {t.name for t in self.model.graph.initializer}
+        return [i.name for i in self.model.graph.input if i.name not in inits]
 
     @property
     def optional_inputs(self) -> list[str]:
-        """Inputs with a default (an initializer of the same name), such as `logits_to_keep`."""
-        inits = {t.name for t in self.model.graph.initializer}
-        return [i.name for i in self.model.graph.input if i.name in inits]
+        """The run options a caller may feed (`logits_to_keep`); adapter inputs are listed apart."""
+        names = {i.name for i in self.model.graph.input}
+        return [n for n in OPTIONAL_INPUTS if n in names]
 
     @property
     def output_names(self) -> list[str]:
