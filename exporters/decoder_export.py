@@ -199,7 +199,8 @@ def export_decoder(
         precision: "fp32", or "int8" (blockwise MatMulNBits; the graph is checked layer by layer against
             the fake-quant model, `edgelora.fake_quant.fake_quantize_*_blockwise`).
         attention: the attention core (`decoder_graph.ATTENTION_CORES`): "invariant" (the default: float64
-            softmax, batch-invariant), "ops" or "onnx" (float32, faster, rows may change with left padding).
+            softmax, batch-invariant), "ops", "onnx" or "gqa" (float32, faster, rows may change with left
+            padding; "gqa", ONNX Runtime's GroupQueryAttention, is one node a layer and the fastest).
         tokenizer_dir: where the tokenizer files are (default: the base directory).
     """
     if precision not in PRECISIONS:
@@ -293,7 +294,7 @@ def export_decoder(
                         + (", adapter (LoRA) branches" if mode == "switchable" else ""),
             **({"recipe": config_to_dict(SWITCHABLE_RECIPE)} if mode == "switchable" else {}),
         },
-        "graph": {"opset": OPSET, "attention": attention,
+        "graph": {"opset": OPSET, "attention": attention, "optional_inputs": graph.optional_inputs,
                   "packed": ["q|k|v"] + (["gate|up"] if spec.model_type != "gpt2" else []),
                   **({"adapter_inputs": len(graph.slots)} if mode == "switchable" else {})},
         "requires": {"onnxruntime": REQUIRES_ORT},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -28,10 +29,15 @@ OPSET = 23  # RMSNormalization and Attention
 IR_VERSION = 11
 LLAMA_STYLE = ("llama", "mistral", "qwen2")
 # "invariant": MatMul / Softmax / MatMul with the softmax and probs @ v in float64 (the default); "ops": the
-# same in float32; "onnx": ONNX's Attention node. Left padding moves a row's keys to other indices of the
-# key axis, so float32 reductions over it (softmax's sum, probs @ v) round differently alone and in a
-# batch; in float64 those differences stay far below float32's last bit and the row is bit-identical.
-ATTENTION_CORES = ("invariant", "ops", "onnx")
+# same in float32; "onnx": ONNX's Attention node; "gqa": ONNX Runtime's GroupQueryAttention (com.microsoft),
+# one node a layer taking the packed q|k|v, rotary, cache concat and attention together (the fastest).
+# Left padding moves a row's keys to other indices of the key axis, so float32 reductions over it
+# (softmax's sum, probs @ v) round differently alone and in a batch; in float64 those differences stay far
+# below float32's last bit and the row is bit-identical. Only "invariant" keeps a row's logits bit-identical
+# alone and in a left-padded batch; the others are exact to float32 rounding (and identical at batch 1).
+ATTENTION_CORES = ("invariant", "ops", "onnx", "gqa")
+LOGITS_TO_KEEP = "logits_to_keep"  # optional input: logits for the last N positions only (0: all)
+OPTIONAL_INPUTS = (LOGITS_TO_KEEP,)
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds to masked scores: finite, so no NaN ever
 
 
@@ -70,8 +76,16 @@ class DecoderGraph:
 
     @property
     def input_names(self) -> list[str]:
-        """The inputs a caller feeds (the contract's); adapter banks and `adapter_ids` have defaults."""
-        return [i.name for i in self.model.graph.input if i.name not in self.slots and i.name != ADAPTER_IDS]
+        """The inputs a run must feed (the decoder contract's), in order: not those with a default (an
+        initializer of the same name: `logits_to_keep`, the adapter banks, `adapter_ids`)."""
+        inits = {t.name for t in self.model.graph.initializer}
+        return [i.name for i in self.model.graph.input if i.name not in inits]
+
+    @property
+    def optional_inputs(self) -> list[str]:
+        """The run options a caller may feed (`logits_to_keep`); adapter inputs are listed apart."""
+        names = {i.name for i in self.model.graph.input}
+        return [n for n in OPTIONAL_INPUTS if n in names]
 
     @property
     def output_names(self) -> list[str]:
@@ -133,6 +147,13 @@ def rotary_tables(model: torch.nn.Module, length: int) -> tuple[np.ndarray, np.n
     return cos[0].numpy().astype(np.float32), sin[0].numpy().astype(np.float32)
 
 
+class Rotary(NamedTuple):
+    """The (positions, head_dim / 2) cos and sin tables of ONNX's RotaryEmbedding (one node per q and k)."""
+
+    cos: str
+    sin: str
+
+
 class _Builder:
     """Nodes and initializers with unique names; `op` returns the (first) output's name."""
 
@@ -147,7 +168,7 @@ class _Builder:
         return outs[0]
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array).reshape(np.shape(array)), name))
         return name
 
     def ints(self, name: str, values: list[int]) -> str:
@@ -303,18 +324,58 @@ def _attend(b: _Builder, q: str, k: str, v: str, mask: str, spec: DecoderSpec, i
     return b.op("Reshape", [y, b.ints(f"{p}.oshape", [0, 0, -1])], f"{p}.attn.context")
 
 
-def _split_heads(b: _Builder, qkv: str, spec: DecoderSpec, p: str) -> tuple[str, str, str]:
-    """The packed projection's q (B, S, Hq, D), k and v (B, S, Hkv, D)."""
+def _gqa(b: _Builder, qkv: str, spec: DecoderSpec, i: int, bias: str,
+         rotary: tuple[str, str] | Rotary | None) -> str:
+    """Layer i's attention as one GroupQueryAttention node: the cache concat (present.{i}.*) and
+    softmax(q k^T scale + bias) v on q (B, S, Hq D), k and v (B, S, Hkv D), rotated first (with `rotary`) by
+    RotaryEmbedding at position_ids — GQA's own rotary takes a decode step's position from the key length,
+    which left padding makes wrong. Every row is given the full key length (seqlens_k = T - 1) and left
+    padding is masked by `bias`, the additive (B, 1, S, T) mask; returns the context (B, S, Hq * D)."""
+    p = f"layers.{i}"
     D, Hkv = spec.head_dim, spec.num_kv_heads
     q, k, v = (f"{p}.split.{j}" for j in range(3))
     b.op("Split", [qkv, b.ints(f"{p}.sizes", [spec.num_heads * D, Hkv * D, Hkv * D])], f"{p}.split", outputs=3, axis=-1)
+    if isinstance(rotary, Rotary):
+        q = b.op("RotaryEmbedding", [q, *rotary, "position_ids"], f"{p}.q_rope", num_heads=spec.num_heads)
+        k = b.op("RotaryEmbedding", [k, *rotary, "position_ids"], f"{p}.k_rope", num_heads=Hkv)
+    elif rotary is not None:  # the elementwise form on (B, S, H, D), back to (B, S, H D)
+        q, k = (b.op("Reshape", [_rope(b, b.op("Reshape", [t, b.ints(f"{p}.{n}h", [0, 0, heads, D])], f"{p}.{n}4"),
+                                       *rotary, D // 2, f"{p}.{n}_rope"), b.ints(f"{p}.{n}3", [0, 0, -1])],
+                           f"{p}.{n}_rope3")
+                for t, n, heads in ((q, "q", spec.num_heads), (k, "k", Hkv)))
+    b.nodes.append(helper.make_node(
+        "GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "gqa.seqlens_k",
+                                "gqa.total_length", "", "", "", bias],
+        [f"{p}.attn.context", f"present.{i}.key", f"present.{i}.value"], name=f"{p}.attn/GroupQueryAttention",
+        domain="com.microsoft", num_heads=spec.num_heads, kv_num_heads=Hkv, scale=spec.attention_scale))
+    return f"{p}.attn.context"
+
+
+def _gqa_lengths(b: _Builder) -> None:
+    """GroupQueryAttention's seqlens_k (B,) int32 = T - 1 for every row and total_sequence_length () int32 = T."""
+    total = b.op("Cast", [b.op("Squeeze", ["total", "ax0"], "gqa.total64")], "gqa.total_length", to=TensorProto.INT32)
+    rows = b.op("Gather", ["mask_shape", "ax0"], "gqa.rows")  # (1,) = B
+    last = b.op("Sub", [total, b.init("gqa.one32", np.asarray(1, np.int32))], "gqa.last")
+    b.op("Expand", [last, rows], "gqa.seqlens_k")
+
+
+def _split_heads(b: _Builder, qkv: str, spec: DecoderSpec, p: str,
+                 rotary: Rotary | None = None) -> tuple[str, str, str]:
+    """The packed projection's q (B, S, Hq, D), k and v (B, S, Hkv, D); with `rotary` (fused tables), q and k
+    rotated by ONNX's RotaryEmbedding at their positions first."""
+    D, Hkv = spec.head_dim, spec.num_kv_heads
+    q, k, v = (f"{p}.split.{j}" for j in range(3))
+    b.op("Split", [qkv, b.ints(f"{p}.sizes", [spec.num_heads * D, Hkv * D, Hkv * D])], f"{p}.split", outputs=3, axis=-1)
+    if rotary is not None:
+        q = b.op("RotaryEmbedding", [q, *rotary, "position_ids"], f"{p}.q_rope", num_heads=spec.num_heads)
+        k = b.op("RotaryEmbedding", [k, *rotary, "position_ids"], f"{p}.k_rope", num_heads=Hkv)
     q = b.op("Reshape", [q, b.ints(f"{p}.qh", [0, 0, spec.num_heads, D])], f"{p}.q4")
     k = b.op("Reshape", [k, b.ints(f"{p}.kh", [0, 0, Hkv, D])], f"{p}.k4")
     return q, k, b.op("Reshape", [v, f"{p}.kh"], f"{p}.v4")
 
 
-def _llama_layer(b: _Builder, x: str, layer: torch.nn.Module, i: int, spec: DecoderSpec, rope: tuple[str, str],
-                 mask: str, attention: str, linear) -> str:
+def _llama_layer(b: _Builder, x: str, layer: torch.nn.Module, i: int, spec: DecoderSpec,
+                 rope: tuple[str, str] | Rotary, mask: str, attention: str, linear) -> str:
     """x + attention(RMSNorm(x)) with rotary q / k, then + SwiGLU(RMSNorm(.))."""
     p, attn, mlp = f"layers.{i}", layer.self_attn, layer.mlp
 
@@ -323,10 +384,16 @@ def _llama_layer(b: _Builder, x: str, layer: torch.nn.Module, i: int, spec: Deco
                     axis=-1, epsilon=spec.norm_eps)
 
     h = norm(x, layer.input_layernorm.weight, f"{p}.input_norm")
-    q, k, v = _split_heads(b, linear(h, f"{p}.qkv", *_packed([attn.q_proj, attn.k_proj, attn.v_proj])), spec, p)
-    half = spec.head_dim // 2
-    q, k = (_rope(b, t, *rope, half, f"{p}.{n}_rope") for t, n in ((q, "q"), (k, "k")))
-    context = _attend(b, q, k, v, mask, spec, i, attention)
+    qkv = linear(h, f"{p}.qkv", *_packed([attn.q_proj, attn.k_proj, attn.v_proj]))
+    if attention == "gqa":
+        context = _gqa(b, qkv, spec, i, mask, rope)
+    elif isinstance(rope, Rotary):
+        q, k, v = _split_heads(b, qkv, spec, p, rope)
+    else:
+        q, k, v = _split_heads(b, qkv, spec, p)
+        q, k = (_rope(b, t, *rope, spec.head_dim // 2, f"{p}.{n}_rope") for t, n in ((q, "q"), (k, "k")))
+    if attention != "gqa":
+        context = _attend(b, q, k, v, mask, spec, i, attention)
     x = b.op("Add", [x, linear(context, f"{p}.o_proj", attn.o_proj.weight, attn.o_proj.bias)], f"{p}.attn_residual")
     h = norm(x, layer.post_attention_layernorm.weight, f"{p}.post_norm")
     gate_up = linear(h, f"{p}.gate_up", *_packed([mlp.gate_proj, mlp.up_proj]))
@@ -347,8 +414,12 @@ def _gpt2_layer(b: _Builder, x: str, block: torch.nn.Module, i: int, spec: Decod
     """x + attention(LayerNorm(x)), then + MLP(LayerNorm(.)) with GELU; Conv1D weights are (in, out)."""
     p, attn, mlp = f"layers.{i}", block.attn, block.mlp
     h = _layer_norm(b, x, block.ln_1, f"{p}.ln_1", spec.norm_eps)
-    q, k, v = _split_heads(b, linear(h, f"{p}.qkv", attn.c_attn.weight.T, attn.c_attn.bias), spec, p)
-    context = _attend(b, q, k, v, mask, spec, i, attention)
+    qkv = linear(h, f"{p}.qkv", attn.c_attn.weight.T, attn.c_attn.bias)
+    if attention == "gqa":
+        context = _gqa(b, qkv, spec, i, mask, None)
+    else:
+        q, k, v = _split_heads(b, qkv, spec, p)
+        context = _attend(b, q, k, v, mask, spec, i, attention)
     x = b.op("Add", [x, linear(context, f"{p}.o_proj", attn.c_proj.weight.T, attn.c_proj.bias)], f"{p}.attn_residual")
     h = _layer_norm(b, x, block.ln_2, f"{p}.ln_2", spec.norm_eps)
     act = b.op("Gelu", [linear(h, f"{p}.c_fc", mlp.c_fc.weight.T, mlp.c_fc.bias)], f"{p}.gelu",
@@ -374,6 +445,17 @@ def _mask(b: _Builder) -> str:
     return b.op("Where", [allowed, b.scalar("unmasked", 0.0), b.scalar("masked", MASKED)], "mask")
 
 
+def _keep_last(b: _Builder, h: str) -> str:
+    """h (B, S, H) cut to its last `logits_to_keep` positions (0, the default, or more than S: all of them), as
+    transformers' `logits_to_keep`: generation needs the last position's logits only, scoring needs all."""
+    b.init(LOGITS_TO_KEEP, np.asarray(0, np.int64))
+    keep = b.op("Unsqueeze", [LOGITS_TO_KEEP, "ax0"], "keep.n")  # (1,)
+    count = b.op("Where", [b.op("Equal", [keep, b.ints("keep.zero", [0])], "keep.all"), "seq",
+                           b.op("Min", [keep, "seq"], "keep.min")], "keep.count")
+    start = b.op("Neg", [count], "keep.start")
+    return b.op("Slice", [h, start, b.ints("keep.end", [2**62]), "one"], "keep.h")
+
+
 def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attention: str = "invariant",
                         lora_modules: Collection[str] = ()) -> DecoderGraph:
     """The ONNX graph of a loaded causal LM (its weights as they are: merge adapters first, or give slots).
@@ -383,7 +465,8 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
             embeddings, norms and attention scores stay fp32).
         attention: "invariant" (MatMul / Softmax / MatMul grouped per KV head, softmax and probs @ v in
             float64: a row's logits are bit-identical alone and in a left-padded batch), "ops" (the same
-            in float32) or "onnx" (ONNX's Attention node, opset 23); see ATTENTION_CORES.
+            in float32), "onnx" (ONNX's Attention node, opset 23) or "gqa" (ONNX Runtime's
+            GroupQueryAttention: the fastest); see ATTENTION_CORES.
         lora_modules: module names of the model (`model.layers.0.self_attn.q_proj`) that get a switchable
             LoRA slot, an adapter bank indexed per row by the `adapter_ids` input (exporters/switchable.py);
             a packed projection (q|k|v, gate|up) has slots on all its members or none. The base weights
@@ -392,6 +475,9 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
     if attention not in ATTENTION_CORES:
         raise EdgeloraError(f"attention={attention!r} is not supported; choose from {', '.join(ATTENTION_CORES)}")
     spec = decoder_spec(model)
+    if attention == "gqa" and spec.head_dim % 8:
+        raise EdgeloraError(f"attention='gqa': GroupQueryAttention needs head_dim a multiple of 8, this base has "
+                            f"{spec.head_dim}; export with attention='invariant'")
     b = _Builder()
     quantized: dict[str, QuantizedMatMul] = {}
     L, Hkv, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
@@ -411,8 +497,10 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
         return _with_lora(b, y, x, name, modules, int(weight.shape[1]), banks)
 
     mask = _mask(b)
-    if attention == "onnx":
+    if attention in ("onnx", "gqa"):
         mask = b.op("Squeeze", [mask, b.ints("ax1_", [1])], "mask4")  # (B, 1, S, T)
+    if attention == "gqa":
+        _gqa_lengths(b)
     embed = model.get_input_embeddings()
     x = b.op("Gather", [b.init("embed_tokens.weight", embed.weight.detach().numpy()), "input_ids"], "embed", axis=0)
     if spec.model_type == "gpt2":
@@ -423,20 +511,27 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
         h = _layer_norm(b, x, model.transformer.ln_f, "final_norm", spec.norm_eps)
     else:
         cos_table, sin_table = rotary_tables(model, spec.context_length)
-        cos = b.op("Gather", [b.init("rope.cos", cos_table), "position_ids"], "rope.cos_b", axis=0)  # (B, S, D)
-        sin = b.op("Gather", [b.init("rope.sin", sin_table), "position_ids"], "rope.sin_b", axis=0)
-        rope = (b.op("Unsqueeze", [cos, b.ints("ax2", [2])], "rope.cos_h"),  # (B, S, 1, D)
-                b.op("Unsqueeze", [sin, "ax2"], "rope.sin_h"))
+        half = spec.head_dim // 2
+        rope: tuple[str, str] | Rotary
+        if all(np.array_equal(t[:, :half], t[:, half:]) for t in (cos_table, sin_table)):  # rotate_half's tables
+            rope = Rotary(b.init("rope.cos", cos_table[:, :half]), b.init("rope.sin", sin_table[:, :half]))
+        else:  # a table whose halves differ: the elementwise form, which takes any table
+            cos = b.op("Gather", [b.init("rope.cos", cos_table), "position_ids"], "rope.cos_b", axis=0)  # (B, S, D)
+            sin = b.op("Gather", [b.init("rope.sin", sin_table), "position_ids"], "rope.sin_b", axis=0)
+            rope = (b.op("Unsqueeze", [cos, b.ints("ax2", [2])], "rope.cos_h"),  # (B, S, 1, D)
+                    b.op("Unsqueeze", [sin, "ax2"], "rope.sin_h"))
         for i, layer in enumerate(model.model.layers):
             x = _llama_layer(b, x, layer, i, spec, rope, mask, attention, linear)
         h = b.op("RMSNormalization", [x, b.init("final_norm.weight", model.model.norm.weight.detach().numpy())],
                  "final_norm", axis=-1, epsilon=spec.norm_eps)
 
+    h = _keep_last(b, h)
     head = model.get_output_embeddings()
     if precision == "fp32" and head.weight is embed.weight:  # x @ E^T, no second copy of E: (B*S, H) Gemm(transB)
         flat = b.op("Reshape", [h, b.ints("flat", [-1, spec.hidden_size])], "head.flat")
         logits = b.op("Gemm", [flat, "embed_tokens.weight"], "head.gemm", transB=1)
-        out_shape = b.op("Concat", ["ids_shape", b.ints("vocab", [spec.vocab_size])], "head.shape", axis=0)
+        batch = b.op("Gather", ["ids_shape", "ax0"], "batch")
+        out_shape = b.op("Concat", [batch, b.ints("rest", [-1, spec.vocab_size])], "head.shape", axis=0)
         logits = b.op("Reshape", [logits, out_shape], "logits")
     else:
         logits = b.op("Identity", [linear(h, "lm_head", head.weight, head.bias)], "logits")
@@ -456,11 +551,12 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
             raise EdgeloraError(f"lora_modules {missing[:3]} are not projections of this {spec.model_type} graph")
         inputs += [*banks, io(ADAPTER_IDS, TensorProto.INT64, ["adapter_rows"])]
         b.init(ADAPTER_IDS, np.zeros(1, np.int64))
-    outputs = [io("logits", TensorProto.FLOAT, ["batch", "sequence", spec.vocab_size])]
+    inputs.append(io(LOGITS_TO_KEEP, TensorProto.INT64, []))  # overridable: its initializer (0) keeps every position
+    outputs = [io("logits", TensorProto.FLOAT, ["batch", "logits_sequence", spec.vocab_size])]
     outputs += [io(n, TensorProto.FLOAT, cache_out) for n in output_names(L)[1:]]
     graph = helper.make_graph(b.nodes, f"edgelora-{spec.model_type}-decoder", inputs, outputs, initializer=b.inits)
     opsets = [helper.make_opsetid("", OPSET)]
-    if precision == "int8":
+    if any(n.domain == "com.microsoft" for n in b.nodes):  # MatMulNBits, GroupQueryAttention
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="edgelora")
     proto.ir_version = IR_VERSION

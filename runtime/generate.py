@@ -165,6 +165,9 @@ class Generator:
             raise EdgeloraError(f"{model}: lacks {missing[:4]} of the decoder contract for "
                                 f"generation.num_layers={L}; re-export the bundle")
         self._positions = "position_ids" in inputs
+        # generation reads the last position's logits only; older bundles compute them for every position
+        optional = {i.name for i in self.session.get_overridable_initializers()}
+        self._keep_last = {"logits_to_keep": np.asarray(1, np.int64)} if "logits_to_keep" in optional else {}
         self._outputs = ["logits", *self._present]
 
     def _load_tokenizer(self):
@@ -293,7 +296,7 @@ class Generator:
         past = [empty] * len(self._past)
 
         for step in range(max_new_tokens):
-            feeds = {"input_ids": input_ids, "attention_mask": mask, **dict(zip(self._past, past)), **extra}
+            feeds = {"input_ids": input_ids, "attention_mask": mask, **dict(zip(self._past, past)), **extra, **self._keep_last}
             if self._positions:
                 feeds["position_ids"] = positions
             t0 = time.perf_counter()

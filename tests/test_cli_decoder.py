@@ -119,3 +119,19 @@ def test_train_causal_lm_refuses_classification_flags(workspace, tmp_path, capsy
 def test_export_causal_lm_refuses_encoder_flags(workspace, trained, tmp_path, capsys, extra, fragment) -> None:
     rc, _, err = cli(["export", workspace["base"], "--adapter", trained, "--out", tmp_path / "b", *extra], capsys)
     assert_one_line_error(rc, err, fragment)
+
+
+def test_export_attention_gqa_writes_a_gqa_graph_and_encoders_refuse_it(workspace, tmp_path, capsys) -> None:
+    out = tmp_path / "gqa"
+    rc, stdout, err = cli(["export", workspace["base"], "--task", "causal-lm", "--precision", "fp32",
+                           "--attention", "gqa", "--out", out], capsys)
+    assert rc == 0, err
+    import onnx
+
+    layers = Runtime(out).manifest.generation.num_layers  # the runtime loads the bundle
+    assert sum(n.op_type == "GroupQueryAttention" for n in onnx.load(str(out / "model.onnx")).graph.node) == layers
+    assert json.loads((out / "manifest.json").read_text())["graph"]["attention"] == "gqa"
+    assert json.loads(stdout)["validation"]["vs_fp32_torch"]["max_rel_error"] <= FP32_LOGIT_TOL
+    rc, _, err = cli(["export", "minilm", "--task", "classification", "--adapter", str(tmp_path / "none"),
+                      "--attention", "gqa", "--out", tmp_path / "enc"], capsys)
+    assert_one_line_error(rc, err, "--attention applies to causal-lm bundles")

@@ -71,6 +71,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                    help="int8: SmoothQuant with migration strength ALPHA for adapters trained without it "
                         "(adapters trained with --smooth always export with their own factors)")
+    p.add_argument("--attention", choices=("invariant", "ops", "onnx", "gqa"), default="invariant",
+                   help="causal-lm: the attention core; 'invariant' (float64 sums: a row's tokens are the same alone "
+                        "and batched) or 'gqa' (ONNX Runtime's GroupQueryAttention, fastest, float32)")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
 
 
@@ -81,6 +84,8 @@ def export_command(args: argparse.Namespace) -> int:
     if _export_task(args.task, args.base, adapters) == "causal-lm":
         return _export_decoder(args, adapters)
 
+    if args.attention != "invariant":
+        raise EdgeloraError("--attention applies to causal-lm bundles; drop it for a classification export")
     if args.target_cosine is not None and (args.keep_fp32 or "").strip() != "auto":
         raise EdgeloraError("--target-cosine is the goal of --keep-fp32 auto; add --keep-fp32 auto or drop it")
     if args.smooth is not None:
@@ -147,7 +152,8 @@ def _export_decoder(args: argparse.Namespace, adapters: dict[str, str]) -> int:
     try:
         with as_flags(FLAGS, PHRASES):
             manifest = export_decoder(args.base, args.out, adapters=adapters, mode=args.mode, precision=args.precision,
-                                      lora_slots=args.slots or "attention", progress=bar.describe)
+                                      lora_slots=args.slots or "attention",
+                                      attention=args.attention, progress=bar.describe)
     finally:
         bar.close()
     print(json.dumps({"bundle": str(args.out), "task": manifest.task, "mode": manifest.mode,

@@ -1,0 +1,103 @@
+"""A/B timing of decoder bundles (or of one bundle with and without `logits_to_keep`), interleaved.
+
+Each variant runs in a process of its own (two live sessions in one process steal each other's cores),
+alternating A B A B ... for --rounds rounds; a child loads the session, warms it up, then times a P-token
+prefill (--prompt, synthetic seeded ids) and --steps greedy decode steps at batch 1 through the cache with a
+minimal numpy loop. Prints each variant's median prefill ms and decode tok/s, the ratio to the first, and
+the load average, so a busy machine shows in the figures.
+
+    python benchmarks/decoder_ab.py runs/bundles/int8-old runs/bundles/int8-new:keep=1 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def child(bundle: Path, keep: int, prompt: int, steps: int, threads: int, repeats: int) -> dict:
+    import onnxruntime as ort
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    gen = manifest["generation"]
+    past = [f"past_key_values.{i}.{kv}" for i in range(gen["num_layers"]) for kv in ("key", "value")]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(bundle / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    optional = {i.name for i in sess.get_overridable_initializers()}
+    extra = {"logits_to_keep": np.asarray(keep, np.int64)} if keep and "logits_to_keep" in optional else {}
+    outputs = [o.name for o in sess.get_outputs()]
+    ids = np.random.default_rng(0).integers(100, gen["vocab_size"] - 100, size=(1, prompt))
+    empty = np.zeros((1, gen["num_kv_heads"], 0, gen["head_dim"]), np.float32)
+    first = {"input_ids": ids, "attention_mask": np.ones((1, prompt), np.int64),
+             "position_ids": np.arange(prompt, dtype=np.int64)[None], **dict.fromkeys(past, empty), **extra}
+    prefills, steps_s = [], []
+    for rep in range(repeats + 1):  # the first pass warms up
+        t0 = time.perf_counter()
+        out = sess.run(outputs, first)
+        took = time.perf_counter() - t0
+        mask, pos = first["attention_mask"], first["position_ids"][:, -1:]
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            token = out[0][:, -1].argmax(-1)[:, None]
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+            pos = pos + 1
+            out = sess.run(outputs, {"input_ids": token, "attention_mask": mask, "position_ids": pos,
+                                     **dict(zip(past, out[1:])), **extra})
+            times.append(time.perf_counter() - t0)
+        if rep:
+            prefills.append(took)
+            steps_s += times
+    return {"prefill_ms": 1e3 * float(np.median(prefills)), "decode_tok_s": 1 / float(np.median(steps_s))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variants", nargs="*", help="BUNDLE or BUNDLE:keep=N (feed logits_to_keep=N)")
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2, help="prefill + decode passes per child")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(Path(args.child[0]), int(args.child[1]), args.prompt, args.steps, args.threads,
+                               args.repeats)))
+        return
+    parsed = []
+    for v in args.variants:
+        path, _, opt = v.partition(":")
+        parsed.append((v, path, int(opt.removeprefix("keep=")) if opt else 0))
+    results: dict[str, list[dict]] = {v: [] for v, _, _ in parsed}
+    loads = []
+    for _ in range(args.rounds):
+        for v, path, keep in parsed:
+            loads.append(os.getloadavg()[0])
+            out = subprocess.run([sys.executable, __file__, "--child", path, str(keep), "--prompt", str(args.prompt),
+                                  "--steps", str(args.steps), "--threads", str(args.threads),
+                                  "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
+            results[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = None
+    print(f"P={args.prompt}, {args.steps} decode steps, {args.threads} threads, {args.rounds} interleaved rounds, "
+          f"load average {min(loads):.2f}-{max(loads):.2f}")
+    for v, _, _ in parsed:
+        pre = float(np.median([r["prefill_ms"] for r in results[v]]))
+        tok = float(np.median([r["decode_tok_s"] for r in results[v]]))
+        base = base or (pre, tok)
+        print(f"  {v:50s} prefill {pre:8.1f} ms ({pre / base[0]:.3f}x)   decode {tok:6.1f} tok/s "
+              f"({tok / base[1]:.3f}x)")
+
+
+if __name__ == "__main__":
+    main()
