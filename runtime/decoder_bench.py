@@ -213,11 +213,11 @@ def is_decoder_bundle(path: str) -> bool:
 def _check_settings(prompt_tokens: Sequence[int], new_tokens: int, concurrent: int, rounds: int, warmup: int,
                     agreement_tokens: int) -> None:
     if not prompt_tokens or any(not isinstance(p, int) or p < 1 for p in prompt_tokens):
-        raise EdgeloraError(f"bench: prompt lengths {list(prompt_tokens)!r} must be positive integers (--prompt-tokens)")
-    for name, value, low in (("--new-tokens", new_tokens, 2), ("--concurrent", concurrent, 1), ("--rounds", rounds, 1),
-                             ("--warmup", warmup, 0), ("agreement tokens", agreement_tokens, 1)):
+        raise EdgeloraError(f"bench: prompt_tokens {list(prompt_tokens)!r}: pass positive integers")
+    for name, value, low in (("new_tokens", new_tokens, 2), ("concurrent", concurrent, 1), ("rounds", rounds, 1),
+                             ("warmup", warmup, 0), ("agreement_tokens", agreement_tokens, 1)):
         if not isinstance(value, int) or value < low:
-            raise EdgeloraError(f"bench: {name} is {value!r}; pass an integer >= {low}")
+            raise EdgeloraError(f"bench: {name}={value!r}; pass an integer >= {low}")
 
 
 def _percentiles(ms: Sequence[float]) -> dict:
@@ -265,7 +265,7 @@ def run_decoder_candidates(
         ctx = b.get("context_length")
         if ctx is not None and longest > ctx:
             raise EdgeloraError(f"{b.get('path', b['label'])}: context_length {ctx} is shorter than the bench needs "
-                                f"({longest} tokens); lower --prompt-tokens or --new-tokens")
+                                f"({longest} tokens); lower prompt_tokens or new_tokens")
     references = list(references) if references is not None else [None] * len(candidates)
     prompts = {p: prompt_of(tokenizer_file, p) for p in prompt_tokens}
     decode_prompt = prompt_of(tokenizer_file, DECODE_PROMPT)

@@ -125,6 +125,25 @@ def test_greedy_agreement_counts_the_shared_prefix() -> None:
         greedy_agreement([[1], [2]], [[1]])
 
 
+def test_library_errors_name_the_parameters(bundles: dict[str, Path]) -> None:
+    with pytest.raises(EdgeloraError, match=r"new_tokens=1; pass an integer >= 2"):
+        decoder_bench.run_decoder_benchmark([str(bundles["fp32"])], new_tokens=1)
+    with pytest.raises(EdgeloraError, match=r"prompt_tokens \[0\]: pass positive integers"):
+        decoder_bench.run_decoder_benchmark([str(bundles["fp32"])], prompt_tokens=(0,))
+    with pytest.raises(EdgeloraError, match="give at least one decoder bundle"):
+        decoder_bench.run_decoder_benchmark([])
+
+
+def test_encoder_and_decoder_bundles_are_benched_apart(bundles: dict[str, Path], tmp_path: Path) -> None:
+    from tiny_bundle import make_bundle
+
+    encoder = make_bundle(tmp_path, "merged", "fp32").path
+    with pytest.raises(EdgeloraError, match="decoder \\(causal-lm\\) and encoder bundles given together"):
+        _bench_cli([str(bundles["fp32"]), str(encoder)])
+    with pytest.raises(EdgeloraError, match="task 'sequence-classification'"):
+        decoder_bench.decoder_candidates([str(encoder)])
+
+
 def _bench_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     cli_run.add_bench_arguments(parser)
@@ -144,9 +163,12 @@ def test_cli_bench_on_decoder_bundles(bundles: dict[str, Path], tmp_path: Path, 
 
 
 def test_cli_refuses_what_the_decoder_bench_cannot_do(bundles: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(EdgeloraError, match="context_length 96 is shorter than the bench needs"):
+    with pytest.raises(EdgeloraError, match=r"context_length 96 is shorter than the bench needs \(200 tokens\); "
+                                            "lower --prompt-tokens or --new-tokens"):
         _bench_cli([str(bundles["fp32"]), "--prompt-tokens", "200", "--rounds", "1"])
-    with pytest.raises(EdgeloraError, match="--new-tokens is 1; pass an integer >= 2"):
+    with pytest.raises(EdgeloraError, match="--new-tokens 1; pass an integer >= 2"):
         _bench_cli([str(bundles["fp32"]), "--prompt-tokens", "8", "--new-tokens", "1"])
+    with pytest.raises(EdgeloraError, match="--concurrent 0; pass an integer >= 1"):
+        _bench_cli([str(bundles["fp32"]), "--prompt-tokens", "8", "--concurrent", "0"])
     with pytest.raises(EdgeloraError, match="--data is for encoder bundles"):
         _bench_cli([str(bundles["fp32"]), "--data", "builtin:intent"])

@@ -111,11 +111,13 @@ def _bench_decoders(args: argparse.Namespace) -> int:
     if args.data:
         raise EdgeloraError("bench: --data is for encoder bundles; decoder bundles use built-in prompts and "
                             "held-out texts")
-    result = run_decoder_benchmark(args.bundles, adapter=args.adapter, prompt_tokens=args.prompt_tokens,
-                                   new_tokens=args.new_tokens, concurrent=args.concurrent,
-                                   rounds=5 if args.rounds is None else args.rounds,
-                                   warmup=1 if args.warmup is None else args.warmup, threads=args.threads, spinning=args.spin,
-                                   progress=BenchProgress())
+    fields = {"new_tokens": "--new-tokens", "concurrent": "--concurrent", "rounds": "--rounds", "warmup": "--warmup"}
+    with as_flags(fields, {"prompt_tokens": "--prompt-tokens", "or new_tokens": "or --new-tokens"}):
+        result = run_decoder_benchmark(args.bundles, adapter=args.adapter, prompt_tokens=args.prompt_tokens,
+                                       new_tokens=args.new_tokens, concurrent=args.concurrent,
+                                       rounds=5 if args.rounds is None else args.rounds,
+                                       warmup=1 if args.warmup is None else args.warmup, threads=args.threads,
+                                       spinning=args.spin, progress=BenchProgress())
     print(format_decoder_table(result))
     if args.json:
         write_json(result, args.json)
