@@ -153,8 +153,9 @@ class LlamaCppEngine(_Peer):
         from llama_cpp import Llama
 
         self.np = np
-        self.llm = Llama(model_path=gguf, n_ctx=context, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                         logits_all=False, verbose=False)
+        # a context of 2048 holds every bench prompt; llama.cpp sizes its KV cache for n_ctx up front
+        self.llm = Llama(model_path=gguf, n_ctx=min(context, 2048), n_batch=512, n_threads=threads,
+                         n_threads_batch=threads, logits_all=False, verbose=False)
         self.vocab = self.llm.n_vocab()
         self.threads = threads
         self.size_bytes = Path(gguf).stat().st_size
@@ -167,7 +168,8 @@ class LlamaCppEngine(_Peer):
         llm.eval(list(prompt))
         tokens, times = [], []
         for step in range(steps + 1):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            # the last position's logits straight from llama.cpp (Llama.eval keeps none without logits_all)
+            tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(self.vocab,))))
             tokens.append(tok)
             now = time.perf_counter()
             times.append(now - t0)
