@@ -389,6 +389,10 @@ def markdown(result: dict) -> str:
             f"{f(r['fidelity'].get('perplexity_ratio'), '.4f')} |")
     for n in result.get("not_run", []):
         lines.append(f"| {n['label']} | not run: {n['reason']} |" + " |" * (len(ps) + 6))
+    single = [r["label"] for r in result["rows"] if (r["decode"].get(conc) or {}).get("note")]
+    if single:
+        lines += ["", f"{', '.join(single)}: timed on one sequence only ({conc} rows: –). torch's first token "
+                  "includes `generate`'s own setup, as a user of it pays it."]
     lines += ["", "Goals as ratios of this run's medians:", ""]
     lines += [f"- {c['what']}: {f(c['ratio'], '.2f')}x" for c in result["comparisons"]]
     return "\n".join(lines)
@@ -417,7 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="threads for every candidate (default: physical cores)")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="only write the markdown table of an earlier run's decoder_peers.json to stdout")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        print(markdown(json.loads(args.render.read_text())))
+        return 0
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in PEERS]
     if unknown:

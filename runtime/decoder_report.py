@@ -62,9 +62,13 @@ def format_decoder_table(result: dict) -> str:
                   f"{_num(agree.get('prefix_share'), '.3f'):>6}", f"{_num(agree.get('exact_share'), '.2f'):>5}",
                   f"{_num(f.get('perplexity_ratio'), '.4f'):>7}"]
         lines.append("  ".join(cells))
-    notes = [f"{r['label']}: batch {conc}: {r['decode'][conc]['note']}" for r in rows
-             if conc in r["decode"] and r["decode"][conc].get("note")]
-    notes += [f"{r['label']}: {r['fidelity']['note']}" for r in rows if r["fidelity"].get("note")]
+    said: dict[str, list[str]] = {}  # note -> the candidates it is about, so a shared note is one line
+    for r in rows:
+        if conc in r["decode"] and r["decode"][conc].get("note"):
+            said.setdefault(f"{conc} rows: {r['decode'][conc]['note']}", []).append(r["label"])
+        if r["fidelity"].get("note"):
+            said.setdefault(r["fidelity"]["note"], []).append(r["label"])
+    notes = [f"{', '.join(labels)}: {note}" for note, labels in said.items()]
     refs = sorted({(r["label"], r["fidelity"]["reference_label"]) for r in rows
                    if r["fidelity"]["reference_label"] not in (None, r["label"])})
     if refs:
