@@ -70,6 +70,8 @@ def test_peers_script_times_what_it_finds_and_names_what_it_cannot(tiny_dir: Pat
     assert "ours-int8 decode b1 over ours-fp32's (goal >= 3)" in md
     assert "llama.cpp-q8_0: not run" in printed
     assert (out / "decoder_peers.png").read_bytes()[:4] == b"\x89PNG"
+    assert decoder_peers.main(["--render", str(out / "decoder_peers.json")]) == 0
+    assert capsys.readouterr().out == md  # the table comes back from the saved result alone
 
 
 @pytest.mark.slow  # the model builder: ~45 s on a shared 2-core machine
