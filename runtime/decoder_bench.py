@@ -71,6 +71,9 @@ class BundleDecoder:
         self._past = [f"past_key_values.{i}.{kv}" for i in range(self.spec.num_layers) for kv in ("key", "value")]
         self._outputs = ["logits", *(f"present.{i}.{kv}" for i in range(self.spec.num_layers) for kv in ("key", "value"))]
         self._positions = "position_ids" in self.input_names
+        # as Generator feeds it where the graph has it: the LM head for the last position only
+        optional = {i.name for i in self.rt.session.get_overridable_initializers()}
+        self._keep_last = {"logits_to_keep": np.asarray(1, np.int64)} if "logits_to_keep" in optional else {}
 
     def row_adapters(self, rows: int) -> list[str | None]:
         """The adapter of each of `rows` concurrent rows: different adapters, cycled, where the bundle is
@@ -100,7 +103,8 @@ class BundleDecoder:
         times: list[float] = []
         for step in range(steps + 1):
             t0 = time.perf_counter()
-            feeds = {"input_ids": ids, "attention_mask": mask, **dict(zip(self._past, past)), **extra}
+            feeds = {"input_ids": ids, "attention_mask": mask, **dict(zip(self._past, past)), **extra,
+                     **self._keep_last}
             if self._positions:
                 feeds["position_ids"] = positions
             logits, *past = self.rt.session.run(self._outputs, feeds, options)

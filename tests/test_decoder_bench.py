@@ -172,3 +172,41 @@ def test_cli_refuses_what_the_decoder_bench_cannot_do(bundles: dict[str, Path], 
         _bench_cli([str(bundles["fp32"]), "--prompt-tokens", "8", "--concurrent", "0"])
     with pytest.raises(EdgeloraError, match="--data is for encoder bundles"):
         _bench_cli([str(bundles["fp32"]), "--data", "builtin:intent"])
+
+
+def _switchable_decoders() -> bool:
+    import inspect
+
+    from edgelora.exporters.decoder_export import export_decoder
+
+    return "mode" in inspect.signature(export_decoder).parameters
+
+
+@pytest.mark.skipif(not _switchable_decoders(), reason="switchable decoder bundles not in this tree (issue 16)")
+def test_concurrent_rows_use_different_adapters_of_a_switchable_bundle(tmp_path: Path) -> None:
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from edgelora.embedded import smollm2_path
+    from edgelora.exporters.decoder_export import export_decoder
+
+    base = tiny_llama(VOCAB, seed=0, context=CONTEXT)
+    adapters = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                              task_type="CAUSAL_LM", init_lora_weights=False))
+        lora.save_pretrained(tmp_path / name)
+        adapters[name] = tmp_path / name
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    shutil.copyfile(smollm2_path() / "tokenizer.json", tok / "tokenizer.json")
+    bundle = tmp_path / "sw"
+    export_decoder(base, bundle, adapters=adapters, mode="switchable", precision="fp32", tokenizer_dir=tok)
+    result = decoder_bench.run_decoder_benchmark([str(bundle), f"{bundle}@a"], prompt_tokens=(8,), new_tokens=2,
+                                                 concurrent=4, rounds=1, warmup=0, threads=1, agreement_tokens=4)
+    plain, with_a = result["rows"]
+    assert plain["decode"]["4"]["adapters"] == ["a", "b", "a", "b"]  # one run per step mixes the adapters
+    assert plain["decode"]["1"]["adapters"] == [None] and with_a["decode"]["1"]["adapters"] == ["a"]
