@@ -26,3 +26,15 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The decoder peers of benchmarks/decoder_peers.py (`make peers`, then `make bench-peers`): ORT GenAI's model
+# builder, and llama.cpp, which builds from source here (gcc + cmake, 5-30 min on 2 cores) for this CPU's ISA.
+PEERS  ?= onnxruntime-genai==0.18.0 onnx_ir==1.1.0 onnxscript==0.7.2
+.PHONY: peers bench-peers
+
+peers: $(STAMP)
+	$(BIN)/python -m pip install --quiet $(PEERS)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip install llama-cpp-python==0.3.36
+
+bench-peers: $(STAMP)
+	$(BIN)/python benchmarks/decoder_peers.py --out runs/decoder_peers

@@ -174,3 +174,55 @@ def row_fidelity(i: int, ref: int | None, outs: dict, labels: Sequence[str], ref
     entry["output"] = next(n for n in names if n in entry["outputs"])  # the first of `names` both have
     entry.update({k: entry["outputs"][entry["output"]][k] for k in ("worst_cosine", "mean_cosine", "max_abs_diff")})
     return entry
+
+
+# --- decoders: greedy agreement and perplexity beside speed --------------------------------------------------
+
+# Plain-text prompts whose greedy continuations are compared token by token (decoder bundles and peers alike).
+AGREEMENT_PROMPTS = (
+    "The history of the printing press begins",
+    "To make a cup of green tea, first",
+    "The three largest planets in the solar system are",
+    "Dear customer, we are sorry to inform you that",
+    "In Python, a list comprehension is",
+    "The weather forecast for tomorrow says",
+    "Photosynthesis is the process by which",
+    "Once upon a time, in a small village by the sea,",
+)
+
+# Held-out English for perplexity: written for this benchmark, in no training set of ours.
+HELD_OUT_TEXTS = (
+    "The library on the corner opens at nine in the morning. On weekdays it is quiet until noon, when students "
+    "arrive with their laptops and the tables by the windows fill up first. The librarian keeps a list of new "
+    "books on a board near the entrance.",
+    "To replace a bicycle tire, release the brake, open the quick-release lever and pull the wheel out of the "
+    "frame. Push one side of the tire over the rim with two levers, take out the old tube, and check the inside "
+    "of the tire for glass or thorns before fitting the new one.",
+    "The city council voted on Tuesday to extend the tram line to the airport. Construction is expected to "
+    "start next spring and to last about three years, during which several bus routes will change.",
+    "Bees communicate the direction of a food source with a dance. The angle of the dance relative to the "
+    "vertical comb shows the angle between the sun and the flowers, and its length tells how far away they are.",
+    "She opened the letter slowly, afraid of what it might say. Inside was a single photograph of the house "
+    "where she had grown up, and on the back, in her father's handwriting, the date of the summer they left.",
+    "A hash table stores values under keys. It computes an index from each key and keeps the value in a slot "
+    "at that index; when two keys land on the same slot, the table resolves the collision by probing or chaining.",
+)
+
+
+def greedy_agreement(tokens: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> dict:
+    """How far greedy continuations follow the reference's, prompt by prompt.
+
+    `prefix_share`: mean over prompts of (tokens equal before the first divergence) / (reference length);
+    `exact_share`: the share of prompts whose whole continuation equals the reference's; `first_divergence`:
+    per prompt, the index of the first differing token (None where they never differ).
+    """
+    if len(tokens) != len(reference) or not reference:
+        raise ValueError(f"greedy_agreement: {len(tokens)} continuations against {len(reference)} references")
+    shares, exact, first = [], [], []
+    for mine, ref in zip(tokens, reference):
+        n = len(ref)
+        same = next((k for k, (a, b) in enumerate(zip(mine, ref)) if a != b), min(len(mine), n))
+        shares.append(same / n if n else 1.0)
+        exact.append(list(mine) == list(ref))
+        first.append(None if list(mine) == list(ref) else same)
+    return {"prefix_share": float(np.mean(shares)), "exact_share": float(np.mean(exact)), "first_divergence": first}

