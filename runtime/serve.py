@@ -26,6 +26,7 @@ from edgelora.runtime.batching import (
     check_positive,
     merges_requests,
 )
+from edgelora.runtime.bundle import CAUSAL_LM
 from edgelora.runtime.encoder_routes import REQUEST_FIELDS, EncoderService
 from edgelora.runtime.http_common import error_body
 from edgelora.runtime.runtime import Runtime
@@ -47,8 +48,12 @@ def create_app(
     batching: str = "auto",
     mix_adapters: bool = True,
     retry_after_s: int = 1,
+    max_kv_mb: float = 512.0,
+    max_rows: int = 8,
 ):
-    """A Starlette app serving `runtime`: GET /v1/adapters, POST /v1/predict, GET /healthz, GET /metrics.
+    """A Starlette app serving `runtime`: GET /v1/adapters, POST /v1/predict, GET /healthz, GET /metrics for an
+    encoder bundle; OpenAI's /v1/models, /v1/completions, /v1/chat/completions (runtime/openai_routes.py) with
+    /healthz and /metrics for a decoder bundle (task "causal-lm").
 
     Example:
         >>> app = create_app(Runtime("bundles/minilm-int8"), window_ms=2)   # doctest: +SKIP
@@ -61,6 +66,8 @@ def create_app(
             runtime/batching.py's docstring for what merging changes in the answers.
         mix_adapters: merged batches that mix adapters run once through the bundle's adapter bank,
             instead of once per adapter (see `MicroBatcher`).
+        max_kv_mb, max_rows: a decoder bundle's KV cache budget in MiB and the rows decoding together at most
+            (see `Engine`); `queue_limit` requests wait for room, beyond them the answer is 503.
     """
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -69,31 +76,41 @@ def create_app(
     for name, value in (("max_texts", max_texts), ("max_text_chars", max_text_chars),
                         ("max_body_bytes", max_body_bytes), ("retry_after_s", retry_after_s)):
         check_positive(name, value)
-    merge = merges_requests(batching, runtime.manifest.precision)
-    batcher = MicroBatcher(runtime, max_batch=max_batch, window_ms=window_ms, queue_limit=queue_limit, merge=merge,
-                           mix=mix_adapters)
-    service = EncoderService(runtime, batcher, max_texts=max_texts, max_text_chars=max_text_chars,
-                             max_body_bytes=max_body_bytes, retry_after_s=retry_after_s,
-                             model=Path(runtime.bundle_dir).resolve().name)
+    model = Path(runtime.bundle_dir).resolve().name
+    if runtime.manifest.task == CAUSAL_LM:
+        from edgelora.runtime.engine import Engine
+        from edgelora.runtime.openai_routes import OpenAIService
+
+        engine = Engine(runtime, max_kv_mb=max_kv_mb, max_rows=max_rows, queue_limit=queue_limit)
+        worker = service = OpenAIService(runtime, engine, max_body_bytes=max_body_bytes, retry_after_s=retry_after_s,
+                                         model=model)
+        http_error = service.http_error
+    else:
+        merge = merges_requests(batching, runtime.manifest.precision)
+        worker = MicroBatcher(runtime, max_batch=max_batch, window_ms=window_ms, queue_limit=queue_limit,
+                              merge=merge, mix=mix_adapters)
+        service = EncoderService(runtime, worker, max_texts=max_texts, max_text_chars=max_text_chars,
+                                 max_body_bytes=max_body_bytes, retry_after_s=retry_after_s, model=model)
+
+        async def http_error(request, exc: HTTPException):
+            return JSONResponse(error_body(None, f"{request.method} {request.url.path}: {exc.detail}"),
+                                status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await batcher.start()
+        await worker.start()
         try:
             yield
         finally:
-            await batcher.stop()
-
-    async def http_error(request, exc: HTTPException):
-        return JSONResponse(error_body(None, f"{request.method} {request.url.path}: {exc.detail}"),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+            await worker.stop()
 
     app = Starlette(
         routes=service.routes(),
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error},
     )
-    app.state.batcher = batcher
+    app.state.batcher = worker if isinstance(worker, MicroBatcher) else None
+    app.state.engine = getattr(service, "engine", None)  # a decoder bundle's continuous-batching Engine
     app.state.service = service
     return app
 

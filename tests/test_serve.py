@@ -20,9 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,6 +32,7 @@ from edgelora.runtime import Runtime
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
+from live_server import call, metric, running  # noqa: E402 - after the skip: it needs uvicorn
 from edgelora.runtime.serve import (  # noqa: E402 - after the skip: these need starlette at call time
     FP32_MERGE_ATOL,
     MicroBatcher,
@@ -50,49 +49,6 @@ LOAD_TIME_CAP_S = 30.0
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-@contextmanager
-def running(app) -> Iterator[int]:
-    """Serve `app` with uvicorn in a thread on 127.0.0.1 and a free port; yields the port."""
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.005)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        assert not thread.is_alive(), "uvicorn did not stop"
-
-
-def call(port: int, method: str, path: str, body: object = None, *, raw: bytes | None = None,
-         conn: http.client.HTTPConnection | None = None) -> tuple[int, dict[str, str], object]:
-    """One request; returns status, headers (lower-case names) and the JSON (or text) body."""
-    own = conn is None
-    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    try:
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
-        resp = conn.getresponse()
-        text = resp.read().decode()
-    finally:
-        if own:
-            conn.close()
-    headers = {k.lower(): v for k, v in resp.getheaders()}
-    parsed = json.loads(text) if headers.get("content-type", "").startswith("application/json") else text
-    return resp.status, headers, parsed
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def random_requests(adapters: list[str | None], n: int, seed: int = 0) -> list[dict]:

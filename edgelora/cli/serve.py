@@ -1,4 +1,5 @@
-"""`edgelora serve`: HTTP inference on a bundle with per-request adapter choice. No torch; uvicorn and starlette
+"""`edgelora serve`: HTTP inference on a bundle with per-request adapter choice: /v1/predict for encoder bundles,
+OpenAI's completions and chat API for decoder bundles. No torch; uvicorn and starlette
 load only when the server starts, so the parser builds on a runtime-only install.
 """
 
@@ -29,11 +30,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mix-adapters", action=argparse.BooleanOptionalAction, default=True,
                         help="run a merged batch that mixes adapters once, through the bundle's adapter bank, "
                              "where it has one (default; --no-mix-adapters: once per adapter)")
-    parser.add_argument("--max-batch", type=int, default=32, help="texts per merged run (default 32)")
+    parser.add_argument("--max-batch", type=int, default=32, help="encoder bundles: texts per merged run (default 32)")
     parser.add_argument("--window-ms", type=float, default=0.0,
                         help="how long a batch waits for more requests (default 0: it takes what queued while "
                              "the worker was busy)")
     parser.add_argument("--queue-limit", type=int, default=256, help="waiting requests before 503 (default 256)")
+    parser.add_argument("--max-kv-mb", type=float, default=512.0,
+                        help="decoder bundles: KV cache budget in MiB; a request waits (up to --queue-limit of "
+                             "them, then 503) until the batch's worst case (rows x longest prompt + max_tokens) "
+                             "fits (default 512)")
+    parser.add_argument("--max-rows", type=int, default=8,
+                        help="decoder bundles: generations decoding together in one batch at most (default 8)")
     parser.add_argument("--max-texts", type=int, default=64, help="texts per request (default 64)")
     parser.add_argument("--max-text-chars", type=int, default=4096, help="characters per text (default 4096)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body bytes (default 1 MiB)")
@@ -63,10 +70,13 @@ def serve_command(args: argparse.Namespace) -> int:
         ) from None
     from edgelora.runtime.serve import serve
 
-    with as_flags({}, {"pick another host or port": "pick another --host or --port"}):
+    phrases = {"pick another host or port": "pick another --host or --port", "max_kv_mb is": "--max-kv-mb is",
+               "max_rows is": "--max-rows is", "queue_limit is": "--queue-limit is"}
+    with as_flags({}, phrases):
         serve(args.bundle, args.host, args.port, threads=args.threads, spin=args.spin, log_level=args.log_level,
               access_log=args.access_log, graceful_timeout=args.graceful_timeout, on_ready=_announce,
               batching=args.batching, mix_adapters=args.mix_adapters, max_batch=args.max_batch,
               window_ms=args.window_ms, queue_limit=args.queue_limit, max_texts=args.max_texts,
-              max_text_chars=args.max_text_chars, max_body_bytes=args.max_body_bytes)
+              max_text_chars=args.max_text_chars, max_body_bytes=args.max_body_bytes, max_kv_mb=args.max_kv_mb,
+              max_rows=args.max_rows)
     return 0

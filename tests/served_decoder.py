@@ -1,0 +1,41 @@
+"""Tiny decoder bundles for the serving tests (engine, OpenAI routes): a random grouped-query-attention Llama
+over the small chat tokenizer of tests/tiny_decoder.py, exported by the real exporter in fp32 and int8.
+
+The vocabulary is 400 tokens, so a step's logits stay small and the tests fast; the weights are drawn wide
+(tests/decoder_fixture.py) so greedy tokens have clear winners.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from decoder_fixture import export_test_decoder, tiny_llama
+from tiny_decoder import train_chat_tokenizer
+
+from edgelora.exporters.decoder_export import export_decoder
+
+VOCAB = 400  # the chat tokenizer's
+CONTEXT = 128
+PROMPTS = ["turn on the kitchen light", "set the alarm for seven", "play some music in the bedroom please now",
+           "what", "dim the lights in the living room to twenty percent and close the blinds"]
+
+
+def chat_tokenizer(root: Path) -> Path:
+    tok = root / "tokenizer"
+    if not (tok / "tokenizer.json").is_file():
+        train_chat_tokenizer(tok)
+    return tok
+
+
+def tiny_decoder_bundle(root: Path, precision: str = "fp32", seed: int = 0) -> Path:
+    """A merged decoder bundle (no adapter) of the tiny Llama at root/<precision>; its tokenizer beside it."""
+    out = root / precision
+    export_decoder(tiny_llama(VOCAB, seed=seed, context=CONTEXT), out, precision=precision,
+                   tokenizer_dir=chat_tokenizer(root))
+    return out
+
+
+def tiny_adapter_bundle(root: Path, adapter: str = "demo", seed: int = 0) -> Path:
+    """A merged fp32 bundle of the same tiny Llama with a zero LoRA named `adapter` baked in."""
+    return export_test_decoder(tiny_llama(VOCAB, seed=seed, context=CONTEXT), chat_tokenizer(root),
+                               root / f"merged-{adapter}", adapter=adapter)

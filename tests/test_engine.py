@@ -1,0 +1,214 @@
+"""The continuous-batching engine (runtime/engine.py): every request's tokens equal its solo `Generator` run
+whatever runs beside it and whenever it arrives, in fp32 and int8; the KV budget makes requests wait or
+refuses them, never overflows; cancelled requests leave at the next step; the cache sheds padding.
+
+The engine is stepped by hand here (arrival times are then exact steps), and once on its own thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from served_decoder import CONTEXT, PROMPTS, tiny_decoder_bundle
+
+from edgelora.errors import EdgeloraError
+from edgelora.runtime import Runtime
+from edgelora.runtime.engine import Engine, Overloaded, Refused
+
+# (prompt index, step it arrives at, max_tokens, sampling): prompts of different lengths join a batch whose cache
+# is longer and shorter than theirs; two arrive at the same step and prefill together
+ARRIVALS = [(0, 0, 30, {}), (2, 0, 12, {}), (3, 4, 40, {}), (4, 5, 25, {"temperature": 0.9, "top_p": 0.9, "seed": 7}),
+            (1, 9, 20, {}), (0, 30, 8, {"temperature": 1.0, "top_k": 20, "seed": 3})]
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("engine")
+    return {p: tiny_decoder_bundle(root, p) for p in ("fp32", "int8")}
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def runtime(request, bundles) -> Runtime:
+    return Runtime(bundles[request.param], intra_op_threads=1)
+
+
+def solo(runtime: Runtime, prompt: str, max_tokens: int, **sampling) -> tuple[list[int], str]:
+    """What the request gives alone: Generator's own loop, batch of one."""
+    gen = runtime.generator()
+    text = gen.generate(prompt, max_new_tokens=max_tokens, **sampling)
+    return gen.stats.token_ids[0], text
+
+
+def run_to_end(engine: Engine, arrivals, steps_cap: int = 500) -> tuple[list, int]:
+    """Submit each arrival at its step; step until all end. Returns the jobs and the most rows seen at once."""
+    jobs: list = [None] * len(arrivals)
+    most = 0
+    for step in range(steps_cap):
+        for k, (i, at, max_tokens, sampling) in enumerate(arrivals):
+            if at == step:
+                jobs[k] = engine.submit(engine.prompt_ids(PROMPTS[i]), max_tokens=max_tokens, **sampling)
+        engine.step()
+        most = max(most, engine.active)
+        if all(j is not None and j.done for j in jobs):
+            return jobs, most
+    raise AssertionError("the engine did not finish the requests")
+
+
+def test_each_request_equals_its_solo_run_whatever_runs_beside_it(runtime) -> None:
+    engine = Engine(runtime)
+    jobs, most = run_to_end(engine, ARRIVALS)
+    assert most >= 4  # the premise: requests did decode together
+    for job, (i, _, max_tokens, sampling) in zip(jobs, ARRIVALS):
+        tokens, text = solo(runtime, PROMPTS[i], max_tokens, **sampling)
+        assert job.token_ids == tokens, (PROMPTS[i], sampling)
+        assert job.text == text
+        assert job.finish_reason == ("length" if len(tokens) == max_tokens else "stop")
+        assert (job.usage.prompt_tokens, job.usage.completion_tokens) == (len(engine.prompt_ids(PROMPTS[i])),
+                                                                          len(tokens))
+    assert engine.active == 0 and engine.kv_bytes == 0
+    assert engine.tokens_total == sum(len(j.token_ids) for j in jobs)
+
+
+def test_stop_strings_end_a_row_and_the_others_go_on(runtime) -> None:
+    tokens, full = solo(runtime, PROMPTS[2], 30)
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert stop and full.index(stop) > 0
+    engine = Engine(runtime)
+    pieces: list[str] = []
+    stopped = engine.submit(engine.prompt_ids(PROMPTS[2]), max_tokens=30, stop=[stop, "\x00never"],
+                            sink=lambda p: pieces.append(p.text))
+    other = engine.submit(engine.prompt_ids(PROMPTS[4]), max_tokens=30)
+    while engine.step():
+        pass
+    assert stopped.text == full[: full.index(stop)] == "".join(pieces)
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) < 30
+    assert other.token_ids == solo(runtime, PROMPTS[4], 30)[0]
+
+
+def test_the_cache_sheds_the_padding_of_rows_that_left(runtime) -> None:
+    engine = Engine(runtime)
+    long = engine.submit(engine.prompt_ids(PROMPTS[4]), max_tokens=3)
+    short = engine.submit(engine.prompt_ids(PROMPTS[3]), max_tokens=20)
+    engine.step()
+    assert engine.active == 2
+    cols = engine.kv_bytes // engine.bytes_per_token // 2
+    assert cols == len(long.prompt_ids) + 1  # prefill + one decode step, padded to the long prompt
+    while not long.done:
+        engine.step()
+    engine.step()
+    # only the short row is left: its cache is its own tokens, no left padding
+    assert engine.active == 1
+    assert engine.kv_bytes == (len(short.prompt_ids) + len(short.token_ids) - 1) * engine.bytes_per_token
+    while engine.step():
+        pass
+    assert short.token_ids == solo(runtime, PROMPTS[3], 20)[0]
+
+
+def test_the_kv_budget_makes_requests_wait_and_refuses_what_never_fits(bundles) -> None:
+    rt = Runtime(bundles["fp32"], intra_op_threads=1)
+    probe = Engine(rt)
+    ids = probe.prompt_ids(PROMPTS[0])
+    # room for exactly one request of len(ids) + 20 tokens at a time
+    budget_mb = (len(ids) + 20) * probe.bytes_per_token / 2**20
+    engine = Engine(rt, max_kv_mb=budget_mb, queue_limit=2)
+    jobs = [engine.submit(ids, max_tokens=20)]
+    engine.step()
+    jobs += [engine.submit(ids, max_tokens=20) for _ in range(2)]  # one runs, two wait
+    assert (engine.active, engine.queued) == (1, 2)
+    with pytest.raises(Overloaded, match="2 requests already wait"):
+        engine.submit(ids, max_tokens=20)
+    most = 0
+    while engine.step():
+        most = max(most, engine.active)
+        assert engine.kv_reserved_bytes <= engine.max_kv_bytes
+    assert most == 1
+    assert all(j.done and j.token_ids == jobs[0].token_ids for j in jobs)
+    with pytest.raises(Refused, match=r"need .* MiB of KV cache, over the server's budget of .*; ask for at most 20 "
+                                      r"tokens") as e:
+        engine.submit(ids, max_tokens=21)
+    assert e.value.field == "max_tokens"
+
+
+def test_max_rows_bounds_the_batch(bundles) -> None:
+    engine = Engine(Runtime(bundles["fp32"], intra_op_threads=1), max_rows=2)
+    jobs = [engine.submit(engine.prompt_ids(p), max_tokens=6) for p in PROMPTS]
+    most = 0
+    while engine.step():
+        most = max(most, engine.active)
+    assert most == 2 and all(j.finish_reason == "length" for j in jobs)
+
+
+def test_cancelled_requests_leave_at_the_next_step(bundles) -> None:
+    engine = Engine(Runtime(bundles["fp32"], intra_op_threads=1), max_rows=1)
+    running = engine.submit(engine.prompt_ids(PROMPTS[0]), max_tokens=50)
+    waiting = engine.submit(engine.prompt_ids(PROMPTS[1]), max_tokens=5)
+    engine.step()
+    engine.step()
+    assert (engine.active, engine.queued) == (1, 1)
+    running.cancel()
+    engine.step()  # the cancelled row leaves; the waiting one takes its place
+    assert running.finish_reason == "cancelled" and len(running.token_ids) == 3
+    assert engine.active == 1 and engine.queued == 0
+    later = engine.submit(engine.prompt_ids(PROMPTS[2]), max_tokens=5)
+    later.cancel()
+    engine.step()
+    assert later.finish_reason == "cancelled" and later.token_ids == []
+    while engine.step():
+        pass
+    assert waiting.finish_reason == "length"
+    assert dict(engine.requests) == {("", "cancelled"): 2, ("", "length"): 1}
+
+
+def test_refusals_name_the_argument(bundles) -> None:
+    engine = Engine(Runtime(bundles["fp32"], intra_op_threads=1))
+    ids = engine.prompt_ids(PROMPTS[0])
+    cases = [
+        (dict(prompt_ids=[5] * CONTEXT), "prompt", rf"prompt is {CONTEXT} tokens, the model's context is {CONTEXT}"),
+        (dict(prompt_ids=[]), "prompt", "prompt has no tokens"),
+        (dict(prompt_ids=[400]), "prompt", r"outside the vocabulary \[0, 400\)"),
+        (dict(prompt_ids=ids, max_tokens=0), "max_tokens", "max_tokens 0 must be a positive integer"),
+        (dict(prompt_ids=ids, max_tokens=CONTEXT), "max_tokens",
+         rf"exceeds the model's context of {CONTEXT} tokens; ask for at most {CONTEXT - len(ids)}"),
+        (dict(prompt_ids=ids, adapter="nope"), "adapter", "no adapter 'nope'; available: none"),
+        (dict(prompt_ids=ids, temperature=-1), "temperature", "temperature -1 must be a number >= 0"),
+        (dict(prompt_ids=ids, top_p=0), "top_p", r"top_p 0 must be in \(0, 1\]"),
+        (dict(prompt_ids=ids, seed=-2), "seed", "seed -2 must be a non-negative integer"),
+        (dict(prompt_ids=ids, stop=[1]), "stop", "pass a string or a list of strings"),
+    ]
+    for kwargs, field, message in cases:
+        with pytest.raises(Refused, match=message) as e:
+            engine.submit(kwargs.pop("prompt_ids"), **kwargs)
+        assert e.value.field == field
+    assert engine.queued == 0
+    with pytest.raises(EdgeloraError, match="max_kv_mb is 0; pass a positive number"):
+        Engine(engine.runtime, max_kv_mb=0)
+    with pytest.raises(EdgeloraError, match="max_rows is 0"):
+        Engine(engine.runtime, max_rows=0)
+
+
+def test_the_engine_thread_serves_requests_from_other_threads(bundles) -> None:
+    rt = Runtime(bundles["int8"], intra_op_threads=1)
+    want = [solo(rt, p, 16)[0] for p in PROMPTS]
+    engine = Engine(rt)
+    engine.start()
+    try:
+        results: dict[int, list[int]] = {}
+
+        def client(i: int) -> None:
+            job = engine.submit(engine.prompt_ids(PROMPTS[i]), max_tokens=16)
+            assert job.wait(60)
+            results[i] = job.token_ids
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert results == dict(enumerate(want))
+    finally:
+        engine.stop()
+    assert not engine.alive
+    with pytest.raises(Overloaded, match="stopping"):
+        engine.submit([5], max_tokens=1)
