@@ -42,12 +42,17 @@ def load_tokenizer(path: str | Path):
         raise EdgeloraError(f"{path}: could not load the tokenizer ({first}); the base directory needs tokenizer files") from None
 
 
-def decoder_quant(weight_block: int = DECODER_BLOCK, activations: str = "dynamic") -> QuantConfig:
-    """The int8 recipe of a decoder: blockwise weights, activations per row and block (batch-invariant)."""
+def decoder_quant(weight_block: int = DECODER_BLOCK, activations: str = "dynamic", mode: str = "merged") -> QuantConfig:
+    """The int8 recipe of a decoder: blockwise weights, activations per row and block (batch-invariant).
+
+    Args:
+        mode: the bundle the adapter is for, as for encoders: "merged" fake-quantizes W0 + s B A, "switchable"
+            W0 alone with the LoRA branch float (what a switchable decoder bundle computes).
+    """
     if not weight_block:
         raise EdgeloraError("causal-LM QAT uses the decoder's blockwise int8 (weight_block=32); weight_block=0 is the "
                             "encoder's per-channel scheme, which the decoder export does not write")
-    return QuantConfig(weight_block=weight_block, activations=activations)
+    return QuantConfig(weight_block=weight_block, activations=activations, mode=mode)
 
 
 def _prompt_texts(tokenizer, rows: Sequence[ChatExample]) -> list[str]:
@@ -157,6 +162,7 @@ def train_causal_lm(
     dropout: float = 0.0,
     include_mlp: bool = False,
     qat: str | None = None,
+    deploy_mode: str = "merged",
     weight_block: int = DECODER_BLOCK,
     max_length: int = causal_data.DEFAULT_MAX_LENGTH,
     seed: int = 0,
@@ -176,7 +182,9 @@ def train_causal_lm(
     Args:
         data / eval: JSONL files or `builtin:TASK[:N]` (see `edgelora.causal_data.load_splits`).
         qat: "int8" fake-quantizes every linear (q/k/v/o, MLP, LM head) with the decoder's blockwise recipe,
-            merged mode (training sees Q(W0 + s B A), the tensor the export quantizes); None trains fp32.
+            for the bundle `deploy_mode` names; None trains fp32.
+        deploy_mode: with qat, "merged" (training sees Q(W0 + s B A), the tensor a merged export quantizes) or
+            "switchable" (Q(W0) plus the float LoRA branch, as a switchable bundle computes).
         eval_generate: held-out rows to answer greedily after training and score (None: all; 0: none). Each
             costs up to `max_new_tokens` decoding steps.
     Returns a report: data counts (truncated, dropped), steps, seconds, tokens per second, the loss history,
@@ -189,7 +197,9 @@ def train_causal_lm(
     check_adapter_out(out)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
     lora = LoraConfig(r=rank, alpha=alpha, dropout=dropout, include_mlp=include_mlp)
-    quant = decoder_quant(weight_block) if qat == "int8" else None
+    if deploy_mode != "merged" and qat is None:
+        raise EdgeloraError(f"deploy_mode={deploy_mode!r} chooses the int8 fake quantization; add qat='int8' or drop it")
+    quant = decoder_quant(weight_block, mode=deploy_mode) if qat == "int8" else None
     train_rows, eval_rows = causal_data.load_splits(data, eval, seed=seed, eval_fraction=eval_fraction)
     model = CausalLMAdapterModel.from_base(str(base))
     tokenizer = load_tokenizer(model.base_path)

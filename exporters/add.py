@@ -29,6 +29,7 @@ import numpy as np
 from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig
 from edgelora.errors import EdgeloraError
 from edgelora.runtime.bundle import (
+    CAUSAL_LM,
     ADAPTER_NAME,
     ADAPTER_NAME_RULE,
     BANK_FILE,
@@ -84,9 +85,13 @@ def add_adapters(
 
     proto = onnx.load(str(bundle / MODEL_FILE), load_external_data=False)
     specs = slot_specs(proto)
-    layers = {m[1] for init in proto.graph.initializer if (m := _LAYER_WEIGHT.match(init.name))}
-    fused = (manifest.fusions or {}).get("attention_layers") or {}
-    layers |= {layer for group in fused.values() for layer in group}  # q, k, v packed into one Attention weight
+    if manifest.task == CAUSAL_LM:  # a decoder graph names its weights by graph position; the manifest lists the slots
+        slots = manifest.slots or {}
+        layers = set(slots.get("projections") or slots.get("lora") or [])
+    else:
+        layers = {m[1] for init in proto.graph.initializer if (m := _LAYER_WEIGHT.match(init.name))}
+        fused = (manifest.fusions or {}).get("attention_layers") or {}
+        layers |= {layer for group in fused.values() for layer in group}  # q, k, v packed into one Attention weight
     existing = set(manifest.adapter_names)
 
     say("checking adapters")
@@ -123,6 +128,9 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
     source = str(path / "adapter_config.json")
     config = adapter_config(data, source)
     extras = data.get("edgelora") or {}
+    if manifest.task == CAUSAL_LM and (data.get("task_type") not in (None, "CAUSAL_LM") or not isinstance(config, LoraConfig)):
+        raise EdgeloraError(f"{source}: a {data.get('task_type') or config.kind} adapter cannot go into decoder bundle "
+                            f"{bundle}; give a CAUSAL_LM LoRA adapter")
     if not ADAPTER_NAME.fullmatch(name):
         raise EdgeloraError(f"{path}: adapter name {name!r} must be {ADAPTER_NAME_RULE}; write NAME={path}")
     fingerprint, theirs = manifest.base.fingerprint if manifest.base else None, extras.get("base_fingerprint")
@@ -241,6 +249,10 @@ def _resolve(name: str, layers: set[str]) -> str | None:
 def _check_against_torch(bundle: Path, manifest: Manifest, proto: onnx.ModelProto, base: str | Path | None,
                          paths: Mapping[str, str | Path], added: dict) -> dict:
     """Run each new adapter through the graph and compare with torch, as export's own check does."""
+    if manifest.task == CAUSAL_LM:
+        from .decoder_switchable import check_added
+
+        return check_added(bundle, manifest, proto, base, paths, {name: values for name, (_e, values) in added.items()})
     from edgelora.model import AdapterModel, load_base
     from edgelora.peft_format import load_adapter
 

@@ -1,4 +1,5 @@
-"""A causal LM (and optionally one LoRA adapter merged into it) -> a checked decoder bundle.
+"""A causal LM -> a checked decoder bundle: merged (at most one LoRA folded into the weights) or switchable
+(LoRA adapters as files beside one base graph, chosen per call or per row: exporters/decoder_switchable.py).
 
 The bundle holds model.onnx (see `decoder_graph`: new tokens + KV cache in, logits + longer cache out),
 the base's tokenizer files with its chat template, and a manifest (format version 2, task "causal-lm")
@@ -7,6 +8,8 @@ the special token ids. Every export is checked against torch first (`decoder_val
 
 Example:
     >>> export_decoder("smollm2", "bundles/smol8", adapter="runs/home", precision="int8")
+    >>> export_decoder("smollm2", "bundles/sw8", adapters={"home": "runs/home", "meet": "runs/meet"},
+    ...                mode="switchable", precision="int8")
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import copy
 import json
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +28,16 @@ import torch
 from tokenizers import Tokenizer
 
 from edgelora import __version__
-from edgelora.config import LoraConfig
+from edgelora.config import LoraConfig, config_to_dict
 from edgelora.errors import EdgeloraError
 from edgelora.layers import LORA_A_KEY, LORA_B_KEY
 from edgelora.model import fingerprint, load_causal_lm
 from edgelora.peft_format import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, read_adapter
 from edgelora.runtime.cpu import detect_isa
 from edgelora.runtime.bundle import (
+    ADAPTER_NAME,
+    ADAPTER_NAME_RULE,
+    BANK_FILE,
     CAUSAL_LM,
     DECODER_TOKENIZER_FILES,
     FORMAT,
@@ -43,8 +49,12 @@ from edgelora.runtime.bundle import (
     sha256_file,
     write_bundle,
 )
+from .decoder_switchable import SWITCHABLE_RECIPE, bank_record, check_switchable, fill_values, plan_switchable, slots_record
+from .switchable import write_adapter_file
 from .decoder_graph import ATTENTION_CORES, OPSET, DecoderSpec, build_decoder_graph, decoder_spec
 from .decoder_validate import PERPLEXITY_TEXTS, perplexity, validate_decoder
+
+MODES = ("merged", "switchable")
 
 PRECISIONS = ("fp32", "int8")
 TASK = CAUSAL_LM
@@ -163,17 +173,29 @@ def export_decoder(
     *,
     adapter: str | Path | None = None,
     adapter_name: str | None = None,
+    adapters: Mapping[str, str | Path] | None = None,
+    mode: str = "merged",
     precision: str = "fp32",
     attention: str = "invariant",
+    lora_slots: str = "attention",
     tokenizer_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """Export a causal LM, with `adapter` merged, to a checked decoder bundle at `out`; returns its manifest.
+    """Export a causal LM to a checked decoder bundle at `out`, with `adapter` merged or `adapters` switchable;
+    returns its manifest.
 
     Args:
         base: "smollm2", a Hugging Face causal-LM directory, or a loaded model (left unchanged: a merged
             adapter goes into a copy).
         adapter: a PEFT LoRA directory (CAUSAL_LM), merged as W0 + scaling * B @ A before quantization.
+        adapters: name -> PEFT LoRA directory (CAUSAL_LM); in merged mode at most one (as `adapter`), in
+            switchable mode any number, none giving the plain base with empty slots.
+        mode: "merged", or "switchable": the base (fp32, or int8 with the LoRA branches float) with an adapter
+            bank on each slotted projection; `adapters/<name>.onnx_adapter` per adapter and `bank.onnx_adapter`
+            for batches that mix them row by row (`Runtime.row_options`).
+        lora_slots: switchable mode: which projections get a slot beyond those the adapters adapt, so that
+            adapters trained later fit `edgelora add-adapter`: "attention" (q/k/v/o, the default),
+            "attention+mlp", or "adapters" (none more).
         precision: "fp32", or "int8" (blockwise MatMulNBits; the graph is checked layer by layer against
             the fake-quant model, `edgelora.fake_quant.fake_quantize_*_blockwise`).
         attention: the attention core (`decoder_graph.ATTENTION_CORES`): "invariant" (the default: float64
@@ -182,6 +204,19 @@ def export_decoder(
     """
     if precision not in PRECISIONS:
         raise EdgeloraError(f"precision={precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
+    if mode not in MODES:
+        raise EdgeloraError(f"mode={mode!r} is not supported; choose from {', '.join(MODES)}")
+    named = dict(adapters or {})
+    if adapter is not None:
+        if named:
+            raise EdgeloraError("pass adapter= (one, merged) or adapters= (name -> directory), not both")
+        named = {adapter_name or Path(adapter).name: adapter}
+    if mode == "merged" and len(named) > 1:
+        raise EdgeloraError(f"a merged decoder bundle holds one adapter, got {len(named)} ({', '.join(named)}); "
+                            "use mode='switchable' for several")
+    for name in named if mode == "switchable" else ():  # switchable: names are file names in the bundle
+        if not ADAPTER_NAME.fullmatch(name):
+            raise EdgeloraError(f"adapter name {name!r} must be {ADAPTER_NAME_RULE}")
     if attention not in ATTENTION_CORES:
         raise EdgeloraError(f"attention={attention!r} is not supported; choose from {', '.join(ATTENTION_CORES)}")
     check_out(Path(out))  # before minutes of work, not only when writing
@@ -189,7 +224,7 @@ def export_decoder(
     say("loading base")
     if isinstance(base, torch.nn.Module):
         model, base_dir, base_name = base, None, getattr(base.config, "_name_or_path", "") or type(base).__name__
-        if adapter is not None:
+        if named and mode == "merged":
             model = copy.deepcopy(base)
     else:
         model, base_dir = load_causal_lm(base)
@@ -198,15 +233,33 @@ def export_decoder(
     spec = decoder_spec(model)  # refuses an unsupported model type before any other work
     base_fingerprint = fingerprint(model)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else base_dir
-    adapters = []
-    if adapter is not None:
-        say("merging adapter")
-        adapters.append(merge_lora(model, adapter, adapter_name))
-    say("building graph")
-    graph = build_decoder_graph(model, precision, attention)
-    say("validating against torch")
-    label = f"adapter {adapters[0]['name']!r}" if adapters else "the base"
-    report = validate_decoder(graph, model, precision, label)
+    entries: list[dict[str, Any]] = []
+    switchable: dict[str, Any] = {}
+    writers: dict[str, Callable[[Path], None]] = {}
+    if mode == "merged":
+        for name, path in named.items():
+            say("merging adapter")
+            entries.append(merge_lora(model, path, name))
+        say("building graph")
+        graph = build_decoder_graph(model, precision, attention)
+        say("validating against torch")
+        label = f"adapter {entries[0]['name']!r}" if entries else "the base"
+        report = validate_decoder(graph, model, precision, label)
+    else:
+        say("loading adapters")
+        plan = plan_switchable(model, spec, named, lora_slots)
+        say("building graph")
+        graph = build_decoder_graph(model, precision, attention, lora_modules=plan.modules)
+        bank = fill_values(plan, graph)
+        say("validating against torch")
+        report = check_switchable(graph, plan, bank, precision)
+        entries = plan.entries
+        switchable = {"slots": slots_record(plan, graph), "bank": bank_record(plan),
+                      **({"warnings": plan.warnings} if plan.warnings else {})}
+        writers[BANK_FILE] = lambda p: write_adapter_file(p, bank)
+        for entry in entries:
+            writers[entry["file"]] = lambda p, values=plan.values[entry["name"]]: write_adapter_file(p, values)
+        del plan  # the torch copies with the adapters: not needed for what follows
     if precision == "int8" and tok_dir is not None and (tok_dir / "tokenizer.json").is_file():
         say("measuring perplexity")
         try:
@@ -221,32 +274,36 @@ def export_decoder(
     manifest: dict[str, Any] = {
         "edgelora_version": __version__,
         "task": TASK,
-        "mode": "merged",
+        "mode": mode,
         "precision": precision,
         "base": {"name": base_name, "fingerprint": base_fingerprint, "architecture": spec.model_type,
                  "hidden_size": spec.hidden_size},
-        "inputs": graph.input_names,
+        "inputs": graph.input_names,  # what a caller feeds; adapter banks and adapter_ids have defaults
         "outputs": graph.output_names,
         "tokenizer": {"file": "tokenizer.json", "max_length": spec.context_length}
         if tok_dir is not None and (tok_dir / "tokenizer.json").is_file() else None,
         "generation": generation_record(model, spec, tok_dir),
-        "adapters": adapters,
+        "adapters": entries,
         "quantization": None if precision == "fp32" else {
             "scheme": "weights int8 symmetric per block of 32 inputs; activations int8 per row and block of 32 "
                       "at run time (MatMulNBits bits 8, accuracy_level 4): a row's result does not depend on its batch",
             "kernel": "com.microsoft.MatMulNBits", "weight_bits": 8, "block_size": 32, "accuracy_level": 4,
             "quantized_matmuls": len(graph.quantized),
-            "excluded": "embeddings, norms, rotary, attention scores",
+            "excluded": "embeddings, norms, rotary, attention scores"
+                        + (", adapter (LoRA) branches" if mode == "switchable" else ""),
+            **({"recipe": config_to_dict(SWITCHABLE_RECIPE)} if mode == "switchable" else {}),
         },
         "graph": {"opset": OPSET, "attention": attention,
-                  "packed": ["q|k|v"] + (["gate|up"] if spec.model_type != "gpt2" else [])},
+                  "packed": ["q|k|v"] + (["gate|up"] if spec.model_type != "gpt2" else []),
+                  **({"adapter_inputs": len(graph.slots)} if mode == "switchable" else {})},
         "requires": {"onnxruntime": REQUIRES_ORT},
         "isa": cpu.isa,
         "validation": report,
+        **switchable,
     }
     typed = Manifest.from_dict({**manifest, "format": FORMAT, "format_version": format_version_for(TASK), "files": {}},
                                Path(out) / MANIFEST_FILE)
-    writers: dict[str, Callable[[Path], None]] = {MODEL_FILE: lambda p: write_model(graph.model, p)}
+    writers[MODEL_FILE] = lambda p: write_model(graph.model, p)
     for name in DECODER_TOKENIZER_FILES:
         if tok_dir is not None and (tok_dir / name).is_file():
             writers[name] = lambda p, src=tok_dir / name: shutil.copyfile(src, p)

@@ -12,6 +12,7 @@ Mistral, Qwen2: grouped-query attention, RMSNorm, rotary, SwiGLU, with or withou
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgelora.errors import EdgeloraError
 from edgelora.fake_quant import BLOCK, quantize_weight_blockwise
+from edgelora.runtime.bundle import ADAPTER_IDS  # int64 [rows]: each row's adapter bank entry; default [0]
 
 OPSET = 23  # RMSNormalization and Attention
 IR_VERSION = 11
@@ -64,10 +66,12 @@ class DecoderGraph:
     model: onnx.ModelProto
     spec: DecoderSpec
     quantized: dict[str, QuantizedMatMul] = field(default_factory=dict)
+    slots: tuple[str, ...] = ()  # the adapter bank inputs (switchable graphs), `<module>.lora_A|lora_B`
 
     @property
     def input_names(self) -> list[str]:
-        return [i.name for i in self.model.graph.input]
+        """The inputs a caller feeds (the contract's); adapter banks and `adapter_ids` have defaults."""
+        return [i.name for i in self.model.graph.input if i.name not in self.slots and i.name != ADAPTER_IDS]
 
     @property
     def output_names(self) -> list[str]:
@@ -173,6 +177,68 @@ def _linear(b: _Builder, x: str, name: str, weight: torch.Tensor, bias: torch.Te
     if bias is not None:
         y = b.op("Add", [y, b.init(f"{name}.bias", bias.detach().to(torch.float32).numpy())], f"{name}.out")
     return y
+
+
+ADAPTER_ROWS = "adapter_ids.rows"  # adapter_ids expanded to the batch: one bank entry per row, always
+
+
+def _adapter_rows(b: _Builder) -> str:
+    """`adapter_ids` ([1] or [batch]) expanded to [batch], once per graph. Every row then gathers its own entry
+    and the LoRA matmuls run per row, (S, in) @ (in, r), whether the batch mixes adapters or not: ONNX
+    Runtime computes a (1, in) row by another kernel than a row of a taller matrix, so a broadcast
+    (B*S, in) @ (in, r) would give a decoding row other last bits in a batch than alone."""
+    if not any(n.output[0] == ADAPTER_ROWS for n in b.nodes):
+        batch = b.op("Shape", ["input_ids"], "adapter_batch", start=0, end=1)
+        b.op("Expand", [ADAPTER_IDS, batch], ADAPTER_ROWS)
+    return ADAPTER_ROWS
+
+
+def _lora_slot(b: _Builder, x: str, module: str, n_in: int, n_out: int, banks: list[onnx.ValueInfoProto]) -> str:
+    """x @ A[ids] @ B[ids] for one projection's adapter bank (see exporters/switchable.py): the bank inputs
+    `model.base.<module>.lora_A` (adapters, in, rank) and `.lora_B` (adapters, rank, out, the LoRA scaling
+    folded in), each defaulting to one zero-rank entry, so with nothing fed the branch adds exact zeros."""
+    ids = _adapter_rows(b)
+    slot = f"model.base.{module}"
+    rank = f"{slot}.lora_rank"
+    out = x
+    for role, default, dims in (("lora_A", (1, n_in, 0), ["adapters", n_in, rank]),
+                                ("lora_B", (1, 0, n_out), ["adapters", rank, n_out])):
+        name = b.init(f"{slot}.{role}", np.zeros(default, np.float32))
+        banks.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+        rows = b.op("Gather", [name, ids], f"{name}.rows", axis=0)  # (B, in, r) / (B, r, out)
+        out = b.op("MatMul", [out, rows], f"{slot}.{role}.matmul")  # (B, S, r), then (B, S, out)
+    return out
+
+
+def _with_lora(b: _Builder, y: str, x: str, name: str, modules: list[tuple[str, int]], n_in: int,
+               banks: list[onnx.ValueInfoProto]) -> str:
+    """The packed projection's output `y` plus each member's LoRA branch, concatenated in packing order (q|k|v,
+    gate|up), so the base stays one matmul and every projection keeps its own adapter slot."""
+    deltas = [_lora_slot(b, x, module, n_in, n_out, banks) for module, n_out in modules]
+    delta = deltas[0] if len(deltas) == 1 else b.op("Concat", deltas, f"{name}.lora", axis=-1)
+    return b.op("Add", [y, delta], f"{name}.adapted")
+
+
+def projection_modules(model: torch.nn.Module, spec: DecoderSpec, name: str) -> list[tuple[str, int]]:
+    """The model's own module names (and output widths) behind one linear of the graph, in packing order:
+    `layers.3.qkv` of a Llama is model.layers.3.self_attn.q_proj, k_proj, v_proj. The LM head: none (no slot)."""
+    parts = name.split(".")
+    if parts[0] != "layers":
+        return []
+    i, kind = parts[1], parts[2]
+    if spec.model_type == "gpt2":
+        path = {"qkv": "attn.c_attn", "o_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "down_proj": "mlp.c_proj"}[kind]
+        names = [f"transformer.h.{i}.{path}"]
+    else:
+        names = {"qkv": [f"self_attn.{p}_proj" for p in "qkv"], "o_proj": ["self_attn.o_proj"],
+                 "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "down_proj": ["mlp.down_proj"]}[kind]
+        names = [f"model.layers.{i}.{n}" for n in names]
+    modules = dict(model.named_modules())
+    out = []
+    for n in names:
+        m = modules[n]
+        out.append((n, int(m.weight.shape[1] if type(m).__name__ == "Conv1D" else m.weight.shape[0])))
+    return out
 
 
 def _packed(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -308,8 +374,9 @@ def _mask(b: _Builder) -> str:
     return b.op("Where", [allowed, b.scalar("unmasked", 0.0), b.scalar("masked", MASKED)], "mask")
 
 
-def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attention: str = "invariant") -> DecoderGraph:
-    """The ONNX graph of a loaded causal LM (its weights as they are: merge adapters first).
+def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attention: str = "invariant",
+                        lora_modules: Collection[str] = ()) -> DecoderGraph:
+    """The ONNX graph of a loaded causal LM (its weights as they are: merge adapters first, or give slots).
 
     Args:
         precision: "fp32", or "int8" (every linear and the LM head as MatMulNBits, bits 8, block 32;
@@ -317,6 +384,10 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
         attention: "invariant" (MatMul / Softmax / MatMul grouped per KV head, softmax and probs @ v in
             float64: a row's logits are bit-identical alone and in a left-padded batch), "ops" (the same
             in float32) or "onnx" (ONNX's Attention node, opset 23); see ATTENTION_CORES.
+        lora_modules: module names of the model (`model.layers.0.self_attn.q_proj`) that get a switchable
+            LoRA slot, an adapter bank indexed per row by the `adapter_ids` input (exporters/switchable.py);
+            a packed projection (q|k|v, gate|up) has slots on all its members or none. The base weights
+            stay as they are (int8 in MatMulNBits), the LoRA branches float.
     """
     if attention not in ATTENTION_CORES:
         raise EdgeloraError(f"attention={attention!r} is not supported; choose from {', '.join(ATTENTION_CORES)}")
@@ -325,8 +396,19 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
     quantized: dict[str, QuantizedMatMul] = {}
     L, Hkv, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
 
+    banks: list[onnx.ValueInfoProto] = []
+    wanted = set(lora_modules)
+
     def linear(x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
-        return _linear(b, x, name, weight, bias, precision, quantized)
+        y = _linear(b, x, name, weight, bias, precision, quantized)
+        modules = projection_modules(model, spec, name) if wanted else []
+        adapted = [m for m, _ in modules if m in wanted]
+        if not adapted:
+            return y
+        if len(adapted) != len(modules):
+            raise EdgeloraError(f"LoRA slots on {', '.join(adapted)} but not on {', '.join(m for m, _ in modules if m not in wanted)}, "
+                                f"packed with them into {name}; give slots to all of them")
+        return _with_lora(b, y, x, name, modules, int(weight.shape[1]), banks)
 
     mask = _mask(b)
     if attention == "onnx":
@@ -368,6 +450,12 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
               io("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
               io("position_ids", TensorProto.INT64, ["batch", "sequence"])]
     inputs += [io(n, TensorProto.FLOAT, cache_in) for n in input_names(L)[3:]]
+    if banks:  # overridable initializers: each bank and the rows' entries in it (the adapter's own file: [0])
+        missing = sorted(wanted - {v.name.removeprefix("model.base.").rsplit(".", 1)[0] for v in banks})
+        if missing:
+            raise EdgeloraError(f"lora_modules {missing[:3]} are not projections of this {spec.model_type} graph")
+        inputs += [*banks, io(ADAPTER_IDS, TensorProto.INT64, ["adapter_rows"])]
+        b.init(ADAPTER_IDS, np.zeros(1, np.int64))
     outputs = [io("logits", TensorProto.FLOAT, ["batch", "sequence", spec.vocab_size])]
     outputs += [io(n, TensorProto.FLOAT, cache_out) for n in output_names(L)[1:]]
     graph = helper.make_graph(b.nodes, f"edgelora-{spec.model_type}-decoder", inputs, outputs, initializer=b.inits)
@@ -376,4 +464,4 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="edgelora")
     proto.ir_version = IR_VERSION
-    return DecoderGraph(proto, spec, quantized)
+    return DecoderGraph(proto, spec, quantized, tuple(v.name for v in banks))

@@ -129,9 +129,11 @@ def fake_quant_model(model: torch.nn.Module) -> torch.nn.Module:
     return fq
 
 
-def layerwise_error(graph: DecoderGraph, feeds: list[dict[str, np.ndarray]]) -> tuple[float, str]:
+def layerwise_error(graph: DecoderGraph, feeds: list[dict[str, np.ndarray]],
+                    run_options: ort.RunOptions | None = None) -> tuple[float, str]:
     """Worst relative error of any MatMulNBits output against the fake-quant product of its own input, over
-    the given runs (prefill and decode): every quantized input and output is exposed as a graph output."""
+    the given runs (prefill and decode; `run_options`: an adapter active in a switchable graph): every
+    quantized input and output is exposed as a graph output."""
     probe = onnx.ModelProto()
     probe.CopyFrom(graph.model)
     names = sorted({t for q in graph.quantized.values() for t in (q.input, q.output)})
@@ -141,7 +143,7 @@ def layerwise_error(graph: DecoderGraph, feeds: list[dict[str, np.ndarray]]) -> 
     sess = session(probe, optimize=False)  # every probed tensor kept as it is
     worst, worst_layer = 0.0, ""
     for run in feeds:
-        values = dict(zip(names, sess.run(names, run)))
+        values = dict(zip(names, sess.run(names, run, run_options)))
         for name, q in graph.quantized.items():
             x = torch.from_numpy(values[q.input])
             ref = F.linear(fake_quantize_activation_blockwise(x), fake_quantize_weight_blockwise(torch.from_numpy(q.weight)))

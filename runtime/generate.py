@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,8 @@ from edgelora.runtime.sampling import Sampling, next_token
 from edgelora.runtime.textstream import Detokenizer, StopText
 
 Prompt = str | Sequence[Mapping[str, object]]  # plain text, or chat messages rendered by the bundle's template
+# rows' adapters -> (RunOptions, extra feeds) for one session run: `Runtime.row_options`
+RowOptions = Callable[[Sequence[str | None]], tuple[ort.RunOptions, dict[str, np.ndarray]]]
 
 
 @dataclass
@@ -111,12 +113,16 @@ class Generator:
         bundle_dir: the directory `edgelora export` wrote (manifest task "causal-lm").
         session, manifest, run_options: an already loaded session, its checked manifest and the RunOptions
             per adapter name (None: the plain model), as `Runtime` holds them; by default loaded here.
+        row_options: for a batch whose rows use different adapters, rows' adapters -> (RunOptions, extra feeds)
+            of one run (`Runtime.row_options`). A switchable bundle loaded here gets its adapters and this
+            from a `Runtime` over the same session.
         intra_op_threads, allow_spinning: for a session loaded here (see `Runtime`).
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, *, session: ort.InferenceSession | None = None,
                  manifest: Manifest | None = None, run_options: Mapping[str | None, ort.RunOptions] | None = None,
-                 intra_op_threads: int | None = None, allow_spinning: bool = True) -> None:
+                 row_options: RowOptions | None = None, intra_op_threads: int | None = None,
+                 allow_spinning: bool = True) -> None:
         self.bundle_dir = Path(bundle_dir)
         where = str(self.bundle_dir / MANIFEST_FILE)
         self.manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
@@ -124,6 +130,13 @@ class Generator:
             raise EdgeloraError(f"{where}: task is {self.manifest.task!r}, not {CAUSAL_LM!r}: this bundle does not "
                                 "generate text; use `edgelora run` (Runtime.run/predict) for it")
         self.spec: Generation = self.manifest.generation
+        self._runtime = None  # a switchable bundle loaded here: the Runtime holding its session and adapters
+        if session is None and self.manifest.mode == "switchable":
+            from edgelora.runtime.runtime import Runtime
+
+            self._runtime = Runtime(self.bundle_dir, intra_op_threads=intra_op_threads, allow_spinning=allow_spinning)
+            session, run_options, row_options = self._runtime.session, self._runtime._run_options, \
+                self._runtime.row_options
         self.session = session or _session(self.bundle_dir / MODEL_FILE, intra_op_threads, allow_spinning)
         self._check_graph()
         self.tokenizer = self._load_tokenizer()
@@ -133,6 +146,7 @@ class Generator:
             plain = ort.RunOptions()
             run_options = {None: plain, **{n: plain for n in names}}
         self._run_options = dict(run_options)
+        self._row_options = row_options
         self.adapters = tuple(names)
         self.stats = GenerationStats()
 
@@ -192,6 +206,18 @@ class Generator:
                                 f"{adapter!r}; pass adapter=None{' or that name' if self.adapters else ''}")
         raise EdgeloraError(f"{self.bundle_dir}: no adapter {adapter!r}; available: {have} (or None)")
 
+    def row_options(self, adapters: Sequence[str | None]) -> tuple[ort.RunOptions, dict[str, np.ndarray]]:
+        """The RunOptions and extra feeds of one run whose row i uses `adapters[i]` (None: the plain base):
+        one adapter for all rows needs no extra feed; different ones need the bundle's adapter bank."""
+        rows = list(adapters)
+        options = {name: self._options(name) for name in dict.fromkeys(rows)}  # unknown names refused here
+        if len({id(o) for o in options.values()}) == 1:
+            return options[rows[0]], {}
+        if self._row_options is None:
+            raise EdgeloraError(f"{self.bundle_dir}: a {self.manifest.mode} decoder bundle cannot mix adapters in "
+                                "one batch; export it with mode='switchable'")
+        return self._row_options(rows)
+
     def _fit(self, ids: list[list[int]], max_new_tokens: int, truncate: bool) -> tuple[list[list[int]], int]:
         """Prompts and max_new_tokens within the context: the longest prompt plus the new tokens must fit.
         A prompt of the context's length or more is refused, or with `truncate` cut from the left; then
@@ -227,8 +253,8 @@ class Generator:
                 from None
         return values[0], values[1:]
 
-    def _start(self, prompts: Sequence[Prompt], adapter: str | None, max_new_tokens: int, temperature: float,
-               top_p: float, top_k: int, stop: str | Sequence[str], seed: int | None,
+    def _start(self, prompts: Sequence[Prompt], adapters: Sequence[str | None], max_new_tokens: int,
+               temperature: float, top_p: float, top_k: int, stop: str | Sequence[str], seed: int | None,
                truncate: bool) -> Iterator[tuple[int, str]]:
         """Check every argument now (errors and warnings reach the caller before the first token), then return
         the decoding loop's (row, text piece) events."""
@@ -236,12 +262,16 @@ class Generator:
         stops = (stop,) if isinstance(stop, str) else tuple(stop)
         if not all(isinstance(s, str) for s in stops):
             raise EdgeloraError(f"stop {stop!r}: pass a string or a list of strings")
-        options = self._options(adapter)
+        if len(adapters) != len(prompts):
+            raise EdgeloraError(f"generate_batch: {len(adapters)} adapters for {len(prompts)} prompts; pass one "
+                                "adapter name (or None) per prompt")
+        options, extra = self.row_options(adapters)
         ids, max_new_tokens = self._fit([self.prompt_ids(p) for p in prompts], max_new_tokens, truncate)
-        return self._events(ids, options, max_new_tokens, sampling, stops, seed)
+        return self._events(ids, options, extra, max_new_tokens, sampling, stops, seed)
 
-    def _events(self, ids: list[list[int]], options: ort.RunOptions, max_new_tokens: int, sampling: Sampling,
-                stop: Sequence[str], seed: int | None) -> Iterator[tuple[int, str]]:
+    def _events(self, ids: list[list[int]], options: ort.RunOptions, extra: Mapping[str, np.ndarray],
+                max_new_tokens: int, sampling: Sampling, stop: Sequence[str],
+                seed: int | None) -> Iterator[tuple[int, str]]:
         """(row, text piece) as the rows decode; pieces of a row concatenate to its reply."""
         B, T = len(ids), max(len(p) for p in ids)
         eos = set(self.spec.eos_token_ids)
@@ -263,7 +293,7 @@ class Generator:
         past = [empty] * len(self._past)
 
         for step in range(max_new_tokens):
-            feeds = {"input_ids": input_ids, "attention_mask": mask, **dict(zip(self._past, past))}
+            feeds = {"input_ids": input_ids, "attention_mask": mask, **dict(zip(self._past, past)), **extra}
             if self._positions:
                 feeds["position_ids"] = positions
             t0 = time.perf_counter()
@@ -365,32 +395,47 @@ class Generator:
         Args:
             prompt: text (tokenized with the tokenizer's special tokens) or chat messages
                 [{"role": ..., "content": ...}] (rendered by the bundle's chat template).
-            adapter: None or the name of the adapter baked into the bundle.
+            adapter: None (the plain base) or an adapter's name: the one baked into a merged bundle, or any of a
+                switchable bundle's.
             temperature: 0 decodes greedily; above 0 samples, after top_k (0: off) then top_p (1.0: off).
             stop: strings that end the reply; the stop string itself is not returned.
             seed: the sampling seed: the same seed gives the same text (None: a fresh one).
             truncate: cut a prompt that does not fit the context from the left (with a warning) instead of
                 refusing it.
         """
-        events = self._start([prompt], adapter, max_new_tokens, temperature, top_p, top_k, stop, seed, truncate)
+        events = self._start([prompt], [adapter], max_new_tokens, temperature, top_p, top_k, stop, seed, truncate)
         return (piece for _, piece in events)
 
     def generate(self, prompt: Prompt, adapter: str | None = None, *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: str | Sequence[str] = (),
                  seed: int | None = None, truncate: bool = False) -> str:
         """The reply to `prompt` as one string; arguments as for `stream`."""
-        events = self._start([prompt], adapter, max_new_tokens, temperature, top_p, top_k, stop, seed, truncate)
+        events = self._start([prompt], [adapter], max_new_tokens, temperature, top_p, top_k, stop, seed, truncate)
         return "".join(piece for _, piece in events)
 
-    def generate_batch(self, prompts: Sequence[Prompt], adapter: str | None = None, *, max_new_tokens: int = 128,
+    def generate_batch(self, prompts: Sequence[Prompt], adapter: str | None = None, *,
+                       adapters: Sequence[str | None] | None = None, max_new_tokens: int = 128,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: str | Sequence[str] = (),
                        seed: int | None = None, truncate: bool = False) -> list[str]:
         """Replies to several prompts decoded together (left-padded, one session run per step); each row
-        stops on its own. Greedy fp32 rows equal their solo `generate`; arguments as for `stream`."""
+        stops on its own. Greedy fp32 rows equal their solo `generate`; arguments as for `stream`.
+
+        Args:
+            adapters: instead of `adapter` for all, one adapter (or None) per prompt: a switchable bundle
+                runs the mixed batch in one session run per step through its adapter bank, and each row
+                decodes what it decodes alone.
+        """
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
             raise EdgeloraError("generate_batch: pass a non-empty list of prompts (texts or message lists)")
+        if adapters is not None and adapter is not None:
+            raise EdgeloraError("generate_batch: pass adapter= (one for the batch) or adapters= (one per prompt), "
+                                "not both")
+        if adapters is not None and (isinstance(adapters, str) or not isinstance(adapters, Sequence)):
+            raise EdgeloraError(f"generate_batch: adapters={adapters!r}; pass a list with one adapter name (or None) "
+                                "per prompt")
+        rows = list(adapters) if adapters is not None else [adapter] * len(prompts)
         texts = [""] * len(prompts)
-        events = self._start(list(prompts), adapter, max_new_tokens, temperature, top_p, top_k, stop, seed, truncate)
+        events = self._start(list(prompts), rows, max_new_tokens, temperature, top_p, top_k, stop, seed, truncate)
         for r, piece in events:
             texts[r] += piece
         return texts

@@ -377,7 +377,7 @@ class Runtime:
             from edgelora.runtime.generate import Generator
 
             self._generator = Generator(self.bundle_dir, session=self._session, manifest=self.manifest,
-                                        run_options=self._run_options)
+                                        run_options=self._run_options, row_options=self.row_options)
         return self._generator
 
     def generate(self, prompt, adapter: str | None = None, **kwargs) -> str:

@@ -75,6 +75,33 @@ def test_export_routes_a_causal_adapter_to_a_decoder_bundle_that_equals_torch(wo
                                                    adapter="home", max_new_tokens=5).strip()
 
 
+def test_switchable_export_generate_and_add_adapter_from_the_command_line(workspace, trained, tmp_path, capsys) -> None:
+    """`export --mode switchable` with two adapters, `generate --adapter`, then `add-adapter` a third: each
+    adapter's reply through the CLI is the library's, and the merged-recipe QAT adapters carry a warning."""
+    out = tmp_path / "sw8"
+    rc, stdout, err = cli(["export", workspace["base"], "--adapter", f"home={trained}", "--adapter", f"twin={trained}",
+                           "--mode", "switchable", "--precision", "int8", "--out", out], capsys)
+    assert rc == 0, err
+    printed = json.loads(stdout)
+    assert (printed["mode"], printed["adapters"]) == ("switchable", ["home", "twin"])
+    rt = Runtime(out)
+    assert any("fake-quantized for merged deployment" in w for w in rt.manifest.warnings)
+    prompt = [{"role": "user", "content": "turn on the kitchen light"}]
+    for name in ("home", "twin"):
+        rc, stdout, err = cli(["generate", out, "--prompt", "turn on the kitchen light", "--max-new-tokens", "5",
+                               "--adapter", name], capsys)
+        assert rc == 0, err
+        assert stdout.strip() == rt.generate(prompt, adapter=name, max_new_tokens=5).strip()
+    rc, stdout, err = cli(["add-adapter", out, "--adapter", f"third={trained}", "--base", workspace["base"]], capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["adapters"] == ["home", "twin", "third"]
+    again = Runtime(out)
+    assert again.generate(prompt, adapter="third", max_new_tokens=5) == rt.generate(prompt, adapter="home",
+                                                                                     max_new_tokens=5)
+    rc, _, err = cli(["generate", out, "--prompt", "hi", "--adapter", "nope"], capsys)
+    assert_one_line_error(rc, err, "no adapter 'nope'")
+
+
 @pytest.mark.parametrize(("extra", "fragment"), [
     (["--kind", "bottleneck"], "--kind applies to --task classification"),
     (["--smooth", "0.5"], "--smooth applies to --task classification"),
@@ -86,7 +113,7 @@ def test_train_causal_lm_refuses_classification_flags(workspace, tmp_path, capsy
 
 
 @pytest.mark.parametrize(("extra", "fragment"), [
-    (["--mode", "switchable"], "causal-lm bundles are merged for now"),
+    (["--slots", "attention"], "--slots applies to switchable bundles"),
     (["--fusions", "none"], "--fusions applies to encoder bundles"),
 ])
 def test_export_causal_lm_refuses_encoder_flags(workspace, trained, tmp_path, capsys, extra, fragment) -> None:

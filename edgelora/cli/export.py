@@ -56,9 +56,10 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-bits", type=int, choices=(7, 8), default=None,
                    help="default: the adapters' training recipe, else what this CPU needs")
     p.add_argument("--max-length", type=int, default=128, help="tokenizer truncation length recorded in the bundle")
-    p.add_argument("--slots", choices=("adapters", "attention", "attention+mlp"), default="adapters",
+    p.add_argument("--slots", choices=("adapters", "attention", "attention+mlp"), default=None,
                    help="switchable mode: LoRA slots on the layers these adapters use, or on more layers so that "
-                        "adapters added later with `edgelora add-adapter` fit")
+                        "adapters added later with `edgelora add-adapter` fit (default: adapters; causal-lm: "
+                        "attention, q/k/v/o of every layer, plus what the adapters adapt)")
     p.add_argument("--keep-fp32", default=None, metavar="auto|LAYER,...",
                    help="int8 mixed precision: 'auto' keeps the layers int8 hurts most fp32 until the worst sentence "
                         "cosine to fp32 reaches --target-cosine; or comma-separated layer names")
@@ -92,7 +93,7 @@ def export_command(args: argparse.Namespace) -> int:
         with as_flags(FLAGS, PHRASES):
             manifest = export_bundle(args.base, adapters, mode=args.mode, precision=args.precision,
                                      out=args.out, weight_bits=args.weight_bits, max_length=args.max_length,
-                                     lora_slots=args.slots, fusions=parse_fusions(args.fusions),
+                                     lora_slots=args.slots or "adapters", fusions=parse_fusions(args.fusions),
                                      keep_fp32=parse_keep_fp32(args.keep_fp32), smooth_alpha=args.smooth,
                                      **({"target_cosine": args.target_cosine}
                                         if args.target_cosine is not None else {}),
@@ -109,7 +110,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 # export flags a decoder bundle does not take, with the value that means "not given"
-ENCODER_ONLY = {"weight_bits": None, "max_length": 128, "slots": "adapters", "keep_fp32": None, "target_cosine": None,
+ENCODER_ONLY = {"weight_bits": None, "max_length": 128, "keep_fp32": None, "target_cosine": None,
                 "fusions": None, "smooth": None}
 
 
@@ -130,24 +131,23 @@ def _export_task(task: str, base: str, adapters: dict[str, str]) -> str:
 
 
 def _export_decoder(args: argparse.Namespace, adapters: dict[str, str]) -> int:
-    """A merged decoder bundle: the base with at most one LoRA folded in, fp32 or blockwise int8."""
+    """A decoder bundle, fp32 or blockwise int8: merged (at most one LoRA folded in) or switchable (any number of
+    LoRA adapters beside the base, none giving the plain base)."""
     from edgelora.exporters.decoder_export import export_decoder
 
     given = [k for k, unset in ENCODER_ONLY.items() if getattr(args, k) != unset]
     if given:
         raise EdgeloraError(f"--{given[0].replace('_', '-')} applies to encoder bundles; drop it for a causal-lm export")
-    if args.mode != "merged":
-        raise EdgeloraError("causal-lm bundles are merged for now (switchable decoders are not built yet); "
-                            "use --mode merged, one bundle per adapter")
-    if len(adapters) > 1:
+    if args.mode == "merged" and args.slots is not None:
+        raise EdgeloraError("--slots applies to switchable bundles; drop it or add --mode switchable")
+    if args.mode == "merged" and len(adapters) > 1:
         raise EdgeloraError(f"a merged causal-lm bundle holds one adapter, got {len(adapters)} ({', '.join(adapters)}); "
-                            "export one bundle per adapter")
-    name, path = next(iter(adapters.items()), (None, None))
+                            "add --mode switchable, or export one bundle per adapter")
     bar = Progress(None, "export")
     try:
         with as_flags(FLAGS, PHRASES):
-            manifest = export_decoder(args.base, args.out, adapter=path, adapter_name=name, precision=args.precision,
-                                      progress=bar.describe)
+            manifest = export_decoder(args.base, args.out, adapters=adapters, mode=args.mode, precision=args.precision,
+                                      lora_slots=args.slots or "attention", progress=bar.describe)
     finally:
         bar.close()
     print(json.dumps({"bundle": str(args.out), "task": manifest.task, "mode": manifest.mode,

@@ -19,7 +19,7 @@ TASKS = ("classification", "causal-lm")
 # task: 30 steps of 8 reach 0.83 exact match held out; benchmarks/causal_train_speed.py)
 DEFAULTS = {"classification": ("minilm", 3, 32, 2e-3, 128), "causal-lm": ("smollm2", 1, 8, 5e-3, 96)}
 # Flags the causal-lm task does not take, with the value that means "not given".
-CLASSIFICATION_ONLY = {"kind": "lora", "targets": None, "deploy_mode": "merged", "activations": "dynamic",
+CLASSIFICATION_ONLY = {"kind": "lora", "targets": None, "activations": "dynamic",
                        "smooth": None, "init": "default", "rslora": False, "text_field": "text", "label_field": "label"}
 
 # The config fields and library parameters a train or calibrate error may name, as the flags that set them.
@@ -210,7 +210,8 @@ def _train_causal(args: argparse.Namespace, rank: int) -> int:
     report = _interruptible(lambda: train_causal_lm(args.base, args.data, args.eval, out=args.out, name=name, epochs=args.epochs,
                                  lr=args.lr, batch_size=args.batch_size, rank=args.rank, alpha=args.alpha,
                                  dropout=args.dropout, include_mlp=args.include_mlp,
-                                 qat="int8" if args.qat == "int8" else None, max_length=args.max_length,
+                                 qat="int8" if args.qat == "int8" else None, deploy_mode=args.deploy_mode,
+                                 max_length=args.max_length,
                                  seed=args.seed, eval_generate=args.eval_generate, max_new_tokens=args.max_new_tokens,
                                  checkpoint=checkpoint, device=args.device, progress=progress),
                             checkpoint, rank, bar)
