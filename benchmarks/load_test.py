@@ -29,7 +29,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import random
 import re
 import subprocess
@@ -50,9 +49,9 @@ from edgelora.runtime import detect_isa
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = ROOT / "runs" / "load" / "smollm2-int8-4"
-# The default bundle's adapters: two tasks (edgelora/generation_tasks.py) x two seeds and ranks, int8 QAT, one
-# epoch of batch 8 on 80% of the rows (240 rows: 24 steps; 80 rows: 8 steps, short training that still makes a
-# distinct adapter); the name, task, seed, rank and rows of each.
+# The default bundle's adapters: two tasks (edgelora/generation_tasks.py) x two seeds and ranks, int8 QAT for a
+# switchable deployment, one epoch of batch 8 on 80% of the rows (240 rows: 24 steps; 80 rows: 8 steps, short
+# training that still makes a distinct adapter); the name, task, seed, rank and rows of each.
 ADAPTERS = (("home", "home-json", 0, 8, 240), ("meeting", "meeting", 0, 8, 80),
             ("home-r4", "home-json", 1, 4, 80), ("meeting-r4", "meeting", 1, 4, 80))
 HANG_UP_EVERY = 10  # in the leak phase, every tenth client closes its connection after the first piece
@@ -86,7 +85,7 @@ class Server:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
-    def get_json(self, path: str) -> object:
+    def get(self, path: str) -> bytes:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
             conn.request("GET", path)
@@ -94,9 +93,14 @@ class Server:
             body = response.read()
             if response.status != 200:
                 raise SystemExit(f"GET {path}: {response.status} {body[:500]!r}")
-            return json.loads(body)
+            return body
         finally:
             conn.close()
+
+    def metrics(self) -> dict[str, float]:
+        """The unlabelled series of /metrics (Prometheus text), by name."""
+        found = re.findall(r"^([a-zA-Z_:][\w:]*) (\S+)$", self.get("/metrics").decode(), re.M)
+        return {name: float(value) for name, value in found}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -246,12 +250,10 @@ def prompts(n: int) -> list[str]:
 
 
 def cpu_facts() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    int8 = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "isa": detect_isa(), "int8_flags": int8}
+    cpu = detect_isa()
+    int8 = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8") if f in cpu.flags]
+    return {"cpu": cpu.model, "logical_cpus": os.cpu_count(), "physical_cores": cpu.physical_cores, "isa": cpu.isa,
+            "int8_flags": int8}
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -262,8 +264,10 @@ def load_test(args: argparse.Namespace) -> dict:
     facts = {**cpu_facts(), "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     server = Server(args.bundle, args.threads, args.serve_arg)
     try:
-        models = [m["id"] for m in server.get_json("/v1/models")["data"]]
-        adapters = args.adapters or [m for m in models if m in {a[0] for a in ADAPTERS}] or models
+        listed = json.loads(server.get("/v1/models"))["data"]
+        models = [m["id"] for m in listed]
+        # default: the adapters (models with a parent, the base), else the base alone
+        adapters = args.adapters or [m["id"] for m in listed if m.get("parent")] or models
         missing = sorted(set(adapters) - set(models))
         if missing:
             raise SystemExit(f"--adapters: {', '.join(missing)} not served; the bundle has {', '.join(models)}")
@@ -280,7 +284,8 @@ def load_test(args: argparse.Namespace) -> dict:
         if failed or skipped:
             raise SystemExit(f"solo phase: {failed[:3] or f'{skipped} requests past --time-cap-s'}")
         work.solo = {a.pair: a.text for a in answers}
-        solo = {"pairs": len(pairs), "wall_s": round(wall, 2), "empty_answers": sum(not t for t in work.solo.values())}
+        solo = {"pairs": len(pairs), "wall_s": round(wall, 2), "empty_answers": sum(not t for t in work.solo.values()),
+                "answers": [{"model": pairs[i][0], "prompt": pairs[i][1], "text": t} for i, t in sorted(work.solo.items())]}
 
         # 2. 1, 4 and 16 clients
         rng = random.Random(args.seed)
@@ -309,10 +314,7 @@ def load_test(args: argparse.Namespace) -> dict:
         growth = rss["leak_end"] - rss["leak_middle"]
         leak["rss_growth_middle_to_end_mb"] = round(growth, 1)
         leak["rss_flat"] = bool(abs(growth) <= RSS_FLAT_MB)
-        try:
-            metrics = server.get_json("/metrics")
-        except (SystemExit, json.JSONDecodeError):
-            metrics = None
+        metrics = server.metrics()
     finally:
         server.stop()
     facts["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -355,6 +357,11 @@ def markdown(report: dict) -> str:
         f"{lk['rss_growth_middle_to_end_mb']:+} ({'flat' if lk['rss_flat'] else 'GROWING'}, "
         f"limit ±{RSS_FLAT_MB:g}) |", "",
     ]
+    m = report["server_metrics_after"]
+    if "edgelora_active_requests" in m:
+        lines += [f"After the run the server's /metrics shows {m['edgelora_active_requests']:g} active requests, "
+                  f"{m.get('edgelora_queue_depth', float('nan')):g} queued and "
+                  f"{m.get('edgelora_kv_cache_bytes', float('nan')):g} KV cache bytes in use.", ""]
     return "\n".join(lines)
 
 
@@ -372,7 +379,8 @@ def prepare(bundle: Path) -> None:
         began = time.time()
         subprocess.run([sys.executable, "-m", "edgelora.cli", "train", "--task", "causal-lm", "--base", "smollm2",
                         "--data", f"builtin:{task}:{rows}", "--name", name, "--seed", str(seed), "--rank",
-                        str(rank), "--qat", "int8", "--eval-generate", "0", "--out", str(out)], check=True)
+                        str(rank), "--qat", "int8", "--deploy-mode", "switchable", "--eval-generate", "0",
+                        "--out", str(out)], check=True)
         print(f"trained {name} in {time.time() - began:.0f} s", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "edgelora.cli", "export", "smollm2",
                     *[f"--adapter={name}={work / name}" for name, *_ in ADAPTERS],
