@@ -50,10 +50,10 @@ from edgelora.runtime import detect_isa
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = ROOT / "runs" / "load" / "smollm2-int8-4"
 # The default bundle's adapters: two tasks (edgelora/generation_tasks.py) x two seeds and ranks, int8 QAT for a
-# switchable deployment, one epoch of batch 8 on 80% of the rows (240 rows: 24 steps; 80 rows: 8 steps, short
+# switchable deployment, one epoch of batch 8 on 80% of the rows (240 rows: 24 steps; 40 rows: 4 steps, short
 # training that still makes a distinct adapter); the name, task, seed, rank and rows of each.
-ADAPTERS = (("home", "home-json", 0, 8, 240), ("meeting", "meeting", 0, 8, 80),
-            ("home-r4", "home-json", 1, 4, 80), ("meeting-r4", "meeting", 1, 4, 80))
+ADAPTERS = (("home", "home-json", 0, 8, 240), ("meeting", "meeting", 0, 8, 40),
+            ("home-r4", "home-json", 1, 4, 40), ("meeting-r4", "meeting", 1, 4, 40))
 HANG_UP_EVERY = 10  # in the leak phase, every tenth client closes its connection after the first piece
 RSS_FLAT_MB = 32.0  # growth from the middle to the end of the leak phase allowed before "flat" is refused
 
@@ -225,11 +225,13 @@ def percentile_ms(values: Sequence[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1000, 1) if values else None
 
 
-def summarize(answers: list[Answer], wall_s: float, solo: dict[int, str], skipped: int) -> dict:
+def summarize(answers: list[Answer], wall_s: float, solo: dict[int, str], skipped: int, prefix: bool = False) -> dict:
+    """A phase's figures; `prefix`: the answers were cut shorter than the solo ones, so each must begin them."""
     complete = [a for a in answers if a.error is None and not a.hung_up]
     ttft = [a.ttft_s for a in complete if a.ttft_s is not None]
     per_token = [a.per_token_s for a in complete if a.per_token_s is not None]
-    differ = [a for a in complete if a.pair in solo and a.text != solo[a.pair]]
+    differ = [a for a in complete if a.pair in solo
+              and not (solo[a.pair].startswith(a.text) if prefix else a.text == solo[a.pair])]
     tokens = sum(a.tokens for a in complete)
     return {
         "requests": len(answers), "complete": len(complete), "hung_up": sum(a.hung_up for a in answers),
@@ -306,11 +308,14 @@ def load_test(args: argparse.Namespace) -> dict:
             if i == len(order) // 2 and i not in samples:
                 samples[i] = server.rss_mb()
 
+        work.max_tokens = args.leak_max_tokens or args.max_tokens
         answers, wall, skipped = work.run(order, args.leak_concurrency, HANG_UP_EVERY, on_done=sample)
         time.sleep(1.0)  # let hung-up requests' slots be freed before the last sample
         rss["leak_middle"] = round(next(iter(samples.values()), float("nan")), 1)
         rss["leak_end"] = round(server.rss_mb(), 1)
-        leak = {"clients": args.leak_concurrency, **summarize(answers, wall, work.solo, skipped), "rss_mb": rss}
+        shorter = work.max_tokens < args.max_tokens
+        leak = {"clients": args.leak_concurrency, "max_tokens": work.max_tokens,
+                **summarize(answers, wall, work.solo, skipped, prefix=shorter), "rss_mb": rss}
         growth = rss["leak_end"] - rss["leak_middle"]
         leak["rss_growth_middle_to_end_mb"] = round(growth, 1)
         leak["rss_flat"] = bool(abs(growth) <= RSS_FLAT_MB)
@@ -348,9 +353,11 @@ def markdown(report: dict) -> str:
     lk = report["leak"]
     rss = lk["rss_mb"]
     lines += [
-        "", f"Memory: {lk['requests']} requests at {lk['clients']} clients ({lk['hung_up']} hung up after the first "
-        f"piece, {lk['error_count']} errors, {lk['skipped_by_time_cap']} not started before the time cap), "
-        f"{lk['equal_to_solo']}/{lk['complete']} completed answers equal to solo.", "",
+        "", f"Memory: {lk['requests']} requests at {lk['clients']} clients, at most {lk['max_tokens']} new tokens "
+        f"({lk['hung_up']} hung up after the first piece, {lk['error_count']} errors, {lk['skipped_by_time_cap']} not "
+        f"started before the time cap), {lk['completion_tokens']} tokens in {lk['wall_s']} s; "
+        f"{lk['equal_to_solo']}/{lk['complete']} completed answers equal to solo"
+        f"{' (the start of it: shorter answers)' if lk['max_tokens'] < report['max_tokens'] else ''}.", "",
         "| server RSS MiB | after start | leak phase start | middle | end | middle -> end |",
         "|---|---|---|---|---|---|",
         f"| | {rss['after_start']} | {rss['leak_start']} | {rss['leak_middle']} | {rss['leak_end']} | "
@@ -401,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--leak-requests", type=int, default=100,
                         help="requests of the memory phase (default 100; the full run: 1000)")
     parser.add_argument("--leak-concurrency", type=int, default=8)
+    parser.add_argument("--leak-max-tokens", type=int, default=None,
+                        help="new tokens per answer in the memory phase (default: --max-tokens)")
     parser.add_argument("--prompts", type=int, default=2, help="held-out prompts per task (default 2)")
     parser.add_argument("--max-tokens", type=int, default=16, help="new tokens per answer at most (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="the server's ORT intra-op threads")
@@ -412,8 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    for name in ("requests", "leak_requests", "leak_concurrency", "prompts", "max_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("requests", "leak_requests", "leak_concurrency", "prompts", "max_tokens", "leak_max_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not args.concurrency or min(args.concurrency) < 1:
         parser.error("--concurrency: positive client counts, e.g. 1,4,16")

@@ -49,8 +49,8 @@ def test_load_test_reports_no_cross_talk_on_a_switchable_bundle(tmp_path: Path) 
                    tokenizer_dir=train_chat_tokenizer(tmp_path / "tok"))
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "load_test.py"), str(bundle),
                            "--concurrency", "1,4", "--requests", "8", "--leak-requests", str(LEAK_REQUESTS),
-                           "--leak-concurrency", "4", "--prompts", "1", "--max-tokens", "8", "--threads", "1",
-                           "--time-cap-s", "300", "--out", str(tmp_path / "out")],
+                           "--leak-concurrency", "4", "--leak-max-tokens", "4", "--prompts", "1", "--max-tokens",
+                           "8", "--threads", "1", "--time-cap-s", "300", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "load_test.json").read_text())
