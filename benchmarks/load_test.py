@@ -235,7 +235,8 @@ def summarize(answers: list[Answer], wall_s: float, solo: dict[int, str], skippe
     tokens = sum(a.tokens for a in complete)
     return {
         "requests": len(answers), "complete": len(complete), "hung_up": sum(a.hung_up for a in answers),
-        "errors": sorted({a.error for a in answers if a.error})[:5], "error_count": sum(a.error is not None for a in answers),
+        "errors": sorted({a.error for a in answers if a.error})[:5],
+        "error_count": sum(a.error is not None for a in answers),
         "skipped_by_time_cap": skipped, "completion_tokens": tokens, "wall_s": round(wall_s, 2),
         "tokens_per_s": round(tokens / wall_s, 1) if wall_s > 0 else None,
         "ttft_ms_p50": percentile_ms(ttft, 50), "ttft_ms_p95": percentile_ms(ttft, 95),
@@ -287,7 +288,8 @@ def load_test(args: argparse.Namespace) -> dict:
             raise SystemExit(f"solo phase: {failed[:3] or f'{skipped} requests past --time-cap-s'}")
         work.solo = {a.pair: a.text for a in answers}
         solo = {"pairs": len(pairs), "wall_s": round(wall, 2), "empty_answers": sum(not t for t in work.solo.values()),
-                "answers": [{"model": pairs[i][0], "prompt": pairs[i][1], "text": t} for i, t in sorted(work.solo.items())]}
+                "answers": [{"model": pairs[i][0], "prompt": pairs[i][1], "text": t}
+                            for i, t in sorted(work.solo.items())]}
 
         # 2. 1, 4 and 16 clients
         rng = random.Random(args.seed)
