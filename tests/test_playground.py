@@ -215,16 +215,21 @@ def console_errors(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
-def api_answer(port: int, model: str, max_tokens: int) -> str:
-    status, _, body = api(port, "POST", "/v1/chat/completions", {
-        "model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
-        "temperature": 0})
-    assert status == 200, body
-    return json.loads(body)["choices"][0]["message"]["content"]
+def api_answer(port: int, model: str, max_tokens: int, endpoint: str = "chat") -> str:
+    """The server's non-streamed greedy answer to the page's request."""
+    if endpoint == "chat":
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]}
+    else:
+        path, body = "/v1/completions", {"prompt": PROMPT}
+    status, _, answer = api(port, "POST", path, {"model": model, "max_tokens": max_tokens, "temperature": 0, **body})
+    assert status == 200, answer
+    choice = json.loads(answer)["choices"][0]
+    return choice["message"]["content"] if endpoint == "chat" else choice["text"]
 
 
 @pytest.mark.slow
-def test_browser_streams_the_api_answer(server: int, browser) -> None:
+@pytest.mark.parametrize("endpoint", ["chat", "completion"])
+def test_browser_streams_the_api_answer(server: int, browser, endpoint: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -233,17 +238,34 @@ def test_browser_streams_the_api_answer(server: int, browser) -> None:
     assert "demo" in models
     open_page(browser, server, "demo")
     assert [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options] == models
+    Select(browser.find_element(By.ID, "endpoint")).select_by_value(endpoint)
     set_max_tokens(browser, MAX_TOKENS)
     browser.find_element(By.ID, "send").click()
     WebDriverWait(browser, BROWSER_WAIT_S).until(lambda d: state(d) != "streaming")
     assert state(browser) == "done", browser.find_element(By.ID, "status").text
-    expected = api_answer(server, "demo", MAX_TOKENS)
+    expected = api_answer(server, "demo", MAX_TOKENS, endpoint)
     assert expected, "the greedy answer is not empty"
     assert answer_text(browser) == expected
     stats = browser.find_element(By.ID, "stats").text
     assert re.search(r"\d+ prompt tokens · \d+ completion tokens · first token \d+ ms", stats), stats
     assert "tokens/s" in stats
     assert console_errors(browser) == []
+
+
+@pytest.mark.slow
+def test_browser_shows_the_field_a_bad_request_names(server: int, browser) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    open_page(browser, server, "demo")
+    set_max_tokens(browser, 100_000)  # past the bundle's context
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, BROWSER_WAIT_S).until(lambda d: state(d) != "streaming")
+    assert state(browser) == "error"
+    assert browser.find_element(By.ID, "status").text.startswith("Error: max_tokens: ")
+    assert answer_text(browser) == ""
+    errors = console_errors(browser)  # the browser logs the 400 itself; nothing else may fail
+    assert len(errors) == 1 and "status of 400" in errors[0], errors
 
 
 @pytest.mark.slow
