@@ -1,7 +1,9 @@
 """Continuous batching for decoder bundles: several generations in flight in one session, each row its own adapter.
 
 A request joins at its prefill while the others decode: the prompts admitted at one step run together
-(left-padded) with an empty cache, each row samples its first token, and their cache is spliced into the
+(left-padded) from an empty cache, one chunk of at most `prefill_tokens` tokens per step (each run extends the
+cache of the one before, and the decoding rows take their step in between), then each row samples its first
+token, and their cache is spliced into the
 running batch, left-padded to the longer of the two. Every later step decodes one token for every row in one
 session run. A row that finishes (eos, a stop string, max_tokens) or whose client went away leaves at the next
 step; the cache then drops the leading columns that only padding fills. Each run asks
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,7 +80,8 @@ class Job:
     """One request in the engine: its arguments, the tokens and text so far, and how it ended.
 
     `sink`, when given, is called with every Piece from the engine's thread (keep it short: hand the piece to
-    another thread or loop). `cancel()` makes the request leave the batch at the next step.
+    another thread or loop); a sink that raises cancels its job. `cancel()` makes the request leave the batch
+    at the next step.
     """
 
     def __init__(self, engine: Engine, prompt_ids: list[int], adapter: str | None, max_tokens: int,
@@ -122,7 +126,11 @@ class Job:
         if finish_reason is not None:
             self.finish_reason, self.error = finish_reason, error
         if self._sink is not None and (text or finish_reason is not None):
-            self._sink(Piece(text, finish_reason, self.usage if finish_reason else None, error))
+            try:
+                self._sink(Piece(text, finish_reason, self.usage if finish_reason else None, error))
+            except Exception:  # noqa: BLE001 - the consumer is gone (e.g. its event loop closed): stop for it
+                self._sink = None
+                self.cancelled = True
         if finish_reason is not None:
             self._done.set()
 
@@ -137,6 +145,29 @@ class _Row:
         self.stops = StopText(job.stop)
         self.length = len(job.prompt_ids)  # real tokens in the cache once prefilled
         self.last = -1  # the token fed at the next decode step
+
+
+class _Prefill:
+    """Prompts admitted together, left-padded, being prefilled one chunk per engine step."""
+
+    def __init__(self, jobs: list[Job], pad: int, layers: int, kv_heads: int, head_dim: int, chunk: int) -> None:
+        B, T = len(jobs), max(len(j.prompt_ids) for j in jobs)
+        self.jobs = jobs
+        self.input_ids = np.full((B, T), pad, np.int64)
+        self.mask = np.zeros((B, T), np.int64)
+        for r, job in enumerate(jobs):
+            self.input_ids[r, T - len(job.prompt_ids):] = job.prompt_ids
+            self.mask[r, T - len(job.prompt_ids):] = 1
+        self.positions = np.clip(np.cumsum(self.mask, axis=1) - 1, 0, None)
+        self.present = [np.zeros((B, kv_heads, 0, head_dim), np.float32)] * layers
+        self.chunk = chunk  # columns per run: rows x chunk tokens stay within prefill_tokens
+        self.done = 0  # columns prefilled so far
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these rows go on."""
+        self.jobs = [self.jobs[r] for r in rows]
+        self.input_ids, self.mask, self.positions = self.input_ids[rows], self.mask[rows], self.positions[rows]
+        self.present = [p[rows] for p in self.present]
 
 
 class Engine:
@@ -154,17 +185,23 @@ class Engine:
         max_kv_mb: the KV cache budget in MiB (see the module docstring for what it bounds).
         max_rows: rows decoding together at most.
         queue_limit: requests waiting for room at most; `submit` raises Overloaded past it.
+        prefill_tokens: prompt tokens (rows x columns) per prefill run at most; longer prompts prefill in
+            chunks, one per step, each extending the cache. The graph returns logits for every position, so
+            this bounds that tensor (SmolLM2: 512 x 49,152 floats, 100 MB) and how long a prefill holds up
+            the decoding rows' next token.
     """
 
-    def __init__(self, runtime: Runtime, *, max_kv_mb: float = 512.0, max_rows: int = 16,
-                 queue_limit: int = 64) -> None:
+    def __init__(self, runtime: Runtime, *, max_kv_mb: float = 512.0, max_rows: int = 8,
+                 queue_limit: int = 64, prefill_tokens: int = 512) -> None:
         if runtime.manifest.task != CAUSAL_LM:
             raise EdgeloraError(f"{runtime.bundle_dir}: task is {runtime.manifest.task!r}; the generation engine "
                                 f"serves {CAUSAL_LM!r} bundles only")
         check_positive("max_kv_mb", max_kv_mb, float)
         check_positive("max_rows", max_rows)
         check_positive("queue_limit", queue_limit)
+        check_positive("prefill_tokens", prefill_tokens)
         self.runtime = runtime
+        self.prefill_tokens = prefill_tokens
         self.generator = runtime.generator()  # tokenizer, chat template and graph checks
         spec = self.spec = runtime.manifest.generation
         self.max_rows, self.queue_limit = max_rows, queue_limit
@@ -174,12 +211,22 @@ class Engine:
         self._outputs = ["logits", *(f"present.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value"))]
         inputs = {i.name for i in runtime.session.get_inputs()}
         self._positions = "position_ids" in inputs
+        graph = runtime.manifest.extra.get("graph")
+        core = graph.get("attention") if isinstance(graph, dict) else None
+        # whether a row's logits are bit-identical alone and batched (exporters/decoder_graph.py ATTENTION_CORES)
+        self.batch_invariant = core == "invariant"
+        if core is not None and not self.batch_invariant:
+            warnings.warn(f"{runtime.bundle_dir}: exported with attention core {core!r}, whose float32 sums over the "
+                          "keys change with left padding: a request's tokens may differ from its solo run; export "
+                          "with the default attention='invariant' for batch-invariant answers",
+                          RuntimeWarning, stacklevel=2)
         self._eos = frozenset(spec.eos_token_ids)
         self._pad = spec.pad_token_id if spec.pad_token_id is not None else next(iter(spec.eos_token_ids), 0)
         # waiting jobs (guarded by _cond); the batch below is touched only by the stepping thread
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
         self._rows: list[_Row] = []
+        self._filling: _Prefill | None = None  # admitted prompts part way through their prefill
         self._past: list[np.ndarray] = []
         self._mask = np.zeros((0, 0), np.int64)  # (rows, cache columns): 1 real, 0 left padding
         self._thread: threading.Thread | None = None
@@ -224,7 +271,10 @@ class Engine:
                stop: str | Sequence[str] = (), sink: Callable[[Piece], None] | None = None) -> Job:
         """Queue one generation; returns its Job at once. Refused (an EdgeloraError naming the argument) for a
         request that can never run, Overloaded when `queue_limit` requests already wait."""
-        ids = [int(t) for t in prompt_ids]
+        ids = list(prompt_ids)
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+            raise Refused("prompt", "prompt_ids must be token ids (integers)")
+        ids = [int(t) for t in ids]
         if adapter is not None and adapter not in self.runtime.adapters:
             have = ", ".join(self.runtime.adapters) or "none"
             raise Refused("adapter", f"no adapter {adapter!r}; available: {have} (or None for the base)")
@@ -259,21 +309,35 @@ class Engine:
         return len(self._rows)
 
     @property
+    def prefilling(self) -> int:
+        """Requests part way through their prefill."""
+        filling = self._filling
+        return len(filling.jobs) if filling is not None else 0
+
+    @property
     def queued(self) -> int:
         """Requests waiting for room."""
         return len(self._pending)
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes the cache holds now: rows x columns (left padding included) x bytes per token."""
+        """Bytes the cache holds now (the batch's and a prefill's in progress): rows x columns (left padding
+        included) x bytes per token."""
         rows, cols = self._mask.shape
-        return rows * cols * self.bytes_per_token
+        filling = self._filling
+        extra = len(filling.jobs) * filling.done if filling is not None else 0
+        return (rows * cols + extra) * self.bytes_per_token
+
+    def _jobs_held(self) -> list[Job]:
+        filling = self._filling
+        return [r.job for r in list(self._rows)] + (list(filling.jobs) if filling is not None else [])
 
     @property
     def kv_reserved_bytes(self) -> int:
-        """The batch's worst case the budget is checked against: rows x the longest prompt + max_tokens."""
-        rows = list(self._rows)
-        return len(rows) * max((r.job.final_length for r in rows), default=0) * self.bytes_per_token
+        """The worst case the budget is checked against: rows (a prefill's included) x the longest prompt +
+        max_tokens."""
+        jobs = self._jobs_held()
+        return len(jobs) * max((j.final_length for j in jobs), default=0) * self.bytes_per_token
 
     def tokens_per_second(self) -> float:
         """Tokens generated per second over the last RATE_WINDOW_S seconds."""
@@ -307,9 +371,9 @@ class Engine:
             left, self._pending = list(self._pending), deque()
         for job in left:
             self._end(job, "cancelled")
-        for row in self._rows:
-            self._end(row.job, "cancelled")
-        self._rows, self._past, self._mask = [], [], np.zeros((0, 0), np.int64)
+        for job in self._jobs_held():
+            self._end(job, "cancelled")
+        self._rows, self._filling, self._past, self._mask = [], None, [], np.zeros((0, 0), np.int64)
 
     def _wake(self) -> None:
         with self._cond:
@@ -318,7 +382,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._pending and not self._rows:
+                while not self._stopping and not self._pending and not self._rows and self._filling is None:
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -330,16 +394,24 @@ class Engine:
     # -- one step --------------------------------------------------------------------------------
 
     def step(self) -> bool:
-        """Drop cancelled requests, prefill the ones that fit and join them to the batch, decode one token
-        for every row. Returns whether it ran the session (False: nothing was waiting or decoding)."""
+        """Drop cancelled requests; admit the waiting ones that fit (when no prefill is under way) and run one
+        chunk of their prefill, joining them to the batch after the last; decode one token for every row.
+        Returns whether it ran the session (False: nothing was waiting or decoding)."""
         self._leave([r for r in self._rows if r.job.cancelled], "cancelled")
-        admitted = self._admit()
-        if admitted:
-            self._prefill(admitted)
+        if self._filling is None:
+            admitted = self._admit()
+            if admitted:
+                chunk = max(1, self.prefill_tokens // len(admitted))  # a run's logits: rows x chunk x vocab
+                spec = self.spec
+                self._filling = _Prefill(admitted, self._pad, len(self._past_names), spec.num_kv_heads,
+                                         spec.head_dim, chunk)
+        filling = self._filling is not None
+        if filling:
+            self._prefill_chunk()
         decoding = bool(self._rows)
         if decoding:
             self._decode()
-        return bool(admitted) or decoding
+        return filling or decoding
 
     def _admit(self) -> list[Job]:
         """Waiting jobs, first come first served, while the batch's worst case fits the budget and max_rows."""
@@ -368,36 +440,45 @@ class Engine:
             raise EdgeloraError(f"{self.runtime.bundle_dir / 'model.onnx'}: run failed ({first})") from None
         return values[0], values[1:]
 
-    def _prefill(self, jobs: list[Job]) -> None:
-        """One run over the admitted prompts (left-padded, empty cache); their first tokens; then the splice."""
-        B, T = len(jobs), max(len(j.prompt_ids) for j in jobs)
-        input_ids = np.full((B, T), self._pad, np.int64)
-        mask = np.zeros((B, T), np.int64)
-        for r, job in enumerate(jobs):
-            input_ids[r, T - len(job.prompt_ids):] = job.prompt_ids
-            mask[r, T - len(job.prompt_ids):] = 1
-        empty = np.zeros((B, self.spec.num_kv_heads, 0, self.spec.head_dim), np.float32)
-        feeds = {"input_ids": input_ids, "attention_mask": mask, **dict.fromkeys(self._past_names, empty)}
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the prompts being prefilled (left-padded, from an empty cache), extending their
+        cache; after the last, their first tokens and the splice into the batch. Decoding rows wait one chunk
+        per step, not a whole long prompt."""
+        f = self._filling
+        gone = [r for r, job in enumerate(f.jobs) if job.cancelled]
+        if gone:
+            for r in gone:
+                self._end(f.jobs[r], "cancelled")
+            f.keep([r for r in range(len(f.jobs)) if r not in gone])
+            if not f.jobs:
+                self._filling = None
+                return
+        c0, c1 = f.done, min(f.mask.shape[1], f.done + f.chunk)
+        feeds = {"input_ids": f.input_ids[:, c0:c1], "attention_mask": f.mask[:, :c1],
+                 **dict(zip(self._past_names, f.present))}
         if self._positions:
-            feeds["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+            feeds["position_ids"] = f.positions[:, c0:c1]
         try:
-            logits, present = self._run(feeds, [j.adapter for j in jobs])
+            logits, f.present = self._run(feeds, [j.adapter for j in f.jobs])
         except EdgeloraError as e:
-            for job in jobs:
+            for job in f.jobs:
                 self._end(job, "error", str(e))
+            self._filling = None
             return
-        rows = [_Row(job, self.generator.tokenizer) for job in jobs]
-        for job in jobs:
-            self.prompt_tokens_total += len(job.prompt_ids)
+        f.done = c1
+        if c1 < f.mask.shape[1]:
+            return
+        self._filling = None
+        rows = [_Row(job, self.generator.tokenizer) for job in f.jobs]
+        self.prompt_tokens_total += sum(len(job.prompt_ids) for job in f.jobs)
         live = self._sample(rows, logits)
-        for r, row in enumerate(rows):
-            row.job.first_token_s = time.perf_counter() - row.job.arrived
-        keep = [r for r, row in enumerate(rows) if r in live]
+        now = time.perf_counter()
+        for row in rows:
+            row.job.first_token_s = now - row.job.arrived
+        keep = [r for r in range(len(rows)) if r in live]
         if not keep:
             return
-        present = [p[keep] for p in present]
-        mask = mask[keep]
-        rows = [rows[r] for r in keep]
+        present, mask, rows = [p[keep] for p in f.present], f.mask[keep], [rows[r] for r in keep]
         if not self._rows:
             self._past, self._mask, self._rows = present, mask, rows
         else:  # left-pad the shorter side so both end at the newest column, then stack the rows
@@ -498,9 +579,9 @@ class Engine:
             self._mask = self._mask[:, first:]
 
     def _fail_all(self, message: str) -> None:
-        for row in self._rows:
-            self._end(row.job, "error", message)
-        self._rows, self._past, self._mask = [], [], np.zeros((0, 0), np.int64)
+        for job in self._jobs_held():
+            self._end(job, "error", message)
+        self._rows, self._filling, self._past, self._mask = [], None, [], np.zeros((0, 0), np.int64)
 
 
 def _left_pad(cache: np.ndarray, n: int) -> np.ndarray:

