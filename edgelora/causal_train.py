@@ -197,6 +197,8 @@ def train_causal_lm(
     check_adapter_out(out)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
     lora = LoraConfig(r=rank, alpha=alpha, dropout=dropout, include_mlp=include_mlp)
+    if deploy_mode not in ("merged", "switchable"):
+        raise EdgeloraError(f"deploy_mode={deploy_mode!r} is not supported; choose from merged, switchable")
     if deploy_mode != "merged" and qat is None:
         raise EdgeloraError(f"deploy_mode={deploy_mode!r} chooses the int8 fake quantization; add qat='int8' or drop it")
     quant = decoder_quant(weight_block, mode=deploy_mode) if qat == "int8" else None

@@ -492,8 +492,9 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
         if not adapted:
             return y
         if len(adapted) != len(modules):
-            raise EdgeloraError(f"LoRA slots on {', '.join(adapted)} but not on {', '.join(m for m, _ in modules if m not in wanted)}, "
-                                f"packed with them into {name}; give slots to all of them")
+            missing = ", ".join(m for m, _ in modules if m not in wanted)
+            raise EdgeloraError(f"LoRA slots on {', '.join(adapted)} but not on {missing}, packed with them into "
+                                f"{name}; give slots to all of them")
         return _with_lora(b, y, x, name, modules, int(weight.shape[1]), banks)
 
     mask = _mask(b)

@@ -53,7 +53,8 @@ def create_app(
 ):
     """A Starlette app serving `runtime`: GET /v1/adapters, POST /v1/predict, GET /healthz, GET /metrics for an
     encoder bundle; OpenAI's /v1/models, /v1/completions, /v1/chat/completions (runtime/openai_routes.py) with
-    /healthz and /metrics for a decoder bundle (task "causal-lm").
+    /healthz, /metrics and the playground page at / (runtime/playground.py) for a decoder bundle (task
+    "causal-lm").
 
     Example:
         >>> app = create_app(Runtime("bundles/minilm-int8"), window_ms=2)   # doctest: +SKIP
@@ -104,8 +105,13 @@ def create_app(
         finally:
             await worker.stop()
 
+    routes = service.routes()
+    if runtime.manifest.task == CAUSAL_LM:
+        from edgelora.runtime.playground import playground_route
+
+        routes.append(playground_route())  # GET /: the playground page
     app = Starlette(
-        routes=service.routes(),
+        routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error},
     )

@@ -135,3 +135,23 @@ def test_export_attention_gqa_writes_a_gqa_graph_and_encoders_refuse_it(workspac
     rc, _, err = cli(["export", "minilm", "--task", "classification", "--adapter", str(tmp_path / "none"),
                       "--attention", "gqa", "--out", tmp_path / "enc"], capsys)
     assert_one_line_error(rc, err, "--attention applies to causal-lm bundles")
+
+
+def test_switchable_recipe_trains_and_exports_without_a_warning(workspace, tmp_path, capsys) -> None:
+    """`--qat int8 --deploy-mode switchable`: training fake-quantizes the base alone (LoRA float), the recipe a
+    switchable decoder bundle computes, so its export carries no recipe warning and passes the int8 checks."""
+    out = tmp_path / "home_sw"
+    rc, _, err = cli(["train", *TRAIN, "--base", workspace["base"], "--qat", "int8", "--deploy-mode", "switchable",
+                      "--out", out], capsys)
+    assert rc == 0, err
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["edgelora"]["quantization"]["mode"] == "switchable"
+    rc, stdout, err = cli(["export", workspace["base"], "--adapter", f"home={out}", "--mode", "switchable",
+                           "--precision", "int8", "--out", tmp_path / "b"], capsys)
+    assert rc == 0, err
+    manifest = Runtime(tmp_path / "b").manifest
+    assert manifest.warnings is None
+    assert manifest.entry("home").trained_with["modes"] == ["switchable"]
+    rc, _, err = cli(["train", *TRAIN, "--base", workspace["base"], "--deploy-mode", "switchable", "--out",
+                      tmp_path / "x"], capsys)
+    assert_one_line_error(rc, err, "--deploy-mode switchable chooses the int8 fake quantization; add --qat int8")

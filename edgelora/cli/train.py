@@ -30,6 +30,8 @@ PHRASES = {"smoothing with init=": "--smooth with init=",
 # Phrases of the library's errors (edgelora.train, .distributed, .peft_format, .calibrate) that name what a Python
 # caller passes, in the flags of train and calibrate; applied to every error of those verbs.
 COMMAND_PHRASES = {
+    "deploy_mode='switchable' chooses the int8 fake quantization; add qat='int8' or drop it":
+        "--deploy-mode switchable chooses the int8 fake quantization; add --qat int8 or drop it",
     "choose another checkpoint dir": "choose another --checkpoint-dir",
     "run with resume=False to start training": "run without --resume to start training",
     "pass resume=True to continue it": "pass --resume to continue it",
