@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +36,13 @@ def running(app) -> Iterator[int]:
         server.should_exit = True
         thread.join(10)
         assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def interruptible() -> None:
+    """`preexec_fn` for a served child the test stops with SIGINT: the default disposition, as in a terminal.
+    A shell's background job (how CI or nohup may start pytest) inherits SIGINT ignored, and a child started
+    with it ignored keeps ignoring it, as it should; the test stands for a user pressing Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def call(port: int, method: str, path: str, body: object = None, *, raw: bytes | None = None,

@@ -29,7 +29,7 @@ from edgelora.runtime import Runtime
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from live_server import call, metric, running  # noqa: E402 - after the skips: they need uvicorn
+from live_server import call, interruptible, metric, running  # noqa: E402 - after the skips: they need uvicorn
 
 from edgelora.runtime.serve import create_app  # noqa: E402
 
@@ -385,7 +385,7 @@ def test_the_command_serves_a_decoder_bundle_with_a_kv_budget(bundle, capsys) ->
     assert "--max-kv-mb is 0.0; pass a positive number" in capsys.readouterr().err
     proc = subprocess.Popen([sys.executable, "-m", "edgelora.cli", "serve", str(bundle), "--port", "0",
                              "--threads", "1", "--log-level", "warning", "--max-kv-mb", "4", "--max-rows", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     try:
         found = re.search(r"listening on http://127\.0\.0\.1:(\d+) ", proc.stderr.readline())
         assert found

@@ -32,7 +32,7 @@ from edgelora.runtime import Runtime
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
-from live_server import call, metric, running  # noqa: E402 - after the skip: it needs uvicorn
+from live_server import call, interruptible, metric, running  # noqa: E402 - after the skip: it needs uvicorn
 from edgelora.runtime.serve import (  # noqa: E402 - after the skip: these need starlette at call time
     FP32_MERGE_ATOL,
     MicroBatcher,
@@ -284,7 +284,7 @@ def test_sigterm_finishes_the_in_flight_request_then_exits(switchable_path: Path
 def test_the_command_announces_its_address_and_stops_on_sigint(switchable_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "edgelora.cli", "serve", str(switchable_path), "--port", "0",
                              "--threads", "1", "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     try:
         line = proc.stderr.readline()
         found = re.search(r"listening on http://127\.0\.0\.1:(\d+) \(.*switchable fp32, adapters sentiment, topic\)",
