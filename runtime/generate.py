@@ -142,6 +142,9 @@ class Generator:
         self.tokenizer = self._load_tokenizer()
         self.chat_template = ChatTemplate.from_bundle(self.bundle_dir, self.spec.chat_template)
         names = list(self.manifest.adapter_names)
+        if run_options is None and self.manifest.mode == "switchable":  # a session given without its adapters
+            raise EdgeloraError(f"{self.bundle_dir}: a switchable bundle's session needs its adapters' run_options "
+                                "too; pass run_options and row_options (Runtime.generator() does), or no session")
         if run_options is None:  # a merged bundle: its adapter (if any) is baked into the one graph
             plain = ort.RunOptions()
             run_options = {None: plain, **{n: plain for n in names}}

@@ -320,6 +320,8 @@ def test_standalone_generator_loads_a_switchable_bundle(setup: dict) -> None:
         rt.generate(PROMPTS[0], adapter="a", max_new_tokens=NEW_TOKENS)
     assert gen.generate_batch(list(PROMPTS[:2]), adapters=["b", "a"], max_new_tokens=4) == \
         [rt.generate(p, adapter=n, max_new_tokens=4) for p, n in zip(PROMPTS[:2], ["b", "a"])]
+    with pytest.raises(EdgeloraError, match="needs its adapters' run_options too"):
+        Generator(setup["bundles"]["fp32"], session=rt.session)  # would otherwise run the plain base for "a"
 
 
 def test_graph_keeps_one_packed_base_matmul_per_projection(setup: dict) -> None:
