@@ -281,7 +281,7 @@ def _check_against_torch(bundle: Path, manifest: Manifest, proto: onnx.ModelProt
             file = Path(tmp) / f"{name}.onnx_adapter"
             write_adapter_file(file, values)
             options, _adapter = validate.adapter_run_options(str(file))
-            logits, pooled = sess.run(["logits", "embeddings"], feeds, options)
+            logits, pooled = validate.run_graph(sess, feeds, options)
             model.set_adapter(name)
             ref_logits, ref_pooled = validate.torch_outputs(model, feeds)
             if not entry.labels:  # no task head in the adapter: only the embeddings are its output
