@@ -172,6 +172,14 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(re.search(rf"(^|\.)({p})$", name) for p in patterns)
 
 
+def _last_hidden(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    return base(**kwargs).last_hidden_state  # (batch, seq, hidden)
+
+
 class AdapterModel(nn.Module):
     """Frozen base + named adapters + a head per adapter; `forward` returns (logits, pooled embeddings).
 
@@ -389,14 +397,11 @@ class AdapterModel(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The base's last hidden state, (batch, seq, hidden)."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return self.base(**kwargs).last_hidden_state
+        return _last_hidden(self.base, input_ids, attention_mask, token_type_ids)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of the last hidden state over real tokens (what sentence-transformers does for MiniLM)."""
-        return pool(self.hidden_states(input_ids, attention_mask, token_type_ids), attention_mask, "mean")
+        return pool(_last_hidden(self.base, input_ids, attention_mask, token_type_ids), attention_mask, "mean")
 
     def head_kind(self, name: str) -> str | None:
         """The kind of adapter `name`'s head (`edgelora.heads.HEAD_KINDS`); None for an adapter without one."""
