@@ -204,8 +204,14 @@ def _train_causal(args: argparse.Namespace, rank: int) -> int:
     bar = Progress(None, f"train {name}") if rank == 0 else None
 
     def progress(msg: str) -> None:
-        if bar is not None:
-            bar.describe(f"train {name}: {msg}")
+        if bar is None:
+            return
+        step = re.search(r"step (\d+)/(\d+)", msg)
+        if step:  # the count of steps is known once the data is read
+            loss = msg.partition(" loss ")[2]
+            bar.update_to(int(step[1]), "loss " + loss if loss else "", total=int(step[2]))
+        else:
+            bar.describe(msg)
 
     report = _interruptible(lambda: train_causal_lm(args.base, args.data, args.eval, out=args.out, name=name, epochs=args.epochs,
                                  lr=args.lr, batch_size=args.batch_size, rank=args.rank, alpha=args.alpha,
