@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgelora.errors import EdgeloraError
 from edgelora.runtime.manifest import MEAN_POOLED  # the kinds' names are the manifest's HEADS
 
 
@@ -64,6 +65,15 @@ ARCH_HEADS = {
 }
 
 _ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+
+
+def architecture_head(model_type: str | None) -> str:
+    """The head kind of the architecture's ...ForSequenceClassification (`ARCH_HEADS`), for training an adapter
+    that PEFT loads on AutoModelForSequenceClassification; EdgeloraError for an architecture without one here."""
+    if model_type not in ARCH_HEADS:
+        raise EdgeloraError(f"head 'architecture': edgelora knows the sequence-classification heads of "
+                            f"{', '.join(sorted(ARCH_HEADS))}, not {model_type or 'this base'}'s; use head 'mean-pooled'")
+    return ARCH_HEADS[model_type]
 
 
 def head_kind(name: str) -> HeadKind:

@@ -322,3 +322,34 @@ def test_our_mean_pooled_head_is_recorded_and_old_manifests_mean_it(tmp: Path) -
     from edgelora.runtime.manifest import Manifest
 
     assert Manifest.from_dict(manifest).entry("mine").head == MEAN_POOLED
+
+
+def test_trained_with_the_architecture_head_loads_in_peft(workspace, tmp_path: Path, capsys) -> None:
+    """`edgelora train --head architecture`: the adapter PEFT loads on AutoModelForSequenceClassification
+    gives our logits, and its bundle records the head."""
+    from conftest import cli
+
+    rc, _out, err = cli(["train", "--base", workspace.base, "--data", workspace.data, "--out", tmp_path / "arch",
+                         "--epochs", "1", "--batch-size", "16", "--max-length", "16", "--head", "architecture",
+                         "--device", "cpu"], capsys)
+    assert rc == 0, err
+    ours = AdapterModel(load_base(workspace.base)[0])
+    load_adapter(ours, tmp_path / "arch", "arch")
+    assert ours.head_kind("arch") == "bert-pooler"
+    feeds = {k: v for k, v in feeds_for("bert").items()}
+    with torch.no_grad():
+        want = ours(**{k: torch.from_numpy(v) for k, v in feeds.items()})[0].numpy()
+    task_model = tf.AutoModelForSequenceClassification.from_pretrained(workspace.base, num_labels=2).eval()
+    got = peft_logits(peft.PeftModel.from_pretrained(task_model, tmp_path / "arch").eval(), feeds)
+    assert rel_diff(got, want) < FP32_REL
+    manifest = export_bundle(workspace.base, {"arch": tmp_path / "arch"}, mode="merged", precision="fp32",
+                             out=tmp_path / "bundle")
+    assert manifest.entry("arch").head == "bert-pooler"
+
+
+def test_an_architecture_without_a_known_head_is_refused() -> None:
+    from edgelora.heads import architecture_head
+
+    with pytest.raises(EdgeloraError, match=r"head 'architecture': edgelora knows the sequence-classification heads "
+                                             r"of .*, not mpnet's; use head 'mean-pooled'"):
+        architecture_head("mpnet")
