@@ -353,3 +353,22 @@ def test_an_architecture_without_a_known_head_is_refused() -> None:
     with pytest.raises(EdgeloraError, match=r"head 'architecture': edgelora knows the sequence-classification heads "
                                              r"of .*, not mpnet's; use head 'mean-pooled'"):
         architecture_head("mpnet")
+
+
+def test_cli_exports_and_runs_an_embeddings_bundle(workspace, tmp_path: Path, capsys) -> None:
+    from conftest import cli
+
+    model = peft.get_peft_model(tf.AutoModel.from_pretrained(workspace.base), peft.LoraConfig(
+        task_type="FEATURE_EXTRACTION", r=2, target_modules=["query"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "fe")
+    rc, out, err = cli(["export", workspace.base, "--adapter", f"emb={tmp_path / 'fe'}", "--precision", "fp32",
+                        "--hidden-state", "--out", tmp_path / "bundle"], capsys)
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["task"] == "embeddings" and manifest["outputs"] == ["embeddings", "last_hidden_state"]
+    rc, out, err = cli(["run", tmp_path / "bundle", "--text", "the good film", "--text", "bad"], capsys)
+    assert rc == 0, err
+    rows = json.loads(out)
+    assert [r["text"] for r in rows] == ["the good film", "bad"]
+    want = Runtime(tmp_path / "bundle").run(["the good film", "bad"])["embeddings"]
+    np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), want, rtol=0, atol=1e-6)

@@ -70,6 +70,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                    help="int8: SmoothQuant with migration strength ALPHA for adapters trained without it "
                         "(adapters trained with --smooth always export with their own factors)")
+    p.add_argument("--hidden-state", action="store_true",
+                   help="also output the token-level last_hidden_state (batch x tokens x hidden) beside the pooled "
+                        "embeddings, e.g. for a FEATURE_EXTRACTION adapter")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
 
 
@@ -94,6 +97,7 @@ def export_command(args: argparse.Namespace) -> int:
                                      out=args.out, weight_bits=args.weight_bits, max_length=args.max_length,
                                      lora_slots=args.slots, fusions=parse_fusions(args.fusions),
                                      keep_fp32=parse_keep_fp32(args.keep_fp32), smooth_alpha=args.smooth,
+                                     hidden_state=args.hidden_state,
                                      **({"target_cosine": args.target_cosine}
                                         if args.target_cosine is not None else {}),
                                      progress=bar.describe)
@@ -110,7 +114,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 # export flags a decoder bundle does not take, with the value that means "not given"
 ENCODER_ONLY = {"weight_bits": None, "max_length": 128, "slots": "adapters", "keep_fp32": None, "target_cosine": None,
-                "fusions": None, "smooth": None}
+                "fusions": None, "smooth": None, "hidden_state": False}
 
 
 def _export_task(task: str, base: str, adapters: dict[str, str]) -> str:
