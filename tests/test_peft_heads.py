@@ -372,3 +372,24 @@ def test_cli_exports_and_runs_an_embeddings_bundle(workspace, tmp_path: Path, ca
     assert [r["text"] for r in rows] == ["the good film", "bad"]
     want = Runtime(tmp_path / "bundle").run(["the good film", "bad"])["embeddings"]
     np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), want, rtol=0, atol=1e-6)
+
+
+def test_add_adapter_refuses_heads_the_bundle_does_not_compute(tmp: Path) -> None:
+    from edgelora.exporters.add import add_adapters
+
+    base = base_dir(tmp, "bert")
+    ours = AdapterModel(load_base(base)[0])
+    ours.add_adapter("mine", LoraConfig(r=2), ["x", "y"])
+    mine = save_adapter(ours, "mine", tmp / "mine-add")
+    export_bundle(base, {"mine": mine}, mode="switchable", precision="fp32", out=tmp / "sw-mean")
+    adapter, _ = peft_seq_cls(tmp, "bert")
+    with pytest.raises(EdgeloraError, match=r"add-adapter takes adapters with edgelora's mean-pooled head or none, this "
+                                             r"one has an architecture's \(PEFT SEQ_CLS\) head; export a new bundle"):
+        add_adapters(tmp / "sw-mean", {"peft": adapter}, check=False)
+    model = peft.get_peft_model(tf.AutoModel.from_pretrained(base), peft.LoraConfig(
+        task_type="FEATURE_EXTRACTION", r=2, target_modules=["query"], init_lora_weights=False))
+    model.save_pretrained(tmp / "fe-add")
+    export_bundle(base, {"emb": tmp / "fe-add"}, mode="switchable", precision="fp32", out=tmp / "sw-emb")
+    with pytest.raises(EdgeloraError, match=r"its mean-pooled head cannot run in bundle .*sw-emb, whose graph applies "
+                                             r"no head; export a new bundle"):
+        add_adapters(tmp / "sw-emb", {"mine": mine}, check=False)
