@@ -37,10 +37,22 @@ def test_a_log_line_every_few_seconds_with_rate_and_eta(monkeypatch, capsys: pyt
         bar.update_to(step, f"loss {1 / step:.3f}")
     bar.close()
     lines = capsys.readouterr().err.splitlines()
-    # the first step, then one line per LOG_EVERY_S (5 s = 10 steps), and the last
-    assert [int(LINE.match(line)[1]) for line in lines] == [1, *range(11, 100, 10), 100]
-    assert lines[0] == "train t: 1/100 steps (1%) loss 1.000, 2 steps/s, ETA 0:49"
-    assert lines[-1].startswith("train t: 100/100 steps (100%) loss 0.010, 2 steps/s, ETA 0:00")
+    # quiet for the first LOG_EVERY_S (5 s = 10 steps), then one line per 5 s, the last step included
+    assert [int(LINE.match(line)[1]) for line in lines] == list(range(10, 101, 10))
+    assert lines[0] == "train t: 10/100 steps (10%) loss 0.100, 2 steps/s, ETA 0:45"
+    assert lines[-1] == "train t: 100/100 steps (100%) loss 0.010, 2 steps/s, ETA 0:00"
+
+
+def test_a_quick_run_logs_nothing(monkeypatch, capsys) -> None:
+    clock = Clock()
+    monkeypatch.setattr(common.time, "monotonic", clock)
+    bar = Progress(8, "train t")
+    for step in range(1, 9):
+        clock.now += 0.5
+        bar.update_to(step, "loss 0.5")
+    bar.describe("saving")
+    bar.close()
+    assert capsys.readouterr().err == ""
 
 
 def test_a_resumed_run_measures_its_rate_from_where_it_resumed(monkeypatch, capsys) -> None:
@@ -59,12 +71,12 @@ def test_phases_are_logged_at_once_and_repeats_at_most_every_few_seconds(monkeyp
     clock = Clock()
     monkeypatch.setattr(common.time, "monotonic", clock)
     bar = Progress(None, "export")
-    for message in ("loading base", "exporting graph", "quantizing", "quantizing layer 2", "validating against torch"):
-        clock.now += 1
+    for seconds, message in ((2, "loading base"), (2, "exporting graph"), (2, "quantizing"), (2, "quantizing layer 2"),
+                             (2, "validating against torch"), (6, "validating adapter b")):
+        clock.now += seconds
         bar.describe(message)
     assert capsys.readouterr().err.splitlines() == [
-        "export: loading base (+1 s)", "export: exporting graph (+2 s)", "export: quantizing (+3 s)",
-        "export: validating against torch (+5 s)"]
+        "export: quantizing (+6 s)", "export: validating against torch (+10 s)", "export: validating adapter b (+16 s)"]
 
 
 def test_train_export_and_bench_log_without_a_terminal(workspace, tmp_path: Path, monkeypatch,

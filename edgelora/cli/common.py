@@ -17,8 +17,9 @@ from typing import Any
 from edgelora.errors import EdgeloraError
 
 
-# Without a terminal (nohup, a container, CI) progress is a log line at most this often (seconds), plus the
-# first and the last; a phase that starts (`describe` with another first word) is logged at once.
+# Without a terminal (nohup, a container, CI) progress is a log line at most this often (seconds), and the
+# last count; a phase that starts (`describe` with another first word) is logged at once. Nothing is logged
+# in a command's first LOG_EVERY_S seconds: quick commands stay quiet and a quick mistake stays one line.
 LOG_EVERY_S = 5.0
 
 
@@ -26,7 +27,7 @@ class Progress:
     """A bar on a terminal's stderr (tqdm where installed, else a plain one), log lines when not a terminal.
 
     `total` None: a spinner-like bar whose description says what is happening (`describe`). A log or a pipe
-    gets no bar debris but a line every `LOG_EVERY_S` seconds: `DESC: done/total UNIT (pct%) MESSAGE,
+    gets no bar debris but, once the work has run `LOG_EVERY_S` seconds, a line every `LOG_EVERY_S` seconds: `DESC: done/total UNIT (pct%) MESSAGE,
     RATE UNIT/s, ETA m:ss` (`lines` names the unit, steps by default), or `DESC: MESSAGE (+elapsed)`.
     """
 
@@ -65,8 +66,9 @@ class Progress:
             bar = "#" * (30 * done // self.total)
             sys.stderr.write(f"\r[{bar:<30}] {done}/{self.total} {message:<40}")
             sys.stderr.flush()
-        elif not self._tty and (self._logged_at is None or now - self._logged_at >= LOG_EVERY_S
-                                or (self.total is not None and done >= self.total)):
+        elif not self._tty and now - self._start >= LOG_EVERY_S and (
+                self._logged_at is None or now - self._logged_at >= LOG_EVERY_S
+                or (self.total is not None and done >= self.total)):
             self._log(self._status(done, message, now), now)
 
     def _status(self, done: int, message: str, now: float) -> str:
@@ -94,9 +96,9 @@ class Progress:
             self._tqdm.set_description_str(f"{self.desc}: {message}")
         elif not self._tty:
             now = time.monotonic()
-            phase = message.split(" ", 1)[0]
-            if phase != self._phase or self._logged_at is None or now - self._logged_at >= LOG_EVERY_S:
-                self._phase = phase
+            phase, self._phase = self._phase, message.split(" ", 1)[0]
+            if now - self._start >= LOG_EVERY_S and (phase != self._phase or self._logged_at is None
+                                                     or now - self._logged_at >= LOG_EVERY_S):
                 self._log(f"{message} (+{now - self._start:.0f} s)", now)
 
     def close(self) -> None:
