@@ -77,9 +77,9 @@ def architecture_head(model_type: str | None) -> str:
 
 
 def head_kind(name: str) -> HeadKind:
-    """The `HeadKind` called `name`; ValueError for an unknown one (callers name the file it came from)."""
+    """The `HeadKind` called `name`; EdgeloraError for an unknown one."""
     if name not in HEAD_KINDS:
-        raise ValueError(f"head {name!r} is not one of {', '.join(HEAD_KINDS)}")
+        raise EdgeloraError(f"head {name!r} is not one of {', '.join(HEAD_KINDS)}")
     return HEAD_KINDS[name]
 
 

@@ -285,10 +285,7 @@ class AdapterModel(nn.Module):
         self._check_new_name(name)
         if len(labels) == 1:
             raise EdgeloraError(f"adapter {name!r} needs at least 2 labels, got {len(labels)}")
-        try:
-            kind = head_kind(head)
-        except ValueError as exc:
-            raise EdgeloraError(f"adapter {name!r}: {exc}") from None
+        kind = head_kind(head)
         dense_src = None
         if labels and kind.dense_from_base:
             dense_src = getattr(getattr(self.base, "pooler", None), "dense", None)

@@ -227,7 +227,8 @@ def adapter_config(data: dict[str, Any], source: str) -> LoraConfig | Bottleneck
 def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None, *, check_base: bool = True) -> str:
     """Add the adapter saved at `path` (ours or PEFT's LoRA) to `model`; returns its name.
 
-    The base fingerprint is checked, and every weight must land on a layer of the right shape.
+    The base fingerprint is checked, and every weight must land on a layer of the right shape. The head is
+    the one the file carries (`_read_head`): ours, PEFT's SEQ_CLS head, or none (FEATURE_EXTRACTION).
     """
     path = Path(path)
     data, tensors = read_adapter(path)

@@ -393,3 +393,13 @@ def test_add_adapter_refuses_heads_the_bundle_does_not_compute(tmp: Path) -> Non
     with pytest.raises(EdgeloraError, match=r"its mean-pooled head cannot run in bundle .*sw-emb, whose graph applies "
                                              r"no head; export a new bundle"):
         add_adapters(tmp / "sw-emb", {"mine": mine}, check=False)
+
+
+def test_an_unknown_head_kind_is_refused() -> None:
+    from conftest import make_base
+
+    model = AdapterModel(make_base("bert"))
+    with pytest.raises(EdgeloraError, match=r"head 'cls-token' is not one of mean-pooled, bert-pooler, roberta, "
+                                             r"distilbert, last-token"):
+        model.add_adapter("x", LoraConfig(r=2), ["a", "b"], head="cls-token")
+    assert not model.configs
