@@ -272,7 +272,7 @@ def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None,
                                      init="default")
     recipe = QuantConfig(**quant) if quant else model.quant
     _check_same_recipe(model, recipe, path)
-    model.add_adapter(name, config, labels, quant=recipe, head=head or MEAN_POOLED)
+    model.add_adapter(name, config, labels, quant=recipe, **({"head": head} if head else {}))  # causal LMs: none
     state = {**_module_state(name, tensors, resolved), **head_state}
     own = {k: v for k, v in model.state_dict().items() if k in state}
     for key, value in state.items():
