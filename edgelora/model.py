@@ -84,10 +84,17 @@ def _from_pretrained(auto_class, path: Path) -> nn.Module:
     from safetensors import SafetensorError
 
     try:
-        model = auto_class.from_pretrained(path, attn_implementation="eager", local_files_only=True)
+        model, info = auto_class.from_pretrained(path, attn_implementation="eager", local_files_only=True,
+                                                 output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # RuntimeError: weights of another shape
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise EdgeloraError(f"{path}: could not load the base model ({first}); check the files or re-save it") from exc
+    missing = set(info.get("missing_keys") or ())
+    if missing and all(k.startswith("pooler.") for k in missing) and getattr(model, "pooler", None) is not None:
+        # A checkpoint without a pooler (RoBERTa's, a classifier's backbone): transformers would make a random
+        # one at every load, and the base's fingerprint with it. Nothing here uses it; a head that needs
+        # it (BERT's pooler) is refused by name.
+        model.pooler = None
     model.float().eval()
     return model
 

@@ -403,3 +403,19 @@ def test_an_unknown_head_kind_is_refused() -> None:
                                              r"distilbert, last-token"):
         model.add_adapter("x", LoraConfig(r=2), ["a", "b"], head="cls-token")
     assert not model.configs
+
+
+def test_a_base_without_a_pooler_loads_the_same_every_time(tmp: Path) -> None:
+    """RoBERTa checkpoints hold no pooler: a random one at each load made the fingerprint differ per load, so
+    our adapters trained on RoBERTa could not be exported."""
+    from edgelora.model import fingerprint
+
+    first, _ = load_base(base_dir(tmp, "roberta"))
+    assert first.pooler is None
+    assert fingerprint(first) == fingerprint(load_base(base_dir(tmp, "roberta"))[0])
+    ours = AdapterModel(first)
+    ours.add_adapter("task", LoraConfig(r=2), ["a", "b"], head="roberta")
+    path = save_adapter(ours, "task", tmp / "roberta-ours")
+    manifest = export_bundle(base_dir(tmp, "roberta"), {"task": path}, mode="merged", precision="fp32",
+                             out=tmp / "roberta-ours-bundle")
+    assert manifest.entry("task").head == "roberta"
