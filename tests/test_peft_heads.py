@@ -419,3 +419,24 @@ def test_a_base_without_a_pooler_loads_the_same_every_time(tmp: Path) -> None:
     manifest = export_bundle(base_dir(tmp, "roberta"), {"task": path}, mode="merged", precision="fp32",
                              out=tmp / "roberta-ours-bundle")
     assert manifest.entry("task").head == "roberta"
+
+
+def test_a_switchable_bundle_mixes_a_peft_classifier_and_an_embeddings_adapter(tmp: Path) -> None:
+    adapter, model = peft_seq_cls(tmp, "bert")
+    base = base_dir(tmp, "bert")
+    fe = peft.get_peft_model(tf.AutoModel.from_pretrained(base), peft.LoraConfig(
+        task_type="FEATURE_EXTRACTION", r=2, target_modules=["query"], init_lora_weights=False)).eval()
+    fe.save_pretrained(tmp / "fe-mix")
+    export_bundle(base, {"cls": adapter, "emb": tmp / "fe-mix"}, mode="switchable", precision="fp32",
+                  out=tmp / "mixed")
+    rt = Runtime(tmp / "mixed")
+    feeds = feeds_for("bert")
+    want = peft_logits(model, feeds)
+    with torch.no_grad():
+        hidden = fe(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    m = feeds["attention_mask"][..., None]
+    out = rt.run(feeds, adapters=["cls", "emb", "cls", "emb"])
+    assert [row.shape for row in out["logits"]] == [(3,), (0,), (3,), (0,)]
+    assert rel_diff(np.stack([out["logits"][0], out["logits"][2]]), want[[0, 2]]) < FP32_REL
+    pooled = (hidden * m).sum(1) / m.sum(1)
+    assert rel_diff(out["embeddings"][[1, 3]], pooled[[1, 3]]) < FP32_REL
