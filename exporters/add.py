@@ -229,7 +229,7 @@ def _check_head(path: Path, bundle: Path, data: dict, tensors: Mapping, slots: M
         return
     if theirs != MEAN_POOLED:
         raise EdgeloraError(f"{path}: add-adapter takes adapters with edgelora's mean-pooled head or none, this one has "
-                            f"{theirs} head; export a new bundle with it (edgelora export --mode switchable)")
+                            f"{theirs} head; export a new bundle with it (mode='switchable')")
     if ours != theirs:
         raise EdgeloraError(f"{path}: its {theirs} head cannot run in bundle {bundle}, whose graph applies "
                             f"{ours or 'no head'}; export a new bundle with this adapter")
