@@ -440,7 +440,10 @@ class AdapterModel(nn.Module):
             logits = self.classify(self.active, hidden, attention_mask, pooled)
         if labels is None:
             return logits, pooled
-        if self.active is None or self.active not in self.heads:
-            raise EdgeloraError("labels were given but no adapter with a head is active; call set_adapter(name) first")
+        if self.active is None:
+            raise EdgeloraError("labels were given but no adapter is active; call set_adapter(name) first")
+        if self.active not in self.heads:
+            raise EdgeloraError(f"labels were given but adapter {self.active!r} has no head (it changes the embeddings "
+                                "only); add the adapter with labels to classify")
         loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(logits.device).long())
         return loss, logits, pooled

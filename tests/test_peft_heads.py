@@ -440,3 +440,14 @@ def test_a_switchable_bundle_mixes_a_peft_classifier_and_an_embeddings_adapter(t
     assert rel_diff(np.stack([out["logits"][0], out["logits"][2]]), want[[0, 2]]) < FP32_REL
     pooled = (hidden * m).sum(1) / m.sum(1)
     assert rel_diff(out["embeddings"][[1, 3]], pooled[[1, 3]]) < FP32_REL
+
+
+def test_labels_for_an_adapter_without_a_head_are_refused() -> None:
+    from conftest import make_base
+
+    model = AdapterModel(make_base("bert"))
+    model.add_adapter("emb", LoraConfig(r=2), [])
+    feeds = make_inputs("bert")
+    assert model(**feeds)[0].shape == (3, 0)
+    with pytest.raises(EdgeloraError, match=r"labels were given but adapter 'emb' has no head"):
+        model(**feeds, labels=torch.zeros(3, dtype=torch.long))
