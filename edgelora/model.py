@@ -1,8 +1,9 @@
 """A frozen base model with named adapters and one task head per adapter.
 
 `AdapterModel` wraps a Hugging Face encoder or decoder (or any `nn.Module` of `nn.Linear`s), swaps the
-targeted linears for `AdaptedLinear` in place (wrap, don't rebuild), and mean-pools the last hidden
-state into each adapter's classification head.
+targeted linears for `AdaptedLinear` in place (wrap, don't rebuild), and gives each adapter a head over the
+last hidden state: ours mean-pools it, an architecture's head (`edgelora.heads`) pools as transformers does.
+An adapter without labels has no head: it changes the embeddings only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from edgelora.config import AdapterConfig, BottleneckConfig, LoraConfig, QuantConfig, check_recipe
 from edgelora.embedded import EMBEDDED, MINILM, embedded_path
 from edgelora.errors import EdgeloraError
+from edgelora.heads import MEAN_POOLED, activation, head_kind, pool
 from edgelora.layers import ADAPTER_KEYS, AdaptedLinear
 from edgelora.runtime.bundle import ADAPTER_NAME, ADAPTER_NAME_RULE
 
@@ -82,10 +84,17 @@ def _from_pretrained(auto_class, path: Path) -> nn.Module:
     from safetensors import SafetensorError
 
     try:
-        model = auto_class.from_pretrained(path, attn_implementation="eager", local_files_only=True)
+        model, info = auto_class.from_pretrained(path, attn_implementation="eager", local_files_only=True,
+                                                 output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # RuntimeError: weights of another shape
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise EdgeloraError(f"{path}: could not load the base model ({first}); check the files or re-save it") from exc
+    missing = set(info.get("missing_keys") or ())
+    if missing and all(k.startswith("pooler.") for k in missing) and getattr(model, "pooler", None) is not None:
+        # A checkpoint without a pooler (RoBERTa's, a classifier's backbone): transformers would make a random
+        # one at every load, and the base's fingerprint with it. Nothing here uses it; a head that needs
+        # it (BERT's pooler) is refused by name.
+        model.pooler = None
     model.float().eval()
     return model
 
@@ -170,8 +179,19 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(re.search(rf"(^|\.)({p})$", name) for p in patterns)
 
 
+def _last_hidden(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    return base(**kwargs).last_hidden_state  # (batch, seq, hidden)
+
+
 class AdapterModel(nn.Module):
     """Frozen base + named adapters + a head per adapter; `forward` returns (logits, pooled embeddings).
+
+    A head is `heads[name]` (the linear classifier), preceded for the architecture heads of
+    `edgelora.heads` by a dense layer `head_dense[name]` and an activation; `head_kinds[name]` says which.
 
     Example:
         >>> base, _ = load_base("minilm")
@@ -187,6 +207,8 @@ class AdapterModel(nn.Module):
         self.base_fingerprint = fingerprint(base)
         self.base = base
         self.heads = nn.ModuleDict()
+        self.head_dense = nn.ModuleDict()  # the dense layer before the classifier, for heads that have one
+        self.head_kinds: dict[str, str] = {}
         self.labels: dict[str, list[str]] = {}
         self.configs: dict[str, AdapterConfig] = {}
         self.quant: QuantConfig | None = None
@@ -257,15 +279,37 @@ class AdapterModel(nn.Module):
 
     # --- adapters ------------------------------------------------------------------------------------
     def add_adapter(
-        self, name: str, config: AdapterConfig, labels: list[str], quant: QuantConfig | None = None
+        self, name: str, config: AdapterConfig, labels: list[str], quant: QuantConfig | None = None,
+        head: str = MEAN_POOLED,
     ) -> None:
-        """Inject adapter `name` with a fresh head over `labels`; `quant` sets the fake-quant recipe of the model."""
+        """Inject adapter `name` with a fresh head over `labels`; `quant` sets the fake-quant recipe of the model.
+
+        Args:
+            labels: the classes; empty for an adapter without a head (it changes the embeddings only).
+            head: the head's kind (`edgelora.heads.HEAD_KINDS`): ours mean-pools; "bert-pooler" starts
+                from the base's own pooler, which stays frozen.
+        """
         self._check_new_name(name)
-        if len(labels) < 2:
+        if len(labels) == 1:
             raise EdgeloraError(f"adapter {name!r} needs at least 2 labels, got {len(labels)}")
+        kind = head_kind(head)
+        dense_src = None
+        if labels and kind.dense_from_base:
+            dense_src = getattr(getattr(self.base, "pooler", None), "dense", None)
+            if not isinstance(dense_src, nn.Linear):
+                raise EdgeloraError(f"adapter {name!r}: head {head!r} needs the base's pooler, and "
+                                    f"{type(self.base).__name__} has none; use head 'mean-pooled'")
         self._inject(name, config, quant)
-        ref = next(self.base.parameters())
-        self.heads[name] = nn.Linear(hidden_size(self.base), len(labels)).to(ref.device)
+        if labels:
+            ref = next(self.base.parameters())
+            width = hidden_size(self.base)
+            self.heads[name] = nn.Linear(width, len(labels), bias=kind.bias).to(ref.device)
+            if kind.activation is not None:
+                dense = nn.Linear(width, width).to(ref.device)
+                if dense_src is not None:
+                    dense.load_state_dict(dense_src.state_dict())
+                self.head_dense[name] = dense
+            self.head_kinds[name] = head
         self.labels[name] = list(labels)
         self.set_adapter(name)
 
@@ -311,6 +355,8 @@ class AdapterModel(nn.Module):
             layer.active = name
         for adapter, head in self.heads.items():
             head.requires_grad_(adapter == name)
+        for adapter, dense in self.head_dense.items():  # BERT's pooler is the base's: frozen as the base is
+            dense.requires_grad_(adapter == name and not head_kind(self.head_kinds[adapter]).dense_from_base)
         for _, layer in self.adapted_layers():
             for table in (layer.lora_A, layer.lora_B, layer.bottleneck):
                 for adapter, module in table.items():
@@ -330,8 +376,11 @@ class AdapterModel(nn.Module):
             raise EdgeloraError(f"unknown adapter {name!r}; this model has {sorted(self.configs) or 'none'}")
         for _, layer in self.adapted_layers():
             layer.delete(name)
-        if name in self.heads:  # a causal-LM adapter has none
+        if name in self.heads:  # a causal-LM or embeddings adapter has none
             del self.heads[name]
+        if name in self.head_dense:
+            del self.head_dense[name]
+        self.head_kinds.pop(name, None)
         self.labels.pop(name, None)
         del self.configs[name]
         if self.active == name:
@@ -349,14 +398,30 @@ class AdapterModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # --- forward -------------------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The base's last hidden state, (batch, seq, hidden)."""
+        return _last_hidden(self.base, input_ids, attention_mask, token_type_ids)
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of the last hidden state over real tokens (what sentence-transformers does for MiniLM)."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        hidden = self.base(**kwargs).last_hidden_state  # (batch, seq, hidden)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (batch, hidden)
+        return pool(_last_hidden(self.base, input_ids, attention_mask, token_type_ids), attention_mask, "mean")
+
+    def head_kind(self, name: str) -> str | None:
+        """The kind of adapter `name`'s head (`edgelora.heads.HEAD_KINDS`); None for an adapter without one."""
+        return self.head_kinds.get(name) if name in self.heads else None
+
+    def classify(self, name: str, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                 pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Adapter `name`'s logits from the last hidden state (batch, seq, hidden): its head's pooling, dense
+        layer and classifier. `pooled`: the mean-pooled rows when already computed. (batch, 0) without a head."""
+        if name not in self.heads:
+            return hidden.new_zeros(hidden.shape[0], 0)
+        kind = head_kind(self.head_kinds.get(name, MEAN_POOLED))
+        x = pooled if kind.token == "mean" and pooled is not None else pool(hidden, attention_mask, kind.token)
+        if name in self.head_dense:
+            x = activation(kind.activation)(self.head_dense[name](x))  # (batch, hidden)
+        return self.heads[name](x)  # (batch, labels)
 
     def forward(
         self,
@@ -367,14 +432,18 @@ class AdapterModel(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """(logits, pooled); with `labels` (class ids), (loss, logits, pooled) with the mean cross-entropy first,
         as Hugging Face models return it, so a `transformers.Trainer` trains this model as it is."""
-        pooled = self.encode(input_ids, attention_mask, token_type_ids)
+        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
+        pooled = pool(hidden, attention_mask, "mean")
         if self.active is None:
             logits = pooled.new_zeros(pooled.shape[0], 0)
         else:
-            logits = self.heads[self.active](pooled)
+            logits = self.classify(self.active, hidden, attention_mask, pooled)
         if labels is None:
             return logits, pooled
         if self.active is None:
             raise EdgeloraError("labels were given but no adapter is active; call set_adapter(name) first")
+        if self.active not in self.heads:
+            raise EdgeloraError(f"labels were given but adapter {self.active!r} has no head (it changes the embeddings "
+                                "only); add the adapter with labels to classify")
         loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(logits.device).long())
         return loss, logits, pooled

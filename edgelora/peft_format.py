@@ -2,8 +2,11 @@
 
 LoRA weights are stored under PEFT's keys (`base_model.model.<module>.lora_A.weight`), so PEFT loads our
 LoRA adapters and we load PEFT's. Our extras (kind, quantization recipe, labels, head, base fingerprint)
-sit in the same JSON under "edgelora", and the head under `edgelora_head.*`, which PEFT ignores. A static
-int8 recipe's calibrated activation ranges (per layer scale and zero point) are extras too, in the JSON.
+sit in the same JSON under "edgelora", and our mean-pooled head under `edgelora_head.*`, which PEFT ignores.
+An architecture's head (`edgelora.heads`) is stored as PEFT stores a SEQ_CLS adapter's `modules_to_save`
+(`base_model.model.classifier.weight`, ...), both ways: PEFT's classifiers load here with their own head,
+and ours load in PEFT on the matching AutoModelForSequenceClassification. A static int8 recipe's
+calibrated activation ranges (per layer scale and zero point) are extras too, in the JSON.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from edgelora.config import (
     plain_lora_config,
 )
 from edgelora.errors import EdgeloraError
+from edgelora.heads import ARCH_HEADS, HEAD_KINDS, MEAN_POOLED, PER_TOKEN, head_kind
 from edgelora.layers import ADAPTER_KEYS, BOTTLENECK_KEY, LORA_A_KEY, LORA_B_KEY
-from edgelora.model import AdapterModel
+from edgelora.model import AdapterModel, hidden_size, model_type
 from edgelora.runtime.bundle import TOKEN_CLASSIFICATION
 
 CONFIG_FILE = "adapter_config.json"
@@ -53,20 +57,43 @@ def adapter_state(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors under the keys its file holds (float32, on the CPU): PEFT's LoRA keys (a PiSSA
     adapter as the plain LoRA of the original base, `AdaptedLinear.lora_weights`), ours for bottlenecks and the head."""
     tensors: dict[str, torch.Tensor] = {}
+    kind = head_kind(model.head_kind(name) or MEAN_POOLED)
+    # An architecture head's adapter is PEFT's SEQ_CLS layout: layers under the task model's backbone attribute.
+    prefix = PEFT_PREFIX + (f"{model.base.base_model_prefix}." if kind.out_key and _backbone(model) else "")
     for layer_name, layer in model.adapted_layers():
         if name in layer.lora_A:
             A, B = layer.lora_weights(name)
-            tensors[f"{PEFT_PREFIX}{layer_name}{LORA_A_KEY}weight"] = A
-            tensors[f"{PEFT_PREFIX}{layer_name}{LORA_B_KEY}weight"] = B
+            tensors[f"{prefix}{layer_name}{LORA_A_KEY}weight"] = A
+            tensors[f"{prefix}{layer_name}{LORA_B_KEY}weight"] = B
         if name in layer.bottleneck:
             for part in ("down", "up"):
                 sub = getattr(layer.bottleneck[name], part)
-                tensors[f"{PEFT_PREFIX}{layer_name}{BOTTLENECK_KEY}{part}.weight"] = sub.weight
-                tensors[f"{PEFT_PREFIX}{layer_name}{BOTTLENECK_KEY}{part}.bias"] = sub.bias
-    if name in model.heads:  # a causal-LM adapter has none: the base's own LM head predicts
-        tensors[HEAD_PREFIX + "weight"] = model.heads[name].weight
-        tensors[HEAD_PREFIX + "bias"] = model.heads[name].bias
+                tensors[f"{prefix}{layer_name}{BOTTLENECK_KEY}{part}.weight"] = sub.weight
+                tensors[f"{prefix}{layer_name}{BOTTLENECK_KEY}{part}.bias"] = sub.bias
+    if name in model.heads:  # a causal-LM or embeddings adapter has none
+        out = HEAD_PREFIX if kind.out_key is None else f"{PEFT_PREFIX}{kind.out_key}."
+        tensors[out + "weight"] = model.heads[name].weight
+        if model.heads[name].bias is not None:
+            tensors[out + "bias"] = model.heads[name].bias
+        if name in model.head_dense and not _dense_is_the_bases(model, name):
+            dense = model.head_dense[name]
+            tensors[f"{PEFT_PREFIX}{kind.dense_key}.weight"] = dense.weight
+            tensors[f"{PEFT_PREFIX}{kind.dense_key}.bias"] = dense.bias
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+
+
+def _backbone(model: AdapterModel) -> bool:
+    """Whether the base is a Hugging Face backbone that task models hold under `base_model_prefix`."""
+    return bool(getattr(model.base, "base_model_prefix", "")) and model_type(model.base) in ARCH_HEADS
+
+
+def _dense_is_the_bases(model: AdapterModel, name: str) -> bool:
+    """Whether adapter `name`'s dense layer is the base's own pooler, unchanged (then its file leaves it out,
+    as PEFT's does: a task model has it from the base)."""
+    if not head_kind(model.head_kinds[name]).dense_from_base:
+        return False
+    base_dense, dense = model.base.pooler.dense, model.head_dense[name]
+    return torch.equal(base_dense.weight, dense.weight) and torch.equal(base_dense.bias, dense.bias)
 
 
 def save_adapter(
@@ -93,16 +120,22 @@ def save_adapter(
         "quantization": None if model.quant is None else config_to_dict(model.quant),
         "task": model.task,
         **({"labels": model.labels[name]} if name in model.labels else {}),
+        **({"head": model.head_kind(name)} if model.head_kind(name) else {}),
         "base_fingerprint": model.base_fingerprint,
         "name": name,
         **({"init": init} if init is not None else {}),
         **({RANGES_KEY: ranges_to_dict(model)} if model.quant is not None and model.quant.activations == "static" else {}),
         **(extra or {}),
     }
+    kind = head_kind(model.head_kind(name) or MEAN_POOLED)
+    modules_to_save = None
+    if kind.out_key is not None:  # PEFT's SEQ_CLS/TOKEN_CLS names; "classifier" also matches DistilBERT's pre_classifier
+        modules_to_save = ["classifier", "score"] + (["pooler"] if any(".pooler." in k for k in tensors) else [])
     if isinstance(config, LoraConfig):
         data: dict[str, Any] = {
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM" if model.task == "causal-lm" else None,
+            "task_type": ("CAUSAL_LM" if model.task == "causal-lm" else None if not modules_to_save
+                          else "TOKEN_CLS" if model.task == TOKEN_CLASSIFICATION else "SEQ_CLS"),
             "base_model_name_or_path": base_name,
             "r": config.r,
             "lora_alpha": config.alpha,
@@ -113,7 +146,7 @@ def save_adapter(
             "fan_in_fan_out": False,
             "inference_mode": True,
             "init_lora_weights": True,
-            "modules_to_save": None,
+            "modules_to_save": modules_to_save,
         }
         if config.rank_pattern:
             data["rank_pattern"] = dict(config.rank_pattern)
@@ -196,7 +229,8 @@ def adapter_config(data: dict[str, Any], source: str) -> LoraConfig | Bottleneck
 def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None, *, check_base: bool = True) -> str:
     """Add the adapter saved at `path` (ours or PEFT's LoRA) to `model`; returns its name.
 
-    The base fingerprint is checked, and every weight must land on a layer of the right shape.
+    The base fingerprint is checked, and every weight must land on a layer of the right shape. The head is
+    the one the file carries (`_read_head`): ours, PEFT's SEQ_CLS head, or none (FEATURE_EXTRACTION).
     """
     path = Path(path)
     data, tensors = read_adapter(path)
@@ -210,21 +244,19 @@ def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None,
             f"{path}: adapter was trained on another base (fingerprint {fp[:12]}…, this base {model.base_fingerprint[:12]}…); "
             "export it with the base it was trained on"
         )
-    task = extras.get("task") or _PEFT_TASKS.get(data.get("task_type")) or (
+    task_type = data.get("task_type")
+    task = extras.get("task") or _PEFT_TASKS.get(task_type) or (
         "classification" if f"{HEAD_PREFIX}weight" in tensors else model.task)
-    if task == TOKEN_CLASSIFICATION and not extras:  # PEFT's TOKEN_CLS: the classifier is in modules_to_save
-        tensors, extras = _peft_token_head(model, tensors, path)
-    if task != model.task:  # a stock PEFT adapter (no extras, no head) loads into either
+    if task != model.task:  # a stock PEFT adapter (no extras, no task type) loads into either
         raise EdgeloraError(f"{path}: a {task} adapter cannot load into a {model.task} model; "
                             + ("load the base with CausalLMAdapterModel" if task == "causal-lm" else
                                "load it with AdapterModel (an encoder task)"))
-    if model.task == "causal-lm":
-        labels = []
-    elif f"{HEAD_PREFIX}weight" in tensors:
-        n_labels = tensors[f"{HEAD_PREFIX}weight"].shape[0]
-        labels = list(extras.get("labels") or [str(i) for i in range(n_labels)])
-    else:
-        labels = ["0", "1"]  # a PEFT adapter without our head: a placeholder head, reported as such
+    head, labels, head_state = None, [], {}
+    if model.task != "causal-lm":
+        head, labels, head_state = _read_head(model, data, tensors, path, name)
+    else:  # the base's own LM head predicts: a saved lm_head or other module would be left out
+        _refuse_unplaced(path / WEIGHTS_FILE, [k for k in tensors if not any(m in k for m in ADAPTER_KEYS)])
+    tensors = {k: v for k, v in tensors.items() if any(m in k for m in ADAPTER_KEYS)}
     quant = extras.get("quantization")
     layer_names = sorted(
         {k[len(PEFT_PREFIX):].split(LORA_A_KEY)[0] for k in tensors if LORA_A_KEY in k}
@@ -242,8 +274,8 @@ def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None,
                                      init="default")
     recipe = QuantConfig(**quant) if quant else model.quant
     _check_same_recipe(model, recipe, path)
-    model.add_adapter(name, config, labels, quant=recipe)
-    state = _module_state(name, tensors, resolved)
+    model.add_adapter(name, config, labels, quant=recipe, **({"head": head} if head else {}))  # causal LMs: none
+    state = {**_module_state(name, tensors, resolved), **head_state}
     own = {k: v for k, v in model.state_dict().items() if k in state}
     for key, value in state.items():
         if key not in own:
@@ -270,9 +302,131 @@ def load_adapter(model: AdapterModel, path: str | Path, name: str | None = None,
     return name
 
 
-# PEFT task types whose adapters we load as another task than the model's default guess.
-_PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "TOKEN_CLS": TOKEN_CLASSIFICATION}
-PEFT_TOKEN_HEAD = "classifier"  # BertForTokenClassification & co.: a per-token linear, saved by PEFT as modules_to_save
+# PEFT task types -> the model task that loads them; the ones not listed are refused by `_read_head`.
+_PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification", "FEATURE_EXTRACTION": "classification",
+               "TOKEN_CLS": TOKEN_CLASSIFICATION}
+
+
+def _read_head(model: AdapterModel, data: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path,
+               name: str) -> tuple[str | None, list[str], dict[str, torch.Tensor]]:
+    """The head an adapter file carries: (kind or None for no head, labels, the head's state under this
+    model's keys). Ours (`edgelora_head.*`, mean-pooled), PEFT's SEQ_CLS head (`modules_to_save`), applied
+    as the architecture's ...ForSequenceClassification applies it, or a TOKEN_CLS `classifier` over every
+    token; FEATURE_EXTRACTION and adapters of no task type have none. Refuses, in one line saying why, whatever it cannot apply exactly: never a stand-in."""
+    extras = data.get("edgelora") or {}
+    task_type = data.get("task_type")
+    weights = path / WEIGHTS_FILE
+    extra_keys = [k for k in tensors if not any(m in k for m in ADAPTER_KEYS)]
+    if f"{HEAD_PREFIX}weight" in tensors:
+        n_labels = tensors[f"{HEAD_PREFIX}weight"].shape[0]
+        labels = list(extras.get("labels") or [str(i) for i in range(n_labels)])
+        state = {f"heads.{name}.{k[len(HEAD_PREFIX):]}": v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+        _refuse_unplaced(weights, [k for k in extra_keys if not k.startswith(HEAD_PREFIX)])
+        return (PER_TOKEN if model.task == TOKEN_CLASSIFICATION else MEAN_POOLED), labels, state
+    kind_name = extras.get("head") or (PER_TOKEN if task_type == "TOKEN_CLS" else None)
+    if kind_name is None and task_type == "SEQ_CLS":
+        arch = model_type(model.base)
+        kind_name = ARCH_HEADS.get(arch or "")
+        if kind_name is None:
+            raise EdgeloraError(f"{path}: a SEQ_CLS adapter for a {arch or type(model.base).__name__} base: edgelora "
+                                f"knows the sequence-classification heads of {', '.join(sorted(ARCH_HEADS))} only")
+    if kind_name is None:
+        if task_type not in (None, "FEATURE_EXTRACTION"):
+            raise EdgeloraError(f"{path / CONFIG_FILE}: task_type {task_type!r} is not supported; edgelora exports "
+                                "SEQ_CLS, TOKEN_CLS, FEATURE_EXTRACTION and CAUSAL_LM adapters")
+        _refuse_unplaced(weights, extra_keys)  # an embeddings adapter: nothing but its layers
+        return None, [], {}
+    if kind_name not in HEAD_KINDS or HEAD_KINDS[kind_name].out_key is None:
+        raise EdgeloraError(f"{path / CONFIG_FILE}: head {kind_name!r} is not one of {', '.join(HEAD_KINDS)}; re-save the adapter")
+    kind = HEAD_KINDS[kind_name]
+    width = hidden_size(model.base)
+    out_w = tensors.get(f"{PEFT_PREFIX}{kind.out_key}.weight")
+    if out_w is None:
+        raise EdgeloraError(f"{weights}: a {task_type or 'SEQ_CLS'} adapter without its classifier "
+                            f"({PEFT_PREFIX}{kind.out_key}.weight, "
+                            "saved by PEFT under modules_to_save); re-save it with PEFT's save_pretrained")
+    if out_w.ndim != 2 or out_w.shape[1] != width:
+        raise EdgeloraError(f"{weights}: {kind.out_key}.weight has shape {tuple(out_w.shape)}, this base needs "
+                            f"(labels, {width}); the adapter is for another base")
+    if out_w.shape[0] < 2:
+        raise EdgeloraError(f"{weights}: {kind.out_key} has {out_w.shape[0]} output (a regression head); edgelora "
+                            "exports classifiers of at least 2 labels")
+    used = {f"{PEFT_PREFIX}{kind.out_key}.weight"}
+    state = {f"heads.{name}.weight": out_w}
+    out_b = tensors.get(f"{PEFT_PREFIX}{kind.out_key}.bias")
+    if (out_b is not None) != kind.bias:
+        raise EdgeloraError(f"{weights}: {kind.out_key} {'has' if out_b is not None else 'lacks'} a bias, which the "
+                            f"{kind_name} head {'does not have' if out_b is not None else 'needs'}; wrong base?")
+    if out_b is not None:
+        state[f"heads.{name}.bias"] = out_b
+        used.add(f"{PEFT_PREFIX}{kind.out_key}.bias")
+    if kind.dense_key is not None:
+        dense = {p: tensors.get(f"{PEFT_PREFIX}{kind.dense_key}.{p}") for p in ("weight", "bias")}
+        if any(v is None for v in dense.values()):
+            dense = _dense_from_base(model, kind_name, path)
+        else:
+            used |= {f"{PEFT_PREFIX}{kind.dense_key}.{p}" for p in ("weight", "bias")}
+        if tuple(dense["weight"].shape) != (width, width):
+            raise EdgeloraError(f"{weights}: {kind.dense_key}.weight has shape {tuple(dense['weight'].shape)}, this "
+                                f"base needs ({width}, {width}); the adapter is for another base")
+        state.update({f"head_dense.{name}.{p}": v for p, v in dense.items()})
+    _refuse_unplaced(weights, [k for k in extra_keys if k not in used])
+    n = out_w.shape[0]
+    labels = list(extras.get("labels") or _config_labels(model, n))
+    return kind_name, labels, state
+
+
+def _config_labels(model: AdapterModel, n: int) -> list[str]:
+    """Label names from the base config's id2label when it names `n` classes, else transformers' defaults
+    (LABEL_0, ...): what the task model the adapter was trained on called them."""
+    id2label = getattr(getattr(model.base, "config", None), "id2label", None) or {}
+    names = {int(k): str(v) for k, v in id2label.items()}
+    if sorted(names) == list(range(n)):
+        return [names[i] for i in range(n)]
+    return [f"LABEL_{i}" for i in range(n)]
+
+
+# The dense layer a task model may take from its base checkpoint, by head kind: (the checkpoint key's end,
+# the module to add to modules_to_save so that PEFT saves it with the adapter).
+_BASE_DENSE = {"bert-pooler": ("pooler.dense", "pooler"), "distilbert": ("pre_classifier", "pre_classifier")}
+
+
+def _dense_from_base(model: AdapterModel, kind_name: str, path: Path) -> dict[str, torch.Tensor]:
+    """The dense layer a SEQ_CLS adapter did not save, as its task model got it from the base checkpoint;
+    refused when the checkpoint lacks it (transformers would have initialised it at random, so PEFT's
+    own outputs cannot be reproduced)."""
+    kind = HEAD_KINDS[kind_name]
+    why = f"the adapter does not hold {kind.dense_key} (modules_to_save)"
+    if kind_name not in _BASE_DENSE:
+        raise EdgeloraError(f"{path}: {why}; re-save it with PEFT's save_pretrained")
+    suffix, module_name = _BASE_DENSE[kind_name]
+    fix = f"retrain with modules_to_save=['classifier', '{module_name}']"
+    where = getattr(model.base, "name_or_path", "") or ""
+    checkpoint = Path(where) if where and Path(where).is_dir() else None
+    if checkpoint is not None:
+        from safetensors import safe_open
+
+        for file in sorted(checkpoint.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                found = {p: next((f.get_tensor(k) for k in f.keys() if k.endswith(f"{suffix}.{p}")), None)
+                         for p in ("weight", "bias")}
+            if all(v is not None for v in found.values()):
+                return found
+        raise EdgeloraError(f"{path}: {why} and the base checkpoint {checkpoint} has none, so transformers gives "
+                            f"the task model a random one and PEFT's outputs cannot be reproduced; {fix}")
+    module = getattr(getattr(model.base, "pooler", None), "dense", None) if kind.dense_from_base else None
+    if module is None:
+        raise EdgeloraError(f"{path}: {why} and the base has none, so PEFT's outputs cannot be reproduced; {fix}")
+    return {"weight": module.weight.detach().clone(), "bias": module.bias.detach().clone()}
+
+
+def _refuse_unplaced(weights: Path, keys: list[str]) -> None:
+    """Refuse tensors that are neither adapter layers nor a head edgelora applies (e.g. other
+    `modules_to_save`): exporting without them would not give the adapter's outputs."""
+    if keys:
+        raise EdgeloraError(f"{weights}: holds {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
+                            + ", which is neither LoRA nor a classification head edgelora applies; "
+                            "export an adapter without extra modules_to_save")
 
 
 def adapter_task(path: str | Path) -> str:
@@ -280,28 +434,6 @@ def adapter_task(path: str | Path) -> str:
     data, tensors = read_adapter(path)
     extras = data.get("edgelora") or {}
     return extras.get("task") or _PEFT_TASKS.get(data.get("task_type")) or "classification"
-
-
-def _peft_token_head(model: AdapterModel, tensors: dict[str, torch.Tensor],
-                     path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A PEFT TOKEN_CLS adapter's tensors with its classifier under our head keys, and the label names from the
-    base config's id2label (transformers' LABEL_i where it has none); refuses an adapter without its classifier."""
-    weight_key, bias_key = (f"{PEFT_PREFIX}{PEFT_TOKEN_HEAD}.{p}" for p in ("weight", "bias"))
-    if weight_key not in tensors:
-        raise EdgeloraError(f"{path / WEIGHTS_FILE}: a TOKEN_CLS adapter without its classifier ({weight_key}, "
-                            "saved by PEFT under modules_to_save); re-save it with PEFT's save_pretrained")
-    weight = tensors[weight_key]
-    bias = tensors.get(bias_key, torch.zeros(weight.shape[0]))
-    others = [k for k in tensors if k not in (weight_key, bias_key) and not any(m in k for m in ADAPTER_KEYS)]
-    if others:
-        raise EdgeloraError(f"{path / WEIGHTS_FILE}: holds {others[0]}, which is neither LoRA nor the token "
-                            "classifier; export an adapter without extra modules_to_save")
-    n = weight.shape[0]
-    id2label = getattr(getattr(model.base, "config", None), "id2label", None) or {}
-    names = {int(k): str(v) for k, v in id2label.items()}
-    labels = [names[i] for i in range(n)] if sorted(names) == list(range(n)) else [f"LABEL_{i}" for i in range(n)]
-    kept = {k: v for k, v in tensors.items() if k not in (weight_key, bias_key)}
-    return {**kept, f"{HEAD_PREFIX}weight": weight, f"{HEAD_PREFIX}bias": bias}, {"labels": labels}
 
 
 def _resolve_layer(name: str, known: set[str]) -> str | None:

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgelora.config import AdapterConfig, QuantConfig
 from edgelora.errors import EdgeloraError
+from edgelora.heads import PER_TOKEN
 from edgelora.model import AdapterModel, max_positions
 from edgelora.runtime.bundle import TOKEN_CLASSIFICATION
 from edgelora.runtime.entities import entity_f1
@@ -31,18 +33,17 @@ class TokenAdapterModel(AdapterModel):
 
     task = TOKEN_CLASSIFICATION
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The base's last hidden state (batch, seq, hidden)."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return self.base(**kwargs).last_hidden_state
+    def add_adapter(self, name: str, config: AdapterConfig, labels: list[str], quant: QuantConfig | None = None,
+                    head: str = PER_TOKEN) -> None:
+        """Inject adapter `name` with a fresh per-token head over `labels` (`AdapterModel.add_adapter`)."""
+        if head != PER_TOKEN:
+            raise EdgeloraError(f"adapter {name!r}: a token-classification model takes head {PER_TOKEN!r}, not {head!r}")
+        super().add_adapter(name, config, labels, quant=quant, head=head)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """(logits, pooled); with `labels` [batch, seq] (IGNORE_INDEX where no loss), (loss, logits, pooled)."""
-        hidden = self.hidden(input_ids, attention_mask, token_type_ids)  # (batch, seq, hidden)
+        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)  # (batch, seq, hidden)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (batch, hidden): the embeddings output
         if self.active is None:

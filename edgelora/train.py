@@ -244,7 +244,8 @@ def train_adapter(
         empty_metrics={"eval_accuracy": float("nan")},
         signature=lambda world: _signature(model, name, tokenizer, train_texts, train_labels, eval_texts, eval_labels,
                                            config, world),
-        head_params=list(model.heads[name].parameters()),
+        head_params=list(model.heads[name].parameters())
+        + (list(model.head_dense[name].parameters()) if name in model.head_dense else []),
     )
     return run_loop(model, name, task, config, progress=progress, checkpoint=checkpoint)
 
@@ -401,6 +402,8 @@ def _signature(model, name, tokenizer, train_texts, train_labels, eval_texts, ev
         "adapter config": config_to_dict(model.configs[name]),
         "quantization": None if model.quant is None else config_to_dict(model.quant),
         "labels": list(model.labels[name]),
+        # an architecture head (edgelora.heads) trains other weights; ours stays out, as checkpoints had it
+        **({"head": model.head_kind(name)} if model.head_kind(name) not in (None, "mean-pooled") else {}),
         "base": model.base_fingerprint,
         "training settings": dataclasses.asdict(config),
         "data": hashlib.sha256(data.encode()).hexdigest(),
@@ -513,5 +516,5 @@ class _Saver:
 
 def _adapter_state(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:
     # Static activation observers (edgelora/calibrate.py) go with the adapter: they may still observe in QAT.
-    keys = (*(f"{marker}{name}." for marker in ADAPTER_KEYS), f"heads.{name}.", ".act_observer.")
+    keys = (*(f"{marker}{name}." for marker in ADAPTER_KEYS), f"heads.{name}.", f"head_dense.{name}.", ".act_observer.")
     return {k: v for k, v in model.state_dict().items() if any(m in k or k.startswith(m) for m in keys)}

@@ -33,6 +33,7 @@ from edgelora.runtime.bundle import (
     ADAPTER_NAME,
     ADAPTER_NAME_RULE,
     BANK_FILE,
+    MEAN_POOLED,
     MODEL_FILE,
     TOKEN_CLASSIFICATION,
     AdapterEntry,
@@ -159,6 +160,7 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
             "export a new bundle with all the adapters instead"
         )
     slots = manifest.slots or {}
+    _check_head(path, bundle, data, tensors, slots)
     if isinstance(config, BottleneckConfig) and config.activation != slots.get("bottleneck_activation"):
         have = slots.get("bottleneck_activation")
         raise EdgeloraError(
@@ -223,6 +225,27 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
         if trained and mode not in (None, "switchable") else None,
     )
     return entry, values
+
+
+def _check_head(path: Path, bundle: Path, data: dict, tensors: Mapping, slots: Mapping) -> None:
+    """Refuse an adapter whose head the bundle's graph does not compute: the graph pools one way for all
+    (`edgelora.heads`), and an adapter with an architecture's head is exported in a bundle of its own."""
+    from edgelora.peft_format import HEAD_PREFIX
+
+    extras = data.get("edgelora") or {}
+    if f"{HEAD_PREFIX}weight" in tensors:
+        theirs = MEAN_POOLED
+    else:
+        theirs = extras.get("head") or ("an architecture's (PEFT SEQ_CLS)" if data.get("task_type") == "SEQ_CLS" else None)
+    ours = slots.get("head", MEAN_POOLED)  # bundles before the field had a mean-pooled head slot
+    if theirs is None:
+        return
+    if theirs != MEAN_POOLED:
+        raise EdgeloraError(f"{path}: add-adapter takes adapters with edgelora's mean-pooled head or none, this one has "
+                            f"{theirs} head; export a new bundle with it (mode='switchable')")
+    if ours != theirs:
+        raise EdgeloraError(f"{path}: its {theirs} head cannot run in bundle {bundle}, whose graph applies "
+                            f"{ours or 'no head'}; export a new bundle with this adapter")
 
 
 def _check_smoothing(path: Path, bundle: Path, theirs: str | None) -> None:
@@ -303,7 +326,7 @@ def _check_against_torch(bundle: Path, manifest: Manifest, proto: onnx.ModelProt
             file = Path(tmp) / f"{name}.onnx_adapter"
             write_adapter_file(file, values)
             options, _adapter = validate.adapter_run_options(str(file))
-            logits, pooled = sess.run(["logits", "embeddings"], feeds, options)
+            logits, pooled = validate.run_graph(sess, feeds, options)
             model.set_adapter(name)
             ref_logits, ref_pooled = validate.torch_outputs(model, feeds)
             if not entry.labels:  # no task head in the adapter: only the embeddings are its output

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from edgelora import __version__, smooth
 from edgelora.calibrate import ranges_to_dict, static_qparams
@@ -40,7 +41,7 @@ from edgelora.tokenize import DEFAULT_MAX_LENGTH
 
 from . import validate
 from .fusion import DEFAULT_FUSIONS, fuse_graph
-from .onnx_graph import OUTPUTS, export_graph
+from .onnx_graph import HIDDEN_STATE, export_graph
 from .mixed_precision import TARGET_COSINE, calibration_feeds, choose_fp32_layers, expand_to_units
 from .quantize import QuantizedAttention, count_layers, quantization_units, quantize_graph
 from .switchable import (
@@ -173,6 +174,7 @@ def export_bundle(
     target_cosine: float = TARGET_COSINE,
     smooth_alpha: float | None = None,
     lora_slots: str = "adapters",
+    hidden_state: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Export `base` with `adapters` (name -> adapter directory) to a bundle; returns its manifest, as written.
@@ -193,6 +195,9 @@ def export_bundle(
         lora_slots: in switchable mode, which layers get a LoRA slot: "adapters" (those these adapters
             adapt), or "attention" / "attention+mlp" (every such projection), so that LoRA adapters trained
             later on them can be added with `edgelora add-adapter` (see `switchable.slot_plan`).
+        hidden_state: add the token-level `last_hidden_state` output (batch, tokens, hidden) beside the
+            pooled `embeddings`. Adapters with a head give `logits` too (`edgelora.heads` says how each head
+            pools); adapters without one (PEFT's FEATURE_EXTRACTION) make an embeddings bundle.
     """
     if mode not in EXPORT_MODES:
         raise EdgeloraError(f"mode={mode!r} is not supported; choose from {', '.join(EXPORT_MODES)}")
@@ -228,11 +233,11 @@ def export_bundle(
 
     say("exporting graph")
     if mode == "merged":
-        graph = export_graph(model, mode="merged", adapter=names[0])
+        graph = export_graph(model, mode="merged", adapter=names[0], hidden_state=hidden_state)
         plan, specs = None, {}
     else:
         plan = slot_plan(model, names, lora_slots)
-        graph = export_graph(model, mode="switchable", adapter=None, slots=plan)
+        graph = export_graph(model, mode="switchable", adapter=None, slots=plan, hidden_state=hidden_state)
         make_slots_inputs(graph)  # adapter banks gathered by adapter_ids (see switchable.py)
         specs = slot_specs(graph.model)
     say("fusing")
@@ -262,12 +267,16 @@ def export_bundle(
 
     say("validating against torch")
     report = _validate(model, graph.model, graph.feeds, names, mode, precision, recipe, adapter_values, quantized)
+    if hidden_state:
+        report[HIDDEN_STATE] = _check_hidden_state(model, graph.model, graph.feeds, names, mode, precision,
+                                                   adapter_values)
     if bank:
         report["mixed batch (bank)"] = check_bank(model, graph.model, graph.feeds, names, precision, recipe, bank)
 
     entries = tuple(
         AdapterEntry.create(
             n, kind=model.configs[n].kind, labels=model.labels[n], switchable=mode == "switchable",
+            head=model.head_kind(n),
             source_sha256=sha256_file(Path(adapters[n]) / WEIGHTS_FILE),  # the adapter weights exported
             trained_with=None if not trained_modes else {"weight_bits": bits, "modes": trained_modes},
         )
@@ -296,7 +305,7 @@ def export_bundle(
         base=BaseInfo(name=str(base), fingerprint=model.base_fingerprint,
                       architecture=model_type(hf_model) or type(hf_model).__name__, hidden_size=hidden_size(hf_model)),
         inputs=tuple(graph.feeds),
-        outputs=tuple(OUTPUTS),
+        outputs=tuple(graph.outputs),
         tokenizer=TokenizerSpec(file=TOKENIZER_FILE, max_length=max_length)
         if (base_path / TOKENIZER_FILE).is_file() else None,
         adapters=entries,
@@ -330,6 +339,34 @@ def _model_for(hf_model, adapters: Mapping[str, str | Path]) -> AdapterModel:
     return TokenAdapterModel(hf_model) if adapter_task(first) == TOKEN_CLASSIFICATION else AdapterModel(hf_model)
 
 
+def _check_hidden_state(model, proto, feeds_names, names, mode, precision, adapter_values) -> dict[str, Any]:
+    """Compare the token-level output with the fp32 torch model for the first adapter (fp32 bundles within
+    the fp32 tolerance; int8 recorded as the cosine of the token vectors, checked by the embeddings)."""
+    import tempfile
+
+    vocab = model.base.get_input_embeddings().num_embeddings
+    feeds = validate.generated_feeds(vocab, feeds_names)
+    name = names[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_file = None
+        if mode == "switchable":
+            adapter_file = str(Path(tmp) / f"{name}.onnx_adapter")
+            write_adapter_file(Path(adapter_file), adapter_values[name])
+        run_options, _adapter = validate.adapter_run_options(adapter_file)
+        (got,) = validate.session(proto.SerializeToString()).run([HIDDEN_STATE], feeds, run_options)
+    ref_model = copy.deepcopy(model)
+    ref_model.set_quant(None)
+    ref_model.set_adapter(name)
+    with torch.no_grad():
+        ref = ref_model.hidden_states(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+    real = feeds["attention_mask"].astype(bool)  # padded positions carry no meaning: compare real tokens
+    check = validate.compare(HIDDEN_STATE, got[real], ref[real])
+    if precision == "fp32" and check.max_abs_diff > validate.FP32_REL_TOL * max(1.0, float(np.abs(ref).max())):
+        raise EdgeloraError(f"export check failed for adapter {name!r}: fp32 ONNX {HIDDEN_STATE} differs from torch "
+                            f"by {check.max_abs_diff:.3g}; please report this model")
+    return {"adapter": name, "vs_fp32_torch": check.as_dict()}
+
+
 def _validate(model, proto, feeds_names, names, mode, precision, recipe, adapter_values, quantized) -> dict[str, Any]:
     """Run the graph on generated inputs for every adapter (and no adapter in switchable mode) and
     compare with torch: fp32 against the float model, int8 against the fake-quant model layer by layer
@@ -359,7 +396,7 @@ def _validate(model, proto, feeds_names, names, mode, precision, recipe, adapter
                 adapter_file = str(Path(tmp) / f"{name}.onnx_adapter")
                 write_adapter_file(Path(adapter_file), adapter_values[name])
             run_options, _adapter = validate.adapter_run_options(adapter_file)
-            logits, pooled = sess.run(["logits", "embeddings"], feeds, run_options)
+            logits, pooled = validate.run_graph(sess, feeds, run_options)
             label = f"adapter {name!r}" if name else "the plain base (no adapter)"
             entry: dict[str, Any] = {}
             for ref_name, ref_model in (("vs_fp32_torch", fp32_model), ("vs_fake_quant_torch", fq_model)):

@@ -17,6 +17,7 @@ import onnx
 import torch
 from torch import nn
 
+from edgelora.heads import activation, head_kind, pool
 from edgelora.layers import AdaptedLinear
 from edgelora.model import AdapterModel
 from edgelora.runtime.bundle import TOKEN_CLASSIFICATION
@@ -24,6 +25,7 @@ from edgelora.runtime.bundle import TOKEN_CLASSIFICATION
 OPSET = 17
 FEEDS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("logits", "embeddings")
+HIDDEN_STATE = "last_hidden_state"  # the token-level output an embeddings bundle gives on request
 SLOT_RANK = 2  # placeholder width of switchable slots at trace time; replaced by a zero-size default
 # ONNX Runtime's Attention adds this to the scores of masked keys (its `mask_filter_value` default); the
 # additive masks the exporter builds and the torch references in validate.py use the same value.
@@ -62,30 +64,39 @@ class _ExportLinear(nn.Module):
 
 
 class _ExportHead(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("weight_t", weight.detach().t().contiguous().float())  # (hidden, labels)
-        self.register_buffer("bias", bias.detach().float().clone())
+    """A head of kind `kind` (`edgelora.heads`): pool, optional dense + activation (`dense_w` (hidden, hidden)
+    transposed, `dense_b`), then `weight_t` (hidden, labels) and `bias`."""
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(pooled, self.weight_t) + self.bias
+    def __init__(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                 dense: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.kind = head_kind(kind)
+        self.register_buffer("weight_t", weight.detach().t().contiguous().float())  # (hidden, labels)
+        self.register_buffer("bias", (bias if bias is not None else weight.new_zeros(weight.shape[0])).detach().float().clone())
+        if self.kind.activation is not None:
+            self.register_buffer("dense_w", dense.weight.detach().t().contiguous().float())  # (hidden, hidden)
+            self.register_buffer("dense_b", dense.bias.detach().float().clone())
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        x = pooled if self.kind.token == "mean" else pool(hidden, mask, self.kind.token)  # (batch, hidden)
+        if self.kind.activation is not None:
+            x = activation(self.kind.activation)(torch.matmul(x, self.dense_w) + self.dense_b)
+        return torch.matmul(x, self.weight_t) + self.bias
 
 
 class _ExportModel(nn.Module):
-    def __init__(self, model: AdapterModel, head: _ExportHead, use_token_types: bool) -> None:
+    def __init__(self, model: AdapterModel, head: _ExportHead | None, use_token_types: bool, hidden_state: bool) -> None:
         super().__init__()
         self.model = model
         self.head = head
         self.use_token_types = use_token_types
+        self.hidden_state = hidden_state
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):  # type: ignore[override]
-        token_types = token_type_ids if self.use_token_types else None
-        if per_token(self.model):  # the head classifies every position of the last hidden state
-            hidden = self.model.hidden(input_ids, attention_mask, token_types)  # (batch, seq, hidden)
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
-            return self.head(hidden), (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        pooled = self.model.encode(input_ids, attention_mask, token_types)
-        return self.head(pooled), pooled
+        hidden = self.model.hidden_states(input_ids, attention_mask, token_type_ids if self.use_token_types else None)
+        pooled = pool(hidden, attention_mask, "mean")
+        out = (self.head(hidden, attention_mask, pooled),) if self.head is not None else ()
+        return out + (pooled,) + ((hidden,) if self.hidden_state else ())
 
 
 @dataclass
@@ -96,6 +107,7 @@ class ExportedGraph:
     feeds: tuple[str, ...]
     weights: dict[str, str] = field(default_factory=dict)  # layer -> its (in, out) base weight initializer
     slots: dict[str, tuple[str, ...]] = field(default_factory=dict)  # switchable adapter inputs by role
+    outputs: tuple[str, ...] = OUTPUTS  # logits (where a head is), embeddings, last_hidden_state (on request)
     per_token: bool = False  # the head classifies each token: logits (batch, seq, labels)
 
 
@@ -109,13 +121,17 @@ def uses_token_types(model: AdapterModel) -> bool:
     return bool(getattr(config, "type_vocab_size", 0)) and getattr(config, "model_type", "") != "distilbert"
 
 
-def export_graph(model: AdapterModel, *, mode: str, adapter: str | None, slots: dict | None = None) -> ExportedGraph:
+def export_graph(model: AdapterModel, *, mode: str, adapter: str | None, slots: dict | None = None,
+                 hidden_state: bool = False) -> ExportedGraph:
     """Export `model` to ONNX in fp32.
 
     Args:
         mode: "merged" folds `adapter`'s LoRA into the base weights and bakes its bottleneck and head in;
             "switchable" exports the plain base with a placeholder slot for every adapter tensor in `slots`
-            (`{"lora": set(layers), "bottleneck": {layer: act}, "hidden": int}`), made graph inputs later.
+            (`{"lora": set(layers), "bottleneck": {layer: act}, "hidden": int, "head": kind or None}`), made
+            graph inputs later. A graph without a head (an adapter without one; slots' head None) has no
+            `logits` output.
+        hidden_state: add the token-level `last_hidden_state` (batch, seq, hidden) output.
     """
     model = copy.deepcopy(model).cpu().float().eval()
     model.set_quant(None)
@@ -149,31 +165,41 @@ def export_graph(model: AdapterModel, *, mode: str, adapter: str | None, slots: 
                 slot_names["bottleneck"] += [f"model.base.{name}.{p}" for p in ("down_w", "down_b", "up_w", "up_b")]
         setattr(parent, child, out)
         weights[name] = f"model.base.{name}.weight_t"
-    hidden = model.heads[adapter].in_features if adapter else slots["hidden"]
-    if mode == "merged" and adapter is not None:
-        head = _ExportHead(model.heads[adapter].weight, model.heads[adapter].bias)
-    else:
-        head = _ExportHead(torch.randn(SLOT_RANK, hidden, generator=gen) * 0.01, torch.zeros(SLOT_RANK))
-        if mode == "switchable":
-            slot_names["head"] = ["head.weight_t", "head.bias"]
+    head: _ExportHead | None = None
+    if mode == "merged" and adapter is not None and adapter in model.heads:
+        dense = model.head_dense[adapter] if adapter in model.head_dense else None
+        head = _ExportHead(model.head_kind(adapter), model.heads[adapter].weight, model.heads[adapter].bias, dense)
+    elif mode == "switchable" and slots is not None and slots.get("head") is not None:
+        hidden = slots["hidden"]
+        placeholder = nn.Linear(hidden, hidden)  # replaced by zero defaults when the slots become inputs
+        head = _ExportHead(slots["head"], torch.randn(SLOT_RANK, hidden, generator=gen) * 0.01, torch.zeros(SLOT_RANK),
+                           placeholder)
+        slot_names["head"] = ["head.weight_t", "head.bias"] + (
+            ["head.dense_w", "head.dense_b"] if head.kind.activation is not None else [])
     token_types = uses_token_types(model)
-    wrapper = _ExportModel(model, head, token_types).eval()
+    wrapper = _ExportModel(model, head, token_types, hidden_state).eval()
     feeds = FEEDS if token_types else FEEDS[:2]
+    outputs = (("logits",) if head is not None else ()) + ("embeddings",) + ((HIDDEN_STATE,) if hidden_state else ())
+    # A batch of two rows, the second right-padded: a last-token head must trace its gather, not a constant.
     ids = torch.randint(5, 100, (2, 8), generator=gen)
-    args = (ids, torch.ones_like(ids)) + ((torch.zeros_like(ids),) if token_types else ())
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    args = (ids, mask) + ((torch.zeros_like(ids),) if token_types else ())
     buffer = io.BytesIO()
     dynamic = {n: {0: "batch", 1: "sequence"} for n in feeds}
     logits_axes = {0: "batch", 1: "sequence", 2: "num_labels"} if per_token(model) else {0: "batch", 1: "num_labels"}
-    dynamic.update({"logits": logits_axes, "embeddings": {0: "batch"}})
+    dynamic.update({"logits": logits_axes, "embeddings": {0: "batch"}, HIDDEN_STATE: {0: "batch", 1: "sequence"}})
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, args, buffer, dynamo=False, input_names=list(feeds), output_names=list(OUTPUTS),
-            dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True,
+            wrapper, args, buffer, dynamo=False, input_names=list(feeds), output_names=list(outputs),
+            dynamic_axes={k: v for k, v in dynamic.items() if k in feeds or k in outputs},
+            opset_version=OPSET, do_constant_folding=True,
         )
     proto = onnx.load_from_string(buffer.getvalue())
     names = {init.name for init in proto.graph.initializer}
     missing = [n for n in list(weights.values()) + sum(slot_names.values(), []) if n not in names]
     if missing:
         raise RuntimeError(f"export lost initializer names {missing[:3]}; the exporter needs them to quantize")
-    return ExportedGraph(proto, feeds, weights, {k: tuple(v) for k, v in slot_names.items()}, per_token(model))
+    return ExportedGraph(proto, feeds, weights, {k: tuple(v) for k, v in slot_names.items()}, outputs,
+                         per_token(model))

@@ -43,7 +43,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edgelora.config import LoraConfig, plain_lora_config
 from edgelora.errors import EdgeloraError
 from edgelora.layers import ADAPTER_KEYS, LORA_A_KEY, LORA_B_KEY, AdaptedLinear
-from edgelora.model import AdapterModel
+from edgelora.heads import pool
+from edgelora.model import AdapterModel, hidden_size
 from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX, adapter_state
 # adapter_ids: int64 [rows], each row's bank entry; default [0]
 from edgelora.runtime.bundle import ADAPTER_IDS, BANK_FILE, TOKEN_CLASSIFICATION
@@ -59,11 +60,12 @@ LORA_SLOT_POLICIES = ("adapters", "attention", "attention+mlp")
 # role (the slot name's last part) -> (axis of the adapter's width — rank, bottleneck size or label
 # count — in the tensor's natural form, or None; leading axes the bank form adds). Natural forms:
 # lora_A (in, r), lora_B (r, out) with the LoRA scaling folded in, down_w (out, m), down_b (m,),
-# up_w (m, out), up_b (out,), head weight_t (hidden, labels), head bias (labels,). The biases of the
+# up_w (m, out), up_b (out,), head weight_t (hidden, labels), head bias (labels,), and for heads with a
+# dense layer (`edgelora.heads`) dense_w (hidden, hidden) and dense_b (hidden,). The biases of the
 # bottleneck get two leading axes, (adapters, 1, width), so a row's slice broadcasts over positions.
 _ROLES = {
     "lora_A": (1, 1), "lora_B": (0, 1), "down_w": (1, 1), "down_b": (0, 2), "up_w": (0, 1), "up_b": (None, 2),
-    "weight_t": (1, 1), "bias": (0, 1),
+    "weight_t": (1, 1), "bias": (0, 1), "dense_w": (None, 1), "dense_b": (None, 1),
 }
 # Symbolic names of the widths: one per (layer, kind) — ONNX Runtime's memory planner assumes inputs
 # sharing a dimension name share its size, and a layer's LoRA rank and bottleneck width differ.
@@ -110,7 +112,7 @@ def make_slots_inputs(graph: ExportedGraph) -> list[str]:
     """Turn every slot initializer into a bank input with a zero-width default, gathered by `adapter_ids`.
 
     Rewrites the graph in place: each slot's consumers read `Gather(slot, adapter_ids)` instead, and the
-    head's MatMul runs on the pooled embeddings unsqueezed to (batch, 1, hidden). Returns the slot names.
+    head's MatMuls run on their (batch, hidden) inputs unsqueezed to (batch, 1, hidden). Returns the slot names.
     """
     proto = graph.model
     g = proto.graph
@@ -145,16 +147,17 @@ def make_slots_inputs(graph: ExportedGraph) -> list[str]:
             raise RuntimeError(f"slot {node.input[uses[0]]} feeds a {node.op_type}; the bank rewrite expects MatMul or Add")
         slot = node.input[uses[0]]
         node.input[uses[0]] = gathered[slot]
-        if node.op_type == "MatMul" and _role(slot) == "weight_t" and slot.startswith("head.") and not graph.per_token:
+        if node.op_type == "MatMul" and _role(slot) in ("weight_t", "dense_w") and slot.startswith("head.") \
+                and not graph.per_token:
             # (batch, hidden) @ (batch, hidden, labels) would broadcast to (batch, batch, labels): lift the
             # pooled rows to (batch, 1, hidden), multiply per row, and drop the axis again.
-            pooled, out = node.input[0], node.output[0]
-            nodes.append(helper.make_node("Unsqueeze", [pooled, "adapter_bank.axis1"], ["head.input_rows"],
-                                          name="head.Unsqueeze"))
-            node.input[0] = "head.input_rows"
-            node.output[0] = "head.logit_rows"
-            nodes += [node, helper.make_node("Squeeze", ["head.logit_rows", "adapter_bank.axis1"], [out],
-                                             name="head.Squeeze")]
+            pooled, out, tag = node.input[0], node.output[0], slot
+            nodes.append(helper.make_node("Unsqueeze", [pooled, "adapter_bank.axis1"], [f"{tag}.input_rows"],
+                                          name=f"{tag}.Unsqueeze"))
+            node.input[0] = f"{tag}.input_rows"
+            node.output[0] = f"{tag}.output_rows"
+            nodes += [node, helper.make_node("Squeeze", [f"{tag}.output_rows", "adapter_bank.axis1"], [out],
+                                             name=f"{tag}.Squeeze")]
             continue
         nodes.append(node)
     del g.node[:]
@@ -229,8 +232,28 @@ def natural_tensors(model: AdapterModel, name: str) -> dict[str, np.ndarray]:
     what `edgelora add-adapter` makes of the adapter's file, through the same `peft_slots`."""
     config = model.configs[name]
     scaling = plain_lora_config(config).scaling_for if isinstance(config, LoraConfig) else None
-    state = {k: v.numpy() for k, v in adapter_state(model, name).items()}
-    return {slot: value for slot, (value, _key) in peft_slots(state, scaling, lambda layer: layer, name).items()}
+    state = {k: v.numpy() for k, v in adapter_state(model, name).items() if any(m in k for m in ADAPTER_KEYS)}
+    prefix = f"{model.base.base_model_prefix}." if getattr(model.base, "base_model_prefix", "") else ""
+    values = {slot: value for slot, (value, _key) in
+              peft_slots(state, scaling, lambda layer: layer.removeprefix(prefix), name).items()}
+    return {**values, **head_tensors(model, name)}
+
+
+def head_tensors(model: AdapterModel, name: str) -> dict[str, np.ndarray]:
+    """Adapter `name`'s head under the graph's slot names, in natural form (none for an adapter without a head;
+    a zero bias for heads whose classifier has none)."""
+    if name not in model.heads:
+        return {}
+    linear = model.heads[name]
+    weight = linear.weight.detach().cpu().float()
+    out = {"head.weight_t": weight.T.numpy().copy(),
+           "head.bias": (linear.bias.detach().cpu().float() if linear.bias is not None
+                         else torch.zeros(weight.shape[0])).numpy().copy()}
+    if name in model.head_dense:
+        dense = model.head_dense[name]
+        out["head.dense_w"] = dense.weight.detach().cpu().float().T.numpy().copy()
+        out["head.dense_b"] = dense.bias.detach().cpu().float().numpy().copy()
+    return out
 
 
 def adapter_tensors(model: AdapterModel, name: str, specs: Mapping[str, SlotSpec]) -> dict[str, np.ndarray]:
@@ -301,8 +324,13 @@ def slot_plan(model: AdapterModel, names: Sequence[str], lora_slots: str = "adap
     acts = {type(a).__name__ for a in bottleneck.values()}
     if len(acts) > 1:
         raise EdgeloraError(f"bottleneck adapters with different activations ({', '.join(sorted(acts))}) cannot share a graph")
-    hidden = next(iter(model.heads.values())).in_features
-    return {"lora": lora, "bottleneck": bottleneck, "hidden": hidden}
+    heads = {n: model.head_kind(n) for n in names if model.head_kind(n) is not None}
+    if len(set(heads.values())) > 1:
+        listed = ", ".join(f"{n}: {k}" for n, k in heads.items())
+        raise EdgeloraError(f"adapters with different heads ({listed}) cannot share a switchable graph, which pools "
+                            "one way; export them in separate bundles")
+    head = next(iter(heads.values()), None)
+    return {"lora": lora, "bottleneck": bottleneck, "hidden": hidden_size(model.base), "head": head}
 
 
 def slots_manifest(plan: dict, lora_slots: str) -> dict:
@@ -314,6 +342,7 @@ def slots_manifest(plan: dict, lora_slots: str) -> dict:
         "bottleneck": sorted(plan["bottleneck"]),
         "bottleneck_activation": acts.pop() if acts else None,
         "head_hidden": plan["hidden"],
+        "head": plan.get("head"),  # the kind every adapter's head must have (edgelora.heads); None: no head
     }
 
 
@@ -360,17 +389,13 @@ def mixed_torch_outputs(model: AdapterModel, feeds: Mapping[str, np.ndarray], ro
     """Per-row logits (each row its adapter's label count; none for "no adapter"; per token for a token head)
     and the pooled embeddings."""
     with per_row_adapters(model, rows), torch.no_grad():
-        inputs = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
-        if model.task == TOKEN_CLASSIFICATION:
-            hidden = model.hidden(**inputs)  # (batch, seq, hidden): each row's head classifies every token
-            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            logits = [model.heads[r](hidden[i]).numpy() if r is not None else np.zeros((hidden.shape[1], 0), np.float32)
-                      for i, r in enumerate(rows)]
-        else:
-            pooled = model.encode(**inputs)
-            logits = [model.heads[r](pooled[i]).numpy() if r is not None else np.zeros(0, np.float32)
-                      for i, r in enumerate(rows)]
+        tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
+        hidden = model.hidden_states(**tensors)
+        mask = tensors["attention_mask"]
+        pooled = pool(hidden, mask, "mean")
+        none = np.zeros((hidden.shape[1], 0) if model.task == TOKEN_CLASSIFICATION else 0, np.float32)
+        logits = [model.classify(r, hidden[i : i + 1], mask[i : i + 1], pooled[i : i + 1])[0].numpy()
+                  if r is not None else none for i, r in enumerate(rows)]
     return logits, pooled.numpy()
 
 
@@ -394,7 +419,7 @@ def check_bank(model: AdapterModel, proto: onnx.ModelProto, feed_names: Sequence
         write_adapter_file(path, bank)
         options, _adapter = validate.adapter_run_options(str(path))
         sess = validate.session(proto.SerializeToString())
-        logits, pooled = sess.run(["logits", "embeddings"], {**feeds, ADAPTER_IDS: ids}, options)
+        logits, pooled = validate.run_graph(sess, {**feeds, ADAPTER_IDS: ids}, options)
     report: dict = {"rows": [r or "(no adapter)" for r in rows]}
     refs = {"vs_fp32_torch": None}
     if precision == "int8":

@@ -84,6 +84,17 @@ def session(model_bytes: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
+def run_graph(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], options: ort.RunOptions | None = None) \
+        -> tuple[np.ndarray, np.ndarray]:
+    """(logits, embeddings) of a graph; logits (batch, 0) for a graph without a head (an embeddings bundle)."""
+    names = {o.name for o in sess.get_outputs()}
+    if "logits" in names:
+        logits, pooled = sess.run(["logits", "embeddings"], feeds, options)
+        return logits, pooled
+    (pooled,) = sess.run(["embeddings"], feeds, options)
+    return np.zeros((pooled.shape[0], 0), np.float32), pooled
+
+
 def adapter_run_options(adapter_path: str | None) -> tuple[ort.RunOptions | None, ort.LoraAdapter | None]:
     """RunOptions activating the adapter file, and the adapter itself (keep it alive while running)."""
     if adapter_path is None:

@@ -2,7 +2,8 @@
 
 The bench harness (`edgelora.runtime.bench`) runs every worker on the same inputs after timing; this module
 says which bundle is whose reference (same base fingerprint, adapter, labels and source weights), which
-pairs to report as speed-ups, and the per-row figures: worst and mean cosine, max abs diff, accuracy.
+pairs to report as speed-ups, and the per-row figures: worst and mean cosine, max abs diff, the share of
+rows whose label agrees with the reference's (what a classifier's user reads), accuracy.
 """
 
 from __future__ import annotations
@@ -137,6 +138,20 @@ def compare_outputs(candidate: Mapping[str, np.ndarray], reference: Mapping[str,
     return out
 
 
+def label_agreement(candidate: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float | None:
+    """Share of rows whose label (argmax of `logits`) is the reference's; None without logits on both sides.
+
+    A logits cosine of 0.93 reads as alarming, yet every label may be unchanged: this says which.
+    """
+    a, b = candidate.get("logits"), reference.get("logits")
+    if a is None or b is None:
+        return None
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 2 or a.shape != b.shape or a.shape[1] == 0:
+        return None
+    return float(np.mean(a.argmax(1) == b.argmax(1)))
+
+
 def accuracy(outputs: Mapping[str, np.ndarray], labels: Sequence[str],
              gold: Sequence[str]) -> tuple[float | None, str | None]:
     """Share of rows whose argmax label is the gold one; (None, why) where that cannot be measured."""
@@ -156,7 +171,8 @@ def row_fidelity(i: int, ref: int | None, outs: dict, labels: Sequence[str], ref
     mine, inputs = outs[i]
     entry: dict = {"reference": ref, "reference_label": ref_label, "inputs": inputs,
                    "rows": int(next(iter(mine.values())).shape[0]), "output": None, "worst_cosine": None,
-                   "mean_cosine": None, "max_abs_diff": None, "outputs": {}, "accuracy": None, "note": None}
+                   "mean_cosine": None, "max_abs_diff": None, "outputs": {}, "label_agreement": None,
+                   "accuracy": None, "note": None}
     if gold is not None and inputs == "texts":
         entry["accuracy"], why = accuracy(mine, labels, gold)
         entry["accuracy_note"] = why
@@ -168,6 +184,7 @@ def row_fidelity(i: int, ref: int | None, outs: dict, labels: Sequence[str], ref
         entry["note"] = f"inputs differ from the reference's ({inputs} vs {ref_inputs})"
         return entry
     entry["outputs"] = compare_outputs(mine, theirs, names)
+    entry["label_agreement"] = label_agreement(mine, theirs)
     if not entry["outputs"]:
         entry["note"] = "no output in common with the reference"
         return entry

@@ -46,6 +46,12 @@ TOKEN_CLASSIFICATION = "token-classification"
 EMBEDDINGS = "embeddings"
 CAUSAL_LM = "causal-lm"
 TASKS = (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, EMBEDDINGS, CAUSAL_LM)
+# How an adapter's head turns the last hidden state into logits (`edgelora.heads` computes them): ours
+# mean-pools; the others are the heads of transformers' ...ForSequenceClassification, which PEFT's SEQ_CLS
+# adapters carry. A manifest written before the field means MEAN_POOLED for an adapter with labels.
+MEAN_POOLED = "mean-pooled"
+PER_TOKEN = "per-token"  # token classification: one linear layer over every token of the last hidden state
+HEADS = (MEAN_POOLED, "bert-pooler", "roberta", "distilbert", "last-token", PER_TOKEN)
 
 
 def adapter_file(name: str) -> str:
@@ -189,16 +195,20 @@ class AdapterEntry(_Record):
     source_sha256: str | None = None  # of the adapter weights exported (adapter_model.safetensors)
     trained_with: Mapping[str, Any] | None = None  # the fake-quant recipe trained with: weight_bits, modes
     warning: str | None = _omitted()
+    head: str | None = _omitted()  # one of HEADS where the adapter has labels; None: no head (embeddings)
     extra: Mapping[str, Any] = _extra()
 
     @classmethod
     def create(cls, name: str, *, kind: str, labels: Sequence[str], switchable: bool, source_sha256: str | None = None,
-               trained_with: Mapping[str, Any] | None = None, warning: str | None = None) -> AdapterEntry:
-        """A new entry: in switchable mode its file is `adapters/<name>.onnx_adapter`; sha256 comes on writing."""
+               trained_with: Mapping[str, Any] | None = None, warning: str | None = None,
+               head: str | None = None) -> AdapterEntry:
+        """A new entry: in switchable mode its file is `adapters/<name>.onnx_adapter`; sha256 comes on writing.
+        `head`: the kind of head (HEADS); an adapter with labels and no kind given has ours, MEAN_POOLED."""
         if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
             raise EdgeloraError(f"adapter name {name!r} must be {ADAPTER_NAME_RULE}")
         return cls(name=name, kind=kind, labels=tuple(labels), file=adapter_file(name) if switchable else None,
-                   source_sha256=source_sha256, trained_with=trained_with, warning=warning)
+                   source_sha256=source_sha256, trained_with=trained_with, warning=warning,
+                   head=(head or MEAN_POOLED) if labels else None)
 
     @classmethod
     def from_dict(cls, data: object) -> AdapterEntry:
@@ -208,10 +218,11 @@ class AdapterEntry(_Record):
         if not (isinstance(labels, list) and all(isinstance(label, str) for label in labels)):
             raise _Bad
         known, extra = _split(cls, data)
-        for key in ("kind", "file", "sha256", "source_sha256", "warning"):
+        for key in ("kind", "file", "sha256", "source_sha256", "warning", "head"):
             if known.get(key) is not None and not isinstance(known[key], str):
                 raise _Bad
-        return cls(**{**known, "labels": tuple(labels)}, extra=extra)
+        head = known.get("head") or (MEAN_POOLED if labels else None)  # before the field: ours, mean-pooled
+        return cls(**{**known, "labels": tuple(labels), "head": head}, extra=extra)
 
 
 @dataclass(frozen=True, kw_only=True)

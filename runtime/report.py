@@ -17,15 +17,21 @@ def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
+def _agree(f: Mapping) -> str:
+    """The label agreement as a percentage of rows, or '-' (no logits on both sides)."""
+    share = f.get("label_agreement")
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
 def _fidelity_cells(f: Mapping | None) -> str:
-    """`of  worst cos  max |d|  acc` cells of a row, or its note where there is no figure."""
+    """`of  worst cos  max |d|  agree  acc` cells of a row, or its note where there is no figure."""
     if f is None:
-        return f"{'-':<6}  {'-':>9}  {'-':>8}  {'-':>5}"
+        return f"{'-':<6}  {'-':>9}  {'-':>8}  {'-':>6}  {'-':>5}"
     acc = "-" if f.get("accuracy") is None else f"{f['accuracy']:.3f}"
     if f.get("worst_cosine") is None:
-        return f"{str(f.get('note') or '-'):>27}  {acc:>5}"
+        return f"{str(f.get('note') or '-'):>27}  {'-':>6}  {acc:>5}"
     of = {"embeddings": "emb"}.get(f["output"], f["output"])
-    return f"{of:<6}  {f['worst_cosine']:>9.5f}  {f['max_abs_diff']:>8.2e}  {acc:>5}"
+    return f"{of:<6}  {f['worst_cosine']:>9.5f}  {f['max_abs_diff']:>8.2e}  {_agree(f):>6}  {acc:>5}"
 
 
 def fidelity_note(result: dict) -> str:
@@ -38,7 +44,7 @@ def fidelity_note(result: dict) -> str:
     of = " or ".join(names) + (" (the first both sides have)" if len(names) > 1 else "")
     return (f"fidelity vs each row's fp32 reference, on {src} in chunks of the row's batch size (no tokenizer: "
             f"{rows}x{seq} generated ids):\nworst row cosine and max abs diff of the output named under 'of', "
-            f"{of}{acc}")
+            f"{of}; agree: rows whose label (argmax of logits) is the reference's{acc}")
 
 
 def format_table(result: dict) -> str:
@@ -56,7 +62,7 @@ def format_table(result: dict) -> str:
     mode_w = max(4, *(len(str(b.get("mode"))) for b in result["bundles"]))
     head = (f"{'bundle':<{width}}  {'mode':<{mode_w}}  {'prec':<4}  {'shape':>7}  {'p50 ms':>8}  {'p95 ms':>8}  "
             f"{'p99 ms':>8}  {'seq/s':>8}  {'size MB':>7}  {'RSS MB':>7}  {'of':<6}  {'worst cos':>9}  {'max |d|':>8}  "
-            f"{'acc':>5}")
+            f"{'agree':>6}  {'acc':>5}")
     lines += [head, "-" * len(head)]
     for r in result["rows"]:
         b = result["bundles"][r["bundle"]]
@@ -112,6 +118,8 @@ def plot(result: dict, path_png: str | os.PathLike) -> None:
         for i, b in enumerate(bundles):
             f = rows[(i, batch, seq)].get("fidelity") or {}
             cos = f"cos {f['worst_cosine']:.5f}" if f.get("worst_cosine") is not None else (f.get("note") or "")
+            if f.get("label_agreement") is not None:
+                cos += f"\nlabels {_agree(f)}"
             ticks.append(f"{b['label']}\n{cos}" if cos else b["label"])
         ax.set_xticks(x, ticks, rotation=30, ha="right", fontsize=7)
         ax.margins(y=0.15)

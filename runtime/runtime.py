@@ -310,7 +310,10 @@ class Runtime:
                         out[key] = np.zeros((batch, *value.shape[1:]), value.dtype) if key != "logits" else [None] * batch
                     for j, i in enumerate(picked):
                         out[key][i] = value[j]
-            out["logits"] = [np.asarray(v) for v in out["logits"]]
+            if "logits" in out:
+                out["logits"] = [np.asarray(v) for v in out["logits"]]
+            return out
+        if "logits" not in out:  # an embeddings bundle: no head, nothing to trim
             return out
         logits = out["logits"]
         if logits.shape[-1] < max(widths):

@@ -74,6 +74,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=("invariant", "ops", "onnx", "gqa"), default="invariant",
                    help="causal-lm: the attention core; 'invariant' (float64 sums: a row's tokens are the same alone "
                         "and batched) or 'gqa' (ONNX Runtime's GroupQueryAttention, fastest, float32)")
+    p.add_argument("--hidden-state", action="store_true",
+                   help="also output the token-level last_hidden_state (batch x tokens x hidden) beside the pooled "
+                        "embeddings, e.g. for a FEATURE_EXTRACTION adapter")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
 
 
@@ -100,6 +103,7 @@ def export_command(args: argparse.Namespace) -> int:
                                      out=args.out, weight_bits=args.weight_bits, max_length=args.max_length,
                                      lora_slots=args.slots or "adapters", fusions=parse_fusions(args.fusions),
                                      keep_fp32=parse_keep_fp32(args.keep_fp32), smooth_alpha=args.smooth,
+                                     hidden_state=args.hidden_state,
                                      **({"target_cosine": args.target_cosine}
                                         if args.target_cosine is not None else {}),
                                      progress=bar.describe)
@@ -116,7 +120,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 # export flags a decoder bundle does not take, with the value that means "not given"
 ENCODER_ONLY = {"weight_bits": None, "max_length": 128, "keep_fp32": None, "target_cosine": None,
-                "fusions": None, "smooth": None}
+                "fusions": None, "smooth": None, "hidden_state": False}
 
 
 def _export_task(task: str, base: str, adapters: dict[str, str]) -> str:

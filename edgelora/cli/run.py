@@ -140,7 +140,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """`edgelora run`: prints a JSON list of {"text", "label", "score", "scores"} (token-classification bundles:
-    {"text", "words", "entities"}, each entity with its label, character offsets, text and score)."""
+    {"text", "words", "entities"}, each entity with its label, character offsets, text and score; an embeddings
+    bundle: {"text", "embedding"})."""
     texts = list(args.text)
     if args.file:
         try:
@@ -164,6 +165,12 @@ def run_command(args: argparse.Namespace) -> int:
     from edgelora.runtime.runtime import Runtime
 
     rt = Runtime(args.bundle, intra_op_threads=args.threads)
+    if rt.manifest.task == "embeddings":  # no head (e.g. a PEFT FEATURE_EXTRACTION adapter): the vectors
+        vectors = rt.run(texts, adapter=args.adapter, adapters=per_row)["embeddings"]
+        rows = [{"text": t, **({"adapter": a} if per_row else {}), "embedding": [float(x) for x in v]}
+                for t, a, v in zip(texts, per_row or texts, vectors)]
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
     preds = rt.predict(texts, adapter=args.adapter, adapters=per_row)
     rows = [{"text": t, **({"adapter": a} if per_row else {}), **p} for t, a, p in zip(texts, per_row or texts, preds)]
     print(json.dumps(rows, indent=2, ensure_ascii=False))

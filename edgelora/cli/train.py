@@ -21,7 +21,8 @@ DEFAULTS = {"classification": ("minilm", 3, 32, 2e-3, 128), "causal-lm": ("smoll
             "token-classification": ("minilm", 3, 32, 2e-3, 128)}
 # Flags the causal-lm task does not take, with the value that means "not given".
 CLASSIFICATION_ONLY = {"kind": "lora", "targets": None, "activations": "dynamic",
-                       "smooth": None, "init": "default", "rslora": False, "text_field": "text", "label_field": "label"}
+                       "smooth": None, "init": "default", "rslora": False, "text_field": "text", "label_field": "label",
+                       "head": "mean-pooled"}
 
 # The config fields and library parameters a train or calibrate error may name, as the flags that set them.
 FLAGS = {"smoothing": "--smooth", "init": "--init", "batches": "--calib-batches"}
@@ -72,6 +73,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
     p.add_argument("--targets", default=None, help="comma-separated module names to adapt (default: attention Wq,Wk,Wv,Wo)")
     p.add_argument("--include-mlp", action="store_true", help="also adapt the feed-forward projections")
+    p.add_argument("--head", choices=("mean-pooled", "architecture"), default="mean-pooled",
+                   help="classification head: ours mean-pools the tokens; 'architecture' is the base's own "
+                        "...ForSequenceClassification head (BERT's pooler, RoBERTa's, DistilBERT's pre-classifier, "
+                        "the last token of decoders), so the adapter loads in PEFT on AutoModelForSequenceClassification")
     p.add_argument("--reduction-factor", type=int, default=16, help="bottleneck width = hidden / factor")
     p.add_argument("--placement", choices=("houlsby", "pfeiffer"), default="pfeiffer")
     p.add_argument("--qat", choices=("int8", "none"), default="none", help="int8-aware fake quantization while training")
@@ -210,8 +215,14 @@ def _train_causal(args: argparse.Namespace, rank: int) -> int:
     bar = Progress(None, f"train {name}") if rank == 0 else None
 
     def progress(msg: str) -> None:
-        if bar is not None:
-            bar.describe(f"train {name}: {msg}")
+        if bar is None:
+            return
+        step = re.search(r"step (\d+)/(\d+)", msg)
+        if step:  # the count of steps is known once the data is read
+            loss = msg.partition(" loss ")[2]
+            bar.update_to(int(step[1]), "loss " + loss if loss else "", total=int(step[2]))
+        else:
+            bar.describe(msg)
 
     report = _interruptible(lambda: train_causal_lm(args.base, args.data, args.eval, out=args.out, name=name, epochs=args.epochs,
                                  lr=args.lr, batch_size=args.batch_size, rank=args.rank, alpha=args.alpha,
@@ -237,7 +248,8 @@ def _train(args: argparse.Namespace, rank: int) -> int:
     from edgelora.calibrate import check_calib_batches
     from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig, check_recipe
     from edgelora.data import load_splits
-    from edgelora.model import AdapterModel
+    from edgelora.heads import MEAN_POOLED, architecture_head
+    from edgelora.model import AdapterModel, model_type
     from edgelora.peft_format import save_adapter
     from edgelora.train import TrainConfig, seed_everything, train_adapter
 
@@ -273,8 +285,9 @@ def _train(args: argparse.Namespace, rank: int) -> int:
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
     base, tokenizer, max_length = _base_and_tokenizer(args.base, args.max_length)
     model = AdapterModel(base)
+    head = MEAN_POOLED if args.head == "mean-pooled" else architecture_head(model_type(base))
     seed_everything(args.seed)  # the adapter's initial weights follow --seed too
-    model.add_adapter(name, config, list(train_ds.label_names), quant=quant)
+    model.add_adapter(name, config, list(train_ds.label_names), quant=quant, head=head)
     smoothing = _smooth(args, model, tokenizer, train_ds.texts) if args.smooth is not None else None
     calibration = _calibrate(args, model, tokenizer, train_ds.texts) if args.activations == "static" else None
     bar = None

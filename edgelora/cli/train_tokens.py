@@ -26,7 +26,8 @@ def train_tokens(args: argparse.Namespace, rank: int) -> int:
     name = args.name or Path(args.out).name
     weight_bits = _resolve_bits(args.weight_bits)
     for flag, given in (("--activations static", args.activations == "static"), ("--smooth", args.smooth is not None),
-                        ("--text-field", args.text_field != "text"), ("--label-field", args.label_field != "label")):
+                        ("--text-field", args.text_field != "text"), ("--label-field", args.label_field != "label"),
+                        ("--head architecture", args.head != "mean-pooled")):
         if given:
             raise EdgeloraError(f"{flag} applies to --task classification; drop it for --task token-classification")
     if args.activations != "dynamic" and args.qat != "int8":
