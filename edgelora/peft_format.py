@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -377,10 +378,14 @@ def _read_head(model: AdapterModel, data: dict[str, Any], tensors: dict[str, tor
 
 
 def _config_labels(model: AdapterModel, n: int) -> list[str]:
-    """Label names from the base config's id2label when it names `n` classes, else transformers' defaults
+    """The base config's label names for an `n`-class PEFT head (`config_labels`)."""
+    return config_labels(getattr(getattr(model.base, "config", None), "id2label", None), n)
+
+
+def config_labels(id2label: Mapping[Any, Any] | None, n: int) -> list[str]:
+    """Label names from a base config's id2label when it names `n` classes, else transformers' defaults
     (LABEL_0, ...): what the task model the adapter was trained on called them."""
-    id2label = getattr(getattr(model.base, "config", None), "id2label", None) or {}
-    names = {int(k): str(v) for k, v in id2label.items()}
+    names = {int(k): str(v) for k, v in (id2label or {}).items()}
     if sorted(names) == list(range(n)):
         return [names[i] for i in range(n)]
     return [f"LABEL_{i}" for i in range(n)]

@@ -35,6 +35,7 @@ from edgelora.runtime.bundle import (
     BANK_FILE,
     MEAN_POOLED,
     MODEL_FILE,
+    PER_TOKEN,
     TOKEN_CLASSIFICATION,
     AdapterEntry,
     Bank,
@@ -99,7 +100,7 @@ def add_adapters(
     say("checking adapters")
     added: dict[str, tuple[AdapterEntry, dict[str, np.ndarray]]] = {}
     for requested, path in adapters.items():
-        entry, values = _convert(Path(path), requested, bundle, manifest, specs, layers)
+        entry, values = _convert(Path(path), requested, bundle, manifest, specs, layers, base)
         name = entry.name
         if name in added or (name in existing and not replace):
             raise EdgeloraError(
@@ -118,11 +119,11 @@ def add_adapters(
 
 
 def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Mapping[str, SlotSpec],
-             layers: set[str]) -> tuple[AdapterEntry, dict[str, np.ndarray]]:
+             layers: set[str], base: str | Path | None = None) -> tuple[AdapterEntry, dict[str, np.ndarray]]:
     """An adapter directory -> (its manifest entry, its tensors in the graph's slot form), checked."""
     import torch
 
-    from edgelora.peft_format import WEIGHTS_FILE, adapter_config, read_adapter
+    from edgelora.peft_format import HEAD_PREFIX, WEIGHTS_FILE, adapter_config, config_labels, read_adapter
 
     from . import switchable
 
@@ -160,7 +161,7 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
             "export a new bundle with all the adapters instead"
         )
     slots = manifest.slots or {}
-    _check_head(path, bundle, data, tensors, slots)
+    head_prefix, head = _check_head(path, bundle, data, tensors, slots, token_adapter)
     if isinstance(config, BottleneckConfig) and config.activation != slots.get("bottleneck_activation"):
         have = slots.get("bottleneck_activation")
         raise EdgeloraError(
@@ -179,8 +180,11 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
 
     arrays = {key: tensor.detach().to(torch.float32).numpy() for key, tensor in tensors.items()}
     scaling = config.scaling_for if isinstance(config, LoraConfig) else None  # per layer: rank_pattern ranks differ
-    converted = switchable.peft_slots(arrays, scaling, resolve, path)
+    converted = switchable.peft_slots(arrays, scaling, resolve, path, head_prefix)
     natural = {slot: value for slot, (value, _key) in converted.items()}
+    if "head.weight_t" in natural and "head.bias" not in natural and head_prefix != HEAD_PREFIX:
+        natural["head.bias"] = np.zeros(natural["head.weight_t"].shape[1], np.float32)  # GPT-2's score: no bias
+        converted["head.bias"] = natural["head.bias"], f"{head_prefix}weight"
     sources = {slot: key for slot, (_value, key) in converted.items()}
     for slot in natural:
         if slot in specs:
@@ -212,13 +216,15 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
         values[slot] = row
     labels = list(extras.get("labels") or [])
     width = natural["head.weight_t"].shape[1] if "head.weight_t" in natural else 0
+    if not labels and head_prefix != HEAD_PREFIX:  # a PEFT task model's head: its labels are the base config's
+        labels = config_labels(_base_id2label(base, manifest, data), width)
     if not labels:
         labels = [str(i) for i in range(width)]
     if len(labels) != width or ("head.bias" in natural) != ("head.weight_t" in natural):
         raise EdgeloraError(f"{path}: {len(labels)} labels but a head of {width} outputs; re-save the adapter")
     mode = trained.get("mode")
     entry = AdapterEntry.create(
-        name, kind=config.kind, labels=labels, switchable=True,
+        name, kind=config.kind, labels=labels, head=head, switchable=True,
         source_sha256=sha256_file(path / WEIGHTS_FILE),  # the adapter weights added
         trained_with={"weight_bits": trained["weight_bits"], "modes": [mode or "merged"]} if trained else None,
         warning=f"fake-quantized for {mode} deployment, added to a switchable bundle"
@@ -227,25 +233,46 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
     return entry, values
 
 
-def _check_head(path: Path, bundle: Path, data: dict, tensors: Mapping, slots: Mapping) -> None:
+def _base_id2label(base: str | Path | None, manifest: Manifest, data: dict) -> dict | None:
+    """The id2label of the base's config.json, from the first local directory among `base`, the manifest's
+    base and the adapter's base_model_name_or_path (None where none is at hand: labels are then LABEL_i)."""
+    import json
+
+    for where in (base, manifest.base.name if manifest.base else None, data.get("base_model_name_or_path")):
+        config = Path(where) / "config.json" if where else None
+        if config is not None and config.is_file():
+            return json.loads(config.read_text()).get("id2label")
+    return None
+
+
+def _check_head(path: Path, bundle: Path, data: dict, tensors: Mapping, slots: Mapping,
+                token_adapter: bool) -> tuple[str, str | None]:
     """Refuse an adapter whose head the bundle's graph does not compute: the graph pools one way for all
-    (`edgelora.heads`), and an adapter with an architecture's head is exported in a bundle of its own."""
-    from edgelora.peft_format import HEAD_PREFIX
+    (`edgelora.heads`). A head of one linear layer (ours mean-pooled, per-token, last-token) joins a bundle of
+    its kind; one with a dense layer (BERT's pooler, RoBERTa's, DistilBERT's) goes in a bundle of its own.
+    Returns the key prefix of the head's weight and bias in the adapter file, and the head's kind (None: none)."""
+    from edgelora.heads import HEAD_KINDS
+    from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX
 
     extras = data.get("edgelora") or {}
+    task_type = data.get("task_type")
     if f"{HEAD_PREFIX}weight" in tensors:
-        theirs = MEAN_POOLED
+        theirs = PER_TOKEN if token_adapter else MEAN_POOLED
     else:
-        theirs = extras.get("head") or ("an architecture's (PEFT SEQ_CLS)" if data.get("task_type") == "SEQ_CLS" else None)
+        theirs = extras.get("head") or (PER_TOKEN if task_type == "TOKEN_CLS" else
+                                         "an architecture's (PEFT SEQ_CLS)" if task_type == "SEQ_CLS" else None)
     ours = slots.get("head", MEAN_POOLED)  # bundles before the field had a mean-pooled head slot
     if theirs is None:
-        return
-    if theirs != MEAN_POOLED:
-        raise EdgeloraError(f"{path}: add-adapter takes adapters with edgelora's mean-pooled head or none, this one has "
+        return HEAD_PREFIX, None
+    kind = HEAD_KINDS.get(theirs)
+    if kind is None or kind.dense_key is not None:
+        raise EdgeloraError(f"{path}: add-adapter takes adapters whose head is one linear layer ("
+                            f"{', '.join(n for n, k in HEAD_KINDS.items() if k.dense_key is None)}) or none, this one has "
                             f"{theirs} head; export a new bundle with it (mode='switchable')")
     if ours != theirs:
         raise EdgeloraError(f"{path}: its {theirs} head cannot run in bundle {bundle}, whose graph applies "
                             f"{ours or 'no head'}; export a new bundle with this adapter")
+    return (HEAD_PREFIX if f"{HEAD_PREFIX}weight" in tensors else f"{PEFT_PREFIX}{kind.out_key}."), theirs
 
 
 def _check_smoothing(path: Path, bundle: Path, theirs: str | None) -> None:

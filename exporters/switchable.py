@@ -188,7 +188,8 @@ _BOTTLENECK_ROLES = {"down.weight": "down_w", "down.bias": "down_b", "up.weight"
 
 
 def peft_slots(tensors: Mapping[str, np.ndarray], scaling_for: Callable[[int], float] | None,
-               resolve: Callable[[str], str], source: object) -> dict[str, tuple[np.ndarray, str]]:
+               resolve: Callable[[str], str], source: object,
+               head_prefix: str = HEAD_PREFIX) -> dict[str, tuple[np.ndarray, str]]:
     """An adapter's tensors under its file's keys (`peft_format.adapter_state`) -> {slot name: (value in the
     slot's natural form, the key it came from)}: the one conversion from an adapter to the graph's slots.
 
@@ -198,11 +199,13 @@ def peft_slots(tensors: Mapping[str, np.ndarray], scaling_for: Callable[[int], f
         resolve: the graph's name of a layer named in a key (PEFT keys may carry a task model's prefix);
             raises EdgeloraError for a layer the graph lacks.
         source: what errors name (the adapter directory).
+        head_prefix: where the file keeps its head's weight and bias: ours under `edgelora_head.`, a PEFT
+            task model's classifier under `base_model.model.classifier.` (TOKEN_CLS) or `...score.`.
     """
     out: dict[str, tuple[np.ndarray, str]] = {}
     for key, value in tensors.items():
-        if key.startswith(HEAD_PREFIX):
-            slot = {"weight": "head.weight_t", "bias": "head.bias"}.get(key[len(HEAD_PREFIX):])
+        if key.startswith(head_prefix):
+            slot = {"weight": "head.weight_t", "bias": "head.bias"}.get(key[len(head_prefix):])
             if slot is None:
                 raise EdgeloraError(f"{source}: unknown head tensor {key}; re-save the adapter")
             out[slot] = (value.T if slot == "head.weight_t" else value), key

@@ -383,8 +383,9 @@ def test_add_adapter_refuses_heads_the_bundle_does_not_compute(tmp: Path) -> Non
     mine = save_adapter(ours, "mine", tmp / "mine-add")
     export_bundle(base, {"mine": mine}, mode="switchable", precision="fp32", out=tmp / "sw-mean")
     adapter, _ = peft_seq_cls(tmp, "bert")
-    with pytest.raises(EdgeloraError, match=r"add-adapter takes adapters with edgelora's mean-pooled head or none, this "
-                                             r"one has an architecture's \(PEFT SEQ_CLS\) head; export a new bundle"):
+    with pytest.raises(EdgeloraError, match=r"add-adapter takes adapters whose head is one linear layer \(mean-pooled, "
+                                             r"last-token, per-token\) or none, this one has an architecture's \(PEFT "
+                                             r"SEQ_CLS\) head; export a new bundle"):
         add_adapters(tmp / "sw-mean", {"peft": adapter}, check=False)
     model = peft.get_peft_model(tf.AutoModel.from_pretrained(base), peft.LoraConfig(
         task_type="FEATURE_EXTRACTION", r=2, target_modules=["query"], init_lora_weights=False))

@@ -441,3 +441,42 @@ def test_add_adapter_joins_a_token_bundle_and_refuses_a_sequence_adapter(tmp_pat
     with pytest.raises(EdgeloraError, match="a sequence-classification adapter cannot join bundle .* of task "
                                             "token-classification"):
         add_adapters(tmp_path / "b", {"intent": tmp_path / "intent"}, base=str(slot_base))
+
+
+def test_our_token_adapter_loads_in_peft_and_gives_our_logits(slot_base: Path, trained: Path) -> None:
+    """Saved in PEFT's TOKEN_CLS layout (LoRA under the backbone, `classifier` in modules_to_save), our adapter
+    loads with PeftModel.from_pretrained on AutoModelForTokenClassification and gives our fp32 logits."""
+    import peft
+    from transformers import AutoModelForTokenClassification
+
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["task_type"] == "TOKEN_CLS" and "classifier" in config["modules_to_save"]
+    task_model = AutoModelForTokenClassification.from_pretrained(slot_base, num_labels=len(SLOT_TAGS)).eval()
+    theirs = peft.PeftModel.from_pretrained(task_model, trained).eval()
+    tok = load_tokenizer(slot_base, MAX_LENGTH)
+    enc = tok.encode_batch([EXAMPLE, "turn on the kitchen lights"])
+    ids = np.array([e.ids for e in enc], np.int64)
+    mask = np.array([e.attention_mask for e in enc], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    ours = _torch_logits(slot_base, trained, feeds, None)
+    with torch.no_grad():
+        got = theirs(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    real = mask.astype(bool)
+    assert np.abs(got - ours)[real].max() <= PEFT_FP32_REL * max(1.0, np.abs(ours).max())
+
+
+def test_add_adapter_takes_a_stock_peft_token_cls_adapter(tmp_path: Path, peft_adapter) -> None:
+    """A PEFT TOKEN_CLS adapter (its classifier under modules_to_save) joins a switchable token bundle and
+    gives the logits it gives when exported with the bundle."""
+    from edgelora.exporters.add import add_adapters
+    from edgelora.exporters.export import export_bundle
+
+    base_dir, adapter_dir, _ = peft_adapter
+    export_bundle(str(base_dir), {"peft": adapter_dir}, mode="switchable", precision="fp32", out=tmp_path / "b",
+                  max_length=MAX_LENGTH)
+    manifest = add_adapters(tmp_path / "b", {"again": adapter_dir}, base=str(base_dir))
+    assert manifest.entry("again").head == "per-token"
+    rt = Runtime(tmp_path / "b", intra_op_threads=1)
+    assert rt.labels("again") == rt.labels("peft")
+    texts = [EXAMPLE, "turn on the kitchen lights"]
+    np.testing.assert_allclose(rt.run(texts, "again")["logits"], rt.run(texts, "peft")["logits"], rtol=0, atol=1e-6)
