@@ -59,8 +59,7 @@ def adapter_state(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:
     adapter as the plain LoRA of the original base, `AdaptedLinear.lora_weights`), ours for bottlenecks and the head."""
     tensors: dict[str, torch.Tensor] = {}
     kind = head_kind(model.head_kind(name) or MEAN_POOLED)
-    # An architecture head's adapter is PEFT's SEQ_CLS layout: layers under the task model's backbone attribute.
-    prefix = PEFT_PREFIX + (f"{model.base.base_model_prefix}." if kind.out_key and _backbone(model) else "")
+    prefix = PEFT_PREFIX + backbone_prefix(model, name)
     for layer_name, layer in model.adapted_layers():
         if name in layer.lora_A:
             A, B = layer.lora_weights(name)
@@ -86,6 +85,13 @@ def adapter_state(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:
 def _backbone(model: AdapterModel) -> bool:
     """Whether the base is a Hugging Face backbone that task models hold under `base_model_prefix`."""
     return bool(getattr(model.base, "base_model_prefix", "")) and model_type(model.base) in ARCH_HEADS
+
+
+def backbone_prefix(model: AdapterModel, name: str) -> str:
+    """What adapter `name`'s file puts before its layer names: an architecture head's adapter is PEFT's
+    SEQ_CLS/TOKEN_CLS layout, its layers under the task model's backbone attribute (`bert.`); "" otherwise."""
+    kind = head_kind(model.head_kind(name) or MEAN_POOLED)
+    return f"{model.base.base_model_prefix}." if kind.out_key and _backbone(model) else ""
 
 
 def _dense_is_the_bases(model: AdapterModel, name: str) -> bool:

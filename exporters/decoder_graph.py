@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgelora.errors import EdgeloraError
 from edgelora.fake_quant import BLOCK, quantize_weight_blockwise
-from edgelora.runtime.bundle import ADAPTER_IDS  # int64 [rows]: each row's adapter bank entry; default [0]
+from edgelora.runtime.bundle import ADAPTER_IDS, LOGITS_TO_KEEP  # adapter_ids: int64 [rows], each row's bank entry
 
 OPSET = 23  # RMSNormalization and Attention
 IR_VERSION = 11
@@ -36,7 +36,6 @@ LLAMA_STYLE = ("llama", "mistral", "qwen2")
 # below float32's last bit and the row is bit-identical. Only "invariant" keeps a row's logits bit-identical
 # alone and in a left-padded batch; the others are exact to float32 rounding (and identical at batch 1).
 ATTENTION_CORES = ("invariant", "ops", "onnx", "gqa")
-LOGITS_TO_KEEP = "logits_to_keep"  # optional input: logits for the last N positions only (0: all)
 OPTIONAL_INPUTS = (LOGITS_TO_KEEP,)
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds to masked scores: finite, so no NaN ever
 

@@ -45,7 +45,7 @@ from edgelora.errors import EdgeloraError
 from edgelora.layers import ADAPTER_KEYS, LORA_A_KEY, LORA_B_KEY, AdaptedLinear
 from edgelora.heads import pool
 from edgelora.model import AdapterModel, hidden_size
-from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX, adapter_state
+from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX, adapter_state, backbone_prefix
 # adapter_ids: int64 [rows], each row's bank entry; default [0]
 from edgelora.runtime.bundle import ADAPTER_IDS, BANK_FILE, TOKEN_CLASSIFICATION
 
@@ -236,7 +236,7 @@ def natural_tensors(model: AdapterModel, name: str) -> dict[str, np.ndarray]:
     config = model.configs[name]
     scaling = plain_lora_config(config).scaling_for if isinstance(config, LoraConfig) else None
     state = {k: v.numpy() for k, v in adapter_state(model, name).items() if any(m in k for m in ADAPTER_KEYS)}
-    prefix = f"{model.base.base_model_prefix}." if getattr(model.base, "base_model_prefix", "") else ""
+    prefix = backbone_prefix(model, name)
     values = {slot: value for slot, (value, _key) in
               peft_slots(state, scaling, lambda layer: layer.removeprefix(prefix), name).items()}
     return {**values, **head_tensors(model, name)}

@@ -34,6 +34,7 @@ from edgelora.runtime.manifest import (
     FORMAT,
     FORMAT_VERSION,
     HEADS,
+    LOGITS_TO_KEEP,
     MANIFEST_FILE,
     MEAN_POOLED,
     MODEL_FILE,
@@ -63,7 +64,7 @@ from edgelora.runtime.manifest import (
 __all__ = [
     "ADAPTERS_DIR", "ADAPTER_IDS", "ADAPTER_NAME", "ADAPTER_NAME_RULE", "BANK_FILE", "CAUSAL_LM",
     "DECODER_FORMAT_VERSION", "DECODER_TOKENIZER_FILES", "EMBEDDINGS", "ENCODER_FORMAT_VERSION", "FORMAT",
-    "FORMAT_VERSION", "HEADS", "MANIFEST_FILE", "MEAN_POOLED", "MODEL_FILE", "MODES", "PER_TOKEN", "PRECISIONS", "SEQUENCE_CLASSIFICATION", "TASKS",
+    "FORMAT_VERSION", "HEADS", "LOGITS_TO_KEEP", "MANIFEST_FILE", "MEAN_POOLED", "MODEL_FILE", "MODES", "PER_TOKEN", "PRECISIONS", "SEQUENCE_CLASSIFICATION", "TASKS",
     "TOKENIZER_FILE", "TOKENIZER_FILES", "TOKEN_CLASSIFICATION", "AdapterEntry", "Bank", "BaseInfo", "Generation",
     "Manifest", "Quantization", "Requires", "TokenizerSpec", "adapter_file", "check_out", "decoder_inputs",
     "decoder_outputs", "encoder_task", "format_version_for", "read_manifest", "sha256_file", "write_bundle",

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgelora.errors import EdgeloraError
-from edgelora.runtime.bundle import CAUSAL_LM, TOKENIZER_FILE, read_manifest
+from edgelora.runtime.bundle import CAUSAL_LM, LOGITS_TO_KEEP, TOKENIZER_FILE, read_manifest
 from edgelora.runtime.cpu import detect_isa
 from edgelora.runtime.fidelity import AGREEMENT_PROMPTS, HELD_OUT_TEXTS, greedy_agreement
 from edgelora.runtime.worker import Candidate, Worker, serve_worker
@@ -73,7 +73,7 @@ class BundleDecoder:
         self._positions = "position_ids" in self.input_names
         # as Generator feeds it where the graph has it: the LM head for the last position only
         optional = {i.name for i in self.rt.session.get_overridable_initializers()}
-        self._keep_last = {"logits_to_keep": np.asarray(1, np.int64)} if "logits_to_keep" in optional else {}
+        self._keep_last = {LOGITS_TO_KEEP: np.asarray(1, np.int64)} if LOGITS_TO_KEEP in optional else {}
 
     def row_adapters(self, rows: int) -> list[str | None]:
         """The adapter of each of `rows` concurrent rows: different adapters, cycled, where the bundle is

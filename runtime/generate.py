@@ -22,6 +22,7 @@ import onnxruntime as ort
 from edgelora.errors import EdgeloraError
 from edgelora.runtime.bundle import (
     CAUSAL_LM,
+    LOGITS_TO_KEEP,
     MANIFEST_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
@@ -170,7 +171,7 @@ class Generator:
         self._positions = "position_ids" in inputs
         # generation reads the last position's logits only; older bundles compute them for every position
         optional = {i.name for i in self.session.get_overridable_initializers()}
-        self._keep_last = {"logits_to_keep": np.asarray(1, np.int64)} if "logits_to_keep" in optional else {}
+        self._keep_last = {LOGITS_TO_KEEP: np.asarray(1, np.int64)} if LOGITS_TO_KEEP in optional else {}
         self._outputs = ["logits", *self._present]
 
     def _load_tokenizer(self):

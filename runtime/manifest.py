@@ -36,6 +36,7 @@ TOKENIZER_FILES = (TOKENIZER_FILE,)  # copied from the base into every bundle
 DECODER_TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "chat_template.jinja")  # decoders: + chat template
 
 ADAPTER_IDS = "adapter_ids"  # int64 [batch] overridable initializer of banked switchable graphs: each row's bank entry
+LOGITS_TO_KEEP = "logits_to_keep"  # int64 scalar overridable initializer of decoder graphs: logits of the last N positions
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")  # adapter names: also file names inside the bundle
 ADAPTER_NAME_RULE = "letters, digits, '_' or '-'"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgelora.errors import EdgeloraError
-from edgelora.runtime.bundle import ADAPTER_IDS, MODEL_FILE, Manifest, TokenizerSpec
+from edgelora.runtime.bundle import ADAPTER_IDS, LOGITS_TO_KEEP, MODEL_FILE, Manifest, TokenizerSpec
 
 _PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<PAD>")
 
@@ -150,7 +150,7 @@ def load_adapter(session: ort.InferenceSession, path: Path,
                 f"{bank_entries}; re-export the bundle or re-run `edgelora add-adapter`"
             )
     if bank_entries is not None:
-        slot_names = {n for n in slots if n != ADAPTER_IDS}
+        slot_names = {n for n in slots if n not in (ADAPTER_IDS, LOGITS_TO_KEEP)}  # run inputs, not parameters
         if set(params) != slot_names:
             raise EdgeloraError(
                 f"{path}: the adapter bank lacks {sorted(slot_names - set(params))[:3]}; a bank must fill "
