@@ -251,7 +251,7 @@ def _check_head(path: Path, bundle: Path, data: dict, tensors: Mapping, slots: M
     (`edgelora.heads`). A head of one linear layer (ours mean-pooled, per-token, last-token) joins a bundle of
     its kind; one with a dense layer (BERT's pooler, RoBERTa's, DistilBERT's) goes in a bundle of its own.
     Returns the key prefix of the head's weight and bias in the adapter file, and the head's kind (None: none)."""
-    from edgelora.heads import HEAD_KINDS
+    from edgelora.heads import ARCH_HEADS, HEAD_KINDS
     from edgelora.peft_format import HEAD_PREFIX, PEFT_PREFIX
 
     extras = data.get("edgelora") or {}
@@ -262,6 +262,8 @@ def _check_head(path: Path, bundle: Path, data: dict, tensors: Mapping, slots: M
         theirs = extras.get("head") or (PER_TOKEN if task_type == "TOKEN_CLS" else
                                          "an architecture's (PEFT SEQ_CLS)" if task_type == "SEQ_CLS" else None)
     ours = slots.get("head", MEAN_POOLED)  # bundles before the field had a mean-pooled head slot
+    if theirs == "an architecture's (PEFT SEQ_CLS)" and ours in ARCH_HEADS.values():
+        theirs = ours  # the bundle's base applies this architecture head, so a stock SEQ_CLS adapter of it has it
     if theirs is None:
         return HEAD_PREFIX, None
     kind = HEAD_KINDS.get(theirs)

@@ -396,6 +396,21 @@ def test_add_adapter_refuses_heads_the_bundle_does_not_compute(tmp: Path) -> Non
         add_adapters(tmp / "sw-emb", {"mine": mine}, check=False)
 
 
+def test_add_adapter_takes_a_stock_last_token_classifier(tmp: Path) -> None:
+    """A switchable bundle of GPT-2's last-token head takes a later stock SEQ_CLS adapter of that base (its head,
+    `score`, is one linear layer without bias) and gives PEFT's logits, labels from the base config."""
+    from edgelora.exporters.add import add_adapters
+
+    adapter, model = peft_seq_cls(tmp, "gpt2")
+    export_bundle(base_dir(tmp, "gpt2"), {"cls": adapter}, mode="switchable", precision="fp32", out=tmp / "sw-gpt2")
+    manifest = add_adapters(tmp / "sw-gpt2", {"later": adapter}, base=base_dir(tmp, "gpt2"))
+    assert manifest.entry("later").head == "last-token"
+    assert manifest.entry("later").labels == ("neg", "neutral", "pos")
+    feeds = feeds_for("gpt2")
+    got = Runtime(tmp / "sw-gpt2").run(feeds, "later")["logits"]
+    assert rel_diff(got, peft_logits(model, feeds)) < FP32_REL
+
+
 def test_an_unknown_head_kind_is_refused() -> None:
     from conftest import make_base
 
