@@ -140,6 +140,7 @@ def compare_outputs(candidate: Mapping[str, np.ndarray], reference: Mapping[str,
 
 def label_agreement(candidate: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float | None:
     """Share of rows whose label (argmax of `logits`) is the reference's; None without logits on both sides.
+    A token classifier's rows are its real tokens (`worker._fidelity_outputs`): the share of tokens.
 
     A logits cosine of 0.93 reads as alarming, yet every label may be unchanged: this says which.
     """
@@ -158,6 +159,8 @@ def accuracy(outputs: Mapping[str, np.ndarray], labels: Sequence[str],
     logits = outputs.get("logits")
     if not labels or logits is None or np.asarray(logits).ndim != 2 or np.asarray(logits).shape[1] != len(labels):
         return None, "no task head"
+    if np.asarray(logits).shape[0] != len(gold):
+        return None, "one output row per token (a token classifier), one gold label per text"
     unknown = sorted(set(gold) - set(labels))
     if unknown:
         return None, f"data labels {unknown[:3]} are not the adapter's ({', '.join(labels)})"

@@ -85,7 +85,9 @@ def _fidelity_outputs(engine: Engine, texts: Sequence[str] | None, batch: int, s
     """Every output of the fidelity inputs, run in chunks of `batch` rows; (outputs, what the inputs were).
 
     Texts are padded per chunk to its longest, as a server batches them; a model without a tokenizer
-    gets GENERATED_ROWS rows of ids from `seed` instead, the same in every worker of one base.
+    gets GENERATED_ROWS rows of ids from `seed` instead, the same in every worker of one base. A token-level
+    output (batch x tokens x ..., e.g. a token classifier's logits) gives one row per real token, so chunks
+    padded to different lengths concatenate and padding is never compared.
     """
     if texts is not None and engine.tokenize(texts[:1]) is not None:
         chunks = [engine.tokenize(texts[i : i + batch]) for i in range(0, len(texts), batch)]
@@ -101,8 +103,12 @@ def _fidelity_outputs(engine: Engine, texts: Sequence[str] | None, batch: int, s
         what = "generated ids"
     parts: dict[str, list[np.ndarray]] = {}
     for feeds in chunks:
+        real = np.asarray(feeds["attention_mask"]).astype(bool)  # (batch, tokens)
         for name, value in engine.run(feeds).items():
-            parts.setdefault(name, []).append(np.asarray(value))
+            value = np.asarray(value)
+            if value.ndim >= 3 and value.shape[:2] == real.shape:
+                value = value[real]  # (real tokens, ...)
+            parts.setdefault(name, []).append(value)
     return {name: np.concatenate(v) for name, v in parts.items()}, what
 
 

@@ -480,3 +480,27 @@ def test_add_adapter_takes_a_stock_peft_token_cls_adapter(tmp_path: Path, peft_a
     assert rt.labels("again") == rt.labels("peft")
     texts = [EXAMPLE, "turn on the kitchen lights"]
     np.testing.assert_allclose(rt.run(texts, "again")["logits"], rt.run(texts, "peft")["logits"], rtol=0, atol=1e-6)
+
+
+def test_bench_compares_token_bundles_token_by_token(tmp_path: Path, slot_base: Path, trained: Path) -> None:
+    """`bench` on token bundles: texts padded per chunk to different lengths still compare, one row per real
+    token, and label agreement is the share of tokens whose tag equals the fp32 bundle's."""
+    from edgelora.exporters.export import export_bundle
+    from edgelora.runtime import bench
+
+    for precision in ("fp32", "int8"):
+        export_bundle(str(slot_base), {"slots": trained}, mode="merged", precision=precision,
+                      out=tmp_path / precision, max_length=MAX_LENGTH)
+    texts = [EXAMPLE, "lamp off", "turn on the kitchen lights in the guest room", "heat to 20"]
+    out = bench.run_benchmark([str(tmp_path / "fp32"), str(tmp_path / "int8")], batches=(3,), seqs=(8,), rounds=1,
+                              warmup=0, threads=1, data=(texts, ["O"] * len(texts)))
+    rows = {r["label"]: r["fidelity"] for r in out["rows"]}
+    fp32, int8 = (Runtime(tmp_path / p, intra_op_threads=1) for p in ("fp32", "int8"))
+    want_tags = [np.concatenate([rt.run(texts[i : i + 3])["logits"][rt.tokenize(texts[i : i + 3])["attention_mask"]
+                                                                    .astype(bool)].argmax(-1)
+                                 for i in (0, 3)]) for rt in (fp32, int8)]
+    assert rows["fp32"]["label_agreement"] == 1.0
+    assert rows["int8"]["label_agreement"] == pytest.approx(float(np.mean(want_tags[0] == want_tags[1])))
+    assert rows["int8"]["rows"] == int(fp32.tokenize(texts)["attention_mask"].sum())
+    assert rows["int8"]["accuracy"] is None and "per token" in rows["int8"]["accuracy_note"]
+    assert rows["int8"]["output"] == "logits" and 0.9 < rows["int8"]["worst_cosine"] <= 1.0
