@@ -303,18 +303,10 @@ def _resolve(name: str, layers: set[str]) -> str | None:
     return None
 
 
-def _check_against_torch(bundle: Path, manifest: Manifest, proto: onnx.ModelProto, base: str | Path | None,
-                         paths: Mapping[str, str | Path], added: dict) -> dict:
-    """Run each new adapter through the graph and compare with torch, as export's own check does."""
-    if manifest.task == CAUSAL_LM:
-        from .decoder_switchable import check_added
-
-        return check_added(bundle, manifest, proto, base, paths, {name: values for name, (_e, values) in added.items()})
-    from edgelora.model import AdapterModel, load_base
-    from edgelora.peft_format import load_adapter
-
-    from . import validate
-    from .switchable import write_adapter_file
+def _base_for_check(bundle: Path, manifest: Manifest, base: str | Path | None):
+    """The base model to check new adapters against: `base`, else the one the manifest names; it must have the
+    bundle's fingerprint."""
+    from edgelora.model import fingerprint, load_base, load_causal_lm
 
     recorded = manifest.base
     base = base if base is not None else (recorded.name if recorded else None)
@@ -322,20 +314,36 @@ def _check_against_torch(bundle: Path, manifest: Manifest, proto: onnx.ModelProt
         raise EdgeloraError(f"{bundle}: manifest.json names no base to check the new adapter against; pass base, "
                             "or check=False")
     try:
-        hf_model, _ = load_base(base)
+        hf_model, _ = (load_causal_lm if manifest.task == CAUSAL_LM else load_base)(base)
     except EdgeloraError as e:
         raise EdgeloraError(f"{e} (needed to check the new adapter against torch: pass base, or check=False)") from None
+    mine = fingerprint(hf_model)
+    if recorded is None or mine != recorded.fingerprint:
+        raise EdgeloraError(f"{base}: is not the base of bundle {bundle} (fingerprint {mine[:12]}…, bundle "
+                            f"{str(recorded.fingerprint if recorded else None)[:12]}…); pass the right base")
+    return hf_model
+
+
+def _check_against_torch(bundle: Path, manifest: Manifest, proto: onnx.ModelProto, base: str | Path | None,
+                         paths: Mapping[str, str | Path], added: dict) -> dict:
+    """Run each new adapter through the graph and compare with torch, as export's own check does."""
+    hf_model = _base_for_check(bundle, manifest, base)
+    if manifest.task == CAUSAL_LM:
+        from .decoder_switchable import check_added
+
+        return check_added(manifest, proto, hf_model, paths, {name: values for name, (_e, values) in added.items()})
+    from edgelora.model import AdapterModel
+    from edgelora.peft_format import load_adapter
+
+    from . import validate
+    from .switchable import write_adapter_file
+
     if manifest.task == TOKEN_CLASSIFICATION:
         from edgelora.token_model import TokenAdapterModel
 
         model = TokenAdapterModel(hf_model)
     else:
         model = AdapterModel(hf_model)
-    if model.base_fingerprint != recorded.fingerprint:
-        raise EdgeloraError(
-            f"{base}: is not the base of bundle {bundle} (fingerprint {model.base_fingerprint[:12]}…, bundle "
-            f"{str(recorded.fingerprint)[:12]}…); pass the right base"
-        )
     for name in added:
         load_adapter(model, paths[name], name)
     precision = manifest.precision

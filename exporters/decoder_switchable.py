@@ -261,28 +261,13 @@ def bank_record(plan: SwitchablePlan) -> dict[str, Any]:
     return {"file": BANK_FILE, "adapters": [*plan.names, None]}
 
 
-def check_added(bundle: Path, manifest, proto, base: str | Path | None, paths: Mapping[str, str | Path],
+def check_added(manifest, proto, hf_model, paths: Mapping[str, str | Path],
                 values: Mapping[str, dict[str, np.ndarray]]) -> dict[str, Any]:
     """`edgelora add-adapter` on a decoder bundle: each new adapter (its tensors as they will be written)
-    through the bundle's graph against torch with the base the manifest names, and a batch mixing them row by
-    row. Returns each new adapter's figures and the mixed batch's."""
-    from edgelora.model import fingerprint, load_causal_lm
-
+    through the bundle's graph against torch on `hf_model` (the bundle's base, checked by the caller), and a
+    batch mixing them row by row. Returns each new adapter's figures and the mixed batch's."""
     from .decoder_graph import decoder_spec
 
-    recorded = manifest.base
-    base = base if base is not None else (recorded.name if recorded else None)
-    if not base:
-        raise EdgeloraError(f"{bundle}: manifest.json names no base to check the new adapter against; pass base, "
-                            "or check=False")
-    try:
-        hf_model, _ = load_causal_lm(base)
-    except EdgeloraError as e:
-        raise EdgeloraError(f"{e} (needed to check the new adapter against torch: pass base, or check=False)") from None
-    mine = fingerprint(hf_model)
-    if recorded is None or mine != recorded.fingerprint:
-        raise EdgeloraError(f"{base}: is not the base of bundle {bundle} (fingerprint {mine[:12]}…, bundle "
-                            f"{str(recorded.fingerprint if recorded else None)[:12]}…); pass the right base")
     spec = decoder_spec(hf_model)
     model = CausalLMAdapterModel(hf_model)
     for name in values:

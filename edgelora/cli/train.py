@@ -246,7 +246,7 @@ def _train_causal(args: argparse.Namespace, rank: int) -> int:
 def _train(args: argparse.Namespace, rank: int) -> int:
     """The train verb in one process; under torchrun, rank 0 alone draws progress, saves and prints."""
     from edgelora.calibrate import check_calib_batches
-    from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig, check_recipe
+    from edgelora.config import QuantConfig, check_recipe
     from edgelora.data import load_splits
     from edgelora.heads import MEAN_POOLED, architecture_head
     from edgelora.model import AdapterModel, model_type
@@ -269,12 +269,7 @@ def _train(args: argparse.Namespace, rank: int) -> int:
         raise EdgeloraError(f"--max-length {args.max_length} must be a positive number of tokens, e.g. 128")
     checkpoint = _checked_outputs(args)
     train_ds, eval_ds = load_splits(args.data, args.eval, seed=args.seed, text_field=args.text_field, label_field=args.label_field)
-    if args.kind == "lora":
-        targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else None
-        config = LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, use_rslora=args.rslora,
-                            target_modules=targets, include_mlp=args.include_mlp, init=args.init)
-    else:
-        config = BottleneckConfig(reduction_factor=args.reduction_factor, placement=args.placement)
+    config = _adapter_config(args)
     if args.smooth is not None and args.qat != "int8":
         raise EdgeloraError("--smooth applies to int8 training; add --qat int8")
     with as_flags(FLAGS, PHRASES):
@@ -318,6 +313,17 @@ def _train(args: argparse.Namespace, rank: int) -> int:
     print(json.dumps({"adapter": name, "out": str(args.out), "eval_accuracy": result.best_accuracy,
                       "best_epoch": result.best_epoch, "device": result.device}))
     return 0
+
+
+def _adapter_config(args: argparse.Namespace):
+    """The LoRA or bottleneck config the encoder tasks' flags describe (--kind, --rank, --targets, ...)."""
+    from edgelora.config import BottleneckConfig, LoraConfig
+
+    if args.kind == "lora":
+        targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else None
+        return LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, use_rslora=args.rslora,
+                          target_modules=targets, include_mlp=args.include_mlp, init=args.init)
+    return BottleneckConfig(reduction_factor=args.reduction_factor, placement=args.placement)
 
 
 def _base_and_tokenizer(base_arg: str, max_length: int):

@@ -15,8 +15,14 @@ from edgelora.errors import EdgeloraError
 def train_tokens(args: argparse.Namespace, rank: int) -> int:
     """The token-classification train verb in one process (rank 0 draws progress, saves and prints)."""
     from edgelora.cli.common import Progress
-    from edgelora.cli.train import _base_and_tokenizer, _checked_outputs, _interruptible, _resolve_bits
-    from edgelora.config import BottleneckConfig, LoraConfig, QuantConfig, check_recipe
+    from edgelora.cli.train import (
+        _adapter_config,
+        _base_and_tokenizer,
+        _checked_outputs,
+        _interruptible,
+        _resolve_bits,
+    )
+    from edgelora.config import QuantConfig, check_recipe
     from edgelora.model import load_base  # noqa: F401 - the base loads through _base_and_tokenizer
     from edgelora.peft_format import save_adapter
     from edgelora.token_data import load_token_splits
@@ -36,12 +42,7 @@ def train_tokens(args: argparse.Namespace, rank: int) -> int:
         raise EdgeloraError(f"--max-length {args.max_length} must be a positive number of tokens, e.g. 128")
     checkpoint = _checked_outputs(args)
     train_ds, eval_ds = load_token_splits(args.data, args.eval, seed=args.seed)
-    if args.kind == "lora":
-        targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else None
-        config = LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, use_rslora=args.rslora,
-                            target_modules=targets, include_mlp=args.include_mlp, init=args.init)
-    else:
-        config = BottleneckConfig(reduction_factor=args.reduction_factor, placement=args.placement)
+    config = _adapter_config(args)
     quant = (QuantConfig(weight_bits=weight_bits, mode=args.deploy_mode, activations=args.activations)
              if args.qat == "int8" else None)
     check_recipe(config, quant)
