@@ -3,8 +3,10 @@
 extract: for every adaptable linear whose weight differs between a base and its full fine-tune, the best
 rank-k fit of the delta (Eckart-Young: B A = U_k S_k V_k^T), saved as an ordinary adapter directory that
 `edgelora export` takes. reduce: the same truncation of an existing LoRA adapter's B A, without its base.
-Reading the fine-tuned model's directory and head is edgelora.finetuned's; adapters are written through
-edgelora.peft_format; the commands are edgelora/cli/extract.py. Torch loads inside the functions.
+Reading the fine-tuned model's directory and head is edgelora.finetuned's: the adapter takes the tuned model's
+own head (an architecture's sequence-classification head, a per-token classifier, or none), and a head that
+cannot be applied exactly is refused before any SVD. Adapters are written through edgelora.peft_format; the
+commands are edgelora/cli/extract.py. Torch loads inside the functions.
 
 Example:
     >>> report = extract_adapter("minilm", "runs/full-ft", "runs/intent-r16", rank=16)  # doctest: +SKIP
@@ -21,8 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgelora.errors import EdgeloraError
-from edgelora.finetuned import Head, quiet_transformers, read_head
+from edgelora.finetuned import quiet_transformers, read_head
 from edgelora.runtime.bundle import ADAPTER_NAME, ADAPTER_NAME_RULE
+from edgelora.runtime.manifest import MEAN_POOLED, PER_TOKEN
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -35,7 +38,7 @@ UNRELATED_BASE_REL_DELTA = 0.5
 # What each kind of dropped delta is, in a warning.
 DROPPED = {"bias": "biases", "linear": "linear weights outside the adaptable projections",
            "other": "other tensors (embeddings, LayerNorm, ...)",
-           "unused": None}  # BERT's [CLS] pooler: edgelora's mean-pooled embedding never reads it, no warning
+           "unused": None}  # BERT's pooler, where the adapter's head does not read it (the bert-pooler head carries it)
 
 
 # --- the math on models ----------------------------------------------------------------------------------
@@ -114,14 +117,15 @@ def _check_pair(base: nn.Module, tuned: nn.Module) -> tuple[dict[str, Tensor], d
         raise EdgeloraError(f"the base is a {kinds[0]} model and the tuned one a {kinds[1]} model; "
                             "tuned must be a full fine-tune of base")
     b, t = base_state_dict(base), base_state_dict(tuned)
-    only_b, only_t = sorted(set(b) - set(t)), sorted(set(t) - set(b))
+    # A task model may be saved without the base's pooler (RoBERTa's, a masked LM's): no LoRA reads it.
+    only_b, only_t = ([k for k in sorted(set(x) - set(y)) if not k.startswith("pooler.")] for x, y in ((b, t), (t, b)))
     if only_b or only_t:
         what = "; ".join(f"only in {side}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                          for side, keys in (("base", only_b), ("tuned", only_t)) if keys)
         raise EdgeloraError(f"base and tuned {kinds[0]} models have different architectures ({what}); "
                             "tuned must be a full fine-tune of base")
     for key in b:
-        if b[key].shape != t[key].shape:
+        if key in t and b[key].shape != t[key].shape:
             raise EdgeloraError(f"{key} has shape {tuple(b[key].shape)} in the base but {tuple(t[key].shape)} in the "
                                 "tuned model; tuned must be a full fine-tune of base")
     return b, t
@@ -168,7 +172,7 @@ def extract_lora(model: AdapterModel, tuned: nn.Module, *, rank: int | None = No
     linear_weights = {f"{n}.weight" for n, m in model.base.named_modules() if isinstance(m, torch.nn.Linear)}
     dropped = []
     for key, value in base_sd.items():
-        if key in carried or torch.equal(value, tuned_sd[key]) or not value.is_floating_point():
+        if key in carried or key not in tuned_sd or torch.equal(value, tuned_sd[key]) or not value.is_floating_point():
             continue
         what = ("unused" if key.startswith("pooler.") else "bias" if key.endswith(".bias")
                 else "linear" if key in linear_weights else "other")
@@ -182,28 +186,49 @@ def extract_lora(model: AdapterModel, tuned: nn.Module, *, rank: int | None = No
 
 
 def add_extracted_adapter(model: AdapterModel, name: str, extraction: Extraction, labels: list[str],
-                          head: tuple[Tensor, Tensor | None] | None = None) -> None:
+                          head: tuple[Tensor, Tensor | None] | None = None, *, kind: str = MEAN_POOLED,
+                          dense: tuple[Tensor, Tensor] | None = None) -> None:
     """Add LoRA `name` holding `extraction` to `model`: r = the largest layer rank, alpha = r, a per-layer
-    `rank_pattern` where ranks differ (their scale r / r_layer folded into B), and `head` (weight, bias)
-    or an all-zero placeholder head."""
+    `rank_pattern` where ranks differ (their scale r / r_layer folded into B).
+
+    Args:
+        labels: the head's classes; empty for an adapter without a head (embeddings only).
+        head: the classifier's (weight, bias), required with labels; bias None for a head without one.
+        kind: the head's kind (`edgelora.heads.HEAD_KINDS`), e.g. the tuned architecture's ("bert-pooler").
+        dense: the (weight, bias) of the layer before the classifier, for kinds that have one; for
+            "bert-pooler" the tuned model's pooler, which a full fine-tune changes.
+    """
     import torch
 
     from edgelora.config import LoraConfig
+    from edgelora.heads import head_kind
 
+    if labels and head is None:
+        raise EdgeloraError(f"adapter {name!r}: labels {labels} were given without the head's weights; give head="
+                            "(weight, bias), or no labels for an adapter without a head")
+    if labels and (dense is not None) != (head_kind(kind).activation is not None):
+        raise EdgeloraError(f"adapter {name!r}: head {kind!r} {'takes no' if dense is not None else 'needs its'} "
+                            "dense layer")
     ranks = {f.layer: f.rank for f in extraction.fits}
     r = max(ranks.values())
     config = LoraConfig(r=r, alpha=float(r), target_modules=tuple(ranks),
                         rank_pattern={layer: k for layer, k in ranks.items() if k != r} or None)
-    model.add_adapter(name, config, labels)
+    model.add_adapter(name, config, labels, head=kind)
     layers = dict(model.adapted_layers())
     with torch.no_grad():
         for layer_name, (A, B) in extraction.factors.items():
             layer = layers[layer_name]
             layer.lora_A[name].weight.copy_(A)
             layer.lora_B[name].weight.copy_(B / layer.scaling[name])
-        weight, bias = head if head is not None else (torch.zeros_like(model.heads[name].weight), None)
+        if not labels:
+            return
+        weight, bias = head
         model.heads[name].weight.copy_(weight)
-        model.heads[name].bias.copy_(bias if bias is not None else torch.zeros_like(model.heads[name].bias))
+        if model.heads[name].bias is not None:
+            model.heads[name].bias.copy_(bias if bias is not None else torch.zeros_like(model.heads[name].bias))
+        if dense is not None:
+            model.head_dense[name].weight.copy_(dense[0])
+            model.head_dense[name].bias.copy_(dense[1])
 
 
 # --- extract: directories in, adapter directory out ------------------------------------------------------
@@ -212,11 +237,17 @@ def extract_adapter(base: str | Path, tuned: str | Path, out: str | Path, *, ran
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Extract a LoRA adapter from Hugging Face directories `base` (or "minilm") and `tuned`; save it to `out`.
 
+    The adapter's head is the tuned model's own (`finetuned.read_head`): a ...ForSequenceClassification's
+    architecture head with its tuned weights, a ...ForTokenClassification's per-token classifier, or none
+    for a model saved without a head (an embeddings adapter). Any other head is refused before the SVD.
+
     Returns the report: per-layer fits, totals (compression ratio, overall relative error), the dropped
-    deltas, the head and any warnings (the CLI prints those; nothing here prints).
+    deltas, the head (kind, source, labels) and any warnings (the CLI prints those; nothing here prints).
     """
+    from edgelora.heads import head_kind
     from edgelora.model import AdapterModel, hidden_size, load_base
     from edgelora.peft_format import check_adapter_out, save_adapter
+    from edgelora.token_model import TokenAdapterModel
 
     check_target(rank, energy)
     check_adapter_out(out)  # before minutes of work
@@ -228,13 +259,21 @@ def extract_adapter(base: str | Path, tuned: str | Path, out: str | Path, *, ran
     with quiet_transformers():
         base_model, _ = load_base(base)
         tuned_model, tuned_path = load_base(tuned)
-    model = AdapterModel(base_model)
+    _check_pair(base_model, tuned_model)  # another model entirely is the first thing to say
+    head = read_head(tuned_path, tuned_model, hidden_size(base_model))  # refusals before the SVD
+    if head.kind is not None and head_kind(head.kind).dense_from_base and \
+            getattr(getattr(base_model, "pooler", None), "dense", None) is None:
+        raise EdgeloraError(f"{tuned}: its {head.kind} head reads the base's pooler, and the base {base} has none "
+                            "(its checkpoint holds no pooler); give the base checkpoint with its pooler")
+    model = TokenAdapterModel(base_model) if head.kind == PER_TOKEN else AdapterModel(base_model)
     extraction = extract_lora(model, tuned_model, rank=rank, energy=energy, method=method, progress=say)
-    head = read_head(tuned_path, hidden_size(base_model))
-    warns = _warnings(extraction, head)
+    if head.kind is not None and head_kind(head.kind).dense_from_base:  # the tuned pooler is the head's dense layer
+        extraction.dropped = [d for d in extraction.dropped if not d["tensor"].startswith("pooler.")]
+    warns = _warnings(extraction)
     summary = extraction.summary()
     add_extracted_adapter(model, name, extraction, head.labels,
-                          None if head.weight is None else (head.weight, head.bias))
+                          None if head.weight is None else (head.weight, head.bias),
+                          kind=head.kind or MEAN_POOLED, dense=head.dense)
     target = {"rank": rank} if rank is not None else {"energy": energy}
     provenance = {"tuned": str(tuned), **target, **{k: summary[k] for k in ("ranks", "compression_ratio",
                                                                               "relative_error", "energy_kept")}}
@@ -245,12 +284,12 @@ def extract_adapter(base: str | Path, tuned: str | Path, out: str | Path, *, ran
         "layers": [f.as_dict() for f in extraction.fits],
         "total": summary,
         "dropped": extraction.dropped,
-        "head": {"source": head.source, "labels": head.labels, "note": head.note},
+        "head": {"kind": head.kind, "source": head.source, "labels": head.labels},
         "warnings": warns,
     }
 
 
-def _warnings(extraction: Extraction, head: Head) -> list[str]:
+def _warnings(extraction: Extraction) -> list[str]:
     warns = []
     by_what: dict[str, list[dict]] = {}
     for d in extraction.dropped:
@@ -266,8 +305,6 @@ def _warnings(extraction: Extraction, head: Head) -> list[str]:
     if median > UNRELATED_BASE_REL_DELTA:
         warns.append(f"the median layer differs by {100 * median:.0f}% of its norm: is base really the model "
                      "tuned was fine-tuned from?")
-    if head.note:
-        warns.append(head.note)
     return warns
 
 

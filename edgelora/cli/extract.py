@@ -74,8 +74,10 @@ def extract_command(args: argparse.Namespace) -> int:
     print(f"{t['layers']} layers, ranks {t['ranks']}: {t['lora_params']:,} LoRA parameters for {t['dense_params']:,} "
           f"dense (compression {t['compression_ratio']:.1f}x); relative error {t['relative_error']:.4f}, "
           f"energy kept {t['energy_kept']:.4f}")
-    print(f"adapter {report['name']!r} ({len(report['head']['labels'])} labels, head: {report['head']['source']}) "
-          f"written to {report['out']}")
+    head = report["head"]
+    what = (f"{len(head['labels'])} labels, {head['kind']} head from {head['source']}" if head["kind"]
+            else "no head: an embeddings adapter")
+    print(f"adapter {report['name']!r} ({what}) written to {report['out']}")
     if args.json:
         write_json(report, args.json)
     return 0
