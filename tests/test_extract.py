@@ -1,6 +1,8 @@
 """Claims about the SVD toolkit wired into the product: `extract` recovers a low-rank fine-tune exactly and
-picks minimal energy ranks, `reduce` is lossless at the adapter's own rank and Eckart-Young optimal below
-it, PiSSA and int8-residual initialisation keep their promises, and every misuse stops with one line.
+picks minimal energy ranks, the tuned model's head comes across as its architecture applies it (a full-rank
+extraction gives the tuned task model's logits) or is refused, `reduce` is lossless at the adapter's own rank
+and Eckart-Young optimal below it, PiSSA and int8-residual initialisation keep their promises, and every
+misuse stops with one line.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import peft
 import pytest
 import torch
-from conftest import FP32_ATOL, make_base, make_inputs, randomize_adapters, write_tokenizer
+from conftest import FP32_ATOL, HIDDEN, VOCAB_SIZE, make_base, make_inputs, randomize_adapters, write_tokenizer
 
 from edgelora.cli.extract import add_extract_arguments, add_reduce_arguments, extract_command, reduce_command
 from edgelora.config import LoraConfig, QuantConfig
@@ -131,8 +133,11 @@ def test_rank2_extraction_reproduces_the_tuned_encoder(dirs, rank2, feeds) -> No
     assert all(f["rank"] == 2 and f["relative_error"] < 1e-6 for f in report["layers"])
     assert report["total"]["compression_ratio"] == pytest.approx(
         sum(o * i for o, i in (f["shape"] for f in report["layers"])) / sum(2 * (o + i) for o, i in (f["shape"] for f in report["layers"])))
-    assert report["head"]["labels"] == ["0", "1"] and "placeholder" in report["head"]["note"]
-    assert report["dropped"] == []
+    # A BertModel checkpoint has no task head: an embeddings adapter, no invented labels.
+    assert report["head"] == {"kind": None, "source": "none: BertModel has no task head", "labels": []}
+    assert report["dropped"] == [] and report["warnings"] == []
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert config["task_type"] is None and config["edgelora"]["labels"] == []
 
 
 def test_energy_mode_picks_the_minimal_rank_per_layer(dirs, by_energy) -> None:
@@ -168,11 +173,13 @@ def test_extracted_adapters_export_and_the_bundles_match(dirs, rank2, by_energy,
     base_dir, tuned_dir = dirs
     onnx_feeds = {k: v.numpy() for k, v in feeds.items()}
     bundle = tmp_path / "merged"
-    export_bundle(str(base_dir), {"r2": rank2[0]}, mode="merged", precision="fp32", out=bundle)
+    manifest = export_bundle(str(base_dir), {"r2": rank2[0]}, mode="merged", precision="fp32", out=bundle)
+    assert manifest.task == "embeddings" and manifest.entry("r2").labels == () and manifest.entry("r2").head is None
     with torch.no_grad():
         want = pooled(load_base(tuned_dir)[0](**feeds).last_hidden_state, feeds["attention_mask"]).numpy()
-    got = Runtime(bundle, intra_op_threads=1, allow_spinning=False).run(onnx_feeds)["embeddings"]
-    np.testing.assert_allclose(got, want, rtol=0, atol=FP32_ATOL)
+    out = Runtime(bundle, intra_op_threads=1, allow_spinning=False).run(onnx_feeds)
+    assert "logits" not in out
+    np.testing.assert_allclose(out["embeddings"], want, rtol=0, atol=FP32_ATOL)
     # Per-layer ranks in switchable mode: each slot's width is its own symbolic dimension.
     bundle = tmp_path / "switchable"
     export_bundle(str(base_dir), {"e": by_energy[0], "r2": rank2[0]}, mode="switchable", precision="fp32", out=bundle)
@@ -184,21 +191,25 @@ def test_extracted_adapters_export_and_the_bundles_match(dirs, rank2, by_energy,
     np.testing.assert_allclose(rt.run(onnx_feeds, adapter="r2")["embeddings"], want, rtol=0, atol=FP32_ATOL)
 
 
-def test_head_and_labels_come_from_a_classification_checkpoint(dirs, tmp_path: Path) -> None:
+def test_head_and_labels_come_from_a_classification_checkpoint(dirs, feeds, tmp_path: Path) -> None:
     import transformers as tf
 
     tuned = load_base(dirs[1])[0]
     config = copy.deepcopy(tuned.config)
     config.id2label, config.label2id = {0: "neg", 1: "pos", 2: "neu"}, {"neg": 0, "pos": 1, "neu": 2}
-    classifier = tf.BertForSequenceClassification(config)
+    classifier = tf.BertForSequenceClassification(config).eval()
     classifier.bert.load_state_dict(tuned.state_dict())
     tuned_dir = save_model(classifier, tmp_path / "cls")
     report = extract_adapter(dirs[0], tuned_dir, tmp_path / "a", rank=2)
     model = adapted(dirs[0], tmp_path / "a")
-    assert model.labels["x"] == ["neg", "pos", "neu"] and report["head"]["source"] == "classifier.weight"
+    assert model.labels["x"] == ["neg", "pos", "neu"] and model.head_kind("x") == "bert-pooler"
+    assert report["head"] == {"kind": "bert-pooler", "labels": ["neg", "pos", "neu"],
+                              "source": "BertForSequenceClassification: bert.pooler.dense, classifier"}
     torch.testing.assert_close(model.heads["x"].weight, classifier.classifier.weight, rtol=0, atol=0)
     torch.testing.assert_close(model.heads["x"].bias, classifier.classifier.bias, rtol=0, atol=0)
-    assert any("mean-pooled" in w for w in report["warnings"])  # its classifier read the [CLS] pooler
+    assert report["warnings"] == []  # the head is applied as the tuned model applied it: nothing to warn of
+    with torch.no_grad():  # the [CLS] pooler, then the classifier: the tuned model's own logits
+        torch.testing.assert_close(model(**feeds)[0], classifier(**feeds).logits, rtol=0, atol=EXACT_ATOL)
 
 
 def test_bias_and_other_deltas_are_reported_as_dropped(dirs, tmp_path: Path) -> None:
@@ -224,10 +235,10 @@ def test_cli_commands_print_the_report_and_write_json(dirs, rank2, tmp_path: Pat
     add_extract_arguments(parser)
     args = parser.parse_args(["--base", str(dirs[0]), "--tuned", str(dirs[1]), "--energy", "0.85",
                               "--out", str(tmp_path / "cli"), "--name", "task", "--json", str(tmp_path / "e.json")])
-    with pytest.warns(UserWarning, match="placeholder head"):
-        assert extract_command(args) == 0
+    assert extract_command(args) == 0
     text = capsys.readouterr().out
     assert "encoder.layer.1.output.dense" in text and "compression" in text
+    assert "adapter 'task' (no head: an embeddings adapter) written to" in text
     assert json.loads((tmp_path / "e.json").read_text())["layers"][0]["rank"] == 2
     parser = argparse.ArgumentParser()
     add_reduce_arguments(parser)
@@ -235,6 +246,203 @@ def test_cli_commands_print_the_report_and_write_json(dirs, rank2, tmp_path: Pat
     assert "rel. error" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args([str(rank2[0]), "--rank", "1", "--energy", "0.5", "--out", "x"])
+
+
+# --- the tuned model's head: honoured exactly, or refused -------------------------------------------------
+# A full fine-tune of a tiny task model, extracted at full rank: every delta is carried (float64 SVD, float32
+# factors), so the adapter must give the tuned model's logits. Measured ~1e-7 relative to the largest logit;
+# 1e-4 leaves room for ONNX Runtime summing in another order, and a head applied to the wrong vector (the
+# mean-pooled row, the first token of a decoder) is off by > MIN_EFFECT.
+FULL_RANK_REL = 1e-4
+# The backbone deltas alone move the logits by 0.4-27% of the largest (measured: BERT 0.36%, DistilBERT 0.57%,
+# RoBERTa 0.74%, GPT-2 21%, Llama 27%; LayerNorm absorbs much of random noise): ten times the tolerance at
+# least, so an adapter that dropped its LoRA would fail.
+LORA_EFFECT_REL = 10 * FULL_RANK_REL
+FULL_RANK = 256  # clamped to each layer's smaller side: every component kept
+PAD = 0  # GPT-2's pad token: its last-token head finds the last position that is not it
+TASK_LABELS = {0: "neg", 1: "neutral", 2: "pos"}
+TASK_ARCHS = ("bert", "roberta", "distilbert", "gpt2", "llama")
+
+
+def task_model(arch: str, task: str = "Sequence", num_labels: int = 3, **extra) -> torch.nn.Module:
+    """A tiny random `...For{task}Classification` of `arch` (seed 0), labels named by id2label."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    names = {i: TASK_LABELS.get(i, f"c{i}") for i in range(num_labels)}
+    common = {"num_labels": num_labels, "id2label": names, "label2id": {v: k for k, v in names.items()},
+              "vocab_size": VOCAB_SIZE, **extra}
+    config = {
+        "bert": lambda: tf.BertConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=64, **common),
+        "roberta": lambda: tf.RobertaConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, max_position_embeddings=70, pad_token_id=1,
+                                            **common),
+        "distilbert": lambda: tf.DistilBertConfig(dim=HIDDEN, n_layers=2, n_heads=4, hidden_dim=64,
+                                                  max_position_embeddings=64, **common),
+        "gpt2": lambda: tf.GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, n_inner=64, n_positions=64,
+                                      bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD, **common),
+        "llama": lambda: tf.LlamaConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        pad_token_id=PAD, **common),
+    }[arch]()
+    auto = getattr(tf, f"AutoModelFor{task}Classification")
+    return auto.from_config(config, attn_implementation="eager").eval()
+
+
+def fine_tune(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """A stand-in for full fine-tuning: every backbone projection's weight moves (~25% of its norm) and the
+    head moves as a trained head does (BERT's pooler counts as head: BertForSequenceClassification reads it).
+    Embeddings, LayerNorm and biases stay: a LoRA carries linear weights only."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = model.base_model_prefix
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith(f"{prefix}.") or name.startswith(f"{prefix}.pooler."):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        for name, module in model.named_modules():
+            if name.startswith(f"{prefix}.") and ".pooler" not in name and \
+                    type(module).__name__ in ("Linear", "Conv1D"):
+                module.weight.add_(torch.randn(module.weight.shape, generator=g) * 0.005)
+    return model
+
+
+def task_feeds(arch: str) -> dict[str, torch.Tensor]:
+    """Right-padded rows whose padded positions hold the pad token (RoBERTa's positions and GPT-2's last
+    token are found from it)."""
+    t = make_inputs(arch if arch != "roberta" else "distilbert", batch=4, seq=9)
+    t["input_ids"][t["attention_mask"] == 0] = 1 if arch == "roberta" else PAD
+    return t
+
+
+def rel_diff(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def task_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("task_heads")
+
+
+def tuned_pair(root: Path, arch: str, task: str = "Sequence") -> tuple[Path, Path, torch.nn.Module]:
+    """(base dir: the task model's backbone, tuned dir: the whole task model fine-tuned, the tuned model)."""
+    base, tuned = root / f"base-{arch}-{task}", root / f"tuned-{arch}-{task}"
+    model = task_model(arch, task)
+    model.base_model.save_pretrained(base)  # a base as people download it: the backbone, no head
+    fine_tune(model).save_pretrained(tuned)
+    return base, tuned, model
+
+
+@pytest.mark.parametrize("arch", TASK_ARCHS)
+def test_a_sequence_classifier_comes_across_with_its_architecture_head(task_root: Path, arch: str) -> None:
+    from edgelora.heads import ARCH_HEADS
+
+    base, tuned, model = tuned_pair(task_root, arch)
+    out = task_root / f"adapter-{arch}"
+    report = extract_adapter(base, tuned, out, rank=FULL_RANK)
+    assert report["head"]["kind"] == ARCH_HEADS[arch] and report["head"]["labels"] == ["neg", "neutral", "pos"]
+    assert report["dropped"] == [] and report["warnings"] == []  # the tuned pooler rides in BERT's head
+    feeds = task_feeds(arch)
+    with torch.no_grad():
+        want = model(**feeds).logits.numpy()
+        plain = task_model(arch)  # the base's backbone under the tuned head: what the LoRA must add
+        plain.load_state_dict({k: v for k, v in model.state_dict().items()
+                               if not k.startswith(f"{model.base_model_prefix}.") or ".pooler." in k}, strict=False)
+        assert rel_diff(plain(**feeds).logits.numpy(), want) > LORA_EFFECT_REL
+    ours = adapted(base, out)
+    with torch.no_grad():
+        got = ours(**feeds)[0].numpy()
+    torch_rel = rel_diff(got, want)
+    manifest = export_bundle(base, {"x": out}, mode="merged", precision="fp32", out=task_root / f"bundle-{arch}")
+    assert manifest.entry("x").head == ARCH_HEADS[arch] and manifest.entry("x").labels == ("neg", "neutral", "pos")
+    onnx = Runtime(task_root / f"bundle-{arch}", intra_op_threads=1, allow_spinning=False).run(
+        {k: v.numpy() for k, v in feeds.items()})["logits"]
+    print(f"{arch}: extracted adapter vs tuned logits, max relative difference: torch {torch_rel:.2e}, "
+          f"fp32 bundle {rel_diff(onnx, want):.2e}")
+    assert torch_rel < FULL_RANK_REL and rel_diff(onnx, want) < FULL_RANK_REL
+
+
+def test_a_token_classifier_comes_across_as_a_per_token_head(task_root: Path) -> None:
+    from edgelora.token_model import TokenAdapterModel
+
+    base, tuned, model = tuned_pair(task_root, "bert", "Token")
+    out = task_root / "adapter-token"
+    report = extract_adapter(base, tuned, out, rank=FULL_RANK)
+    assert report["head"] == {"kind": "per-token", "labels": ["neg", "neutral", "pos"],
+                              "source": "BertForTokenClassification: classifier"}
+    assert json.loads((out / CONFIG_FILE).read_text())["task_type"] == "TOKEN_CLS"
+    ours = TokenAdapterModel(load_base(base)[0])
+    load_adapter(ours, out, "x")
+    feeds = task_feeds("bert")
+    real = feeds["attention_mask"].bool()
+    with torch.no_grad():
+        want, got = model(**feeds).logits[real].numpy(), ours.eval()(**feeds)[0][real].numpy()
+    print(f"bert token classification: max relative difference {rel_diff(got, want):.2e}")
+    assert got.shape == (int(real.sum()), 3) and rel_diff(got, want) < FULL_RANK_REL
+
+
+def _refused(base: Path, tuned: Path, out: Path, message: str) -> None:
+    said: list[str] = []
+    with pytest.raises(EdgeloraError, match=message) as err:
+        extract_adapter(base, tuned, out, rank=2, progress=said.append)
+    assert "\n" not in str(err.value) and str(tuned) in str(err.value)
+    assert not any(m.startswith("layer ") for m in said)  # refused before the SVD
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: task_model("bert", "Sequence", num_labels=1),
+     r"classifier has 1 output \(a regression head\); extract takes classifiers of at least 2 labels"),
+    (lambda: task_model("bert", "Sequence", problem_type="multi_label_classification"),
+     r"a BertForSequenceClassification of problem_type 'multi_label_classification': its labels are independent"),
+    (lambda: task_model("bert", "Sequence", problem_type="regression"),
+     r"of problem_type 'regression': its outputs are values, not class scores"),
+    (lambda: __import__("transformers").BertForQuestionAnswering(task_model("bert").config),
+     r"a BertForQuestionAnswering \(its checkpoint holds qa_outputs\.bias, qa_outputs\.weight\), whose head "
+     r"edgelora does not apply; extract takes a \.\.\.ForSequenceClassification"),
+    (lambda: __import__("transformers").BertForMaskedLM(task_model("bert").config),
+     r"a BertForMaskedLM \(its checkpoint holds cls\.predictions\..*\), whose head edgelora does not apply"),
+])
+def test_heads_that_cannot_be_honoured_are_refused_in_one_line(task_root: Path, build, message: str,
+                                                                tmp_path: Path) -> None:
+    base = tuned_pair(task_root, "bert")[0]
+    tuned = tmp_path / "tuned"
+    build().save_pretrained(tuned)
+    _refused(base, tuned, tmp_path / "a", message)
+
+
+def test_a_checkpoint_naming_no_architecture_with_a_head_is_refused(task_root: Path, tmp_path: Path) -> None:
+    base = tuned_pair(task_root, "bert")[0]
+    tuned = tmp_path / "tuned"
+    task_model("bert").save_pretrained(tuned)
+    config = json.loads((tuned / "config.json").read_text())
+    del config["architectures"]
+    (tuned / "config.json").write_text(json.dumps(config))
+    _refused(base, tuned, tmp_path / "a", r"a model whose config\.json names no architecture \(its checkpoint holds "
+                                          r"classifier\.bias, classifier\.weight\), whose head edgelora does not apply")
+
+
+def test_an_architecture_without_a_known_head_is_refused(tmp_path: Path) -> None:
+    import transformers as tf
+
+    config = tf.ElectraConfig(vocab_size=VOCAB_SIZE, embedding_size=HIDDEN, hidden_size=HIDDEN, num_hidden_layers=1,
+                              num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    tf.ElectraModel(config).save_pretrained(tmp_path / "base")
+    tf.ElectraForSequenceClassification(config).save_pretrained(tmp_path / "tuned")
+    _refused(tmp_path / "base", tmp_path / "tuned", tmp_path / "a",
+             r"a ElectraForSequenceClassification, whose head edgelora does not know how to apply; it knows the "
+             r"sequence-classification heads of bert, distilbert, gpt2")
+
+
+def test_a_bert_classifier_over_a_base_without_a_pooler_is_refused(task_root: Path, tmp_path: Path) -> None:
+    import transformers as tf
+
+    _, tuned, model = tuned_pair(task_root, "bert")
+    base = tf.BertModel(model.config, add_pooling_layer=False)
+    base.load_state_dict(model.bert.state_dict(), strict=False)
+    base.save_pretrained(tmp_path / "base")
+    _refused(tmp_path / "base", tuned, tmp_path / "a",
+             r"its bert-pooler head reads the base's pooler, and the base .* has none")
 
 
 # --- reduce ----------------------------------------------------------------------------------------------
