@@ -67,6 +67,9 @@ ARCH_HEADS = {
     "qwen2": "last-token",
 }
 
+# Llama-style ...ForTokenClassification name their per-token linear `score`, the others `classifier`.
+_TOKEN_SCORE = ("llama", "mistral", "qwen2")
+
 _ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
 
 
@@ -84,6 +87,14 @@ def head_kind(name: str) -> HeadKind:
     if name not in HEAD_KINDS:
         raise EdgeloraError(f"head {name!r} is not one of {', '.join(HEAD_KINDS)}")
     return HEAD_KINDS[name]
+
+
+def out_key(kind_name: str, model_type: str | None) -> str | None:
+    """Where the architecture's task model keeps the classifier of head `kind_name` (PEFT's key after
+    `base_model.model.`); None for our own head."""
+    if kind_name == PER_TOKEN and model_type in _TOKEN_SCORE:
+        return "score"
+    return head_kind(kind_name).out_key
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, token: str) -> torch.Tensor:

@@ -33,7 +33,7 @@ from edgelora.config import (
     plain_lora_config,
 )
 from edgelora.errors import EdgeloraError
-from edgelora.heads import ARCH_HEADS, HEAD_KINDS, MEAN_POOLED, PER_TOKEN, head_kind
+from edgelora.heads import ARCH_HEADS, HEAD_KINDS, MEAN_POOLED, PER_TOKEN, head_kind, out_key
 from edgelora.layers import ADAPTER_KEYS, BOTTLENECK_KEY, LORA_A_KEY, LORA_B_KEY
 from edgelora.model import AdapterModel, hidden_size, model_type
 from edgelora.runtime.bundle import TOKEN_CLASSIFICATION
@@ -71,7 +71,8 @@ def adapter_state(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:
                 tensors[f"{prefix}{layer_name}{BOTTLENECK_KEY}{part}.weight"] = sub.weight
                 tensors[f"{prefix}{layer_name}{BOTTLENECK_KEY}{part}.bias"] = sub.bias
     if name in model.heads:  # a causal-LM or embeddings adapter has none
-        out = HEAD_PREFIX if kind.out_key is None else f"{PEFT_PREFIX}{kind.out_key}."
+        key = out_key(model.head_kind(name) or MEAN_POOLED, model_type(model.base))
+        out = HEAD_PREFIX if key is None else f"{PEFT_PREFIX}{key}."
         tensors[out + "weight"] = model.heads[name].weight
         if model.heads[name].bias is not None:
             tensors[out + "bias"] = model.heads[name].bias
@@ -346,27 +347,28 @@ def _read_head(model: AdapterModel, data: dict[str, Any], tensors: dict[str, tor
     if kind_name not in HEAD_KINDS or HEAD_KINDS[kind_name].out_key is None:
         raise EdgeloraError(f"{path / CONFIG_FILE}: head {kind_name!r} is not one of {', '.join(HEAD_KINDS)}; re-save the adapter")
     kind = HEAD_KINDS[kind_name]
+    classifier = out_key(kind_name, model_type(model.base))
     width = hidden_size(model.base)
-    out_w = tensors.get(f"{PEFT_PREFIX}{kind.out_key}.weight")
+    out_w = tensors.get(f"{PEFT_PREFIX}{classifier}.weight")
     if out_w is None:
         raise EdgeloraError(f"{weights}: a {task_type or 'SEQ_CLS'} adapter without its classifier "
-                            f"({PEFT_PREFIX}{kind.out_key}.weight, "
+                            f"({PEFT_PREFIX}{classifier}.weight, "
                             "saved by PEFT under modules_to_save); re-save it with PEFT's save_pretrained")
     if out_w.ndim != 2 or out_w.shape[1] != width:
-        raise EdgeloraError(f"{weights}: {kind.out_key}.weight has shape {tuple(out_w.shape)}, this base needs "
+        raise EdgeloraError(f"{weights}: {classifier}.weight has shape {tuple(out_w.shape)}, this base needs "
                             f"(labels, {width}); the adapter is for another base")
     if out_w.shape[0] < 2:
-        raise EdgeloraError(f"{weights}: {kind.out_key} has {out_w.shape[0]} output (a regression head); edgelora "
+        raise EdgeloraError(f"{weights}: {classifier} has {out_w.shape[0]} output (a regression head); edgelora "
                             "exports classifiers of at least 2 labels")
-    used = {f"{PEFT_PREFIX}{kind.out_key}.weight"}
+    used = {f"{PEFT_PREFIX}{classifier}.weight"}
     state = {f"heads.{name}.weight": out_w}
-    out_b = tensors.get(f"{PEFT_PREFIX}{kind.out_key}.bias")
+    out_b = tensors.get(f"{PEFT_PREFIX}{classifier}.bias")
     if (out_b is not None) != kind.bias:
-        raise EdgeloraError(f"{weights}: {kind.out_key} {'has' if out_b is not None else 'lacks'} a bias, which the "
+        raise EdgeloraError(f"{weights}: {classifier} {'has' if out_b is not None else 'lacks'} a bias, which the "
                             f"{kind_name} head {'does not have' if out_b is not None else 'needs'}; wrong base?")
     if out_b is not None:
         state[f"heads.{name}.bias"] = out_b
-        used.add(f"{PEFT_PREFIX}{kind.out_key}.bias")
+        used.add(f"{PEFT_PREFIX}{classifier}.bias")
     if kind.dense_key is not None:
         dense = {p: tensors.get(f"{PEFT_PREFIX}{kind.dense_key}.{p}") for p in ("weight", "bias")}
         if any(v is None for v in dense.values()):

@@ -274,7 +274,12 @@ def _check_head(path: Path, bundle: Path, data: dict, tensors: Mapping, slots: M
     if ours != theirs:
         raise EdgeloraError(f"{path}: its {theirs} head cannot run in bundle {bundle}, whose graph applies "
                             f"{ours or 'no head'}; export a new bundle with this adapter")
-    return (HEAD_PREFIX if f"{HEAD_PREFIX}weight" in tensors else f"{PEFT_PREFIX}{kind.out_key}."), theirs
+    if f"{HEAD_PREFIX}weight" in tensors:
+        return HEAD_PREFIX, theirs
+    # a per-token head is `classifier`, or `score` in Llama-style task models (edgelora.heads.out_key)
+    keys = [kind.out_key] + (["score"] if theirs == PER_TOKEN else [])
+    return next((f"{PEFT_PREFIX}{k}." for k in keys if f"{PEFT_PREFIX}{k}.weight" in tensors),
+                f"{PEFT_PREFIX}{kind.out_key}."), theirs
 
 
 def _check_smoothing(path: Path, bundle: Path, theirs: str | None) -> None:

@@ -467,3 +467,35 @@ def test_labels_for_an_adapter_without_a_head_are_refused() -> None:
     assert model(**feeds)[0].shape == (3, 0)
     with pytest.raises(EdgeloraError, match=r"labels were given but adapter 'emb' has no head"):
         model(**feeds, labels=torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_peft_token_cls_on_a_decoder_base_round_trips(tmp: Path, arch: str) -> None:
+    """...ForTokenClassification of a decoder: GPT-2 names its token head `classifier`, Llama `score`. A stock
+    TOKEN_CLS adapter of either exports to PEFT's logits, and ours load in PEFT with our logits."""
+    from edgelora.token_model import TokenAdapterModel
+
+    base = base_dir(tmp, arch)
+    task_model = tf.AutoModelForTokenClassification.from_pretrained(base).eval()
+    model = peft.get_peft_model(task_model, peft.LoraConfig(task_type="TOKEN_CLS", r=4, lora_alpha=8,
+                                                            target_modules=TARGETS[arch], init_lora_weights=False))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    model.eval()
+    model.save_pretrained(tmp / f"tok-{arch}")
+    feeds = feeds_for(arch)
+    real = feeds["attention_mask"].astype(bool)
+    want = peft_logits(model, feeds)
+    export_bundle(base, {"tok": tmp / f"tok-{arch}"}, mode="merged", precision="fp32", out=tmp / f"tok-b-{arch}")
+    got = Runtime(tmp / f"tok-b-{arch}").run(feeds)["logits"]
+    assert rel_diff(got[real], want[real]) < FP32_REL
+
+    ours = TokenAdapterModel(load_base(base)[0])
+    load_adapter(ours, tmp / f"tok-{arch}", "mine")
+    save_adapter(ours, "mine", tmp / f"tok-ours-{arch}")
+    theirs = peft.PeftModel.from_pretrained(tf.AutoModelForTokenClassification.from_pretrained(base),
+                                            tmp / f"tok-ours-{arch}").eval()
+    assert rel_diff(peft_logits(theirs, feeds)[real], want[real]) < FP32_REL
