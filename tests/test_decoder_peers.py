@@ -91,3 +91,50 @@ def test_ort_genai_peer_runs_on_the_same_weights(tiny_dir: Path, tmp_path: Path)
 def test_unknown_peer_is_refused(tmp_path: Path, capsys) -> None:
     assert decoder_peers.main(["--peers", "vllm", "--out", str(tmp_path)]) == 2
     assert "--peers: unknown ['vllm']" in capsys.readouterr().err
+
+
+def test_extra_bundles_are_more_rows_of_the_same_run(tiny_dir: Path, tmp_path: Path) -> None:
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from edgelora.exporters.decoder_export import export_decoder
+
+    base = tiny_llama(VOCAB, seed=0, context=CONTEXT)
+    adapters = {}
+    for name, seed in (("a", 1), ("b", 2)):  # random B: an active adapter changes the tokens
+        torch.manual_seed(seed)
+        lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                              task_type="CAUSAL_LM", init_lora_weights=False))
+        lora.save_pretrained(tmp_path / name)
+        adapters[name] = tmp_path / name
+    sw = tmp_path / "sw"
+    export_decoder(base, sw, adapters=adapters, mode="switchable", precision="fp32", tokenizer_dir=tiny_dir)
+    out = tmp_path / "out"
+    rc = decoder_peers.main(["--base", str(tiny_dir), "--peers", "", "--extra", f"sw={sw}", "--extra", f"sw-a={sw}@a",
+                             "--out", str(out), "--prompt-tokens", "8", "--new-tokens", "2", "--concurrent", "2",
+                             "--rounds", "1", "--warmup", "0", "--threads", "1"])
+    assert rc == 0
+    result = json.loads((out / "decoder_peers.json").read_text())
+    rows = {r["label"]: r for r in result["rows"]}
+    assert list(rows) == ["ours-fp32", "ours-int8", "sw", "sw-a"]
+    order = [s["candidate"] for s in result["schedule"]]
+    assert order == [0, 1, 2, 3] * (len(order) // 4)  # the extras interleaved with ours, one run each in turn
+    assert rows["sw-a"]["decode"]["1"]["adapters"] == ["a"] and rows["sw"]["decode"]["1"]["adapters"] == [None]
+    assert rows["sw"]["decode"]["2"]["adapters"] == ["a", "b"]  # rows together on different adapters
+    # no adapter: the plain base, so ours-fp32 is its reference; with one active there is none in the run
+    assert rows["sw"]["fidelity"]["agreement"]["prefix_share"] == 1.0
+    assert rows["sw-a"]["fidelity"]["reference"] is None and rows["sw-a"]["fidelity"]["perplexity_ratio"] is None
+    ratios = {c["what"]: c["ratio"] for c in result["comparisons"]}
+    assert ratios["sw-a decode b1 over sw's (adapter active over none)"] > 0
+    assert ratios["sw 2 rows over 1 row, aggregate tok/s on 2 adapters"] > 0
+    md = (out / "decoder_peers.md").read_text()
+    assert "| sw-a |" in md and "--extra" in md and "sw-a: adapter a active" in md
+
+
+@pytest.mark.parametrize(("extra", "message"), [("no-label", "write LABEL=DIR"), ("=runs/x", "write LABEL=DIR"),
+                                                ("ours-int8=runs/x", "'ours-int8' is already a row")])
+def test_bad_extra_is_refused(extra: str, message: str, tmp_path: Path, capsys) -> None:
+    assert decoder_peers.main(["--extra", extra, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
