@@ -282,13 +282,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--worker", default=None)
-    pre.add_argument("--threads", type=int, default=None)
-    pre.add_argument("--no-spin", action="store_true")
-    known, _ = pre.parse_known_args(argv)
-    if known.worker is not None:  # internal: one candidate's worker process
-        return _worker(json.loads(known.worker), known.threads, not known.no_spin)
+    request = worker.worker_request(argv)
+    if request is not None:  # internal: one candidate's worker process
+        return _worker(*request)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="minilm", help="base model name or directory (default minilm)")
     parser.add_argument("--adapter", default=None, help="adapter directory (default: a zero LoRA, the plain base)")

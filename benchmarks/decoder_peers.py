@@ -443,13 +443,10 @@ def markdown(result: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--worker", default=None)
-    pre.add_argument("--threads", type=int, default=None)
-    pre.add_argument("--no-spin", action="store_true")
-    known, _ = pre.parse_known_args(argv)
-    if known.worker is not None:  # internal: one candidate's worker process
-        return _worker(json.loads(known.worker), known.threads or detect_isa().physical_cores, not known.no_spin)
+    request = worker.worker_request(argv)
+    if request is not None:  # internal: one candidate's worker process
+        spec, threads, spinning = request
+        return _worker(spec, threads or detect_isa().physical_cores, spinning)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2", help="smollm2 or a Hugging Face causal-LM directory")
     parser.add_argument("--gguf", type=Path, default=None,

@@ -167,6 +167,21 @@ def serve_worker(make_engine: Callable[[], Engine], ops: Mapping[str, Callable[[
 
 
 
+def worker_request(argv: Sequence[str]) -> tuple[dict, int | None, bool] | None:
+    """In a benchmark script that is also its candidates' worker: the (spec, threads, spinning) that `Worker`
+    started this process with (`--worker SPEC --threads N --no-spin`), or None in the harness process."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--worker", default=None)
+    pre.add_argument("--threads", type=int, default=None)
+    pre.add_argument("--no-spin", action="store_true")
+    known, _ = pre.parse_known_args(list(argv))
+    if known.worker is None:
+        return None
+    return json.loads(known.worker), known.threads, not known.no_spin
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One thing to time: the command that starts its worker (a `serve_worker` main) and its report entry.
