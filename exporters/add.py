@@ -241,7 +241,11 @@ def _base_id2label(base: str | Path | None, manifest: Manifest, data: dict) -> d
     for where in (base, manifest.base.name if manifest.base else None, data.get("base_model_name_or_path")):
         config = Path(where) / "config.json" if where else None
         if config is not None and config.is_file():
-            return json.loads(config.read_text()).get("id2label")
+            try:
+                return json.loads(config.read_text()).get("id2label")
+            except (OSError, ValueError, AttributeError):
+                raise EdgeloraError(f"{config}: not a readable JSON config; pass base=DIR of the bundle's base "
+                                    "model, whose config.json names the labels") from None
     return None
 
 

@@ -504,3 +504,18 @@ def test_bench_compares_token_bundles_token_by_token(tmp_path: Path, slot_base: 
     assert rows["int8"]["rows"] == int(fp32.tokenize(texts)["attention_mask"].sum())
     assert rows["int8"]["accuracy"] is None and "per token" in rows["int8"]["accuracy_note"]
     assert rows["int8"]["output"] == "logits" and 0.9 < rows["int8"]["worst_cosine"] <= 1.0
+
+
+def test_add_adapter_names_an_unreadable_base_config(tmp_path: Path, peft_adapter) -> None:
+    """The label names of a stock PEFT head come from the base's config.json: a broken one is a one-line error."""
+    from edgelora.exporters.add import add_adapters
+    from edgelora.exporters.export import export_bundle
+
+    base_dir, adapter_dir, _ = peft_adapter
+    export_bundle(str(base_dir), {"peft": adapter_dir}, mode="switchable", precision="fp32", out=tmp_path / "b",
+                  max_length=MAX_LENGTH)
+    broken = tmp_path / "broken-base"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(EdgeloraError, match=r"broken-base/config.json: not a readable JSON config; pass base=DIR"):
+        add_adapters(tmp_path / "b", {"again": adapter_dir}, base=str(broken), check=False)
