@@ -175,6 +175,57 @@ def test_a_row_is_bit_identical_alone_and_in_a_padded_batch(precision: str) -> N
         assert all(np.array_equal(a, b) for a, b in zip(alone, batched)), f"left padding {pad} changed the row"
 
 
+def _core_graph(spec) -> onnx.ModelProto:
+    """The default attention core alone: q (B, S, Hq, D) over k / v (B, Hkv, T, D) under the graph's own mask."""
+    from onnx import TensorProto, helper
+
+    from edgelora.exporters.decoder_graph import IR_VERSION, OPSET, _attention_ops, _Builder, _mask
+
+    b = _Builder()
+    context = _attention_ops(b, "q", "k", "v", _mask(b), spec, "attn", wide=True)
+    io = helper.make_tensor_value_info
+    inputs = [io("input_ids", TensorProto.INT64, ["B", "S"]), io("attention_mask", TensorProto.INT64, ["B", "T"]),
+              io("q", TensorProto.FLOAT, ["B", "S", spec.num_heads, spec.head_dim]),
+              *(io(n, TensorProto.FLOAT, ["B", spec.num_kv_heads, "T", spec.head_dim]) for n in "kv")]
+    graph = helper.make_graph(b.nodes, "core", inputs, [io(context, TensorProto.FLOAT, None)], initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return model
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_default_core_gives_a_row_the_same_bits_alone_and_padded_at_long_context(threads: int) -> None:
+    """The core's matmuls take a KV head's G query heads and S new tokens as the rows of one GEMM. Past ONNX
+    Runtime's GEMM blocks (hundreds of keys), at 1 and 2 threads, with 1 or 5 new tokens against a batch-mate's
+    24 (other row counts, so other kernels' row tiling): a row's context is still bit-identical alone and
+    left-padded, for SmolLM2's 9 query / 3 KV heads and for a group of one (GPT-2's plain heads)."""
+    import onnxruntime as ort
+
+    from edgelora.exporters.decoder_graph import DecoderSpec
+
+    rng = np.random.default_rng(0)
+    for heads, kv_heads in ((9, 3), (4, 4)):
+        spec = DecoderSpec("llama", 1, heads * 16, heads, kv_heads, 16, 64, 4096, 1e-5, 0.25)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        sess = ort.InferenceSession(_core_graph(spec).SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+        for real, pad, new in ((700, 3, 1), (1100, 301, 5), (530, 1, 1)):
+            T, S = real + pad, 24  # the batch-mate's new tokens set the batch's S; the row's are its last `new`
+            q = rng.standard_normal((2, S, heads, 16)).astype(np.float32)
+            k, v = (rng.standard_normal((2, kv_heads, T, 16)).astype(np.float32) for _ in range(2))
+            mask = np.ones((2, T), np.int64)
+            mask[0, :pad] = 0
+
+            def run(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+                ids = np.zeros(q.shape[:2], np.int64)
+                return sess.run(None, {"input_ids": ids, "attention_mask": mask, "q": q, "k": k, "v": v})[0]
+
+            batched = run(q, k, v, mask)[0, -new:]
+            alone = run(q[:1, -new:], k[:1, :, pad:], v[:1, :, pad:], mask[:1, pad:])[0]
+            assert np.array_equal(alone, batched), (heads, kv_heads, real, pad, new)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_logits_to_keep_gives_the_last_positions_bit_identical(precision: str) -> None:
     """The optional input keeps every position by default (scoring), or only the last N (generation)."""
