@@ -85,6 +85,7 @@ def add_adapters(
     import onnx
 
     from .switchable import slot_specs
+    from .switchable_pack import packs_of
 
     proto = onnx.load(str(bundle / MODEL_FILE), load_external_data=False)
     specs = slot_specs(proto)
@@ -95,6 +96,7 @@ def add_adapters(
         layers = {m[1] for init in proto.graph.initializer if (m := _LAYER_WEIGHT.match(init.name))}
         fused = (manifest.fusions or {}).get("attention_layers") or {}
         layers |= {layer for group in fused.values() for layer in group}  # q, k, v packed into one Attention weight
+        layers |= {layer for pack in packs_of(manifest.slots).values() for layer in pack.layers}  # ... or one MatMul
     existing = set(manifest.adapter_names)
 
     say("checking adapters")
@@ -126,6 +128,7 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
     from edgelora.peft_format import HEAD_PREFIX, WEIGHTS_FILE, adapter_config, config_labels, read_adapter
 
     from . import switchable
+    from .switchable_pack import pack_slots, packs_of
 
     data, tensors = read_adapter(path)
     source = str(path / "adapter_config.json")
@@ -186,13 +189,18 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
         natural["head.bias"] = np.zeros(natural["head.weight_t"].shape[1], np.float32)  # GPT-2's score: no bias
         converted["head.bias"] = natural["head.bias"], f"{head_prefix}weight"
     sources = {slot: key for slot, (_value, key) in converted.items()}
+    packs = packs_of(slots)
+    _check_packed(natural, packs, specs, sources, path, bundle)
+    natural = pack_slots(natural, packs, path)  # q, k, v LoRA into the bundle's packed slots, where it packs them
+    sources.update({f"model.base.{name}.lora_{ab}": f"the LoRA of {', '.join(pack.lora)}"
+                    for name, pack in packs.items() for ab in "AB"})
     for slot in natural:
         if slot in specs:
             continue
         layer = slot.removeprefix("model.base.").rsplit(".", 1)[0]
         kind = "LoRA" if "lora" in slot else "bottleneck"
-        have = sorted(n.rsplit(".", 1)[0].removeprefix("model.base.") for n in specs
-                      if n.endswith(".lora_A" if kind == "LoRA" else ".down_w"))
+        have = sorted(layer for n in specs if n.endswith(".lora_A" if kind == "LoRA" else ".down_w")
+                      for layer in _slot_layers(n.rsplit(".", 1)[0].removeprefix("model.base."), packs))
         where = f"{len(have)} layers, e.g. {have[0]}" if have else "none"
         hint = "re-export the bundle with lora_slots='attention+mlp'" if kind == "LoRA" else "export the bundle with this adapter"
         raise EdgeloraError(
@@ -231,6 +239,30 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
         if trained and mode not in (None, "switchable") else None,
     )
     return entry, values
+
+
+def _slot_layers(name: str, packs: Mapping) -> tuple[str, ...]:
+    """The layers a slot serves: a packed q, k, v slot (`switchable_pack.Pack`) serves each LoRA layer of its pack."""
+    return tuple(packs[name].lora) if name in packs else (name,)
+
+
+def _check_packed(natural: Mapping[str, np.ndarray], packs: Mapping, specs: Mapping[str, SlotSpec],
+                  sources: Mapping[str, str], path: Path, bundle: Path) -> None:
+    """Each q, k or v LoRA tensor of a layer the bundle packs fits its part of the packed slot: A the slot's
+    input width, B the layer's output width (the ranks are checked as they are packed)."""
+    for pack in packs.values():
+        spec = specs.get(f"model.base.{pack.name}.lora_A")
+        if spec is None:
+            continue
+        for layer, width in zip(pack.layers, pack.widths):
+            for ab, axis, want, form in (("A", -2, spec.shape[-2], f"({spec.shape[-2]}, r)"), ("B", -1, width, f"(r, {width})")):
+                slot = f"model.base.{layer}.lora_{ab}"
+                value = natural.get(slot)
+                if value is not None and value.shape[axis] != want:
+                    raise EdgeloraError(
+                        f"{path}: {sources[slot]} has shape {tuple(value.shape)}, which does not fit bundle {bundle}'s "
+                        f"input model.base.{pack.name}.lora_{ab} (its part {form}); the adapter is for another base"
+                    )
 
 
 def _base_id2label(base: str | Path | None, manifest: Manifest, data: dict) -> dict | None:

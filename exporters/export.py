@@ -7,6 +7,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from .switchable import (
     write_adapter_file,
 )
 from .switchable_fusion import STANDARD_ATTENTION_ORT, fuse_switchable
+from .switchable_pack import pack_switchable
 
 PRECISIONS = ("fp32", "int8")
 
@@ -245,24 +247,31 @@ def export_bundle(
     requested = DEFAULT_FUSIONS if fusions is None else tuple(fusions)
     fuse = fuse_graph if mode == "merged" else fuse_switchable  # switchable: adapter branches rejoined float
     fusion = fuse(graph, model, validate.generated_feeds(vocab, graph.feeds), requested)
+    packs = {}
+    if mode == "switchable" and fusion.multi_head:  # q, k, v of each adapted attention core: one projection
+        packs, pack_note = pack_switchable(graph, fusion.multi_head, validate.generated_feeds(vocab, graph.feeds))
+        fusion = dataclasses.replace(fusion, note="; ".join(n for n in (fusion.note, pack_note) if n))
+        specs = slot_specs(graph.model)
+    grouped = {**fusion.attention, **{name: pack.layers for name, pack in packs.items()}}  # int8 or fp32 together
     quantized: dict = {}
     fp32_layers: tuple[str, ...] = ()
     fp32_choice: dict[str, Any] = {"from": "none"}
     alpha, smoothing_choice = None, {"alpha": None, "from": "none"}
     if precision == "int8":
         alpha, smoothing_choice = _smoothing(model, smooth_alpha, bits, base_path, graph.feeds)
-        units = quantization_units(model.quantizable_names(), fusion.attention)
+        units = quantization_units(model.quantizable_names(), grouped)
         if keep_fp32 == "auto" and not (model.quant and model.quant.skip_layers):
             say("measuring layer sensitivity")
         fp32_layers, fp32_choice = _fp32_layers(model, keep_fp32, units, bits, mode, base_path, graph.feeds, target_cosine)
         say("quantizing")
         static = static_qparams(model) if _activations(model) == "static" else None
         quantized = quantize_graph(graph.model, graph.weights, bits, fusion.attention, skip=fp32_layers, static=static,
-                                  smoothing=_smoothing_arrays(model))
+                                  smoothing=_smoothing_arrays(model),
+                                  packed={name: pack.layers for name, pack in packs.items()})
     recipe = QuantConfig(weight_bits=bits, activations=_activations(model), mode=mode, skip_layers=fp32_layers,
                          smoothing=alpha)
     model_bytes = graph.model.SerializeToString()
-    adapter_values = {n: adapter_tensors(model, n, specs) for n in names} if mode == "switchable" else {}
+    adapter_values = {n: adapter_tensors(model, n, specs, packs) for n in names} if mode == "switchable" else {}
     bank = build_bank(adapter_values, specs) if mode == "switchable" else {}
 
     say("validating against torch")
@@ -316,7 +325,7 @@ def export_bundle(
         validation=report,
         warnings=(f"adapters were fake-quantized for {trained_modes} deployment, exported as {mode}",)
         if trained_modes and mode not in trained_modes else None,
-        slots=slots_manifest(plan, lora_slots) if mode == "switchable" else None,
+        slots=slots_manifest(plan, lora_slots, packs) if mode == "switchable" else None,
         bank=Bank(file=BANK_FILE, adapters=(*names, None)) if mode == "switchable" else None,  # entry i: adapter_ids == i
     )
     writers: dict[str, Callable[[Path], None]] = {MODEL_FILE: lambda p: p.write_bytes(model_bytes)}

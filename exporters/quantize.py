@@ -41,6 +41,7 @@ class QuantizedLayer:
     output: str
     weight: np.ndarray  # (out, in) float32: the tensor the shared quantizer rounded
     act_qparams: tuple[float, int] | None = None  # static input (scale, zero_point); None: dynamic
+    members: tuple[str, ...] = ()  # the layers packed into this one (switchable_pack: q, k, v); (): itself
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ def qattention_compatible(node: onnx.NodeProto) -> bool:
 
 
 def count_layers(quantized: Mapping[str, QuantizedLayer | QuantizedAttention]) -> int:
-    """Linear layers now int8 (a QAttention holds three)."""
-    return sum(len(q.layers) if isinstance(q, QuantizedAttention) else 1 for q in quantized.values())
+    """Linear layers now int8 (a QAttention, or a packed projection, holds three)."""
+    return sum(len(q.layers) if isinstance(q, QuantizedAttention) else len(q.members) or 1 for q in quantized.values())
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -86,6 +87,7 @@ def quantize_graph(
     skip: Collection[str] = (),
     static: Mapping[str, tuple[float, int]] | None = None,
     smoothing: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    packed: Mapping[str, tuple[str, ...]] | None = None,
 ) -> dict[str, QuantizedLayer | QuantizedAttention]:
     """Rewrite, in place, the MatMuls whose weight initializer is named in `weights` (layer -> initializer)
     and the fused Attention nodes named in `attention` (node name -> its query, key, value layers).
@@ -98,6 +100,9 @@ def quantize_graph(
         smoothing: SmoothQuant factors by layer, (s, 1/s) float32 (in,) each, as the layer holds them
             (`edgelora.smooth`): the layer's input goes through a Mul by 1/s before its quantizer, and its weight is W diag(s);
             layers that read one tensor share one s, hence one Mul and one quantizer.
+        packed: pseudo-layers of `weights` that are several layers side by side (`switchable_pack.Pack`: q, k
+            and v of a switchable graph) -> those layers, which skip, static and smoothing name. Per-channel
+            scales make the packed int8 weight the three layers' int8 weights side by side.
 
     Returns, per quantized layer (or per QAttention node), the tensors a layer-by-layer check needs.
     Layers absent from `weights` (adapter branches, heads, attention score products) stay fp32.
@@ -106,7 +111,12 @@ def quantize_graph(
     attention = dict(attention or {})
     skip = set(skip)
     inits = {init.name: init for init in graph.initializer}
-    layer_of = {init: layer for layer, init in weights.items() if layer not in skip}
+    packed = dict(packed or {})
+
+    def members(layer: str) -> tuple[str, ...]:
+        return packed.get(layer, (layer,))
+
+    layer_of = {init: layer for layer, init in weights.items() if not skip & set(members(layer))}
     layers: dict[str, QuantizedLayer | QuantizedAttention] = {}
     quantized_inputs: dict[tuple, tuple[str, str, str]] = {}  # (activation, qparams) -> (x_u8, x_scale, x_zp)
     new_nodes: list[onnx.NodeProto] = []
@@ -204,12 +214,12 @@ def quantize_graph(
             continue
         x, w_name = node.input[0], node.input[1]
         base = w_name.removesuffix(".weight_t")
-        smooth = smooth_of([layer_of[w_name]])
+        smooth = smooth_of(members(layer_of[w_name]))
         w_t = numpy_helper.to_array(inits[w_name])
         w_t = w_t if smooth is None else w_t * smooth[0][:, None]  # (in, out): W diag(s), as training
         q_name, s_name, w = add_weight(w_t, base)
         dropped.add(w_name)
-        act = qparams_of([layer_of[w_name]])
+        act = qparams_of(members(layer_of[w_name]))
         x = smooth_input(x, smooth)
         x_q, x_scale, x_zp = quantize_input(x, act)
         out = node.output[0]
@@ -227,7 +237,8 @@ def quantize_graph(
                 helper.make_node("Mul", [x_scale, s_name], [f"{out}_scale"], name=f"{base}.ScaleMul"),
                 helper.make_node("Mul", [f"{out}_cast", f"{out}_scale"], [out], name=f"{base}.OutputMul"),
             ]
-        layers[layer_of[w_name]] = QuantizedLayer(x, out, w, act)
+        layer = layer_of[w_name]
+        layers[layer] = QuantizedLayer(x, out, w, act, members(layer) if layer in packed else ())
     del graph.node[:]
     graph.node.extend(new_nodes)
     still_used = {i for n in graph.node for i in n.input}
@@ -240,7 +251,8 @@ def quantize_graph(
 
 
 def quantization_units(layers: Collection[str], attention: Mapping[str, tuple[str, str, str]] | None) -> list[tuple[str, ...]]:
-    """The groups of layers that are int8 or fp32 together: a fused Attention's three projections, else each layer."""
+    """The groups of layers that are int8 or fp32 together: a fused Attention's three projections (or a switchable
+    graph's packed q, k, v: pass them in `attention` too), else each layer."""
     grouped = [tuple(group) for group in (attention or {}).values()]
     packed = {layer for group in grouped for layer in group}
     return grouped + [(layer,) for layer in layers if layer not in packed]

@@ -259,9 +259,15 @@ def head_tensors(model: AdapterModel, name: str) -> dict[str, np.ndarray]:
     return out
 
 
-def adapter_tensors(model: AdapterModel, name: str, specs: Mapping[str, SlotSpec]) -> dict[str, np.ndarray]:
-    """Adapter `name`'s values as its `.onnx_adapter` file holds them: each in its slot's form."""
+def adapter_tensors(model: AdapterModel, name: str, specs: Mapping[str, SlotSpec],
+                    packs: Mapping | None = None) -> dict[str, np.ndarray]:
+    """Adapter `name`'s values as its `.onnx_adapter` file holds them: each in its slot's form, the LoRA of
+    q, k and v packed where the graph packs them (`switchable_pack.Pack`, by name)."""
     values = natural_tensors(model, name)
+    if packs:
+        from .switchable_pack import pack_slots  # that module builds on this one
+
+        values = pack_slots(values, packs, name)
     unknown = sorted(set(values) - set(specs))
     if unknown:
         raise RuntimeError(f"adapter {name!r} has tensors with no slot in the graph: {unknown[:3]}")
@@ -336,9 +342,11 @@ def slot_plan(model: AdapterModel, names: Sequence[str], lora_slots: str = "adap
     return {"lora": lora, "bottleneck": bottleneck, "hidden": hidden_size(model.base), "head": head}
 
 
-def slots_manifest(plan: dict, lora_slots: str) -> dict:
-    """The manifest's record of the graph's slots: what an adapter added later must fit."""
+def slots_manifest(plan: dict, lora_slots: str, packs: Mapping | None = None) -> dict:
+    """The manifest's record of the graph's slots: what an adapter added later must fit, and how its q, k, v
+    LoRA are packed (`switchable_pack.Pack`, by name; absent when none are)."""
     acts = {_ACTIVATION_NAMES.get(type(a).__name__, type(a).__name__) for a in plan["bottleneck"].values()}
+    packed = {"packed": {name: pack.as_manifest() for name, pack in packs.items()}} if packs else {}
     return {
         "policy": lora_slots,
         "lora": sorted(plan["lora"]),
@@ -346,6 +354,7 @@ def slots_manifest(plan: dict, lora_slots: str) -> dict:
         "bottleneck_activation": acts.pop() if acts else None,
         "head_hidden": plan["hidden"],
         "head": plan.get("head"),  # the kind every adapter's head must have (edgelora.heads); None: no head
+        **packed,
     }
 
 

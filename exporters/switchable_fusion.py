@@ -355,7 +355,7 @@ def _drop_unread_initializers(proto: onnx.ModelProto) -> None:
         proto.graph.initializer.extend(keep)
 
 
-def _check_bank(proto: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
+def random_bank(proto: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
     """Random adapter-bank feeds (every slot, a few entries, one per row) for comparing two switchable graphs."""
     entries, width, scale = _CHECK_BANK
     rng = np.random.default_rng(0)
@@ -407,7 +407,7 @@ def fuse_switchable(graph: ExportedGraph, model: AdapterModel, feeds: dict[str, 
     lost = [layer for layer, name in graph.weights.items() if layer not in packed and name not in used]
     if lost:
         return Fusion(tuple(fusions), note=f"unfused: the fusions dropped the weight of {lost[0]}")
-    checks = (feeds, {**feeds, **_check_bank(graph.model, len(next(iter(feeds.values()))))})
+    checks = (feeds, {**feeds, **random_bank(graph.model, len(next(iter(feeds.values()))))})
     for want, got in zip(run_graph(graph.model, *checks), run_graph(fused, *checks)):
         rel = relative_difference(want, got)
         if rel > FUSED_REL_TOL:

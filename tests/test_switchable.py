@@ -158,7 +158,7 @@ def test_no_adapter_is_the_plain_base(bundles, tiny_bert_dir) -> None:
 
 def test_bert_switchable_graphs_fuse_attention_and_keep_the_branches(bundles) -> None:
     """The tests above and below run on these fused graphs: one ONNX Attention (opset 23) per layer, fed by
-    the q, k, v projections (int8: MatMulIntegers of their own) with the adapter branches added in float."""
+    one packed q, k, v projection (int8: one MatMulInteger) plus one packed LoRA branch in float, split in three."""
     for precision, bundle in bundles.items():
         fusions = json.loads((bundle / "manifest.json").read_text())["fusions"]
         assert fusions["applied"]["ai.onnx.Attention"] == 2, fusions["note"]
@@ -169,8 +169,9 @@ def test_bert_switchable_graphs_fuse_attention_and_keep_the_branches(bundles) ->
         assert ops["Attention"] == 2 and not ops["MultiHeadAttention"] and not ops["Softmax"] and not ops["Transpose"], ops
         assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 23
         assert unread_initializers(proto) == []  # no dead weight shipped
-        if precision == "int8":  # every linear int8, q, k and v each on their own
-            assert ops["MatMulInteger"] == 12 and not ops["QAttention"]
+        assert ops["Split"] == 2 and len(json.loads((bundle / "manifest.json").read_text())["slots"]["packed"]) == 2
+        if precision == "int8":  # every linear int8, q, k and v packed into one per layer
+            assert ops["MatMulInteger"] == 8 and not ops["QAttention"]
 
 
 def test_a_bundle_needing_a_newer_onnxruntime_says_so_in_one_line(bundles, monkeypatch) -> None:

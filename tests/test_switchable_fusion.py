@@ -73,7 +73,7 @@ def test_fused_switchable_graph_equals_unfused_for_either_padding_and_mixed_rows
     assert result.applied.get("ai.onnx.Attention") == 2, result.note
     left = {k: v.copy() for k, v in feeds.items()}
     left["attention_mask"] = left["attention_mask"][:, ::-1].copy()  # left padding: real tokens at the end
-    bank = switchable_fusion._check_bank(unfused, batch=6)  # random adapters, one per row, cycling through three
+    bank = switchable_fusion.random_bank(unfused, batch=6)  # random adapters, one per row, cycling through three
     plain = _outputs(unfused, left)
     for check in (feeds, left, {**feeds, **bank}, {**left, **bank}):
         want, got = _outputs(unfused, check), _outputs(graph.model, check)
@@ -157,7 +157,8 @@ def test_switchable_graphs_take_only_the_attention_fusion_and_none_if_asked(bert
     manifest = export_bundle(str(bert_dir), adapters, mode="switchable", precision="fp32", out=tmp_path / "c",
                              fusions=("attention", "skip_layer_norm")).to_dict()
     assert manifest["fusions"]["applied"]["ai.onnx.Attention"] == 2
-    assert manifest["fusions"]["note"].endswith("; skip_layer_norm not applied to switchable graphs")
+    assert "; skip_layer_norm not applied to switchable graphs" in manifest["fusions"]["note"]
+    assert manifest["fusions"]["note"].endswith("; q, k, v packed into one projection and one LoRA branch for 2 attention cores")
 
 
 # --- rewriting a bundle: one writer ---------------------------------------------------------------------
