@@ -239,3 +239,28 @@ def test_an_export_takes_the_scheme_its_adapters_were_trained_with(tmp_path: Pat
         choose_int8({"x": block}, "rowwise", "int8", "merged")
     with pytest.raises(EdgeloraError, match=r"^the adapters were trained with different int8 schemes \(block, rowwise\)"):
         choose_int8({"x": block, "y": rowwise}, None, "int8", "switchable")
+
+
+@pytest.mark.parametrize(("scheme", "flags", "warns"), [("rowwise", "avx2", True),
+                                                        ("rowwise", "avx2 avx512f avx512bw avx512_vnni", False),
+                                                        ("block", "avx2", False)])
+def test_8bit_rowwise_bundle_on_a_saturating_cpu_warns(tmp_path: Path, monkeypatch, scheme: str, flags: str,
+                                                       warns: bool) -> None:
+    """Rowwise bundles run MLAS's u8 x s8 kernel (MatMulIntegerToFloat): 8-bit weights exported for a VNNI CPU
+    saturate on one without, as encoder bundles do; block bundles (MatMulNBits) make no such claim."""
+    import warnings
+
+    from served_decoder import tiny_decoder_bundle
+
+    from edgelora.runtime import Runtime
+
+    out = tiny_decoder_bundle(tmp_path, "int8-rowwise" if scheme == "rowwise" else "int8")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["quantization"]["weight_bits"] = 8
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    fake = detect_isa(f"flags : {flags}\n", machine="x86_64")
+    monkeypatch.setattr("edgelora.runtime.runtime.detect_isa", lambda: fake)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Runtime(out, intra_op_threads=1)
+    assert any("saturates" in str(w.message) for w in caught) is warns
