@@ -12,12 +12,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
-from test_decoder_export import _alone_and_batched, _graph_steps, _rel_error, _torch_logits, make_decoder
+from tiny_decoder_graph import alone_and_batched, graph_steps, make_decoder, rel_error, torch_logits
 
 from edgelora.causal_train import ROWWISE_BLOCK_LAYERS, decoder_quant
 from edgelora.config import QuantConfig, config_to_dict, layer_recipe, scheme_of
@@ -151,14 +150,14 @@ def test_rowwise_graph_matches_fake_quant_layer_by_layer_and_end_to_end(kind: st
     assert sum(n.name.endswith(".rowq.amax/ReduceMax") for n in graph.model.graph.node) == 3 * layers  # one per input
     assert ops.count("Mul") >= 3 * layers * 2  # the smoothing Mul and the row-scale Mul of each rowwise matmul
     assert sorted({q.kind for q in graph.quantized.values()}) == ["block", "rowwise"]
-    feeds, logits = _graph_steps(session(graph.model), graph.spec, steps=2)
+    feeds, logits = graph_steps(session(graph.model), graph.spec, steps=2)
     err, layer = layerwise_error(graph, feeds)
     assert err <= INT8_LAYER_REL_TOL, f"{layer}: relative error {err:.2e}"
-    fq_err = _rel_error(logits, _torch_logits(fake_quant_model(model, plan), feeds), feeds)
-    fp_err = _rel_error(logits, _torch_logits(model, feeds), feeds)
+    fq_err = rel_error(logits, torch_logits(fake_quant_model(model, plan), feeds), feeds)
+    fp_err = rel_error(logits, torch_logits(model, feeds), feeds)
     assert fq_err < E2E_REL_TOL < fp_err, (fq_err, fp_err)
     # and not the block scheme's model: the reference really is the rowwise recipe
-    assert _rel_error(logits, _torch_logits(fake_quant_model(model), feeds), feeds) > E2E_REL_TOL
+    assert rel_error(logits, torch_logits(fake_quant_model(model), feeds), feeds) > E2E_REL_TOL
 
 
 def test_a_rowwise_row_is_bit_identical_alone_and_in_a_padded_batch() -> None:
@@ -166,7 +165,7 @@ def test_a_rowwise_row_is_bit_identical_alone_and_in_a_padded_batch() -> None:
     graph = build_decoder_graph(model, "int8", rowwise=RowwisePlan(decoder_quant(scheme="rowwise", weight_bits=BITS),
                                                                  _factors(model)))
     for pad in (1, 3, 7, 13):
-        alone, batched = _alone_and_batched(graph, pad)
+        alone, batched = alone_and_batched(graph, pad)
         assert all(np.array_equal(a, b) for a, b in zip(alone, batched)), f"left padding {pad} changed the row"
 
 
