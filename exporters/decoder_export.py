@@ -295,7 +295,7 @@ def export_decoder(
         "generation": generation_record(model, spec, tok_dir),
         "adapters": entries,
         "quantization": None if precision == "fp32" else quantization_record(
-            int8, len(graph.quantized), sum(q.kind == "rowwise" for q in graph.quantized.values()), mode)
+            int8, rowwise.quant, len(graph.quantized), sum(q.kind == "rowwise" for q in graph.quantized.values()), mode)
         if rowwise is not None else {
             "scheme": "weights int8 symmetric per block of 32 inputs; activations int8 per row and block of 32 "
                       "at run time (MatMulNBits bits 8, accuracy_level 4): a row's result does not depend on its batch",

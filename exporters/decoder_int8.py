@@ -112,10 +112,9 @@ def _check_bits(recipe: QuantConfig) -> None:
                             "saturates 16-bit pair sums; train (or export) with 7-bit weights, or use the block scheme")
 
 
-def quantization_record(choice: Int8Choice, quantized: int, rowwise: int, mode: str) -> dict[str, Any]:
+def quantization_record(choice: Int8Choice, recipe: QuantConfig, quantized: int, rowwise: int,
+                        mode: str) -> dict[str, Any]:
     """The manifest's "quantization" entry of a rowwise bundle (the block one is written by the exporter)."""
-    recipe = choice.recipe
-    assert recipe is not None
     return {
         "scheme": f"rowwise: weights int8 symmetric per output channel ({recipe.weight_bits}-bit), activations int8 "
                   "per row by the row's own max, in plain ops, into MatMulIntegerToFloat; layers "
