@@ -50,7 +50,8 @@ class QuantConfig:
         activations: "dynamic" fake-quantizes each quantized layer's input per tensor to uint8 as ONNX
             Runtime's DynamicQuantizeLinear does at run time; "static" uses a per-tensor uint8 scale and
             zero point fixed by calibration (`edgelora.calibrate`), which the export writes as constants
-            and which save with the adapter; "none" quantizes weights only.
+            and which save with the adapter; "none" quantizes weights only; "per-row" is the decoder's
+            rowwise scheme (see `block_layers`).
         mode: which weight training sees: "merged" fake-quantizes W0 + s*B*A (the tensor a merged export
             quantizes), "switchable" fake-quantizes W0 alone and keeps the adapter branch float.
         skip_layers: layer names (as `AdapterModel.quantizable_names()` gives them) kept fp32 — mixed
@@ -63,7 +64,9 @@ class QuantConfig:
             activations). A power of two >= 16 (32 for the decoder export) is the decoder scheme of ONNX
             Runtime's MatMulNBits: symmetric int8 weights per block of `weight_block` inputs and, with
             activations "dynamic", each input row quantized per block too, so a row's result never depends
-            on its batch-mates. It needs 8-bit weights and dynamic or no activation quantization.
+            on its batch-mates. It needs 8-bit weights and dynamic or no activation quantization (with
+            activations "per-row", it is the block size of `block_layers` alone, and `weight_bits` that of the
+            other layers).
         block_layers: the decoder's rowwise scheme (activations "per-row"): every layer gets symmetric
             per-output-channel weights of `weight_bits` and its input quantized per row by the row's own max
             (ONNX Runtime's MatMulIntegerToFloat, faster than MatMulNBits on CPUs without VNNI), except the
