@@ -22,6 +22,7 @@ import torch
 from edgelora import causal_data, distributed, generation_tasks
 from edgelora.causal_data import ChatExample, TokenizedRows
 from edgelora.causal_lm import CausalLMAdapterModel, token_loss
+from edgelora.causal_smooth import smooth_decoder
 from edgelora.config import LoraConfig, QuantConfig, config_to_dict
 from edgelora.errors import EdgeloraError
 from edgelora.model import max_positions
@@ -42,17 +43,45 @@ def load_tokenizer(path: str | Path):
         raise EdgeloraError(f"{path}: could not load the tokenizer ({first}); the base directory needs tokenizer files") from None
 
 
-def decoder_quant(weight_block: int = DECODER_BLOCK, activations: str = "dynamic", mode: str = "merged") -> QuantConfig:
-    """The int8 recipe of a decoder: blockwise weights, activations per row and block (batch-invariant).
+INT8_SCHEMES = ("block", "rowwise")
+# The rowwise scheme's layers kept on the blockwise grid: the MLP's down projection (Llama-style, GPT-2) and the
+# LM head, whose inputs carry the outliers one row scale handles worst (benchmarks/int8_kernels.py --fidelity).
+ROWWISE_BLOCK_LAYERS = ("mlp.down_proj", "mlp.c_proj", "lm_head")
+# SmoothQuant strength of the rowwise scheme: on SmolLM2 with 7-bit weights it brings the perplexity ratio to fp32
+# from 1.077 (unsmoothed, every layer rowwise) to 1.015 (benchmarks/results/int8_kernels_avx2.md).
+ROWWISE_ALPHA = 0.5
+
+
+def decoder_quant(weight_block: int = DECODER_BLOCK, activations: str = "dynamic", mode: str = "merged",
+                  scheme: str = "block", weight_bits: int | None = None,
+                  smoothing: float | None = ROWWISE_ALPHA) -> QuantConfig:
+    """The int8 recipe of a decoder; a row's result never depends on its batch-mates in either scheme.
 
     Args:
         mode: the bundle the adapter is for, as for encoders: "merged" fake-quantizes W0 + s B A, "switchable"
             W0 alone with the LoRA branch float (what a switchable decoder bundle computes).
+        scheme: "block" (the default): every linear MatMulNBits, blockwise weights, activations per row and
+            block. "rowwise": per-output-channel weights of `weight_bits` and activations per row
+            (MatMulIntegerToFloat, faster on CPUs without VNNI), SmoothQuant `smoothing` on their inputs, with
+            down_proj and the LM head left blockwise (ROWWISE_BLOCK_LAYERS).
+        weight_bits: rowwise only: 7 or 8; None chooses for this CPU (7 where the u8 x s8 kernel saturates).
     """
+    if scheme not in INT8_SCHEMES:
+        raise EdgeloraError(f"int8_scheme={scheme!r} is not supported; choose from {', '.join(INT8_SCHEMES)}")
     if not weight_block:
         raise EdgeloraError("causal-LM QAT uses the decoder's blockwise int8 (weight_block=32); weight_block=0 is the "
                             "encoder's per-channel scheme, which the decoder export does not write")
-    return QuantConfig(weight_block=weight_block, activations=activations, mode=mode)
+    if scheme == "block":
+        if weight_bits not in (None, 8):
+            raise EdgeloraError(f"weight_bits={weight_bits}: the block int8 scheme uses 8-bit blocks of 32 "
+                                "(MatMulNBits); drop weight_bits or choose int8_scheme='rowwise'")
+        return QuantConfig(weight_block=weight_block, activations=activations, mode=mode)
+    if weight_bits is None:
+        from edgelora.runtime.cpu import detect_isa, recommended_weight_bits
+
+        weight_bits = recommended_weight_bits(detect_isa().isa)
+    return QuantConfig(weight_bits=weight_bits, activations="per-row", mode=mode, smoothing=smoothing,
+                       weight_block=weight_block, block_layers=ROWWISE_BLOCK_LAYERS)
 
 
 def _prompt_texts(tokenizer, rows: Sequence[ChatExample]) -> list[str]:
@@ -164,6 +193,9 @@ def train_causal_lm(
     qat: str | None = None,
     deploy_mode: str = "merged",
     weight_block: int = DECODER_BLOCK,
+    int8_scheme: str = "block",
+    weight_bits: int | None = None,
+    smoothing: float | None = ROWWISE_ALPHA,
     max_length: int = causal_data.DEFAULT_MAX_LENGTH,
     seed: int = 0,
     eval_fraction: float = 0.2,
@@ -185,6 +217,10 @@ def train_causal_lm(
             for the bundle `deploy_mode` names; None trains fp32.
         deploy_mode: with qat, "merged" (training sees Q(W0 + s B A), the tensor a merged export quantizes) or
             "switchable" (Q(W0) plus the float LoRA branch, as a switchable bundle computes).
+        int8_scheme / weight_bits / smoothing: with qat, the decoder's int8 scheme (`decoder_quant`): "block",
+            or "rowwise" with its weight bits (None: this CPU's) and SmoothQuant alpha (None: unsmoothed), the
+            factors computed from the frozen base on fixed text (`edgelora.causal_smooth`) and saved with the
+            adapter, so the export applies the very same ones.
         eval_generate: held-out rows to answer greedily after training and score (None: all; 0: none). Each
             costs up to `max_new_tokens` decoding steps.
     Returns a report: data counts (truncated, dropped), steps, seconds, tokens per second, the loss history,
@@ -201,7 +237,10 @@ def train_causal_lm(
         raise EdgeloraError(f"deploy_mode={deploy_mode!r} is not supported; choose from merged, switchable")
     if deploy_mode != "merged" and qat is None:
         raise EdgeloraError(f"deploy_mode={deploy_mode!r} chooses the int8 fake quantization; add qat='int8' or drop it")
-    quant = decoder_quant(weight_block, mode=deploy_mode) if qat == "int8" else None
+    if qat is None and int8_scheme != "block":
+        raise EdgeloraError(f"int8_scheme={int8_scheme!r} chooses the int8 fake quantization; add qat='int8' or drop it")
+    quant = (decoder_quant(weight_block, mode=deploy_mode, scheme=int8_scheme, weight_bits=weight_bits,
+                           smoothing=smoothing) if qat == "int8" else None)
     train_rows, eval_rows = causal_data.load_splits(data, eval, seed=seed, eval_fraction=eval_fraction)
     model = CausalLMAdapterModel.from_base(str(base))
     tokenizer = load_tokenizer(model.base_path)
@@ -214,6 +253,8 @@ def train_causal_lm(
         raise EdgeloraError(f"{data}: no training row keeps an answer token within max_length={max_length}; "
                             "raise max_length")
     model.add_adapter(name, lora, quant=quant)
+    if quant is not None and quant.smoothing is not None:  # from the frozen base, before any step
+        smooth_decoder(model, tokenizer, quant.smoothing)
     task = causal_loop_task(model, name, tokenizer, train_tok, eval_tok, config)
     started = time.perf_counter()
     result = run_loop(model, name, task, config, progress=progress, checkpoint=checkpoint)
@@ -231,7 +272,7 @@ def train_causal_lm(
         "truncated": train_tok.truncated + eval_tok.truncated, "dropped": train_tok.dropped + eval_tok.dropped,
         "steps": steps, "seconds": seconds, "tokens_per_second": train_tok.tokens * epochs / seconds,
         "history": result.history, "best_epoch": result.best_epoch, "device": result.device,
-        "qat": qat,
+        "qat": qat, **({"int8_scheme": int8_scheme} if qat else {}),
     }
     if eval_generate != 0 and eval_rows:
         rows = eval_rows if eval_generate is None else eval_rows[:eval_generate]

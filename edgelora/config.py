@@ -17,7 +17,7 @@ from edgelora.errors import EdgeloraError
 ADAPTER_KINDS = ("lora", "bottleneck")
 EXPORT_MODES = ("merged", "switchable")
 BOTTLENECK_PLACEMENTS = ("houlsby", "pfeiffer")
-ACTIVATION_MODES = ("dynamic", "static", "none")
+ACTIVATION_MODES = ("dynamic", "static", "none", "per-row")
 LORA_INITS = ("default", "pissa", "int8-residual")
 
 
@@ -50,7 +50,8 @@ class QuantConfig:
         activations: "dynamic" fake-quantizes each quantized layer's input per tensor to uint8 as ONNX
             Runtime's DynamicQuantizeLinear does at run time; "static" uses a per-tensor uint8 scale and
             zero point fixed by calibration (`edgelora.calibrate`), which the export writes as constants
-            and which save with the adapter; "none" quantizes weights only.
+            and which save with the adapter; "none" quantizes weights only; "per-row" is the decoder's
+            rowwise scheme (see `block_layers`).
         mode: which weight training sees: "merged" fake-quantizes W0 + s*B*A (the tensor a merged export
             quantizes), "switchable" fake-quantizes W0 alone and keeps the adapter branch float.
         skip_layers: layer names (as `AdapterModel.quantizable_names()` gives them) kept fp32 — mixed
@@ -63,7 +64,14 @@ class QuantConfig:
             activations). A power of two >= 16 (32 for the decoder export) is the decoder scheme of ONNX
             Runtime's MatMulNBits: symmetric int8 weights per block of `weight_block` inputs and, with
             activations "dynamic", each input row quantized per block too, so a row's result never depends
-            on its batch-mates. It needs 8-bit weights and dynamic or no activation quantization.
+            on its batch-mates. It needs 8-bit weights and dynamic or no activation quantization (with
+            activations "per-row", it is the block size of `block_layers` alone, and `weight_bits` that of the
+            other layers).
+        block_layers: the decoder's rowwise scheme (activations "per-row"): every layer gets symmetric
+            per-output-channel weights of `weight_bits` and its input quantized per row by the row's own max
+            (ONNX Runtime's MatMulIntegerToFloat, faster than MatMulNBits on CPUs without VNNI), except the
+            layers named here (suffixes at a dot, e.g. "mlp.down_proj", "lm_head"), which keep the blockwise
+            recipe of `weight_block` because their inputs carry the outliers one row scale handles worst.
     """
 
     weight_bits: int = 8
@@ -72,6 +80,7 @@ class QuantConfig:
     skip_layers: tuple[str, ...] = ()
     smoothing: float | None = None
     weight_block: int = 0
+    block_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("weight_bits", self.weight_bits, (8, 7))
@@ -82,6 +91,7 @@ class QuantConfig:
             raise EdgeloraError(f"skip_layers={self.skip_layers!r} must be a list of layer names, e.g. "
                                 "['encoder.layer.0.output.dense']")
         object.__setattr__(self, "skip_layers", tuple(sorted(set(self.skip_layers))))  # JSON lists come back as tuples
+        _check_block_layers(self)
         if self.smoothing is not None:
             check_smoothing(self.smoothing)
 
@@ -91,11 +101,61 @@ def _check_weight_block(quant: QuantConfig) -> None:
     if isinstance(block, bool) or not isinstance(block, int) or (block != 0 and (block < 16 or block & (block - 1))):
         raise EdgeloraError(f"weight_block={block!r} must be 0 (per-channel int8) or a power of two >= 16 "
                             "(blockwise int8, 32 for decoders)")
-    if block and quant.weight_bits != 8:
+    if block and quant.weight_bits != 8 and quant.activations != "per-row":
         raise EdgeloraError(f"weight_block={block} (blockwise int8) needs weight_bits=8, got {quant.weight_bits}")
     if block and quant.activations == "static":
         raise EdgeloraError(f"weight_block={block} quantizes activations per row and block at run time; "
                             "use activations='dynamic' or 'none', not 'static'")
+
+
+def _check_block_layers(quant: QuantConfig) -> None:
+    """The rowwise scheme's rules: block_layers and weight_block go together, and only with per-row activations."""
+    layers = quant.block_layers
+    if isinstance(layers, str) or not all(isinstance(n, str) and n for n in layers):
+        raise EdgeloraError(f"block_layers={layers!r} must be a list of layer-name suffixes, e.g. "
+                            "['mlp.down_proj', 'lm_head']")
+    object.__setattr__(quant, "block_layers", tuple(sorted(set(layers))))
+    if quant.activations != "per-row":
+        if layers:
+            raise EdgeloraError(f"block_layers={list(layers)} applies to activations='per-row' (the decoder's rowwise "
+                                "scheme); drop it or set activations='per-row'")
+        return
+    if layers and not quant.weight_block:
+        raise EdgeloraError(f"block_layers={list(layers)} keeps those layers blockwise and needs weight_block, "
+                            "e.g. weight_block=32")
+    if quant.weight_block and not layers:
+        raise EdgeloraError(f"weight_block={quant.weight_block} with activations='per-row' applies to block_layers; "
+                            "name them (e.g. ['mlp.down_proj', 'lm_head']) or set weight_block=0")
+
+
+def _suffix_match(name: str, suffixes: tuple[str, ...]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def scheme_of(quant: QuantConfig) -> str:
+    """The recipe's int8 scheme by name: "rowwise" (decoder, per-row activations), "block" (decoder,
+    MatMulNBits) or "per-channel" (encoders)."""
+    if quant.activations == "per-row":
+        return "rowwise"
+    return "block" if quant.weight_block else "per-channel"
+
+
+def is_block_layer(quant: QuantConfig, name: str) -> bool:
+    """Whether the rowwise recipe keeps layer `name` (a module name) on the blockwise grid."""
+    return _suffix_match(name, quant.block_layers)
+
+
+def layer_recipe(quant: QuantConfig | None, name: str) -> QuantConfig | None:
+    """The recipe one layer computes: None (fp32) for `skip_layers`; under the rowwise scheme either the pure
+    rowwise recipe (per-channel weights, per-row activations) or, for `block_layers`, the blockwise one, so a
+    layer never has to tell the two apart by name."""
+    if quant is None or name in quant.skip_layers:
+        return None
+    if quant.activations != "per-row":
+        return quant
+    if is_block_layer(quant, name):
+        return QuantConfig(weight_block=quant.weight_block, mode=quant.mode)
+    return dataclasses.replace(quant, weight_block=0, block_layers=())
 
 
 @dataclass(frozen=True)
@@ -241,6 +301,11 @@ def config_to_dict(config: AdapterConfig | QuantConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
     if isinstance(config, QuantConfig) and not config.weight_block:
         del data["weight_block"]  # the per-channel recipe saves as it did before blockwise int8 existed
+    if isinstance(config, QuantConfig):
+        if config.block_layers:
+            data["block_layers"] = list(config.block_layers)
+        else:
+            del data["block_layers"]  # the other schemes save as they did before the rowwise one existed
     if "target_modules" in data and data["target_modules"] is not None:
         data["target_modules"] = list(data["target_modules"])
     if data.get("rank_pattern") is not None:

@@ -212,3 +212,41 @@ def fake_quantize_activation_blockwise(x: torch.Tensor, block: int = BLOCK) -> t
     index) and per block of `block` values of the last dimension, symmetric int8; straight-through gradient.
     Each row's result depends on that row only, which is what makes the int8 decoder batch-invariant."""
     return _BlockwiseFakeQuant.apply(x, block)
+
+
+# --- per-row int8: the decoder's rowwise scheme, plain ops into ONNX Runtime's MatMulIntegerToFloat ------------
+#
+# The graph quantizes a linear's input row by row: amax = max(max|x| over the last dim, ROW_TINY) (ReduceMax,
+# Max), inverse = 127 / amax and scale = amax / 127 as float32 divisions (Div), q = round(x * inverse) half to
+# even (Mul, Round), fed to the kernel as uint8 q + 128 with zero point 128; the product's float row is then
+# multiplied by `scale` (Mul). An all-zero row gives q = 0 and output 0. No clamp ever cuts (|q| <= 127 by
+# construction), and a row's integers depend on that row only, so a request's result does not change with its
+# batch-mates. Weights are the per-output-channel grid above (`quantize_weight`, 7 or 8 bits).
+
+ROW_QMAX = 127.0
+ROW_TINY = 1e-30  # the floor the graph's Max puts under a row's max: an all-zero row divides by it, not by 0
+
+
+def quantize_activation_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q as float32 integers in [-127, 127] (..., k), float32 row scale (..., 1)): what the graph's nodes compute."""
+    xf = x.detach().to(torch.float32)
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=ROW_TINY)  # (..., 1)
+    qmax = torch.full_like(amax, ROW_QMAX)  # tensor / tensor: one float32 division each, as ONNX Runtime's Div
+    return torch.round(xf * (qmax / amax)), amax / qmax
+
+
+class _RowwiseActFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        q, scale = quantize_activation_rowwise(x)
+        return (q * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+def fake_quantize_activation_rowwise(x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize an activation per row (every leading index), symmetric int8 by the row's own max, as
+    the rowwise decoder graph does at run time; straight-through gradient (no clamp ever cuts)."""
+    return _RowwiseActFakeQuant.apply(x)

@@ -20,6 +20,7 @@ from edgelora.errors import EdgeloraError
 from edgelora.fake_quant import (
     fake_quantize_activation,
     fake_quantize_activation_blockwise,
+    fake_quantize_activation_rowwise,
     fake_quantize_weight,
     fake_quantize_weight_blockwise,
 )
@@ -240,6 +241,8 @@ class AdaptedLinear(nn.Module):
             if self.quant.weight_block:  # MatMulNBits: each row per block of the input dimension
                 return fake_quantize_activation_blockwise(x, self.quant.weight_block)
             return fake_quantize_activation(x)
+        if self.quant.activations == "per-row":  # the rowwise decoder scheme: each row by its own max
+            return fake_quantize_activation_rowwise(x)
         if self.quant.activations == "static":
             if self.act_observer is None:
                 raise EdgeloraError(STATIC_NEEDS_CALIBRATION)

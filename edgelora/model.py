@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgelora.config import AdapterConfig, BottleneckConfig, LoraConfig, QuantConfig, check_recipe
+from edgelora.config import AdapterConfig, BottleneckConfig, LoraConfig, QuantConfig, check_recipe, layer_recipe
 from edgelora.embedded import EMBEDDED, MINILM, embedded_path
 from edgelora.errors import EdgeloraError
 from edgelora.heads import MEAN_POOLED, activation, head_kind, pool
@@ -343,8 +343,9 @@ class AdapterModel(nn.Module):
             layer.quant = self._layer_quant(name)
 
     def _layer_quant(self, name: str) -> QuantConfig | None:
-        """The model's recipe for one layer: None (fp32) for the recipe's `skip_layers`."""
-        return None if self.quant is None or name in self.quant.skip_layers else self.quant
+        """The model's recipe for one layer: None (fp32) for the recipe's `skip_layers`; under the rowwise scheme,
+        the blockwise recipe for its `block_layers` and the pure rowwise one elsewhere (`config.layer_recipe`)."""
+        return layer_recipe(self.quant, name)
 
     def set_adapter(self, name: str | None) -> None:
         """Activate one adapter (None: the plain base); only its weights and head train."""

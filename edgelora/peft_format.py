@@ -477,7 +477,7 @@ def _module_state(name: str, tensors: dict[str, torch.Tensor], resolved: dict[st
 
 
 # Recipe fields every adapter of one model (hence one bundle) must share: the graph has one base.
-SHARED_RECIPE_FIELDS = ("weight_bits", "activations", "mode", "skip_layers", "smoothing", "weight_block")
+SHARED_RECIPE_FIELDS = ("weight_bits", "activations", "mode", "skip_layers", "smoothing", "weight_block", "block_layers")
 
 
 def _check_same_recipe(model: AdapterModel, recipe: QuantConfig | None, path: Path) -> None:

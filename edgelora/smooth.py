@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from edgelora.config import INT8_RESIDUAL_SMOOTHING, check_smoothing
+from edgelora.config import INT8_RESIDUAL_SMOOTHING, check_smoothing, is_block_layer
 from edgelora.errors import EdgeloraError
 
 # Migration strength. On all-MiniLM-L6-v2 with 7-bit weights, the worst / mean sentence cosine of the
@@ -113,7 +113,7 @@ def smooth_model(model: torch.nn.Module, feeds: Iterable[Mapping[str, torch.Tens
         raise EdgeloraError(INT8_RESIDUAL_SMOOTHING)
     feeds = list(feeds)
     previous = model.quant
-    int8_layers = [n for n, _ in model.adapted_layers() if previous is None or n not in previous.skip_layers]
+    int8_layers = [n for n, _ in model.adapted_layers() if smoothed_layer(previous, n)]
     model.set_quant(None)
     try:
         with model.disable_adapter():
@@ -122,6 +122,12 @@ def smooth_model(model: torch.nn.Module, feeds: Iterable[Mapping[str, torch.Tens
         model.set_quant(previous)
     apply_smoothing(model, factors)
     return {"alpha": alpha, "layers": len(factors), "batches": len(feeds)}
+
+
+def smoothed_layer(quant, name: str) -> bool:
+    """Whether a recipe smooths layer `name`: not its fp32 layers, nor the rowwise scheme's blockwise ones (their
+    inputs keep their own per-block scales, and an unsmoothed tied LM head keeps sharing the embeddings)."""
+    return quant is None or (name not in quant.skip_layers and not is_block_layer(quant, name))
 
 
 def apply_smoothing(model: torch.nn.Module, factors: Mapping[str, torch.Tensor] | None) -> None:

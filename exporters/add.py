@@ -89,6 +89,10 @@ def add_adapters(
 
     proto = onnx.load(str(bundle / MODEL_FILE), load_external_data=False)
     specs = slot_specs(proto)
+    if manifest.task == CAUSAL_LM and manifest.quantization is not None and \
+            manifest.quantization.int8_scheme == "rowwise":
+        raise EdgeloraError(f"{bundle}: adding adapters to a rowwise int8 decoder bundle is not supported yet (its "
+                            "check needs the SmoothQuant factors baked into the graph); re-export it with every adapter")
     if manifest.task == CAUSAL_LM:  # a decoder graph names its weights by graph position; the manifest lists the slots
         slots = manifest.slots or {}
         layers = set(slots.get("projections") or slots.get("lora") or [])

@@ -52,6 +52,7 @@ from edgelora.runtime.bundle import (
 from .decoder_switchable import SWITCHABLE_RECIPE, bank_record, check_switchable, fill_values, plan_switchable, slots_record
 from .switchable import write_adapter_file
 from .decoder_graph import ATTENTION_CORES, OPSET, DecoderSpec, build_decoder_graph, decoder_spec
+from .decoder_int8 import choose_int8, quantization_record, rowwise_plan
 from .decoder_validate import PERPLEXITY_TEXTS, perplexity, validate_decoder
 
 MODES = ("merged", "switchable")
@@ -179,6 +180,7 @@ def export_decoder(
     attention: str = "invariant",
     lora_slots: str = "attention",
     tokenizer_dir: str | Path | None = None,
+    int8_scheme: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Export a causal LM to a checked decoder bundle at `out`, with `adapter` merged or `adapters` switchable;
@@ -202,6 +204,9 @@ def export_decoder(
             softmax, batch-invariant), "ops", "onnx" or "gqa" (float32, faster, rows may change with left
             padding; "gqa", ONNX Runtime's GroupQueryAttention, is one node a layer and the fastest).
         tokenizer_dir: where the tokenizer files are (default: the base directory).
+        int8_scheme: int8 only: "block" (MatMulNBits everywhere) or "rowwise" (per-row activations and
+            per-channel weights through MatMulIntegerToFloat, down_proj and the LM head blockwise, SmoothQuant);
+            None: the scheme the adapters were trained with, else "block" (`decoder_int8.choose_int8`).
     """
     if precision not in PRECISIONS:
         raise EdgeloraError(f"precision={precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
@@ -220,6 +225,7 @@ def export_decoder(
             raise EdgeloraError(f"adapter name {name!r} must be {ADAPTER_NAME_RULE}")
     if attention not in ATTENTION_CORES:
         raise EdgeloraError(f"attention={attention!r} is not supported; choose from {', '.join(ATTENTION_CORES)}")
+    int8 = choose_int8(named, int8_scheme, precision, mode)
     check_out(Path(out))  # before minutes of work, not only when writing
     say = progress or (lambda _msg: None)
     say("loading base")
@@ -234,6 +240,9 @@ def export_decoder(
     spec = decoder_spec(model)  # refuses an unsupported model type before any other work
     base_fingerprint = fingerprint(model)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else base_dir
+    if int8.recipe is not None:
+        say("smoothing (rowwise int8)")
+    rowwise = rowwise_plan(int8, model, tok_dir)  # from the base, before an adapter merges into it
     entries: list[dict[str, Any]] = []
     switchable: dict[str, Any] = {}
     writers: dict[str, Callable[[Path], None]] = {}
@@ -242,18 +251,18 @@ def export_decoder(
             say("merging adapter")
             entries.append(merge_lora(model, path, name))
         say("building graph")
-        graph = build_decoder_graph(model, precision, attention)
+        graph = build_decoder_graph(model, precision, attention, rowwise=rowwise)
         say("validating against torch")
         label = f"adapter {entries[0]['name']!r}" if entries else "the base"
-        report = validate_decoder(graph, model, precision, label)
+        report = validate_decoder(graph, model, precision, label, rowwise)
     else:
         say("loading adapters")
         plan = plan_switchable(model, spec, named, lora_slots)
         say("building graph")
-        graph = build_decoder_graph(model, precision, attention, lora_modules=plan.modules)
+        graph = build_decoder_graph(model, precision, attention, lora_modules=plan.modules, rowwise=rowwise)
         bank = fill_values(plan, graph)
         say("validating against torch")
-        report = check_switchable(graph, plan, bank, precision)
+        report = check_switchable(graph, plan, bank, precision, rowwise)
         entries = plan.entries
         switchable = {"slots": slots_record(plan, graph), "bank": bank_record(plan),
                       **({"warnings": plan.warnings} if plan.warnings else {})}
@@ -285,7 +294,9 @@ def export_decoder(
         if tok_dir is not None and (tok_dir / "tokenizer.json").is_file() else None,
         "generation": generation_record(model, spec, tok_dir),
         "adapters": entries,
-        "quantization": None if precision == "fp32" else {
+        "quantization": None if precision == "fp32" else quantization_record(
+            int8, rowwise.quant, len(graph.quantized), sum(q.kind == "rowwise" for q in graph.quantized.values()), mode)
+        if rowwise is not None else {
             "scheme": "weights int8 symmetric per block of 32 inputs; activations int8 per row and block of 32 "
                       "at run time (MatMulNBits bits 8, accuracy_level 4): a row's result does not depend on its batch",
             "kernel": "com.microsoft.MatMulNBits", "weight_bits": 8, "block_size": 32, "accuracy_level": 4,

@@ -12,7 +12,7 @@ Mistral, Qwen2: grouped-query attention, RMSNorm, rotary, SwiGLU, with or withou
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -21,8 +21,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from edgelora.config import QuantConfig, is_block_layer
 from edgelora.errors import EdgeloraError
-from edgelora.fake_quant import BLOCK, quantize_weight_blockwise
+from edgelora.fake_quant import BLOCK, ROW_QMAX, ROW_TINY, quantize_weight, quantize_weight_blockwise
 from edgelora.runtime.bundle import ADAPTER_IDS, LOGITS_TO_KEEP  # adapter_ids: int64 [rows], each row's bank entry
 
 OPSET = 23  # RMSNormalization and Attention
@@ -59,11 +60,24 @@ class DecoderSpec:
 
 @dataclass(frozen=True)
 class QuantizedMatMul:
-    """One int8 matmul of the graph: its float input and output tensors and the float weight it quantized."""
+    """One int8 matmul of the graph: its float input and output tensors and the float weight it quantized.
+
+    kind "block": MatMulNBits; "rowwise": per-row activations and per-channel `bits`-bit weights through
+    MatMulIntegerToFloat, `input` then being the smoothed input and `weight` the smoothed W diag(s)."""
 
     input: str
     output: str
     weight: np.ndarray  # (out, in) float32, before quantization
+    kind: str = "block"
+    bits: int = 8
+
+
+@dataclass(frozen=True)
+class RowwisePlan:
+    """How the rowwise int8 scheme quantizes each linear of one graph, by the model's own module names."""
+
+    quant: QuantConfig  # activations "per-row": the recipe training fake-quantized with
+    smoothing: Mapping[str, torch.Tensor] = field(default_factory=dict)  # module name -> (in,) SmoothQuant s
 
 
 @dataclass
@@ -178,11 +192,14 @@ class _Builder:
 
 
 def _linear(b: _Builder, x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None, precision: str,
-            quantized: dict[str, QuantizedMatMul]) -> str:
-    """x @ weight.T (+ bias): MatMul on the transposed fp32 weight, or MatMulNBits on blockwise int8."""
+            quantized: dict[str, QuantizedMatMul], rowwise: tuple[int, torch.Tensor | None] | None = None) -> str:
+    """x @ weight.T (+ bias): MatMul on the transposed fp32 weight, MatMulNBits on blockwise int8, or with
+    `rowwise` (weight bits, SmoothQuant s or None) the rowwise scheme's per-row int8 (`_rowwise_matmul`)."""
     w = weight.detach().to(torch.float32)
     n, k = w.shape
-    if precision == "fp32":
+    if precision == "int8" and rowwise is not None:
+        y = _rowwise_matmul(b, x, name, w, *rowwise, quantized)
+    elif precision == "fp32":
         y = b.op("MatMul", [x, b.init(f"{name}.weight_t", w.T.contiguous().numpy())], f"{name}.matmul")
     else:
         q, scale = quantize_weight_blockwise(w, BLOCK)
@@ -197,6 +214,73 @@ def _linear(b: _Builder, x: str, name: str, weight: torch.Tensor, bias: torch.Te
     if bias is not None:
         y = b.op("Add", [y, b.init(f"{name}.bias", bias.detach().to(torch.float32).numpy())], f"{name}.out")
     return y
+
+
+def _row_constants(b: _Builder) -> None:
+    """The rowwise quantizer's shared constants, once per graph."""
+    if any(t.name == "rowq.tiny" for t in b.inits):
+        return
+    b.scalar("rowq.tiny", ROW_TINY)
+    b.scalar("rowq.qmax", ROW_QMAX)
+    b.scalar("rowq.offset", 128.0)
+    b.scalar("rowq.one", 1.0)
+    b.init("rowq.zero_point", np.asarray(128, np.uint8))
+    b.ints("rowq.last", [-1])
+
+
+def _row_quantized(b: _Builder, x: str) -> tuple[str, str]:
+    """(uint8 q + 128, float32 row scale (..., 1)) of x, symmetric per row by the row's own max: the nodes that
+    `edgelora.fake_quant.quantize_activation_rowwise` mirrors. One set per distinct input (q|k|v and gate|up
+    read one tensor each), reused by every matmul that reads it."""
+    q, scale = f"{x}.rowq", f"{x}.rowq.scale"
+    if any(n.output[0] == q for n in b.nodes):
+        return q, scale
+    _row_constants(b)
+    amax = b.op("ReduceMax", [b.op("Abs", [x], f"{x}.rowq.abs"), "rowq.last"], f"{x}.rowq.amax", keepdims=1)
+    amax = b.op("Max", [amax, "rowq.tiny"], f"{x}.rowq.amax_safe")
+    inverse = b.op("Div", ["rowq.qmax", amax], f"{x}.rowq.inverse")
+    rounded = b.op("Round", [b.op("Mul", [x, inverse], f"{x}.rowq.scaled")], f"{x}.rowq.round")
+    b.op("Cast", [b.op("Add", [rounded, "rowq.offset"], f"{x}.rowq.shifted")], q, to=TensorProto.UINT8)
+    b.op("Div", [amax, "rowq.qmax"], scale)
+    return q, scale
+
+
+def _rowwise_matmul(b: _Builder, x: str, name: str, w: torch.Tensor, bits: int, smooth: torch.Tensor | None,
+                    quantized: dict[str, QuantizedMatMul]) -> str:
+    """x @ w.T by the rowwise scheme: x times 1/s (SmoothQuant, when given), quantized per row, times the int8
+    grid of w diag(s) per output channel in MatMulIntegerToFloat (a_scale 1, a_zero_point 128, b_scale per
+    column), times the row scales. Weights are written (in, out), as the kernel takes them."""
+    if smooth is not None:
+        inv = (1.0 / smooth.detach().to(torch.float32)).to(torch.float32)  # what AdaptedLinear multiplies by
+        x = b.op("Mul", [x, b.init(f"{name}.smooth_inv", inv.numpy())], f"{name}.smoothed")
+        w = w * smooth.detach().to(torch.float32)
+    q_x, row_scale = _row_quantized(b, x)
+    q_w, w_scale = quantize_weight(w, bits)
+    unscaled = b.op("MatMulIntegerToFloat", [q_x, b.init(f"{name}.qweight_t", q_w.T.contiguous().numpy()),
+                                             "rowq.one", b.init(f"{name}.scales", w_scale.numpy()),
+                                             "rowq.zero_point"], f"{name}.matmul_int", domain="com.microsoft")
+    y = b.op("Mul", [unscaled, row_scale], f"{name}.matmul")
+    quantized[name] = QuantizedMatMul(x, y, w.numpy(), "rowwise", bits)
+    return y
+
+
+def _rowwise_choice(plan: RowwisePlan | None, name: str, modules: list[str]) -> tuple[int, torch.Tensor | None] | None:
+    """The rowwise scheme's (bits, s or None) for graph linear `name` over the model's `modules`, or None for
+    a linear it keeps blockwise; members of one packed matmul must agree, as training gave them one input."""
+    if plan is None:
+        return None
+    blockwise = {is_block_layer(plan.quant, m) for m in modules}
+    if len(blockwise) > 1:
+        raise EdgeloraError(f"block_layers={list(plan.quant.block_layers)} splits the packed projection {name} "
+                            f"({', '.join(modules)}); name all of them or none")
+    if blockwise.pop():
+        return None
+    factors = [plan.smoothing.get(m) for m in modules]
+    if any(f is None for f in factors) != all(f is None for f in factors) or any(
+            f is not None and not torch.equal(f, factors[0]) for f in factors):
+        raise EdgeloraError(f"SmoothQuant factors differ within the packed projection {name} ({', '.join(modules)}); "
+                            "layers reading one tensor must share them: recompute them with edgelora.smooth")
+    return plan.quant.weight_bits, factors[0]
 
 
 ADAPTER_ROWS = "adapter_ids.rows"  # adapter_ids expanded to the batch: one bank entry per row, always
@@ -471,7 +555,7 @@ def _keep_last(b: _Builder, h: str) -> str:
 
 
 def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attention: str = "invariant",
-                        lora_modules: Collection[str] = ()) -> DecoderGraph:
+                        lora_modules: Collection[str] = (), rowwise: RowwisePlan | None = None) -> DecoderGraph:
     """The ONNX graph of a loaded causal LM (its weights as they are: merge adapters first, or give slots).
 
     Args:
@@ -485,6 +569,9 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
             LoRA slot, an adapter bank indexed per row by the `adapter_ids` input (exporters/switchable.py);
             a packed projection (q|k|v, gate|up) has slots on all its members or none. The base weights
             stay as they are (int8 in MatMulNBits), the LoRA branches float.
+        rowwise: int8 only: the rowwise scheme (`RowwisePlan`: its recipe and SmoothQuant factors) instead of
+            MatMulNBits everywhere: per-row int8 activations and per-channel weights through
+            MatMulIntegerToFloat, except the recipe's `block_layers`, which stay MatMulNBits.
     """
     if attention not in ATTENTION_CORES:
         raise EdgeloraError(f"attention={attention!r} is not supported; choose from {', '.join(ATTENTION_CORES)}")
@@ -499,8 +586,14 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
     banks: list[onnx.ValueInfoProto] = []
     wanted = set(lora_modules)
 
+    head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), "lm_head")
+    if rowwise is not None and rowwise.quant.skip_layers:
+        raise EdgeloraError(f"skip_layers={list(rowwise.quant.skip_layers)}: the decoder export keeps no layer fp32; "
+                            "train without skip_layers")
+
     def linear(x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
-        y = _linear(b, x, name, weight, bias, precision, quantized)
+        members = [m for m, _ in projection_modules(model, spec, name)] or [head_name]
+        y = _linear(b, x, name, weight, bias, precision, quantized, _rowwise_choice(rowwise, name, members))
         modules = projection_modules(model, spec, name) if wanted else []
         adapted = [m for m, _ in modules if m in wanted]
         if not adapted:

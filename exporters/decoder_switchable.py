@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from edgelora import smooth
 from edgelora.causal_lm import CausalLMAdapterModel
 from edgelora.causal_train import decoder_quant
 from edgelora.config import LoraConfig, config_to_dict
@@ -33,7 +34,7 @@ from edgelora.fake_quant import BLOCK
 from edgelora.peft_format import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from edgelora.runtime.bundle import ADAPTER_IDS, BANK_FILE, adapter_file, sha256_file
 
-from .decoder_graph import DecoderGraph, DecoderSpec, projection_modules
+from .decoder_graph import DecoderGraph, DecoderSpec, RowwisePlan, projection_modules
 from .decoder_validate import (
     FP32_REL_TOL,
     INT8_LAYER_REL_TOL,
@@ -167,20 +168,23 @@ def _run_steps(sess: ort.InferenceSession, prefill: dict[str, np.ndarray], optio
 
 
 def check_switchable(graph: DecoderGraph, plan: SwitchablePlan, bank: Mapping[str, np.ndarray],
-                     precision: str) -> dict[str, Any]:
+                     precision: str, rowwise: RowwisePlan | None = None) -> dict[str, Any]:
     """Every adapter and "no adapter" through the graph against torch, then one mixed batch through the bank
     against each row's own run. Raises EdgeloraError outside tolerance; returns the figures for the manifest.
     A graph without `quantized` records (read back from a bundle) skips the int8 layer-by-layer check, which
-    its base passed at export."""
+    its base passed at export. `rowwise`: the graph's rowwise int8 recipe and factors (None: block)."""
     runs: list[str | None] = [*plan.names, None]
     batch = max(3, len(runs))
     prefill = prefill_feeds(graph.spec, batch=batch)
     sess = session(graph.model)
     fp32 = plan.model
     fq = None
+    recipe = SWITCHABLE_RECIPE if rowwise is None else dataclasses.replace(rowwise.quant, mode="switchable")
     if precision == "int8":
         fq = copy.deepcopy(fp32)
-        fq.set_quant(SWITCHABLE_RECIPE)
+        fq.set_quant(recipe)
+        if rowwise is not None and not smooth.current_factors(fq):  # adapters trained with factors brought them
+            smooth.apply_smoothing(fq, rowwise.smoothing)
     fp32.set_quant(None)
     report: dict[str, Any] = {
         "inputs": {"batch": batch, "prefill": int(prefill["input_ids"].shape[1]), "decode_steps": 1,
@@ -188,7 +192,7 @@ def check_switchable(graph: DecoderGraph, plan: SwitchablePlan, bank: Mapping[st
         "tolerances": {"fp32_rel": FP32_REL_TOL, "int8_layer_rel": INT8_LAYER_REL_TOL,
                        "int8_min_cosine": INT8_MIN_COSINE, "bank_row_rel": BANK_REL_TOL},
         "reference": "fp32: the float model with the adapter; int8: the fake-quant model, "
-                     f"recipe {config_to_dict(SWITCHABLE_RECIPE)} (base int8, LoRA float)",
+                     f"recipe {config_to_dict(recipe)} (base int8, LoRA float)",
     }
     alone: dict[str | None, tuple[list[np.ndarray], np.ndarray]] = {}
     with tempfile.TemporaryDirectory() as tmp:

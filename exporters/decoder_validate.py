@@ -20,9 +20,14 @@ import torch.nn.functional as F
 from onnx import helper
 
 from edgelora.errors import EdgeloraError
-from edgelora.fake_quant import fake_quantize_activation_blockwise, fake_quantize_weight_blockwise
+from edgelora.fake_quant import (
+    fake_quantize_activation_blockwise,
+    fake_quantize_activation_rowwise,
+    fake_quantize_weight,
+    fake_quantize_weight_blockwise,
+)
 
-from .decoder_graph import DecoderGraph, DecoderSpec
+from .decoder_graph import DecoderGraph, DecoderSpec, QuantizedMatMul, RowwisePlan
 
 # fp32 graph vs torch, max |difference| over real positions relative to the largest |logit|: the same float
 # ops in another summation order (measured ~2e-7 on tiny models, ~1e-6 on SmolLM2); a wrong mask, rotary
@@ -113,8 +118,17 @@ class _FakeQuantLinear(torch.nn.Module):
         return F.linear(fake_quantize_activation_blockwise(x), fake_quantize_weight_blockwise(weight), self.linear.bias)
 
 
-def fake_quant_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a causal LM whose every projection and LM head is blockwise fake-quantized."""
+def fake_quant_model(model: torch.nn.Module, rowwise: RowwisePlan | None = None) -> torch.nn.Module:
+    """A copy of a causal LM whose every projection and LM head is blockwise fake-quantized; with `rowwise`,
+    fake-quantized as training does it under that recipe and its SmoothQuant factors (`AdaptedLinear`)."""
+    if rowwise is not None:
+        from edgelora.causal_lm import CausalLMAdapterModel
+        from edgelora.smooth import apply_smoothing
+
+        wrapped = CausalLMAdapterModel(copy.deepcopy(model))
+        wrapped.set_quant(rowwise.quant)
+        apply_smoothing(wrapped, rowwise.smoothing)
+        return wrapped.base
     fq = copy.deepcopy(model)
     if getattr(fq.config, "model_type", None) == "gpt2":
         targets = [(getattr(block, part), name) for block in fq.transformer.h for part, name in
@@ -129,9 +143,17 @@ def fake_quant_model(model: torch.nn.Module) -> torch.nn.Module:
     return fq
 
 
+def fake_quant_product(q: QuantizedMatMul, x: torch.Tensor) -> torch.Tensor:
+    """What one int8 matmul of the graph must give for input x: the fake-quant product of its scheme."""
+    weight = torch.from_numpy(q.weight)
+    if q.kind == "rowwise":
+        return F.linear(fake_quantize_activation_rowwise(x), fake_quantize_weight(weight, q.bits))
+    return F.linear(fake_quantize_activation_blockwise(x), fake_quantize_weight_blockwise(weight))
+
+
 def layerwise_error(graph: DecoderGraph, feeds: list[dict[str, np.ndarray]],
                     run_options: ort.RunOptions | None = None) -> tuple[float, str]:
-    """Worst relative error of any MatMulNBits output against the fake-quant product of its own input, over
+    """Worst relative error of any int8 matmul's output against the fake-quant product of its own input, over
     the given runs (prefill and decode; `run_options`: an adapter active in a switchable graph): every
     quantized input and output is exposed as a graph output."""
     probe = onnx.ModelProto()
@@ -145,15 +167,15 @@ def layerwise_error(graph: DecoderGraph, feeds: list[dict[str, np.ndarray]],
     for run in feeds:
         values = dict(zip(names, sess.run(names, run, run_options)))
         for name, q in graph.quantized.items():
-            x = torch.from_numpy(values[q.input])
-            ref = F.linear(fake_quantize_activation_blockwise(x), fake_quantize_weight_blockwise(torch.from_numpy(q.weight)))
+            ref = fake_quant_product(q, torch.from_numpy(values[q.input]))
             err = float((torch.from_numpy(values[q.output]) - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
             if err > worst:
                 worst, worst_layer = err, name
     return worst, worst_layer
 
 
-def validate_decoder(graph: DecoderGraph, model: torch.nn.Module, precision: str, label: str) -> dict[str, Any]:
+def validate_decoder(graph: DecoderGraph, model: torch.nn.Module, precision: str, label: str,
+                     rowwise: RowwisePlan | None = None) -> dict[str, Any]:
     """Run `graph` and `model` (fp32, adapters merged) on a left-padded prefill and one decode step; raise
     EdgeloraError outside tolerance; return the figures for the manifest."""
     prefill = prefill_feeds(graph.spec)
@@ -182,7 +204,7 @@ def validate_decoder(graph: DecoderGraph, model: torch.nn.Module, precision: str
     if err > INT8_LAYER_REL_TOL:
         raise EdgeloraError(f"export check failed for {label}: int8 matmul {layer} differs from the fake-quant "
                             f"product by {err:.2g} relative (> {INT8_LAYER_REL_TOL}); please report this CPU and model")
-    fq = _compare(got, torch_steps(fake_quant_model(model), prefill, decode_ids), masks)
+    fq = _compare(got, torch_steps(fake_quant_model(model, rowwise), prefill, decode_ids), masks)
     report["vs_fake_quant_torch"] = fq
     if fq["worst_cosine"] < INT8_MIN_COSINE:
         raise EdgeloraError(f"export check failed for {label}: int8 ONNX logits are far from the fake-quant model "

@@ -267,7 +267,8 @@ class Quantization(_Record):
     checks; the rest records how the exporter quantized (activations, recipe, fp32 layers, smoothing)."""
 
     scheme: str | None = _omitted()
-    activations: Mapping[str, Any] | None = _omitted()  # {"mode": "dynamic" | "static", ...}
+    int8_scheme: str | None = _omitted()  # decoders: "rowwise" (MatMulIntegerToFloat); absent: "block" (MatMulNBits)
+    activations: Mapping[str, Any] | None = _omitted()  # {"mode": "dynamic" | "static" | "per-row", ...}
     weight_bits: int
     weight_bits_from: str | None = _omitted()
     isa: str | None = _omitted()

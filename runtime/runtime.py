@@ -89,9 +89,10 @@ class Runtime:
 
     def _warn_if_saturating(self, isa: str) -> None:
         quant = self.manifest.quantization
-        # The 7-bit advice is for DynamicQuantizeMatMul; decoder bundles run MatMulNBits (MLAS's blockwise kernels),
-        # whose behaviour on CPUs without VNNI has not been measured, so nothing is claimed for them here.
-        if self.manifest.task == CAUSAL_LM:
+        # The 7-bit advice is for MLAS's u8 x s8 kernels (DynamicQuantizeMatMul, and MatMulIntegerToFloat in a
+        # rowwise decoder bundle); block decoder bundles run MatMulNBits, whose behaviour on CPUs without VNNI has
+        # not been measured, so nothing is claimed for them here.
+        if self.manifest.task == CAUSAL_LM and (quant is None or quant.int8_scheme != "rowwise"):
             return
         if self.manifest.precision == "int8" and quant is not None and quant.weight_bits == 8 and int8_saturates(isa):
             warnings.warn(

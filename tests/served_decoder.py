@@ -28,10 +28,12 @@ def chat_tokenizer(root: Path) -> Path:
 
 
 def tiny_decoder_bundle(root: Path, precision: str = "fp32", seed: int = 0) -> Path:
-    """A merged decoder bundle (no adapter) of the tiny Llama at root/<precision>; its tokenizer beside it."""
+    """A merged decoder bundle (no adapter) of the tiny Llama at root/<precision>; its tokenizer beside it.
+    `precision` "int8-rowwise" is int8 with the rowwise scheme."""
     out = root / precision
+    precision, _, scheme = precision.partition("-")
     export_decoder(tiny_llama(VOCAB, seed=seed, context=CONTEXT), out, precision=precision,
-                   tokenizer_dir=chat_tokenizer(root))
+                   tokenizer_dir=chat_tokenizer(root), int8_scheme=scheme or None)
     return out
 
 
@@ -63,8 +65,9 @@ def tiny_switchable_bundle(root: Path, precision: str = "fp32", seed: int = 0) -
         random_lora(base, a, 1, 4, ["q_proj", "v_proj"])
         random_lora(base, b, 2, 2, ["q_proj", "k_proj", "o_proj", "up_proj"])
     out = root / f"switchable-{precision}"
+    precision, _, scheme = precision.partition("-")
     export_decoder(base, out, adapters={"a": a, "b": b}, mode="switchable", precision=precision,
-                   tokenizer_dir=chat_tokenizer(root))
+                   tokenizer_dir=chat_tokenizer(root), int8_scheme=scheme or None)
     return out
 
 

@@ -104,8 +104,10 @@ def test_switchable_export_generate_and_add_adapter_from_the_command_line(worksp
 
 @pytest.mark.parametrize(("extra", "fragment"), [
     (["--kind", "bottleneck"], "--kind applies to --task classification"),
-    (["--smooth", "0.5"], "--smooth applies to --task classification"),
+    (["--smooth", "0.5"], "--smooth applies to --int8-scheme rowwise for causal-lm"),
     (["--weight-bits", "7"], "--weight-bits 7: causal-lm int8 uses 8-bit blocks of 32"),
+    (["--int8-scheme", "rowwise"], "--int8-scheme rowwise chooses the int8 fake quantization; add --qat int8"),
+    (["--qat", "int8", "--int8-scheme", "rowwise", "--smooth", "2"], "--smooth 2.0 must be between 0 and 1"),
 ])
 def test_train_causal_lm_refuses_classification_flags(workspace, tmp_path, capsys, extra, fragment) -> None:
     rc, _, err = cli(["train", *TRAIN, "--base", workspace["base"], "--out", tmp_path / "x", *extra], capsys)
@@ -155,3 +157,84 @@ def test_switchable_recipe_trains_and_exports_without_a_warning(workspace, tmp_p
     rc, _, err = cli(["train", *TRAIN, "--base", workspace["base"], "--deploy-mode", "switchable", "--out",
                       tmp_path / "x"], capsys)
     assert_one_line_error(rc, err, "--deploy-mode switchable chooses the int8 fake quantization; add --qat int8")
+
+
+# The rowwise int8 bundle against the torch model it was trained as, relative to the largest |logit|: the same
+# integers on both sides (tests/test_decoder_rowwise.py), float sums in another order, ~1e-6 measured here.
+ROWWISE_LOGIT_TOL = 1e-4
+
+
+def _logits(session, manifest, ids: torch.Tensor) -> np.ndarray:
+    L = manifest.generation
+    empty = np.zeros((1, L.num_kv_heads, 0, L.head_dim), np.float32)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()),
+             "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None],
+             **{f"past_key_values.{i}.{kv}": empty for i in range(L.num_layers) for kv in ("key", "value")}}
+    return session.run(["logits"], feeds)[0]
+
+
+def test_rowwise_trains_and_exports_as_trained_and_the_plain_base_shares_its_factors(workspace, tmp_path, capsys):
+    """`--int8-scheme rowwise` at training: the adapter saves the recipe and SmoothQuant factors; its export takes
+    the scheme without the flag and computes the trained model's logits; the plain base's rowwise export has the
+    very same factors (both from the frozen base on fixed text), so adapters and base can share a bundle."""
+    from edgelora import smooth
+
+    adapter = tmp_path / "home_rw"
+    rc, _, err = cli(["train", *TRAIN, "--base", workspace["base"], "--qat", "int8", "--int8-scheme", "rowwise",
+                      "--weight-bits", "7", "--out", adapter], capsys)
+    assert rc == 0, err
+    quant = json.loads((adapter / "adapter_config.json").read_text())["edgelora"]["quantization"]
+    assert (quant["activations"], quant["weight_bits"], quant["smoothing"], quant["weight_block"]) == ("per-row", 7, 0.5, 32)
+    assert quant["block_layers"] == ["lm_head", "mlp.c_proj", "mlp.down_proj"]
+    factors = smooth.load_factors(adapter)
+    assert factors and not any("down_proj" in n or "lm_head" in n for n in factors)
+    out = tmp_path / "merged"
+    rc, _, err = cli(["export", workspace["base"], "--adapter", f"home={adapter}", "--out", out], capsys)
+    assert rc == 0, err
+    manifest = Runtime(out).manifest
+    assert manifest.quantization.int8_scheme == "rowwise" and manifest.quantization.weight_bits == 7
+    assert manifest.quantization.smoothing_digest == smooth.factors_digest(factors)
+    model = CausalLMAdapterModel.from_base(str(workspace["base"]))
+    load_adapter(model, adapter)  # the fake-quant model training ended with, factors included
+    ids = torch.tensor([[5, 17, 33, 8, 90, 12]])
+    with torch.no_grad():
+        want = model(ids)[0].numpy()
+    got = _logits(Runtime(out).session, manifest, ids)
+    assert np.abs(got - want).max() <= ROWWISE_LOGIT_TOL * np.abs(want).max()
+    rc, _, err = cli(["export", workspace["base"], "--task", "causal-lm", "--int8-scheme", "rowwise",
+                      "--out", tmp_path / "base"], capsys)
+    assert rc == 0, err
+    assert Runtime(tmp_path / "base").manifest.quantization.smoothing_digest == smooth.factors_digest(factors)
+    rc, _, err = cli(["export", workspace["base"], "--adapter", f"home={adapter}", "--int8-scheme", "block",
+                      "--out", tmp_path / "x"], capsys)
+    assert_one_line_error(rc, err, "was trained with the rowwise int8 scheme; export it with --int8-scheme rowwise")
+    rc, _, err = cli(["export", workspace["base"], "--adapter", f"home={adapter}", "--precision", "fp32",
+                      "--int8-scheme", "rowwise", "--out", tmp_path / "x"], capsys)
+    assert_one_line_error(rc, err, "--int8-scheme rowwise applies to int8 exports; drop it or pass --precision int8")
+    rc, _, err = cli(["export", "minilm", "--task", "classification", "--int8-scheme", "rowwise",
+                      "--out", tmp_path / "enc"], capsys)
+    assert_one_line_error(rc, err, "--int8-scheme applies to causal-lm bundles")
+    rc, _, err = cli(["train", "--data", "builtin:intent", "--int8-scheme", "rowwise", "--out", tmp_path / "enc"], capsys)
+    assert_one_line_error(rc, err, "--int8-scheme applies to --task causal-lm; drop it for --task classification")
+
+
+def test_rowwise_switchable_export_and_add_adapter_refusal(workspace, trained, tmp_path, capsys) -> None:
+    """An adapter trained for a switchable rowwise bundle exports into one that passes the mixed-batch check; a
+    block-trained adapter is refused there, and `add-adapter` refuses the bundle in one line (its check would
+    need the factors baked into the graph)."""
+    adapter = tmp_path / "sw_rw"
+    rc, _, err = cli(["train", *TRAIN, "--base", workspace["base"], "--qat", "int8", "--int8-scheme", "rowwise",
+                      "--deploy-mode", "switchable", "--out", adapter], capsys)
+    assert rc == 0, err
+    out = tmp_path / "sw"
+    rc, stdout, err = cli(["export", workspace["base"], "--adapter", f"home={adapter}", "--mode", "switchable",
+                           "--out", out], capsys)
+    assert rc == 0, err
+    manifest = Runtime(out).manifest
+    assert manifest.quantization.int8_scheme == "rowwise" and manifest.warnings is None
+    assert json.loads(stdout)["validation"]["mixed batch (bank)"]["max_rel_error_vs_alone"] == 0.0
+    rc, _, err = cli(["export", workspace["base"], "--adapter", f"home={trained}", "--mode", "switchable",
+                      "--int8-scheme", "rowwise", "--out", tmp_path / "x"], capsys)
+    assert_one_line_error(rc, err, "was trained with the block int8 scheme")
+    rc, _, err = cli(["add-adapter", out, "--adapter", f"more={adapter}"], capsys)
+    assert_one_line_error(rc, err, "adding adapters to a rowwise int8 decoder bundle is not supported yet")

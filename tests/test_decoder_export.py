@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from tiny_decoder_graph import DECODE_STEPS, alone_and_batched, graph_steps, make_decoder, rel_error, torch_logits
 
 from edgelora.errors import EdgeloraError
 from edgelora.exporters import decoder_export
@@ -24,72 +25,11 @@ from edgelora.exporters.decoder_graph import build_decoder_graph, input_names, o
 from edgelora.exporters.decoder_validate import (
     FP32_REL_TOL,
     INT8_LAYER_REL_TOL,
-    decode_feeds,
     fake_quant_model,
     layerwise_error,
-    position_ids,
     prefill_feeds,
     session,
 )
-
-DECODE_STEPS = 4
-
-
-def make_decoder(kind: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
-    """A tiny random causal LM, eager attention, eval mode; Qwen2 gets non-zero q/k/v biases."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=128, num_hidden_layers=layers, max_position_embeddings=64, attn_implementation="eager")
-    if kind == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                                   num_key_value_heads=2, tie_word_embeddings=True, **common))
-    elif kind == "qwen2":
-        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=48, intermediate_size=80, num_attention_heads=4,
-                                                   num_key_value_heads=1, tie_word_embeddings=False, **common))
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                torch.nn.init.normal_(proj.bias, std=0.5)
-    elif kind == "mistral":
-        model = tf.MistralForCausalLM(tf.MistralConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                                       num_key_value_heads=2, sliding_window=48, **common))
-    else:
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64))
-    return model.eval()
-
-
-def _torch_logits(model: torch.nn.Module, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """torch's logits for each step of `feeds` (a prefill, then one token per step), through its own cache."""
-    cache, out = None, []
-    with torch.no_grad():
-        for f in feeds:
-            r = model(**{k: torch.from_numpy(f[k]) for k in ("input_ids", "attention_mask", "position_ids")},
-                      cache=cache, use_cache=True)
-            cache = r.cache
-            out.append(r.logits.numpy())
-    return out
-
-
-def _graph_steps(sess, spec, steps: int = DECODE_STEPS, batch: int = 3) -> tuple[list[dict], list[np.ndarray]]:
-    """A left-padded prefill and `steps` greedy decode steps through the graph: (feeds, logits) per step."""
-    feeds = [prefill_feeds(spec, batch=batch)]
-    logits = []
-    for _ in range(steps + 1):
-        out = sess.run(None, feeds[-1])
-        logits.append(out[0])
-        if len(logits) <= steps:
-            feeds.append(decode_feeds(feeds[-1], out[1:], out[0][:, -1].argmax(-1)))
-    return feeds, logits
-
-
-def _rel_error(got: list[np.ndarray], ref: list[np.ndarray], feeds: list[dict]) -> float:
-    """Max |difference| at real positions over the largest |logit|, across every step."""
-    worst = 0.0
-    for g, r, f in zip(got, ref, feeds):
-        real = f["attention_mask"][:, -g.shape[1]:].astype(bool)
-        worst = max(worst, float(np.abs(g[real] - r[real]).max() / np.abs(r[real]).max()))
-    return worst
-
 
 @pytest.mark.parametrize("attention", ["invariant", "ops", "onnx", "gqa"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2"])
@@ -101,9 +41,9 @@ def test_fp32_graph_equals_torch_over_decode_steps(kind: str, attention: str) ->
         return
     graph = build_decoder_graph(model, "fp32", attention)
     assert graph.input_names == input_names(2) and graph.output_names == output_names(2)
-    feeds, logits = _graph_steps(session(graph.model), graph.spec)
+    feeds, logits = graph_steps(session(graph.model), graph.spec)
     assert feeds[0]["attention_mask"][:, 0].tolist() == [1, 0, 0]  # rows really are left-padded
-    err = _rel_error(logits, _torch_logits(model, feeds), feeds)
+    err = rel_error(logits, torch_logits(model, feeds), feeds)
     assert err <= FP32_REL_TOL, f"{kind}: relative error {err:.2e}"
     last = feeds[-1]
     assert last["past_key_values.0.key"].shape == (3, graph.spec.num_kv_heads, 12 + DECODE_STEPS - 1, graph.spec.head_dim)
@@ -115,12 +55,12 @@ def test_int8_graph_matches_fake_quant_layer_by_layer(kind: str) -> None:
     graph = build_decoder_graph(model, "int8")
     assert sum(n.op_type == "MatMulNBits" for n in graph.model.graph.node) == len(graph.quantized) == 2 * 4 + 1  # qkv, o, gate|up, down; head
     assert not any(n.op_type == "MatMul" and "matmul" in n.name for n in graph.model.graph.node)
-    feeds, logits = _graph_steps(session(graph.model), graph.spec, steps=2)
+    feeds, logits = graph_steps(session(graph.model), graph.spec, steps=2)
     err, layer = layerwise_error(graph, feeds)
     assert err <= INT8_LAYER_REL_TOL, f"{layer}: relative error {err:.2e}"
     # end to end, the int8 graph follows the fake-quant model, not the float one
-    fq_err = _rel_error(logits, _torch_logits(fake_quant_model(model), feeds), feeds)
-    fp_err = _rel_error(logits, _torch_logits(model, feeds), feeds)
+    fq_err = rel_error(logits, torch_logits(fake_quant_model(model), feeds), feeds)
+    fp_err = rel_error(logits, torch_logits(model, feeds), feeds)
     assert fq_err < 1e-4 < fp_err, (fq_err, fp_err)
 
 
@@ -129,10 +69,10 @@ def test_gqa_core_int8_matches_fake_quant_and_the_default_core() -> None:
     model = make_decoder("llama")
     graph = build_decoder_graph(model, "int8", attention="gqa")
     assert sum(n.op_type == "GroupQueryAttention" for n in graph.model.graph.node) == 2
-    feeds, logits = _graph_steps(session(graph.model), graph.spec, steps=2)
+    feeds, logits = graph_steps(session(graph.model), graph.spec, steps=2)
     err, layer = layerwise_error(graph, feeds)
     assert err <= INT8_LAYER_REL_TOL, f"{layer}: relative error {err:.2e}"
-    fq_err = _rel_error(logits, _torch_logits(fake_quant_model(model), feeds), feeds)
+    fq_err = rel_error(logits, torch_logits(fake_quant_model(model), feeds), feeds)
     assert fq_err < 1e-4, fq_err
 
 
@@ -141,37 +81,16 @@ def test_gqa_core_is_not_batch_invariant() -> None:
     differently alone and batched, so a row's logits move in the last bits (the serving engine's batches need
     the default core). If this fails, ORT's kernel became order-stable and "gqa" could be the default."""
     graph = build_decoder_graph(make_decoder("llama"), "int8", attention="gqa")
-    alone, batched = _alone_and_batched(graph, pad=3)
+    alone, batched = alone_and_batched(graph, pad=3)
     assert not np.array_equal(alone[0], batched[0])
     assert np.abs(alone[0] - batched[0]).max() < 1e-5 * np.abs(alone[0]).max()  # rounding, not a wrong mask
-
-
-def _alone_and_batched(graph, pad: int, real: int = 40, seed: int = 3) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Row 0 (`real` tokens) run alone and left-padded by `pad` in a batch with a longer row: the logits of
-    its prefill (real positions) and of one decode step, each way."""
-    sess = session(graph.model)
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(5, 128, size=(2, real + pad))
-    ids[0, :pad] = 0
-    mask = np.ones_like(ids)
-    mask[0, :pad] = 0
-
-    def run(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-        empty = np.zeros((len(ids), graph.spec.num_kv_heads, 0, graph.spec.head_dim), np.float32)
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask, ids.shape[1]),
-                 **{n: empty for n in input_names(2)[3:]}}
-        out = sess.run(None, feeds)
-        step = sess.run(None, decode_feeds(feeds, out[1:], np.full(len(ids), 7)))[0]
-        return [out[0][0, -real:], step[0]]
-
-    return run(ids[:1, pad:], mask[:1, pad:]), run(ids, mask)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_a_row_is_bit_identical_alone_and_in_a_padded_batch(precision: str) -> None:
     graph = build_decoder_graph(make_decoder("llama"), precision)  # the default core: "invariant"
     for pad in (1, 3, 7, 13):
-        alone, batched = _alone_and_batched(graph, pad)
+        alone, batched = alone_and_batched(graph, pad)
         assert all(np.array_equal(a, b) for a, b in zip(alone, batched)), f"left padding {pad} changed the row"
 
 
@@ -247,7 +166,7 @@ def test_float32_attention_core_is_not_batch_invariant() -> None:
     indices, ORT's reductions round differently and the row's logits change. If this fails, ORT's float32
     kernels became order-stable: the "ops" core would then do."""
     graph = build_decoder_graph(make_decoder("llama"), "int8", attention="ops")
-    alone, batched = _alone_and_batched(graph, pad=3)
+    alone, batched = alone_and_batched(graph, pad=3)
     assert not np.array_equal(alone[0], batched[0])
     assert np.abs(alone[0] - batched[0]).max() < 1e-3 * np.abs(alone[0]).max()  # rounding, not a wrong mask
 
@@ -279,10 +198,10 @@ def test_merged_lora_equals_peft(tmp_path: Path, rslora: bool) -> None:
     manifest = export_decoder(base, tmp_path / "bundle", adapter=tmp_path / "adapter").to_dict()
     assert manifest["adapters"][0]["layers"] == 2 * 6 + 1 and manifest["adapters"][0]["use_rslora"] == rslora
     sess = session(onnx.load(str(tmp_path / "bundle" / "model.onnx")))
-    feeds, logits = _graph_steps(sess, build_decoder_graph(base).spec, steps=2)
-    with_adapter, without = _torch_logits(peft_model, feeds), _torch_logits(base, feeds)
-    assert _rel_error(without, with_adapter, feeds) > 1e-2  # the adapter really changes the output
-    assert _rel_error(logits, with_adapter, feeds) <= FP32_REL_TOL
+    feeds, logits = graph_steps(sess, build_decoder_graph(base).spec, steps=2)
+    with_adapter, without = torch_logits(peft_model, feeds), torch_logits(base, feeds)
+    assert rel_error(without, with_adapter, feeds) > 1e-2  # the adapter really changes the output
+    assert rel_error(logits, with_adapter, feeds) <= FP32_REL_TOL
     # `base` itself was left alone (its logits above are the plain ones), its embeddings still tied
     assert base.lm_head.weight is base.model.embed_tokens.weight
 
@@ -293,10 +212,10 @@ def test_merged_lora_on_gpt2_conv1d_equals_peft(tmp_path: Path) -> None:
     manifest = export_decoder(base, tmp_path / "bundle", adapter=tmp_path / "adapter").to_dict()
     assert manifest["adapters"][0]["layers"] == 2 * 4  # c_proj matches in attn and mlp
     sess = session(onnx.load(str(tmp_path / "bundle" / "model.onnx")))
-    feeds, logits = _graph_steps(sess, build_decoder_graph(base).spec, steps=2)
-    with_adapter = _torch_logits(peft_model, feeds)
-    assert _rel_error(_torch_logits(base, feeds), with_adapter, feeds) > 1e-2
-    assert _rel_error(logits, with_adapter, feeds) <= FP32_REL_TOL
+    feeds, logits = graph_steps(sess, build_decoder_graph(base).spec, steps=2)
+    with_adapter = torch_logits(peft_model, feeds)
+    assert rel_error(torch_logits(base, feeds), with_adapter, feeds) > 1e-2
+    assert rel_error(logits, with_adapter, feeds) <= FP32_REL_TOL
 
 
 def test_merged_lora_int8_export_passes_its_checks(tmp_path: Path) -> None:
@@ -399,8 +318,8 @@ def test_large_graph_goes_to_external_data(tmp_path: Path, monkeypatch: pytest.M
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(tmp_path / "bundle" / "model.onnx"), providers=["CPUExecutionProvider"])
-    feeds, logits = _graph_steps(sess, build_decoder_graph(model).spec, steps=1)
-    assert _rel_error(logits, _torch_logits(model, feeds), feeds) <= FP32_REL_TOL
+    feeds, logits = graph_steps(sess, build_decoder_graph(model).spec, steps=1)
+    assert rel_error(logits, torch_logits(model, feeds), feeds) <= FP32_REL_TOL
 
 
 def test_int8_export_reports_perplexity_on_plain_text_against_fp32_torch(tmp_path: Path) -> None:

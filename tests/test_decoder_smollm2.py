@@ -1,4 +1,5 @@
-"""The decoder export on the real model, SmolLM2-135M-Instruct (slow: two exports of 540 and 270 MB and 64-token runs).
+"""The decoder export on the real model, SmolLM2-135M-Instruct (slow: exports of 540, 270 and 250 MB and 64-token runs;
+int8 in both schemes, block and rowwise).
 
 fp32 bundle: greedy tokens equal transformers' own greedy `generate` for 64 new tokens on three chat
 prompts, logits at every step within 1e-4 relative. int8 bundle: its greedy tokens are the same for each
@@ -47,9 +48,10 @@ def smollm2():
 @pytest.fixture(scope="module")
 def bundles(smollm2, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("smollm2")
-    for precision in ("fp32", "int8"):
-        export_decoder("smollm2", out / precision, precision=precision)
-    return {precision: out / precision for precision in ("fp32", "int8")}
+    for kind in ("fp32", "int8", "int8-rowwise"):
+        precision, _, scheme = kind.partition("-")
+        export_decoder("smollm2", out / kind, precision=precision, int8_scheme=scheme or None)
+    return {kind: out / kind for kind in ("fp32", "int8", "int8-rowwise")}
 
 
 def _session(bundle: Path) -> ort.InferenceSession:
@@ -104,14 +106,20 @@ def test_fp32_bundle_generates_what_transformers_generates(smollm2, bundles) -> 
             assert err <= FP32_REL_TOL, f"step {step}: relative error {err:.2e}"
 
 
-def test_int8_bundle_is_batch_invariant_and_close_to_fp32(smollm2, bundles) -> None:
+@pytest.mark.parametrize("kind", ["int8", "int8-rowwise"])
+def test_int8_bundle_is_batch_invariant_and_close_to_fp32(smollm2, bundles, kind) -> None:
     _, _, prompts = smollm2
-    manifest = json.loads((bundles["int8"] / "manifest.json").read_text())
+    manifest = json.loads((bundles[kind] / "manifest.json").read_text())
     report = manifest["validation"]
     assert report["int8_layers_vs_fake_quant"]["max_rel_error"] <= report["tolerances"]["int8_layer_rel"]
     assert report["int8_layers_vs_fake_quant"]["matmuls"] == 30 * 4 + 1
+    if kind == "int8-rowwise":  # q|k|v, o, gate|up per row and channel; down_proj and the LM head blockwise
+        quant = manifest["quantization"]
+        assert quant["int8_scheme"] == "rowwise" and quant["rowwise_matmuls"] == 30 * 3
+        assert quant["smoothing"]["alpha"] == 0.5 and quant["smoothing"]["layers"] == 30 * 6
+        assert report["perplexity_vs_fp32_torch"]["ratio"] < 1.05
     eos = manifest["generation"]["eos_token_ids"]
-    int8 = _session(bundles["int8"])
+    int8 = _session(bundles[kind])
     batched, _ = greedy(int8, manifest, prompts, NEW_TOKENS, eos)
     alone = [greedy(int8, manifest, [p], NEW_TOKENS, eos) for p in prompts]
     for row, (tokens, _) in enumerate(alone):

@@ -1,5 +1,5 @@
 """The continuous-batching engine (runtime/engine.py): every request's tokens equal its solo `Generator` run
-whatever runs beside it and whenever it arrives, in fp32 and int8; the KV budget makes requests wait or
+whatever runs beside it and whenever it arrives, in fp32 and int8 (both schemes, block and rowwise); the KV budget makes requests wait or
 refuses them, never overflows; cancelled requests leave at the next step; the cache sheds padding.
 
 The engine is stepped by hand here (arrival times are then exact steps), and once on its own thread.
@@ -28,10 +28,10 @@ ARRIVALS = [(0, 0, 30, {}), (2, 0, 12, {}), (3, 4, 40, {}), (4, 5, 25, {"tempera
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("engine")
-    return {p: tiny_decoder_bundle(root, p) for p in ("fp32", "int8")}
+    return {p: tiny_decoder_bundle(root, p) for p in ("fp32", "int8", "int8-rowwise")}
 
 
-@pytest.fixture(scope="module", params=["fp32", "int8"])
+@pytest.fixture(scope="module", params=["fp32", "int8", "int8-rowwise"])
 def runtime(request, bundles) -> Runtime:
     return Runtime(bundles[request.param], intra_op_threads=1)
 
@@ -74,7 +74,7 @@ def test_each_request_equals_its_solo_run_whatever_runs_beside_it(runtime, prefi
     assert engine.tokens_total == sum(len(j.token_ids) for j in jobs)
 
 
-@pytest.fixture(scope="module", params=["fp32", "int8"])
+@pytest.fixture(scope="module", params=["fp32", "int8", "int8-rowwise"])
 def switchable(request, tmp_path_factory) -> Runtime:
     return Runtime(tiny_switchable_bundle(tmp_path_factory.mktemp("switch"), request.param), intra_op_threads=1)
 

@@ -16,7 +16,7 @@ from edgelora.errors import EdgeloraError
 # The library's parameters (export_bundle, export_decoder, add_adapters) and the flags that set them: its errors
 # name the parameter, `as_flags` turns them into the flag a command-line user typed.
 FLAGS = {"weight_bits": "--weight-bits", "smooth_alpha": "--smooth", "keep_fp32": "--keep-fp32", "mode": "--mode",
-         "precision": "--precision", "max_length": "--max-length", "lora_slots": "--slots",
+         "int8_scheme": "--int8-scheme", "precision": "--precision", "max_length": "--max-length", "lora_slots": "--slots",
          "target_cosine": "--target-cosine"}
 PHRASES = {
     "drop weight_bits or retrain": "drop the flag or retrain",
@@ -74,6 +74,10 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=("invariant", "ops", "onnx", "gqa"), default="invariant",
                    help="causal-lm: the attention core; 'invariant' (float64 sums: a row's tokens are the same alone "
                         "and batched) or 'gqa' (ONNX Runtime's GroupQueryAttention, fastest, float32)")
+    p.add_argument("--int8-scheme", choices=("block", "rowwise"), default=None,
+                   help="causal-lm int8: block (MatMulNBits everywhere) or rowwise (per-row activations and "
+                        "per-channel weights through MatMulIntegerToFloat, down_proj and the LM head block, "
+                        "SmoothQuant); default: what the adapters were trained with, else block")
     p.add_argument("--hidden-state", action="store_true",
                    help="also output the token-level last_hidden_state (batch x tokens x hidden) beside the pooled "
                         "embeddings, e.g. for a FEATURE_EXTRACTION adapter")
@@ -89,6 +93,8 @@ def export_command(args: argparse.Namespace) -> int:
 
     if args.attention != "invariant":
         raise EdgeloraError("--attention applies to causal-lm bundles; drop it for a classification export")
+    if args.int8_scheme is not None:
+        raise EdgeloraError("--int8-scheme applies to causal-lm bundles; drop it for a classification export")
     if args.target_cosine is not None and (args.keep_fp32 or "").strip() != "auto":
         raise EdgeloraError("--target-cosine is the goal of --keep-fp32 auto; add --keep-fp32 auto or drop it")
     if args.smooth is not None:
@@ -156,7 +162,7 @@ def _export_decoder(args: argparse.Namespace, adapters: dict[str, str]) -> int:
     try:
         with as_flags(FLAGS, PHRASES):
             manifest = export_decoder(args.base, args.out, adapters=adapters, mode=args.mode, precision=args.precision,
-                                      lora_slots=args.slots or "attention",
+                                      lora_slots=args.slots or "attention", int8_scheme=args.int8_scheme,
                                       attention=args.attention, progress=bar.describe)
     finally:
         bar.close()

@@ -21,7 +21,7 @@ DEFAULTS = {"classification": ("minilm", 3, 32, 2e-3, 128), "causal-lm": ("smoll
             "token-classification": ("minilm", 3, 32, 2e-3, 128)}
 # Flags the causal-lm task does not take, with the value that means "not given".
 CLASSIFICATION_ONLY = {"kind": "lora", "targets": None, "activations": "dynamic",
-                       "smooth": None, "init": "default", "rslora": False, "text_field": "text", "label_field": "label",
+                       "init": "default", "rslora": False, "text_field": "text", "label_field": "label",
                        "head": "mean-pooled"}
 
 # The config fields and library parameters a train or calibrate error may name, as the flags that set them.
@@ -81,6 +81,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", choices=("houlsby", "pfeiffer"), default="pfeiffer")
     p.add_argument("--qat", choices=("int8", "none"), default="none", help="int8-aware fake quantization while training")
     p.add_argument("--weight-bits", default="auto", help="7, 8 or auto (7 where this CPU's int8 kernel saturates)")
+    p.add_argument("--int8-scheme", choices=("block", "rowwise"), default=None,
+                   help="causal-lm with --qat int8: block (MatMulNBits everywhere, the default) or rowwise (per-row "
+                        "activations, per-channel --weight-bits weights, SmoothQuant --smooth (default 0.5); "
+                        "down_proj and the LM head stay block: faster on CPUs without VNNI)")
     p.add_argument("--deploy-mode", choices=("merged", "switchable"), default="merged",
                    help="the export mode the fake quantizer prepares for")
     p.add_argument("--activations", choices=("dynamic", "static", "none"), default="dynamic",
@@ -188,6 +192,8 @@ def _interruptible(train, checkpoint, rank: int, bar):
 
 def _fill_task_defaults(args: argparse.Namespace) -> None:
     """The task's defaults for what was not given; causal-lm refuses the classification-only flags by name."""
+    if args.task != "causal-lm" and args.int8_scheme is not None:
+        raise EdgeloraError(f"--int8-scheme applies to --task causal-lm; drop it for --task {args.task}")
     if args.task == "causal-lm":
         given = [k for k, unset in CLASSIFICATION_ONLY.items() if getattr(args, k) != unset]
         if given:
@@ -205,10 +211,24 @@ def _train_causal(args: argparse.Namespace, rank: int) -> int:
     """`edgelora train --task causal-lm`: a LoRA for generation, trained with the decoder's int8 recipe on --qat."""
     from edgelora.causal_train import train_causal_lm
 
+    from edgelora.causal_train import ROWWISE_ALPHA
+
     name = args.name or Path(args.out).name
-    if args.weight_bits not in ("auto", "8"):
+    scheme = args.int8_scheme or "block"
+    if args.int8_scheme is not None and args.qat != "int8":
+        raise EdgeloraError(f"--int8-scheme {args.int8_scheme} chooses the int8 fake quantization; add --qat int8 or drop it")
+    if scheme == "block" and args.weight_bits not in ("auto", "8"):
         raise EdgeloraError(f"--weight-bits {args.weight_bits}: causal-lm int8 uses 8-bit blocks of 32 (MatMulNBits); "
-                            "drop --weight-bits")
+                            "drop --weight-bits, or add --int8-scheme rowwise")
+    if scheme == "block" and args.smooth is not None:
+        raise EdgeloraError("--smooth applies to --int8-scheme rowwise for causal-lm; add --int8-scheme rowwise or drop it")
+    if args.weight_bits not in ("auto", "7", "8"):
+        raise EdgeloraError(f"--weight-bits {args.weight_bits!r}: choose 7, 8 or auto")
+    if args.smooth is not None:
+        from edgelora.config import check_smoothing
+
+        with as_flags({"smoothing": "--smooth"}):
+            check_smoothing(args.smooth)
     if args.max_length < 1:
         raise EdgeloraError(f"--max-length {args.max_length} must be a positive number of tokens, e.g. 96")
     checkpoint = _checked_outputs(args)
@@ -228,6 +248,9 @@ def _train_causal(args: argparse.Namespace, rank: int) -> int:
                                  lr=args.lr, batch_size=args.batch_size, rank=args.rank, alpha=args.alpha,
                                  dropout=args.dropout, include_mlp=args.include_mlp,
                                  qat="int8" if args.qat == "int8" else None, deploy_mode=args.deploy_mode,
+                                 int8_scheme=scheme,
+                                 weight_bits=None if args.weight_bits == "auto" or scheme == "block" else int(args.weight_bits),
+                                 smoothing=ROWWISE_ALPHA if args.smooth is None else args.smooth,
                                  max_length=args.max_length,
                                  seed=args.seed, eval_generate=args.eval_generate, max_new_tokens=args.max_new_tokens,
                                  checkpoint=checkpoint, device=args.device, progress=progress),
