@@ -83,8 +83,7 @@ def test_gqa_core_is_not_batch_invariant() -> None:
     graph = build_decoder_graph(make_decoder("llama"), "int8", attention="gqa")
     alone, batched = alone_and_batched(graph, pad=3)
     assert not np.array_equal(alone[0], batched[0])
-    # rounding, not a wrong mask (which moves logits by their own size): measured 0.3-1.1e-5 of the largest logit
-    assert np.abs(alone[0] - batched[0]).max() < 1e-4 * np.abs(alone[0]).max()
+    assert np.abs(alone[0] - batched[0]).max() < 1e-5 * np.abs(alone[0]).max()  # rounding, not a wrong mask
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
@@ -350,20 +349,3 @@ def test_int8_export_reports_perplexity_on_plain_text_against_fp32_torch(tmp_pat
     assert ppl["tokens"] == count and ppl["texts"] == len(PERPLEXITY_TEXTS)
     assert ppl["fp32"] == pytest.approx(float(np.exp(losses / count)), rel=1e-6)
     assert ppl["ratio"] == pytest.approx(ppl["int8"] / ppl["fp32"]) and ppl["int8"] != ppl["fp32"]
-
-
-@pytest.mark.parametrize("attention", ["invariant", "gqa"])
-def test_residual_adds_and_their_norms_are_one_fused_node(attention: str) -> None:
-    """Every RMSNorm that reads a residual sum is ORT's SkipSimplifiedLayerNormalization, which also hands the sum
-    on; only the first layer's input norm (it reads the embeddings) stays an RMSNormalization, and no Add feeds a
-    norm. The graph's logits are checked against torch by the tests above."""
-    graph = build_decoder_graph(make_decoder("llama"), "int8", attention=attention)
-    nodes = graph.model.graph.node
-    ops = [n.op_type for n in nodes]
-    layers = graph.spec.num_layers
-    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers and ops.count("RMSNormalization") == 1
-    made_by = {o: n.op_type for n in nodes for o in n.output}
-    norms = [n for n in nodes if n.op_type in ("SkipSimplifiedLayerNormalization", "RMSNormalization")]
-    assert all(made_by.get(n.input[0]) != "Add" for n in norms)
-    fused = [n for n in nodes if n.op_type == "SkipSimplifiedLayerNormalization"]
-    assert [n.output[3] for n in fused[:2]] == ["layers.0.attn_residual", "layers.0.mlp_residual"]
