@@ -246,13 +246,15 @@ def export_bundle(
     vocab = model.base.get_input_embeddings().num_embeddings
     requested = DEFAULT_FUSIONS if fusions is None else tuple(fusions)
     fuse = fuse_graph if mode == "merged" else fuse_switchable  # switchable: adapter branches rejoined float
-    fusion = fuse(graph, model, validate.generated_feeds(vocab, graph.feeds), requested)
+    check_feeds = validate.generated_feeds(vocab, graph.feeds)  # what the fused and packed graphs are checked on
+    fusion = fuse(graph, model, check_feeds, requested)
     packs = {}
     if mode == "switchable" and fusion.multi_head:  # q, k, v of each adapted attention core: one projection
-        packs, pack_note = pack_switchable(graph, fusion.multi_head, validate.generated_feeds(vocab, graph.feeds))
+        packs, pack_note = pack_switchable(graph, fusion.multi_head, check_feeds)
         fusion = dataclasses.replace(fusion, note="; ".join(n for n in (fusion.note, pack_note) if n))
         specs = slot_specs(graph.model)
-    grouped = {**fusion.attention, **{name: pack.layers for name, pack in packs.items()}}  # int8 or fp32 together
+    packed = {name: pack.layers for name, pack in packs.items()}
+    grouped = {**fusion.attention, **packed}  # int8 or fp32 together
     quantized: dict = {}
     fp32_layers: tuple[str, ...] = ()
     fp32_choice: dict[str, Any] = {"from": "none"}
@@ -267,7 +269,7 @@ def export_bundle(
         static = static_qparams(model) if _activations(model) == "static" else None
         quantized = quantize_graph(graph.model, graph.weights, bits, fusion.attention, skip=fp32_layers, static=static,
                                   smoothing=_smoothing_arrays(model),
-                                  packed={name: pack.layers for name, pack in packs.items()})
+                                  packed=packed)
     recipe = QuantConfig(weight_bits=bits, activations=_activations(model), mode=mode, skip_layers=fp32_layers,
                          smoothing=alpha)
     model_bytes = graph.model.SerializeToString()
