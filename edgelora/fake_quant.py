@@ -217,11 +217,12 @@ def fake_quantize_activation_blockwise(x: torch.Tensor, block: int = BLOCK) -> t
 # --- per-row int8: the decoder's rowwise scheme, plain ops into ONNX Runtime's MatMulIntegerToFloat ------------
 #
 # The graph quantizes a linear's input row by row: amax = max(max|x| over the last dim, ROW_TINY) (ReduceMax,
-# Max), inverse = 127 / amax and scale = amax / 127 as float32 divisions (Div), q = round(x * inverse) half to
-# even (Mul, Round), fed to the kernel as uint8 q + 128 with zero point 128; the product's float row is then
-# multiplied by `scale` (Mul). An all-zero row gives q = 0 and output 0. No clamp ever cuts (|q| <= 127 by
-# construction), and a row's integers depend on that row only, so a request's result does not change with its
-# batch-mates. Weights are the per-output-channel grid above (`quantize_weight`, 7 or 8 bits).
+# Max), scale = amax / 127 as a float32 division (Div), q = round(x / scale) half to even, + 128, as uint8 (one
+# QuantizeLinear whose block is the whole row; ONNX Runtime divides in float32 as torch does), fed to the kernel
+# with zero point 128; the product's float row is then multiplied by `scale` (Mul). An all-zero row gives q = 0
+# and output 0. No clamp cuts (|x / scale| <= 127 up to one rounding, which rounds back to 127), and a row's
+# integers depend on that row only, so a request's result does not change with its batch-mates. Weights are
+# the per-output-channel grid above (`quantize_weight`, 7 or 8 bits).
 
 ROW_QMAX = 127.0
 ROW_TINY = 1e-30  # the floor the graph's Max puts under a row's max: an all-zero row divides by it, not by 0
@@ -231,8 +232,8 @@ def quantize_activation_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """(q as float32 integers in [-127, 127] (..., k), float32 row scale (..., 1)): what the graph's nodes compute."""
     xf = x.detach().to(torch.float32)
     amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=ROW_TINY)  # (..., 1)
-    qmax = torch.full_like(amax, ROW_QMAX)  # tensor / tensor: one float32 division each, as ONNX Runtime's Div
-    return torch.round(xf * (qmax / amax)), amax / qmax
+    scale = amax / torch.full_like(amax, ROW_QMAX)  # tensor / tensor: one float32 division, as ONNX Runtime's Div
+    return torch.round(xf / scale), scale
 
 
 class _RowwiseActFakeQuant(torch.autograd.Function):

@@ -222,26 +222,32 @@ def _row_constants(b: _Builder) -> None:
         return
     b.scalar("rowq.tiny", ROW_TINY)
     b.scalar("rowq.qmax", ROW_QMAX)
-    b.scalar("rowq.offset", 128.0)
     b.scalar("rowq.one", 1.0)
     b.init("rowq.zero_point", np.asarray(128, np.uint8))
     b.ints("rowq.last", [-1])
 
 
-def _row_quantized(b: _Builder, x: str) -> tuple[str, str]:
-    """(uint8 q + 128, float32 row scale (..., 1)) of x, symmetric per row by the row's own max: the nodes that
-    `edgelora.fake_quant.quantize_activation_rowwise` mirrors. One set per distinct input (q|k|v and gate|up
-    read one tensor each), reused by every matmul that reads it."""
+ROW_ZERO_POINTS = "rowq.zero_points"  # 128 (uint8) per row, (..., 1): QuantizeLinear's blocked zero point
+
+
+def _row_quantized(b: _Builder, x: str, k: int) -> tuple[str, str]:
+    """(uint8 q + 128, float32 row scale (..., 1)) of x (..., k), symmetric per row by the row's own max: the
+    nodes that `edgelora.fake_quant.quantize_activation_rowwise` mirrors. One set per distinct input (q|k|v and
+    gate|up read one tensor each), reused by every matmul that reads it.
+
+    The divide, round half to even, + 128 and cast are one blocked QuantizeLinear (a block is a whole row), whose
+    zero point must have the scales' shape: that (..., 1) tensor of 128s is made once per graph from the first
+    row maxima, as every input quantized here has the same leading dims (batch, sequence)."""
     q, scale = f"{x}.rowq", f"{x}.rowq.scale"
     if any(n.output[0] == q for n in b.nodes):
         return q, scale
     _row_constants(b)
     amax = b.op("ReduceMax", [b.op("Abs", [x], f"{x}.rowq.abs"), "rowq.last"], f"{x}.rowq.amax", keepdims=1)
     amax = b.op("Max", [amax, "rowq.tiny"], f"{x}.rowq.amax_safe")
-    inverse = b.op("Div", ["rowq.qmax", amax], f"{x}.rowq.inverse")
-    rounded = b.op("Round", [b.op("Mul", [x, inverse], f"{x}.rowq.scaled")], f"{x}.rowq.round")
-    b.op("Cast", [b.op("Add", [rounded, "rowq.offset"], f"{x}.rowq.shifted")], q, to=TensorProto.UINT8)
     b.op("Div", [amax, "rowq.qmax"], scale)
+    if not any(n.output[0] == ROW_ZERO_POINTS for n in b.nodes):
+        b.op("Expand", ["rowq.zero_point", b.op("Shape", [amax], "rowq.rows_shape")], ROW_ZERO_POINTS)
+    b.op("QuantizeLinear", [x, scale, ROW_ZERO_POINTS], q, axis=-1, block_size=k)
     return q, scale
 
 
@@ -254,7 +260,7 @@ def _rowwise_matmul(b: _Builder, x: str, name: str, w: torch.Tensor, bits: int, 
         inv = (1.0 / smooth.detach().to(torch.float32)).to(torch.float32)  # what AdaptedLinear multiplies by
         x = b.op("Mul", [x, b.init(f"{name}.smooth_inv", inv.numpy())], f"{name}.smoothed")
         w = w * smooth.detach().to(torch.float32)
-    q_x, row_scale = _row_quantized(b, x)
+    q_x, row_scale = _row_quantized(b, x, w.shape[1])
     q_w, w_scale = quantize_weight(w, bits)
     unscaled = b.op("MatMulIntegerToFloat", [q_x, b.init(f"{name}.qweight_t", q_w.T.contiguous().numpy()),
                                              "rowq.one", b.init(f"{name}.scales", w_scale.numpy()),

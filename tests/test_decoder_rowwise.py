@@ -68,7 +68,7 @@ def _activations(rows: int = 9, k: int = 96, seed: int = 0) -> np.ndarray:
 
 def test_graph_row_quantizer_gives_the_fake_quantizers_integers_bit_for_bit() -> None:
     x = _activations()
-    sess = _graph(lambda b: _row_quantized(b, "x"), [("x", ["m", 96])],
+    sess = _graph(lambda b: _row_quantized(b, "x", 96), [("x", ["m", 96])],
                   [("x.rowq", TensorProto.UINT8), ("x.rowq.scale", TensorProto.FLOAT)])
     q, scale = sess.run(None, {"x": x})
     want_q, want_scale = quantize_activation_rowwise(torch.from_numpy(x))
