@@ -44,6 +44,7 @@ from edgelora.cli.common import write_json
 from edgelora.cli.run import BenchProgress
 from edgelora.errors import EdgeloraError
 from edgelora.runtime import decoder_bench, decoder_report, worker
+from edgelora.runtime.fidelity import next_token_logprobs
 from edgelora.runtime.cpu import detect_isa
 
 PEERS = ("torch-fp32", "ort-genai-int8", "ort-genai-int4", "llama.cpp-q8_0", "llama.cpp-f16")
@@ -59,16 +60,22 @@ ONE_SEQUENCE = "this peer is timed on one sequence (batch 1) here"
 
 
 class _Peer:
+    """What every peer shares: no adapters, and perplexity from its own logits of every position of each text
+    (the ids the bench gives every candidate), scored as our bundles score them (`fidelity.next_token_logprobs`)."""
+
     labels: tuple[str, ...] = ()
     input_names: list[str] = []
     batch_note: str | None = ONE_SEQUENCE
-    perplexity_note = "perplexity is measured for our bundles only"
 
     def row_adapters(self, rows: int) -> list[None]:
         return [None] * rows
 
-    def perplexity(self, texts: Sequence[str]) -> None:
-        return None
+    def score(self, texts: Sequence[Sequence[int]]) -> list:
+        return [next_token_logprobs(self.logits(list(ids)), ids) for ids in texts]
+
+    def logits(self, ids: list[int]):
+        """(len(ids), vocab) logits of one prefill over ids."""
+        raise NotImplementedError
 
 
 class TorchGenerate(_Peer):
@@ -89,6 +96,10 @@ class TorchGenerate(_Peer):
         self.vocab = self.model.config.vocab_size
         self.threads = torch.get_num_threads()
         self.size_bytes = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+    def logits(self, ids):
+        with self.torch.inference_mode():
+            return self.model(self.torch.tensor([ids])).logits[0].float().numpy()
 
     def decode(self, prompts, steps, adapters):
         torch = self.torch
@@ -146,6 +157,13 @@ class GenAIEngine(_Peer):
             t0 = now
         return [tokens], times[0], times[1:]
 
+    def logits(self, ids):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+        gen = self.og.Generator(self.model, params)
+        gen.append_tokens(list(ids))  # one prefill; its logits output holds every position
+        return gen.get_output("logits")[0]
+
 
 class LlamaCppEngine(_Peer):
     """llama.cpp through llama-cpp-python: `Llama.eval` on token ids, greedy argmax of the last logits."""
@@ -161,6 +179,9 @@ class LlamaCppEngine(_Peer):
         self.vocab = self.llm.n_vocab()
         self.threads = threads
         self.size_bytes = Path(gguf).stat().st_size
+        self._make = lambda: Llama(model_path=gguf, n_ctx=min(context, 2048), n_batch=512, n_threads=threads,
+                                   n_threads_batch=threads, logits_all=True, verbose=False)
+        self._scorer = None  # logits of every position, made after timing: logits_all would slow the timed prefill
 
     def decode(self, prompts, steps, adapters):
         np, llm = self.np, self.llm
@@ -179,6 +200,13 @@ class LlamaCppEngine(_Peer):
             if step < steps:
                 llm.eval([tok])
         return [tokens], times[0], times[1:]
+
+    def logits(self, ids):
+        if self._scorer is None:
+            self._scorer = self._make()
+        self._scorer.reset()
+        self._scorer.eval(list(ids))
+        return self.np.asarray(self._scorer.scores[: len(ids)])
 
 
 def _worker(spec: dict, threads: int, spinning: bool) -> int:
@@ -383,6 +411,11 @@ def lscpu_isa() -> str:
     return " ".join(f for f in ISA_FLAGS if f in flags) or "none of " + ", ".join(ISA_FLAGS)
 
 
+def _interval(fidelity: dict) -> str:
+    ci = fidelity.get("perplexity_ratio_ci95")
+    return f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+
+
 def markdown(result: dict) -> str:
     """README-ready: command, CPU, load, versions, then one row per candidate and the goal ratios."""
     m, s, p = result["machine"], result["settings"], result["peers"]
@@ -400,7 +433,8 @@ def markdown(result: dict) -> str:
         f"decode: {s['decode_prompt']}-token prompt, then {s['new_tokens']} greedy steps (end-of-sequence ignored). "
         f"Agreement: greedy tokens equal to ours-fp32's before the first divergence, share over "
         f"{result['fidelity']['agreement_prompts']} prompts x {result['fidelity']['agreement_tokens']} tokens "
-        "(exact: prompts equal throughout); ppl ratio: held-out perplexity over ours-fp32's.",
+        f"(exact: prompts equal throughout); ppl ratio: held-out perplexity over ours-fp32's ({result['fidelity']['held_out_texts']} "
+        "texts, the same token ids for every candidate), in brackets its 95% paired bootstrap interval over texts.",
         "",
         "| candidate | " + " | ".join(f"first token P={x} ms" for x in ps) + f" | decode tok/s b1 | tok/s {conc} rows "
         "| step p50/p95/p99 ms | size MB | peak RSS MB | agreement (exact) | ppl ratio |",
@@ -420,7 +454,7 @@ def markdown(result: dict) -> str:
             f"{f(r['size_bytes'] / 2**20 if r['size_bytes'] else None, '.0f')} | "
             f"{f(r['rss_peak_bytes'] / 2**20 if r['rss_peak_bytes'] else None, '.0f')} | "
             f"{f(agree.get('prefix_share'), '.3f')} ({f(agree.get('exact_share'), '.2f')}) | "
-            f"{f(r['fidelity'].get('perplexity_ratio'), '.4f')} |")
+            f"{f(r['fidelity'].get('perplexity_ratio'), '.4f')}{_interval(r['fidelity'])} |")
     for n in result.get("not_run", []):
         lines.append(f"| {n['label']} | not run: {n['reason']} |" + " |" * (len(ps) + 6))
     single = [r["label"] for r in result["rows"] if (r["decode"].get(conc) or {}).get("note")]

@@ -4,7 +4,8 @@ Every candidate (a decoder bundle here; torch, ONNX Runtime GenAI and llama.cpp 
 benchmarks/decoder_peers.py) runs in a worker process of its own (`edgelora.runtime.worker`) and answers four
 decoder ops: `ttft` (prefill a prompt of P token ids and pick the first token), `decode` (prefill, then a
 fixed number of greedy steps for one or more rows, end-of-sequence ignored so every candidate decodes as
-many tokens), `greedy` (continuations of the agreement prompts) and `perplexity`. The parent drives them in
+many tokens), `greedy` (continuations of the agreement prompts) and `perplexity` (of the held-out texts as
+token ids the parent makes, the same ids for every candidate). The parent drives them in
 interleaved rounds (A B A B per measurement, one process running at a time) and reports medians over rounds.
 `python -m edgelora.runtime.decoder_bench --worker BUNDLE` is a bundle's worker process.
 """
@@ -25,7 +26,8 @@ import onnxruntime as ort
 from edgelora.errors import EdgeloraError
 from edgelora.runtime.bundle import CAUSAL_LM, LOGITS_TO_KEEP, TOKENIZER_FILE, read_manifest
 from edgelora.runtime.cpu import detect_isa
-from edgelora.runtime.fidelity import AGREEMENT_PROMPTS, HELD_OUT_TEXTS, greedy_agreement
+from edgelora.runtime.fidelity import (AGREEMENT_PROMPTS, HELD_OUT_TEXTS, greedy_agreement, perplexity_ratio_interval,
+                                       pooled_perplexity)
 from edgelora.runtime.worker import Candidate, Worker, serve_worker
 
 DECODER_RESULT_VERSION = 1
@@ -117,8 +119,9 @@ class BundleDecoder:
                 tokens[r].append(int(chosen[r]))
         return tokens, times[0], times[1:]
 
-    def perplexity(self, texts: Sequence[str]) -> float | None:
-        return self.gen.perplexity(list(texts), adapter=self.adapter)
+    def score(self, texts: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Per token-id text, the log-probabilities of its tokens from the second on."""
+        return [self.gen.score_ids(ids, self.adapter).logprobs for ids in texts]
 
     def encode(self, text: str) -> list[int]:
         return self.gen.tokenizer.encode(text, add_special_tokens=True).ids
@@ -153,8 +156,11 @@ def _op_greedy(engine, msg: dict) -> dict:
 
 
 def _op_perplexity(engine, msg: dict) -> dict:
-    value = engine.perplexity(msg["texts"])
-    return {"perplexity": value, "note": None if value is not None else getattr(engine, "perplexity_note", None)}
+    """Pooled perplexity of the token-id texts msg["ids"], with each text's summed negative log-likelihood and
+    scored token count (for the interval of a ratio)."""
+    scores = engine.score(msg["ids"])
+    return {"perplexity": pooled_perplexity(scores), "nll": [float(-np.sum(lp)) for lp in scores],
+            "tokens": [int(np.size(lp)) for lp in scores]}
 
 
 DECODER_OPS = {"ttft": _op_ttft, "decode": _op_decode, "greedy": _op_greedy, "perplexity": _op_perplexity}
@@ -174,6 +180,14 @@ def agreement_prompts(tokenizer_file: str | os.PathLike) -> list[list[int]]:
 
     tok = Tokenizer.from_file(str(tokenizer_file))
     return [tok.encode(p, add_special_tokens=True).ids for p in AGREEMENT_PROMPTS]
+
+
+def held_out_ids(tokenizer_file: str | os.PathLike, texts: Sequence[str] = HELD_OUT_TEXTS) -> list[list[int]]:
+    """The held-out texts as token ids with the tokenizer's special tokens: every candidate scores these ids."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    return [tok.encode(t, add_special_tokens=True).ids for t in texts]
 
 
 def decoder_candidates(bundles: Sequence[str], adapter: str | None = None) -> list[Candidate]:
@@ -263,8 +277,9 @@ def run_decoder_candidates(
         raise EdgeloraError("bench: give at least one decoder bundle directory")
     _check_settings(prompt_tokens, new_tokens, concurrent, rounds, warmup, agreement_tokens)
     info = [{**c.info, "label": c.label} for c in candidates]
+    scored = held_out_ids(tokenizer_file, held_out)
     longest = max(*prompt_tokens, DECODE_PROMPT + new_tokens + 1, max(map(len, agreement_prompts(tokenizer_file)))
-                  + agreement_tokens)
+                  + agreement_tokens, max(map(len, scored)))
     for b in info:
         ctx = b.get("context_length")
         if ctx is not None and longest > ctx:
@@ -284,7 +299,7 @@ def run_decoder_candidates(
     total, done = rounds * len(measures) * len(info), 0
     workers: list[Worker] = []
     greedy: dict[int, list[list[int]]] = {}
-    ppl: dict[int, tuple[float | None, str | None]] = {}
+    ppl: dict[int, dict] = {}  # candidate -> perplexity, and per text nll and tokens
     try:
         for c, b in zip(candidates, info):  # one at a time, so load times do not overlap
             w = Worker(c, threads, spinning)
@@ -326,8 +341,7 @@ def run_decoder_candidates(
         for i, w in enumerate(workers):  # after timing: the fidelity runs do not touch the timed RSS
             info[i]["rss_peak_bytes"] = w.call(op="mem")["peak"]
             greedy[i] = w.call(op="greedy", prompts=agreement_prompts(tokenizer_file), n=agreement_tokens)["tokens"]
-            reply = w.call(op="perplexity", texts=list(held_out))
-            ppl[i] = (reply["perplexity"], reply.get("note"))
+            ppl[i] = w.call(op="perplexity", ids=scored)
     finally:
         for w in workers:
             w.close()
@@ -350,13 +364,15 @@ def run_decoder_candidates(
         one, many = row["decode"]["1"], row["decode"].get(str(concurrent))
         row["batch_gain"] = (many["tokens_s"] / one["tokens_s"]) if many and many["tokens_s"] else None
         fid: dict = {"reference": ref, "reference_label": info[ref]["label"] if ref is not None else None,
-                     "agreement": None, "perplexity": ppl[i][0], "perplexity_ratio": None, "note": ppl[i][1]}
+                     "agreement": None, "perplexity": ppl[i]["perplexity"], "perplexity_ratio": None,
+                     "perplexity_ratio_ci95": None, "note": None}
         if ref is None:
             fid["note"] = "no fp32 reference"
         else:
             fid["agreement"] = greedy_agreement(greedy[i], greedy[ref])
-            if ppl[i][0] is not None and ppl[ref][0] is not None:
-                fid["perplexity_ratio"] = ppl[i][0] / ppl[ref][0]
+            fid["perplexity_ratio"] = ppl[i]["perplexity"] / ppl[ref]["perplexity"]
+            fid["perplexity_ratio_ci95"] = list(perplexity_ratio_interval(ppl[i]["nll"], ppl[ref]["nll"],
+                                                                          ppl[i]["tokens"]))
         row["fidelity"] = fid
         rows.append(row)
     cpu = detect_isa()
@@ -377,7 +393,7 @@ def run_decoder_candidates(
                                "prefix share: tokens equal to the fp32 reference's before the first divergence over "
                                "the tokens compared, averaged over prompts; exact share: prompts whose whole "
                                "continuation matches; perplexity ratio: held-out perplexity (teacher forcing) over "
-                               "the reference's"},
+                               "the reference's, with a 95% paired bootstrap interval over texts"},
         "candidates": info, "rows": rows, "schedule": schedule,
     })
 

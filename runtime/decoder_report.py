@@ -32,8 +32,13 @@ def header(result: dict) -> list[str]:
         f"batch 1 and {s['concurrent']} rows together (tok/s of all rows)",
         f"agree: greedy tokens equal to the fp32 reference's before the first divergence, share over "
         f"{f['agreement_prompts']} prompts x {f['agreement_tokens']} tokens (exact: prompts matching entirely); "
-        f"ppl x: held-out perplexity over the reference's ({f['held_out_texts']} texts)",
+        f"ppl x: held-out perplexity over the reference's ({f['held_out_texts']} texts; [95% paired bootstrap "
+        "interval over texts])",
     ]
+
+
+def _ci(interval: list[float] | None) -> str:
+    return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "–"
 
 
 def format_decoder_table(result: dict) -> str:
@@ -46,7 +51,7 @@ def format_decoder_table(result: dict) -> str:
     head = (f"{'candidate':<{width}}  " + "  ".join(f"{'ttft' + p:>9}" for p in ps) + f"  {'tok/s b1':>8}  "
             + (f"{'tok/s b' + conc:>9}  {'gain':>5}  " if conc != "1" else "")
             + f"{'p50 ms':>7}  {'p95 ms':>7}  {'p99 ms':>7}  {'size MB':>7}  {'RSS MB':>7}  {'agree':>6}  "
-            f"{'exact':>5}  {'ppl x':>7}")
+            f"{'exact':>5}  {'ppl x':>7}  {'[95% interval]':>16}")
     lines = header(result) + ["", head, "-" * len(head)]
     for r in rows:
         one = r["decode"]["1"]
@@ -60,7 +65,8 @@ def format_decoder_table(result: dict) -> str:
         cells += [f"{_num(one.get('p50_ms'), '.2f'):>7}", f"{_num(one.get('p95_ms'), '.2f'):>7}",
                   f"{_num(one.get('p99_ms'), '.2f'):>7}", f"{_mb(r['size_bytes']):>7}", f"{_mb(r['rss_peak_bytes']):>7}",
                   f"{_num(agree.get('prefix_share'), '.3f'):>6}", f"{_num(agree.get('exact_share'), '.2f'):>5}",
-                  f"{_num(f.get('perplexity_ratio'), '.4f'):>7}"]
+                  f"{_num(f.get('perplexity_ratio'), '.4f'):>7}",
+                  f"{_ci(f.get('perplexity_ratio_ci95')):>16}"]
         lines.append("  ".join(cells))
     said: dict[str, list[str]] = {}  # note -> the candidates it is about, so a shared note is one line
     for r in rows:

@@ -372,11 +372,16 @@ class Generator:
         if not isinstance(completion, str) or not completion:
             raise EdgeloraError("completion is empty; pass the text to score")
         if prompt is None:
-            ids = self.tokenizer.encode(completion, add_special_tokens=True).ids
-            return TokenScore(self._token_logprobs(ids, 1, adapter) if len(ids) > 1 else np.zeros(0))
+            return self.score_ids(self.tokenizer.encode(completion, add_special_tokens=True).ids, adapter)
         head = self.prompt_ids(prompt)
         tail = self.tokenizer.encode(completion, add_special_tokens=False).ids
         return TokenScore(self._token_logprobs(head + tail, len(head), adapter))
+
+    def score_ids(self, ids: Sequence[int], adapter: str | None = None) -> TokenScore:
+        """Log-probabilities of ids[1:], each given the ids before it: a text already tokenized (the bench gives
+        every candidate the same ids)."""
+        ids = [int(i) for i in ids]
+        return TokenScore(self._token_logprobs(ids, 1, adapter) if len(ids) > 1 else np.zeros(0))
 
     def perplexity(self, texts: Sequence[str | tuple[Prompt, str]], adapter: str | None = None) -> float:
         """exp of the mean negative log-likelihood per token over all `texts` (each a text, scored from its

