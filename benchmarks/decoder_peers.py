@@ -51,8 +51,12 @@ PEERS = ("torch-fp32", "ort-genai-int8", "ort-genai-int4", "llama.cpp-q8_0", "ll
 ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
 METHOD = decoder_bench.METHOD + ("; peers: torch through generate() with a streamer timing each token, ORT GenAI "
                                  "through append_tokens/generate_next_token, llama.cpp through Llama.eval and argmax of "
-                                 "its last logits; torch OMP_WAIT_POLICY=PASSIVE; ORT spinning off for our bundles (ORT GenAI's config "
-                                 "file cannot set it)")
+                                 "its last logits; torch OMP_WAIT_POLICY=PASSIVE")
+# ORT GenAI's sessions keep ONNX Runtime's default (idle pool threads spin) and llama.cpp's pool spins, so our
+# bundles spin too unless --no-spin: with 2 threads spinning is worth 6-10% of a decode step's time.
+SPIN_NOTE = {True: "; ORT pool threads spin between runs for our bundles, as for ORT GenAI (ORT's default) and "
+                   "llama.cpp's own pool", False: "; ORT spinning off for our bundles (--no-spin), on for ORT GenAI "
+                                              "(its default, which its config file does not change)"}
 ONE_SEQUENCE = "this peer is timed on one sequence (batch 1) here"
 
 
@@ -498,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="threads for every candidate (default: physical cores)")
+    parser.add_argument("--no-spin", action="store_true",
+                        help="our bundles' ORT threads do not spin between runs (the peers' pools still do)")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="only write the markdown table of an earlier run's decoder_peers.json to stdout")
     args = parser.parse_args(argv)
@@ -532,8 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = decoder_bench.run_decoder_candidates(
             candidates, tokenizer_file=candidates[0].info["tokenizer"], references=references(candidates),
             prompt_tokens=tuple(int(x) for x in args.prompt_tokens.split(",") if x.strip()), new_tokens=args.new_tokens,
-            concurrent=args.concurrent, rounds=args.rounds, warmup=args.warmup, threads=threads, method=METHOD,
-            progress=BenchProgress())
+            concurrent=args.concurrent, rounds=args.rounds, warmup=args.warmup, threads=threads,
+            spinning=not args.no_spin, method=METHOD + SPIN_NOTE[not args.no_spin], progress=BenchProgress())
     except EdgeloraError as e:
         print(f"edgelora: error: {e}", file=sys.stderr)
         return 2

@@ -59,6 +59,8 @@ def test_peers_script_times_what_it_finds_and_names_what_it_cannot(tiny_dir: Pat
         assert re.search(r"onnxruntime_genai(, \w+)* not installed \(make peers\)", not_run["ort-genai-int8"])
     order = [s["candidate"] for s in result["schedule"]]
     assert order == list(range(len(labels))) * (len(order) // len(labels))  # interleaved, one run each in turn
+    # our bundles' pool threads spin as the peers' do, and the result says so
+    assert result["settings"]["spinning"] is True and "spin between runs for our bundles" in result["settings"]["method"]
     rows = {r["label"]: r for r in result["rows"]}
     assert rows["torch-fp32"]["fidelity"]["agreement"]["prefix_share"] == 1.0  # same weights, fp32, clear winners
     assert rows["ours-fp32"]["fidelity"]["perplexity_ratio"] == 1.0
@@ -119,9 +121,10 @@ def test_extra_bundles_are_more_rows_of_the_same_run(tiny_dir: Path, tmp_path: P
     out = tmp_path / "out"
     rc = decoder_peers.main(["--base", str(tiny_dir), "--peers", "", "--extra", f"sw={sw}", "--extra", f"sw-a={sw}@a",
                              "--out", str(out), "--prompt-tokens", "8", "--new-tokens", "2", "--concurrent", "2",
-                             "--rounds", "1", "--warmup", "0", "--threads", "1"])
+                             "--rounds", "1", "--warmup", "0", "--threads", "1", "--no-spin"])
     assert rc == 0
     result = json.loads((out / "decoder_peers.json").read_text())
+    assert result["settings"]["spinning"] is False and "--no-spin" in result["settings"]["method"]
     rows = {r["label"]: r for r in result["rows"]}
     assert list(rows) == ["ours-fp32", "ours-int8", "sw", "sw-a"]
     order = [s["candidate"] for s in result["schedule"]]
