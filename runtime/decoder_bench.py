@@ -28,6 +28,7 @@ from edgelora.runtime.bundle import CAUSAL_LM, LOGITS_TO_KEEP, TOKENIZER_FILE, r
 from edgelora.runtime.cpu import detect_isa
 from edgelora.runtime.fidelity import (AGREEMENT_PROMPTS, HELD_OUT_TEXTS, greedy_agreement, perplexity_ratio_interval,
                                        pooled_perplexity)
+from edgelora.runtime.shared_kv import SharedKV
 from edgelora.runtime.worker import Candidate, Worker, serve_worker
 
 DECODER_RESULT_VERSION = 1
@@ -103,13 +104,21 @@ class BundleDecoder:
         past: list[np.ndarray] = [empty] * len(self._past)
         tokens: list[list[int]] = [[] for _ in range(B)]
         times: list[float] = []
+        kv: SharedKV | None = None  # as Generator decodes a GroupQueryAttention bundle: one buffer per cache tensor
         for step in range(steps + 1):
             t0 = time.perf_counter()
-            feeds = {"input_ids": ids, "attention_mask": mask, **dict(zip(self._past, past)), **extra,
-                     **self._keep_last}
+            feeds = {"input_ids": ids, "attention_mask": mask, **extra}
             if self._positions:
                 feeds["position_ids"] = positions
-            logits, *past = self.rt.session.run(self._outputs, feeds, options)
+            if kv is None:
+                logits, *past = self.rt.session.run(self._outputs, {**feeds, **dict(zip(self._past, past)),
+                                                                    **self._keep_last}, options)
+                if self.gen.shared_kv and steps:
+                    kv = SharedKV(self.rt.session, self._past, self._outputs[1:], batch=B,
+                                  kv_heads=self.spec.num_kv_heads, head_dim=self.spec.head_dim, capacity=T + steps + 1)
+                    kv.load(past)
+            else:
+                logits = kv.step(feeds, options)
             chosen = logits[:, -1].argmax(axis=-1)  # (B,)
             ids = chosen[:, None].astype(np.int64)
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)

@@ -32,6 +32,7 @@ from edgelora.runtime.bundle import (
 )
 from edgelora.runtime.chat import ChatTemplate, check_messages
 from edgelora.runtime.sampling import Sampling, next_token
+from edgelora.runtime.shared_kv import SharedKV, shares_kv
 from edgelora.runtime.textstream import Detokenizer, StopText
 
 Prompt = str | Sequence[Mapping[str, object]]  # plain text, or chat messages rendered by the bundle's template
@@ -173,6 +174,8 @@ class Generator:
         optional = {i.name for i in self.session.get_overridable_initializers()}
         self._keep_last = {LOGITS_TO_KEEP: np.asarray(1, np.int64)} if LOGITS_TO_KEEP in optional else {}
         self._outputs = ["logits", *self._present]
+        # a GroupQueryAttention bundle decodes into one cache buffer per tensor, written in place (runtime/shared_kv)
+        self.shared_kv = shares_kv(self.manifest.extra.get("graph"))
 
     def _load_tokenizer(self):
         from tokenizers import Tokenizer
@@ -260,6 +263,16 @@ class Generator:
                 from None
         return values[0], values[1:]
 
+    def _step_shared(self, kv: SharedKV, feeds: dict[str, np.ndarray], options: ort.RunOptions) -> np.ndarray:
+        try:
+            return kv.step(feeds, options)
+        except EdgeloraError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise EdgeloraError(f"{self.bundle_dir / 'model.onnx'}: run failed ({first}); re-export the bundle") \
+                from None
+
     def _start(self, prompts: Sequence[Prompt], adapters: Sequence[str | None], max_new_tokens: int,
                temperature: float, top_p: float, top_k: int, stop: str | Sequence[str], seed: int | None,
                truncate: bool) -> Iterator[tuple[int, str]]:
@@ -299,12 +312,21 @@ class Generator:
         empty = np.zeros((B, self.spec.num_kv_heads, 0, self.spec.head_dim), np.float32)
         past = [empty] * len(self._past)
 
+        kv: SharedKV | None = None  # after the prompt's run, for a bundle whose cache is one buffer per tensor
         for step in range(max_new_tokens):
-            feeds = {"input_ids": input_ids, "attention_mask": mask, **dict(zip(self._past, past)), **extra, **self._keep_last}
+            feeds = {"input_ids": input_ids, "attention_mask": mask, **extra}
             if self._positions:
                 feeds["position_ids"] = positions
             t0 = time.perf_counter()
-            logits, past = self._run(feeds, options)
+            if kv is None:
+                logits, past = self._run({**feeds, **dict(zip(self._past, past)), **self._keep_last}, options)
+                if self.shared_kv and max_new_tokens > 1:
+                    kv = SharedKV(self.session, self._past, self._present, batch=B, kv_heads=self.spec.num_kv_heads,
+                                  head_dim=self.spec.head_dim, capacity=T + max_new_tokens)
+                    kv.load(past)
+                    past = []
+            else:
+                logits = self._step_shared(kv, feeds, options)
             ran = time.perf_counter() - t0  # inside session.run
             chosen = np.full((B, 1), pad, np.int64)
             for r in range(B):

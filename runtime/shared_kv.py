@@ -1,0 +1,78 @@
+"""One KV buffer per cache tensor, written in place: decode steps of GroupQueryAttention bundles without copying
+the cache.
+
+A decoder graph returns `present.{i}.*` = past + the new tokens, which the caller feeds back as the next
+`past_key_values.{i}.*`: every step copies the whole cache (and ONNX Runtime zero-fills the new present first),
+which grows with the context. ONNX Runtime's GroupQueryAttention (the export's `attention="gqa"` core) can
+instead read and write one buffer: when a step's past and present are the same tensor, it appends the new
+keys and values at the current length and leaves the rest as it is. The buffer's length is the capacity
+(prompt + new tokens), fixed up front; the graph still sees the current length through `attention_mask`.
+
+The prompt's run is an ordinary `session.run` (its logits_to_keep cannot be bound by IOBinding, and the
+prompt's cache is written once anyway); `load` copies its presents into the buffers, then every `step` binds
+the same buffers as past and present. Logits equal the copying path's (`tests/test_shared_kv.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from edgelora.errors import EdgeloraError
+
+SHARED_CORES = ("gqa",)  # attention cores whose cache may be one buffer (exporters/decoder_graph.py)
+
+
+def shares_kv(graph: Mapping | None) -> bool:
+    """Whether a bundle's manifest `graph` record names an attention core that can share past and present."""
+    return isinstance(graph, Mapping) and graph.get("attention") in SHARED_CORES
+
+
+class SharedKV:
+    """Fixed-capacity KV buffers, (batch, kv_heads, capacity, head_dim) float32 each, bound as both past and
+    present of every decode step.
+
+    Example:
+        >>> kv = SharedKV(session, past, present, batch=1, kv_heads=3, head_dim=64, capacity=96)  # doctest: +SKIP
+        >>> kv.load(presents_of_the_prompt_run)                                                   # doctest: +SKIP
+        >>> logits = kv.step({"input_ids": ..., "attention_mask": ..., "position_ids": ...})      # doctest: +SKIP
+    """
+
+    def __init__(self, session: ort.InferenceSession, past: Sequence[str], present: Sequence[str], *, batch: int,
+                 kv_heads: int, head_dim: int, capacity: int) -> None:
+        if len(past) != len(present):
+            raise EdgeloraError(f"SharedKV: {len(past)} past names for {len(present)} present names")
+        self.session, self.past, self.present = session, list(past), list(present)
+        self.capacity = capacity
+        self.length = 0  # positions of the buffers holding cache entries
+        # the OrtValues wrap these arrays' memory (no copy on CPU): `load` writes the arrays, ORT the OrtValues
+        self._arrays = [np.zeros((batch, kv_heads, capacity, head_dim), np.float32) for _ in self.past]
+        self._buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
+
+    def load(self, presents: Sequence[np.ndarray]) -> None:
+        """The prompt run's presents (batch, kv_heads, T, head_dim) into the buffers' first T positions."""
+        T = int(presents[0].shape[2])
+        if T > self.capacity:
+            raise EdgeloraError(f"SharedKV: the prompt's cache holds {T} positions, the buffers {self.capacity}")
+        for value, array in zip(presents, self._arrays):
+            array[:, :, :T] = value
+        self.length = T
+
+    def step(self, feeds: Mapping[str, np.ndarray], options: ort.RunOptions | None = None) -> np.ndarray:
+        """One run with `feeds` (everything but the cache) and the buffers as past and present; returns the
+        logits. The new tokens' keys and values land at positions [length, length + new) of every buffer."""
+        new = int(np.shape(feeds["input_ids"])[1])
+        if self.length + new > self.capacity:
+            raise EdgeloraError(f"SharedKV: {self.length} + {new} positions exceed the buffers' {self.capacity}")
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("logits", "cpu")
+        for p, q, buffer in zip(self.past, self.present, self._buffers):
+            binding.bind_ortvalue_input(p, buffer)
+            binding.bind_ortvalue_output(q, buffer)
+        self.session.run_with_iobinding(binding, options)
+        self.length += new
+        return binding.get_outputs()[0].numpy()

