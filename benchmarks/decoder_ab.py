@@ -7,6 +7,7 @@ minimal numpy loop. Prints each variant's median prefill ms and decode tok/s, th
 the load average, so a busy machine shows in the figures.
 
     python benchmarks/decoder_ab.py runs/bundles/int8-old runs/bundles/int8-new:keep=1 --rounds 5
+    python benchmarks/decoder_ab.py GQA:keep=1 GQA:keep=1,kv=shared --prompt 1024 --steps 32
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from pathlib import Path
 import numpy as np
 
 
-def child(bundle: Path, keep: int, prompt: int, steps: int, threads: int, repeats: int) -> dict:
+def child(bundle: Path, keep: int, shared: bool, prompt: int, steps: int, threads: int, repeats: int) -> dict:
     import onnxruntime as ort
+
+    from edgelora.runtime.shared_kv import SharedKV
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     gen = manifest["generation"]
@@ -46,14 +49,22 @@ def child(bundle: Path, keep: int, prompt: int, steps: int, threads: int, repeat
         out = sess.run(outputs, first)
         took = time.perf_counter() - t0
         mask, pos = first["attention_mask"], first["position_ids"][:, -1:]
+        cache = None
+        if shared:  # one buffer per cache tensor, written in place (runtime/shared_kv.py; gqa bundles only)
+            cache = SharedKV(sess, past, outputs[1:], batch=1, kv_heads=gen["num_kv_heads"], head_dim=gen["head_dim"],
+                             capacity=prompt + steps)
+            cache.load(out[1:])
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
             token = out[0][:, -1].argmax(-1)[:, None]
             mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
             pos = pos + 1
-            out = sess.run(outputs, {"input_ids": token, "attention_mask": mask, "position_ids": pos,
-                                     **dict(zip(past, out[1:])), **extra})
+            feeds = {"input_ids": token, "attention_mask": mask, "position_ids": pos}
+            if cache is not None:
+                out = [cache.step(feeds)]
+            else:
+                out = sess.run(outputs, {**feeds, **dict(zip(past, out[1:])), **extra})
             times.append(time.perf_counter() - t0)
         if rep:
             prefills.append(took)
@@ -63,28 +74,33 @@ def child(bundle: Path, keep: int, prompt: int, steps: int, threads: int, repeat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("variants", nargs="*", help="BUNDLE or BUNDLE:keep=N (feed logits_to_keep=N)")
+    parser.add_argument("variants", nargs="*", help="BUNDLE or BUNDLE:OPTS, OPTS comma-separated: keep=N (feed "
+                        "logits_to_keep=N), kv=shared (decode into one cache buffer per tensor; gqa bundles)")
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="prefill + decode passes per child")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(Path(args.child[0]), int(args.child[1]), args.prompt, args.steps, args.threads,
-                               args.repeats)))
+        print(json.dumps(child(Path(args.child[0]), int(args.child[1]), args.child[2] == "shared", args.prompt,
+                               args.steps, args.threads, args.repeats)))
         return
     parsed = []
     for v in args.variants:
-        path, _, opt = v.partition(":")
-        parsed.append((v, path, int(opt.removeprefix("keep=")) if opt else 0))
+        path, _, opts = v.partition(":")
+        opt = dict(o.split("=", 1) for o in opts.split(",") if o)
+        unknown = set(opt) - {"keep", "kv"}
+        if unknown or opt.get("kv", "copy") not in ("copy", "shared"):
+            parser.error(f"{v}: options are keep=N and kv=copy|shared")
+        parsed.append((v, path, (opt.get("keep", "0"), opt.get("kv", "copy"))))
     results: dict[str, list[dict]] = {v: [] for v, _, _ in parsed}
     loads = []
     for _ in range(args.rounds):
-        for v, path, keep in parsed:
+        for v, path, (keep, kv) in parsed:
             loads.append(os.getloadavg()[0])
-            out = subprocess.run([sys.executable, __file__, "--child", path, str(keep), "--prompt", str(args.prompt),
+            out = subprocess.run([sys.executable, __file__, "--child", path, keep, kv, "--prompt", str(args.prompt),
                                   "--steps", str(args.steps), "--threads", str(args.threads),
                                   "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
             results[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
