@@ -437,8 +437,9 @@ def markdown(result: dict) -> str:
         f"decode: {s['decode_prompt']}-token prompt, then {s['new_tokens']} greedy steps (end-of-sequence ignored). "
         f"Agreement: greedy tokens equal to ours-fp32's before the first divergence, share over "
         f"{result['fidelity']['agreement_prompts']} prompts x {result['fidelity']['agreement_tokens']} tokens "
-        f"(exact: prompts equal throughout); ppl ratio: held-out perplexity over ours-fp32's ({result['fidelity']['held_out_texts']} "
-        "texts, the same token ids for every candidate), in brackets its 95% paired bootstrap interval over texts.",
+        "(exact: prompts equal throughout); ppl ratio: held-out perplexity over ours-fp32's "
+        f"({result['fidelity']['held_out_texts']} texts, the same token ids for every candidate), in brackets its "
+        "95% paired bootstrap interval over texts.",
         "",
         "| candidate | " + " | ".join(f"first token P={x} ms" for x in ps) + f" | decode tok/s b1 | tok/s {conc} rows "
         "| step p50/p95/p99 ms | size MB | peak RSS MB | agreement (exact) | ppl ratio |",

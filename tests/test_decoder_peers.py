@@ -60,7 +60,8 @@ def test_peers_script_times_what_it_finds_and_names_what_it_cannot(tiny_dir: Pat
     order = [s["candidate"] for s in result["schedule"]]
     assert order == list(range(len(labels))) * (len(order) // len(labels))  # interleaved, one run each in turn
     # our bundles' pool threads spin as the peers' do, and the result says so
-    assert result["settings"]["spinning"] is True and "spin between runs for our bundles" in result["settings"]["method"]
+    settings = result["settings"]
+    assert settings["spinning"] is True and "spin between runs for our bundles" in settings["method"]
     rows = {r["label"]: r for r in result["rows"]}
     assert rows["torch-fp32"]["fidelity"]["agreement"]["prefix_share"] == 1.0  # same weights, fp32, clear winners
     assert rows["ours-fp32"]["fidelity"]["perplexity_ratio"] == 1.0
