@@ -113,7 +113,7 @@ class BundleDecoder:
             if kv is None:
                 logits, *past = self.rt.session.run(self._outputs, {**feeds, **dict(zip(self._past, past)),
                                                                     **self._keep_last}, options)
-                if self.gen.shared_kv and steps:
+                if steps and self.gen.shares_cache(options, feeds):
                     kv = SharedKV(self.rt.session, self._past, self._outputs[1:], batch=B,
                                   kv_heads=self.spec.num_kv_heads, head_dim=self.spec.head_dim, capacity=T + steps + 1)
                     kv.load(past)

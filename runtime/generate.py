@@ -32,7 +32,7 @@ from edgelora.runtime.bundle import (
 )
 from edgelora.runtime.chat import ChatTemplate, check_messages
 from edgelora.runtime.sampling import Sampling, next_token
-from edgelora.runtime.shared_kv import SharedKV, shares_kv
+from edgelora.runtime.shared_kv import SharedKV, bindable, shares_kv
 from edgelora.runtime.textstream import Detokenizer, StopText
 
 Prompt = str | Sequence[Mapping[str, object]]  # plain text, or chat messages rendered by the bundle's template
@@ -263,6 +263,13 @@ class Generator:
                 from None
         return values[0], values[1:]
 
+    def shares_cache(self, options: ort.RunOptions, feeds: Mapping[str, np.ndarray]) -> bool:
+        """Whether decode steps with these options and feeds can run on one cache buffer per tensor: a `gqa`
+        bundle, no adapter activated through the options (ONNX Runtime applies active adapters to runs given
+        feeds, not to IOBinding runs) and every feed a graph input (IOBinding cannot bind an overridable
+        initializer, such as a mixed batch's `adapter_ids`)."""
+        return self.shared_kv and options is self._run_options.get(None) and bindable(self.session, feeds)
+
     def _step_shared(self, kv: SharedKV, feeds: dict[str, np.ndarray], options: ort.RunOptions) -> np.ndarray:
         try:
             return kv.step(feeds, options)
@@ -320,7 +327,7 @@ class Generator:
             t0 = time.perf_counter()
             if kv is None:
                 logits, past = self._run({**feeds, **dict(zip(self._past, past)), **self._keep_last}, options)
-                if self.shared_kv and max_new_tokens > 1:
+                if max_new_tokens > 1 and self.shares_cache(options, feeds):
                     kv = SharedKV(self.session, self._past, self._present, batch=B, kv_heads=self.spec.num_kv_heads,
                                   head_dim=self.spec.head_dim, capacity=T + max_new_tokens)
                     kv.load(past)

@@ -11,11 +11,15 @@ keys and values at the current length and leaves the rest as it is. The buffer's
 The prompt's run is an ordinary `session.run` (its logits_to_keep cannot be bound by IOBinding, and the
 prompt's cache is written once anyway); `load` copies its presents into the buffers, then every `step` binds
 the same buffers as past and present. Logits equal the copying path's (`tests/test_shared_kv.py`).
+
+Runs IOBinding cannot make keep the copying path (`Generator.shares_cache`): ONNX Runtime 1.32 applies a
+RunOptions' active LoRA adapters (a switchable bundle's adapter for all rows) only to runs given feeds, and
+IOBinding binds graph inputs only, not overridable initializers (a mixed batch's `adapter_ids`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -28,6 +32,13 @@ SHARED_CORES = ("gqa",)  # attention cores whose cache may be one buffer (export
 def shares_kv(graph: Mapping | None) -> bool:
     """Whether a bundle's manifest `graph` record names an attention core that can share past and present."""
     return isinstance(graph, Mapping) and graph.get("attention") in SHARED_CORES
+
+
+def bindable(session: ort.InferenceSession, names: Iterable[str]) -> bool:
+    """Whether every name is a graph input: IOBinding cannot bind an overridable initializer (a switchable
+    bundle's `adapter_ids` default, `logits_to_keep`), so runs that override one keep the copying path."""
+    inputs = {i.name for i in session.get_inputs()}
+    return all(name in inputs for name in names)
 
 
 class SharedKV:

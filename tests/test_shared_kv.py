@@ -1,6 +1,6 @@
 """Decoding a GroupQueryAttention bundle into one cache buffer per tensor (runtime/shared_kv.py) gives the logits
-of the copying path, row by row in a left-padded batch, and Generator and the bench take that path for such
-bundles only."""
+of the copying path, row by row in a left-padded batch; Generator and the bench take that path for such bundles
+only, and only for runs IOBinding can make (no adapter active through RunOptions, no overridden initializer)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,42 @@ def test_generator_and_bench_decode_gqa_bundles_into_one_buffer(bundles: dict[st
     gen.generate_batch(prompts[:1], max_new_tokens=7)
     made = gen.stats.token_ids[0]  # up to an end-of-sequence, which the bench decodes through
     assert made and tokens[0][: len(made)] == made  # the bench's loop decodes what Generator decodes
+
+
+def test_a_switchable_gqa_bundle_mixes_adapters_per_row_on_the_shared_cache(bundles: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(VOCAB, seed=3, context=CONTEXT)
+    adapters = {}
+    for name, seed in (("a", 1), ("b", 2)):  # random B: each adapter changes the tokens
+        torch.manual_seed(seed)
+        lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                              task_type="CAUSAL_LM", init_lora_weights=False))
+        lora.save_pretrained(tmp_path / name)
+        adapters[name] = tmp_path / name
+    export_decoder(base, tmp_path / "sw", adapters=adapters, mode="switchable", precision="int8", attention="gqa",
+                   tokenizer_dir=bundles["gqa-fp32"].parent / "tok")
+    gen = Generator(tmp_path / "sw", intra_op_threads=1)
+    assert gen.shared_kv
+    prompts = ["The harbour was quiet", "A hash table stores values", "Bees communicate"]
+    # ONNX Runtime 1.32 leaves a RunOptions' active adapter out of IOBinding runs (measured: the tokens change),
+    # and a mixed batch feeds adapter_ids, an overridable initializer IOBinding cannot bind: both keep copying
+    feeds = {"input_ids": np.ones((3, 1), np.int64)}
+    for rows, shares in ((["a"] * 3, False), (["a", "b", None], False), ([None] * 3, True)):
+        options, extra = gen.row_options(rows)
+        assert gen.shares_cache(options, {**feeds, **extra}) is shares, rows
+    for rows in (["a"] * 3, ["b"] * 3, [None] * 3, ["a", "b", None]):
+        gen.shared_kv = True
+        shared = gen.generate_batch(prompts, adapters=rows, max_new_tokens=10)
+        gen.shared_kv = False
+        assert gen.generate_batch(prompts, adapters=rows, max_new_tokens=10) == shared, rows
+    gen.shared_kv = True
+    one = [gen.generate(prompts[0], adapter) for adapter in ("a", "b", None)]
+    assert len(set(one)) == 3  # each adapter changes the tokens: the options were applied, not dropped
 
 
 def test_the_buffers_refuse_more_positions_than_they_hold(bundles: dict[str, Path]) -> None:
