@@ -6,7 +6,9 @@ A decoder graph returns `present.{i}.*` = past + the new tokens, which the calle
 which grows with the context. ONNX Runtime's GroupQueryAttention (the export's `attention="gqa"` core) can
 instead read and write one buffer: when a step's past and present are the same tensor, it appends the new
 keys and values at the current length and leaves the rest as it is. The buffer's length is the capacity
-(prompt + new tokens), fixed up front; the graph still sees the current length through `attention_mask`.
+(prompt + new tokens), allocated up front as llama.cpp's context and ORT GenAI's max_length are: batch x
+layers x 2 x kv_heads x capacity x head_dim x 4 bytes (SmolLM2, one row, 1,024 positions: 45 MiB); the graph
+still sees the current length through `attention_mask`.
 
 The prompt's run is an ordinary `session.run` (its logits_to_keep cannot be bound by IOBinding, and the
 prompt's cache is written once anyway); `load` copies its presents into the buffers, then every `step` binds
