@@ -227,17 +227,14 @@ def _row_constants(b: _Builder) -> None:
     b.ints("rowq.last", [-1])
 
 
-ROW_ZERO_POINTS = "rowq.zero_points"  # 128 (uint8) per row, (..., 1): QuantizeLinear's blocked zero point
-
-
 def _row_quantized(b: _Builder, x: str, k: int) -> tuple[str, str]:
     """(uint8 q + 128, float32 row scale (..., 1)) of x (..., k), symmetric per row by the row's own max: the
     nodes that `edgelora.fake_quant.quantize_activation_rowwise` mirrors. One set per distinct input (q|k|v and
     gate|up read one tensor each), reused by every matmul that reads it.
 
     The divide, round half to even, + 128 and cast are one blocked QuantizeLinear (a block is a whole row), whose
-    zero point must have the scales' shape: that (..., 1) tensor of 128s is made once per graph from the first
-    row maxima, as every input quantized here has the same leading dims (batch, sequence)."""
+    zero point must have the scales' shape: a (..., 1) tensor of 128s made from this input's own row maxima (the
+    LM head's input, cut by logits_to_keep, has other leading dims than the layers')."""
     q, scale = f"{x}.rowq", f"{x}.rowq.scale"
     if any(n.output[0] == q for n in b.nodes):
         return q, scale
@@ -245,9 +242,8 @@ def _row_quantized(b: _Builder, x: str, k: int) -> tuple[str, str]:
     amax = b.op("ReduceMax", [b.op("Abs", [x], f"{x}.rowq.abs"), "rowq.last"], f"{x}.rowq.amax", keepdims=1)
     amax = b.op("Max", [amax, "rowq.tiny"], f"{x}.rowq.amax_safe")
     b.op("Div", [amax, "rowq.qmax"], scale)
-    if not any(n.output[0] == ROW_ZERO_POINTS for n in b.nodes):
-        b.op("Expand", ["rowq.zero_point", b.op("Shape", [amax], "rowq.rows_shape")], ROW_ZERO_POINTS)
-    b.op("QuantizeLinear", [x, scale, ROW_ZERO_POINTS], q, axis=-1, block_size=k)
+    zero_points = b.op("Expand", ["rowq.zero_point", b.op("Shape", [amax], f"{x}.rowq.rows")], f"{x}.rowq.zero_points")
+    b.op("QuantizeLinear", [x, scale, zero_points], q, axis=-1, block_size=k)
     return q, scale
 
 

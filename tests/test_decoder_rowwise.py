@@ -79,6 +79,23 @@ def test_graph_row_quantizer_gives_the_fake_quantizers_integers_bit_for_bit() ->
     assert (want_q.numpy()[4, 1:] % 2 == 0)[np.abs(want_q.numpy()[4, 1:] - x[4, 1:]) == 0.5].all()
 
 
+def test_inputs_of_other_leading_dims_quantize_in_one_graph() -> None:
+    """The layers' input (m, k) and a shorter one (as the LM head's after logits_to_keep) in one graph: each gets
+    a zero point of its own rows' shape, and both give the fake quantizer's integers."""
+    x, y = _activations(9, 96), np.random.default_rng(1).normal(0, 3, (2, 96)).astype(np.float32)
+
+    def nodes(b):
+        _row_quantized(b, "x", 96)
+        _row_quantized(b, "y", 96)
+
+    sess = _graph(nodes, [("x", ["m", 96]), ("y", ["n", 96])],
+                  [("x.rowq", TensorProto.UINT8), ("y.rowq", TensorProto.UINT8)])
+    qx, qy = sess.run(None, {"x": x, "y": y})
+    for q, v in ((qx, x), (qy, y)):
+        np.testing.assert_array_equal(q.astype(np.int32) - 128,
+                                      quantize_activation_rowwise(torch.from_numpy(v))[0].numpy().astype(np.int32))
+
+
 @pytest.mark.parametrize("smoothed", [False, True])
 @pytest.mark.parametrize("shape", [(5, 64, 96), (1, 576, 576), (16, 1536, 576), (3, 48, 100)],
                          ids=lambda s: "x".join(map(str, s)))
