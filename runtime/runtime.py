@@ -70,7 +70,8 @@ class Runtime:
         self._check_io()
         self._tokenizer = load_tokenizer(self.bundle_dir, self.manifest.tokenizer)
         # Adapters reach the graph only through RunOptions, and ORT ignores them on the IOBinding path
-        # (run_with_iobinding silently runs the plain base), so every run here goes through session.run.
+        # (run_with_iobinding silently runs the plain base): a run with one active goes through session.run,
+        # never the shared cache's bound runs (Generator.shares_cache).
         self._run_options: dict[str | None, ort.RunOptions] = {None: ort.RunOptions()}
         self._lora: list[ort.LoraAdapter] = []  # keeps the loaded adapters alive for their RunOptions
         if self.manifest.mode == "switchable":
