@@ -51,9 +51,7 @@ def child(bundle: Path, keep: int, shared: bool, prompt: int, steps: int, thread
         mask, pos = first["attention_mask"], first["position_ids"][:, -1:]
         cache = None
         if shared:  # one buffer per cache tensor, written in place (runtime/shared_kv.py; gqa bundles only)
-            cache = SharedKV(sess, past, outputs[1:], batch=1, kv_heads=gen["num_kv_heads"], head_dim=gen["head_dim"],
-                             capacity=prompt + steps)
-            cache.load(out[1:])
+            cache = SharedKV.holding(sess, past, outputs[1:], out[1:], steps)
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -72,6 +70,30 @@ def child(bundle: Path, keep: int, shared: bool, prompt: int, steps: int, thread
     return {"prefill_ms": 1e3 * float(np.median(prefills)), "decode_tok_s": 1 / float(np.median(steps_s))}
 
 
+def variant(parser: argparse.ArgumentParser, text: str) -> tuple[str, tuple[str, str]]:
+    """BUNDLE[:keep=N,kv=copy|shared] checked here, each mistake one line naming the variant and the fix."""
+    from edgelora.runtime.shared_kv import shares_kv
+
+    path, _, opts = text.partition(":")
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        parser.error(f"{text}: {manifest} not found; pass a decoder bundle directory")
+    opt: dict[str, str] = {}
+    for o in filter(None, opts.split(",")):
+        key, eq, value = o.partition("=")
+        if not eq or key not in ("keep", "kv"):
+            parser.error(f"{text}: option {o!r}; options are keep=N and kv=copy|shared")
+        opt[key] = value
+    keep, kv = opt.get("keep", "0"), opt.get("kv", "copy")
+    if not keep.isdigit():
+        parser.error(f"{text}: keep={keep}; pass a count of positions (0: all)")
+    if kv not in ("copy", "shared"):
+        parser.error(f"{text}: kv={kv}; pass kv=copy or kv=shared")
+    if kv == "shared" and not shares_kv(json.loads(manifest.read_text()).get("graph")):
+        parser.error(f"{text}: kv=shared needs a bundle exported with attention='gqa'; drop kv=shared")
+    return path, (keep, kv)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", nargs="*", help="BUNDLE or BUNDLE:OPTS, OPTS comma-separated: keep=N (feed "
@@ -87,14 +109,7 @@ def main() -> None:
         print(json.dumps(child(Path(args.child[0]), int(args.child[1]), args.child[2] == "shared", args.prompt,
                                args.steps, args.threads, args.repeats)))
         return
-    parsed = []
-    for v in args.variants:
-        path, _, opts = v.partition(":")
-        opt = dict(o.split("=", 1) for o in opts.split(",") if o)
-        unknown = set(opt) - {"keep", "kv"}
-        if unknown or opt.get("kv", "copy") not in ("copy", "shared"):
-            parser.error(f"{v}: options are keep=N and kv=copy|shared")
-        parsed.append((v, path, (opt.get("keep", "0"), opt.get("kv", "copy"))))
+    parsed = [(v, *variant(parser, v)) for v in args.variants]
     results: dict[str, list[dict]] = {v: [] for v, _, _ in parsed}
     loads = []
     for _ in range(args.rounds):
@@ -102,7 +117,10 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             out = subprocess.run([sys.executable, __file__, "--child", path, keep, kv, "--prompt", str(args.prompt),
                                   "--steps", str(args.steps), "--threads", str(args.threads),
-                                  "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
+                                  "--repeats", str(args.repeats)], capture_output=True, text=True)
+            if out.returncode:
+                last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+                parser.error(f"{v}: the timing child failed: {last}")
             results[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = None
     print(f"P={args.prompt}, {args.steps} decode steps, {args.threads} threads, {args.rounds} interleaved rounds, "

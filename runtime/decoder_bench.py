@@ -114,9 +114,7 @@ class BundleDecoder:
                 logits, *past = self.rt.session.run(self._outputs, {**feeds, **dict(zip(self._past, past)),
                                                                     **self._keep_last}, options)
                 if steps and self.gen.shares_cache(options, feeds):
-                    kv = SharedKV(self.rt.session, self._past, self._outputs[1:], batch=B,
-                                  kv_heads=self.spec.num_kv_heads, head_dim=self.spec.head_dim, capacity=T + steps + 1)
-                    kv.load(past)
+                    kv = SharedKV.holding(self.rt.session, self._past, self._outputs[1:], past, steps)
             else:
                 logits = kv.step(feeds, options)
             chosen = logits[:, -1].argmax(axis=-1)  # (B,)
@@ -309,6 +307,7 @@ def run_decoder_candidates(
     workers: list[Worker] = []
     greedy: dict[int, list[list[int]]] = {}
     ppl: dict[int, dict] = {}  # candidate -> perplexity, and per text nll and tokens
+    unscored: dict[int, str] = {}  # candidate -> why its fidelity runs failed
     try:
         for c, b in zip(candidates, info):  # one at a time, so load times do not overlap
             w = Worker(c, threads, spinning)
@@ -349,8 +348,13 @@ def run_decoder_candidates(
                         progress(done, total, f"{info[i]['label']} {kind} {value}")
         for i, w in enumerate(workers):  # after timing: the fidelity runs do not touch the timed RSS
             info[i]["rss_peak_bytes"] = w.call(op="mem")["peak"]
-            greedy[i] = w.call(op="greedy", prompts=agreement_prompts(tokenizer_file), n=agreement_tokens)["tokens"]
-            ppl[i] = w.call(op="perplexity", ids=scored)
+            try:  # a candidate that cannot score keeps its timings, with the reason where its fidelity would be
+                greedy[i] = w.call(op="greedy", prompts=agreement_prompts(tokenizer_file),
+                                   n=agreement_tokens)["tokens"]
+                ppl[i] = w.call(op="perplexity", ids=scored)
+            except EdgeloraError as e:
+                unscored[i] = f"fidelity not measured: {str(e).splitlines()[0][:300]}"
+                greedy.pop(i, None)
     finally:
         for w in workers:
             w.close()
@@ -372,11 +376,16 @@ def run_decoder_candidates(
                                           "adapters": used_adapters.get(key), **_percentiles(steps[key])}
         one, many = row["decode"]["1"], row["decode"].get(str(concurrent))
         row["batch_gain"] = (many["tokens_s"] / one["tokens_s"]) if many and many["tokens_s"] else None
+        scores = ppl.get(i, {})
         fid: dict = {"reference": ref, "reference_label": info[ref]["label"] if ref is not None else None,
-                     "agreement": None, "perplexity": ppl[i]["perplexity"], "perplexity_ratio": None,
-                     "perplexity_ratio_ci95": None, "note": None}
+                     "agreement": None, "perplexity": scores.get("perplexity"), "perplexity_ratio": None,
+                     "perplexity_ratio_ci95": None, "note": None,
+                     # per held-out text, so an interval can be recomputed from the saved result
+                     "nll_per_text": scores.get("nll"), "tokens_per_text": scores.get("tokens")}
         if ref is None:
             fid["note"] = "no fp32 reference"
+        elif i in unscored or ref in unscored:
+            fid["note"] = unscored.get(i) or f"{info[ref]['label']} (the reference): {unscored[ref]}"
         else:
             fid["agreement"] = greedy_agreement(greedy[i], greedy[ref])
             fid["perplexity_ratio"] = ppl[i]["perplexity"] / ppl[ref]["perplexity"]

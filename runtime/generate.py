@@ -31,6 +31,7 @@ from edgelora.runtime.bundle import (
     read_manifest,
 )
 from edgelora.runtime.chat import ChatTemplate, check_messages
+from edgelora.runtime.fidelity import next_token_logprobs
 from edgelora.runtime.sampling import Sampling, next_token
 from edgelora.runtime.shared_kv import SharedKV, bindable, shares_kv
 from edgelora.runtime.textstream import Detokenizer, StopText
@@ -95,12 +96,6 @@ class TokenScore:
     @property
     def perplexity(self) -> float:
         return float(np.exp(self.nll / self.tokens)) if self.tokens else float("nan")
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 class Generator:
@@ -328,9 +323,7 @@ class Generator:
             if kv is None:
                 logits, past = self._run({**feeds, **dict(zip(self._past, past)), **self._keep_last}, options)
                 if max_new_tokens > 1 and self.shares_cache(options, feeds):
-                    kv = SharedKV(self.session, self._past, self._present, batch=B, kv_heads=self.spec.num_kv_heads,
-                                  head_dim=self.spec.head_dim, capacity=T + max_new_tokens)
-                    kv.load(past)
+                    kv = SharedKV.holding(self.session, self._past, self._present, past, max_new_tokens - 1)
                     past = []
             else:
                 logits = self._step_shared(kv, feeds, options)
@@ -387,8 +380,7 @@ class Generator:
         if self._positions:
             feeds["position_ids"] = np.arange(T, dtype=np.int64)[None]
         logits, _ = self._run(feeds, options)
-        logp = _log_softmax(logits[0, first - 1 : T - 1])  # row t predicts token t + 1
-        return np.take_along_axis(logp, np.asarray(ids[first:], np.int64)[:, None], axis=1)[:, 0]
+        return next_token_logprobs(logits[0, first - 1 :], ids[first - 1 :])  # row t predicts token t + 1
 
     def score(self, prompt: Prompt | None, completion: str, adapter: str | None = None) -> TokenScore:
         """How likely the model finds `completion` after `prompt`: the log-probability of each completion token.

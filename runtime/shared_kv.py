@@ -48,8 +48,7 @@ class SharedKV:
     present of every decode step.
 
     Example:
-        >>> kv = SharedKV(session, past, present, batch=1, kv_heads=3, head_dim=64, capacity=96)  # doctest: +SKIP
-        >>> kv.load(presents_of_the_prompt_run)                                                   # doctest: +SKIP
+        >>> kv = SharedKV.holding(session, past, present, presents_of_the_prompt_run, decode_runs=32)  # doctest: +SKIP
         >>> logits = kv.step({"input_ids": ..., "attention_mask": ..., "position_ids": ...})      # doctest: +SKIP
     """
 
@@ -64,11 +63,30 @@ class SharedKV:
         self._arrays = [np.zeros((batch, kv_heads, capacity, head_dim), np.float32) for _ in self.past]
         self._buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
 
+    @classmethod
+    def holding(cls, session: ort.InferenceSession, past: Sequence[str], present: Sequence[str],
+                presents: Sequence[np.ndarray], decode_runs: int) -> SharedKV:
+        """Buffers shaped after the prompt run's `presents`, loaded with them, with room for `decode_runs`
+        one-token runs after it (a prompt of T positions and n runs end at T + n)."""
+        if not presents:
+            raise EdgeloraError("SharedKV: the prompt run returned no cache tensor")
+        batch, kv_heads, length, head_dim = (int(d) for d in presents[0].shape)
+        kv = cls(session, past, present, batch=batch, kv_heads=kv_heads, head_dim=head_dim,
+                 capacity=length + max(0, decode_runs))
+        kv.load(presents)
+        return kv
+
     def load(self, presents: Sequence[np.ndarray]) -> None:
         """The prompt run's presents (batch, kv_heads, T, head_dim) into the buffers' first T positions."""
+        if len(presents) != len(self._arrays):
+            raise EdgeloraError(f"SharedKV: {len(presents)} cache tensors for {len(self._arrays)} buffers")
         T = int(presents[0].shape[2])
         if T > self.capacity:
             raise EdgeloraError(f"SharedKV: the prompt's cache holds {T} positions, the buffers {self.capacity}")
+        B, H, _, D = self._arrays[0].shape
+        for name, value in zip(self.past, presents):
+            if tuple(value.shape) != (B, H, T, D):
+                raise EdgeloraError(f"SharedKV: {name} is {tuple(value.shape)}, the buffers take ({B}, {H}, {T}, {D})")
         for value, array in zip(presents, self._arrays):
             array[:, :, :T] = value
         self.length = T
@@ -79,6 +97,10 @@ class SharedKV:
         new = int(np.shape(feeds["input_ids"])[1])
         if self.length + new > self.capacity:
             raise EdgeloraError(f"SharedKV: {self.length} + {new} positions exceed the buffers' {self.capacity}")
+        seen = int(np.shape(feeds["attention_mask"])[1])
+        if seen != self.length + new:  # the graph takes the key length from the mask: a wrong one reads stale keys
+            raise EdgeloraError(f"SharedKV: attention_mask covers {seen} positions, the buffers hold {self.length} "
+                                f"+ {new} new; pass the mask of every position so far")
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))

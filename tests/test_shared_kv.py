@@ -57,9 +57,7 @@ def _decode(gen: Generator, prompts: list[list[int]], steps: int, shared: bool) 
         if kv is None:
             logits, *past = gen.session.run(gen._outputs, {**feeds, **dict(zip(gen._past, past))})
             if shared:
-                kv = SharedKV(gen.session, gen._past, gen._present, batch=B, kv_heads=gen.spec.num_kv_heads,
-                              head_dim=gen.spec.head_dim, capacity=T + steps)
-                kv.load(past)
+                kv = SharedKV.holding(gen.session, gen._past, gen._present, past, steps)
         else:
             logits = kv.step(feeds)
         out.append(logits[:, -1].copy())
@@ -79,16 +77,23 @@ def test_one_buffer_gives_the_copying_paths_logits(bundles: dict[str, Path], lab
         np.testing.assert_array_equal(a, b)
 
 
-def test_generator_and_bench_decode_gqa_bundles_into_one_buffer(bundles: dict[str, Path]) -> None:
+def test_generator_and_bench_decode_gqa_bundles_into_one_buffer(bundles: dict[str, Path],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     assert Generator(bundles["gqa-int8"]).shared_kv and not Generator(bundles["invariant"]).shared_kv
+    steps_run = []
+    real_step = SharedKV.step
+    monkeypatch.setattr(SharedKV, "step", lambda kv, *a, **k: steps_run.append(kv.length) or real_step(kv, *a, **k))
     prompts = ["The harbour was quiet", "A hash table stores values under keys. It computes"]
     gen = Generator(bundles["gqa-int8"], intra_op_threads=1)
     together = gen.generate_batch(prompts, max_new_tokens=12)
+    assert len(steps_run) == gen.stats.decode_runs > 0  # every decode step ran on the shared buffers
     gen.shared_kv = False  # the copying path, same session
+    steps_run.clear()
     assert gen.generate_batch(prompts, max_new_tokens=12) == together
+    assert not steps_run
     bench = BundleDecoder(str(bundles["gqa-int8"]), None, 1, False)
     tokens, _, steps = bench.decode([gen.prompt_ids(prompts[0])], 6, [None])
-    assert len(steps) == 6
+    assert len(steps) == len(steps_run) == 6
     gen.shared_kv = True
     gen.generate_batch(prompts[:1], max_new_tokens=7)
     made = gen.stats.token_ids[0]  # up to an end-of-sequence, which the bench decodes through
@@ -141,3 +146,28 @@ def test_the_buffers_refuse_more_positions_than_they_hold(bundles: dict[str, Pat
     with pytest.raises(EdgeloraError, match="4 \\+ 1 positions exceed the buffers' 4"):
         kv.step({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 5), np.int64),
                  "position_ids": np.full((1, 1), 4, np.int64)})
+
+
+def test_the_buffers_hold_the_prompt_and_the_runs_asked_for(bundles: dict[str, Path]) -> None:
+    gen = Generator(bundles["gqa-fp32"], intra_op_threads=1)
+    H, D = gen.spec.num_kv_heads, gen.spec.head_dim
+    kv = SharedKV.holding(gen.session, gen._past, gen._present, [np.zeros((2, H, 3, D), np.float32)] * len(gen._past), 2)
+    assert (kv.capacity, kv.length) == (5, 3)  # a 3-position prompt and two one-token runs: not one more
+    for T in (4, 5):
+        kv.step({"input_ids": np.ones((2, 1), np.int64), "attention_mask": np.ones((2, T), np.int64),
+                 "position_ids": np.full((2, 1), T - 1, np.int64)})
+    with pytest.raises(EdgeloraError, match="5 \\+ 1 positions exceed the buffers' 5"):
+        kv.step({"input_ids": np.ones((2, 1), np.int64), "attention_mask": np.ones((2, 6), np.int64)})
+
+
+def test_the_buffers_refuse_a_mask_or_a_cache_of_another_length(bundles: dict[str, Path]) -> None:
+    gen = Generator(bundles["gqa-fp32"], intra_op_threads=1)
+    H, D = gen.spec.num_kv_heads, gen.spec.head_dim
+    kv = SharedKV.holding(gen.session, gen._past, gen._present, [np.zeros((1, H, 3, D), np.float32)] * len(gen._past), 4)
+    with pytest.raises(EdgeloraError, match="attention_mask covers 3 positions, the buffers hold 3 \\+ 1 new"):
+        kv.step({"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 3), np.int64)})
+    odd = [np.zeros((1, H, 3, D), np.float32)] * (len(gen._past) - 1) + [np.zeros((1, H, 2, D), np.float32)]
+    with pytest.raises(EdgeloraError, match=f"{gen._past[-1]} is \\(1, {H}, 2, {D}\\), the buffers take"):
+        kv.load(odd)
+    with pytest.raises(EdgeloraError, match="1 cache tensors for"):
+        kv.load(odd[:1])
