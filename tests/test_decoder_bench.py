@@ -254,3 +254,31 @@ def test_concurrent_rows_use_different_adapters_of_a_switchable_bundle(tmp_path:
     plain, with_a = result["rows"]
     assert plain["decode"]["4"]["adapters"] == ["a", "b", "a", "b"]  # one run per step mixes the adapters
     assert plain["decode"]["1"]["adapters"] == [None] and with_a["decode"]["1"]["adapters"] == ["a"]
+
+
+def test_a_candidate_that_cannot_score_keeps_its_timings_with_the_reason(bundles: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    """A peer whose scoring fails (llama.cpp's logits of every position, say) after it was timed: its row keeps
+    the timings and says why it has no fidelity; the others are scored as ever."""
+    script = tmp_path / "unscoring_worker.py"
+    script.write_text(
+        "import sys\n"
+        "from edgelora.errors import EdgeloraError\n"
+        "from edgelora.runtime import decoder_bench, worker\n"
+        "class Unscoring(decoder_bench.BundleDecoder):\n"
+        "    def score(self, texts):\n"
+        "        raise EdgeloraError('no logits for every position in this engine')\n"
+        "sys.exit(worker.serve_worker(lambda: Unscoring(sys.argv[1], None, 1, False), decoder_bench.DECODER_OPS))\n")
+    ours = decoder_bench.decoder_candidates([str(bundles["fp32"]), str(bundles["int8"])])
+    failing = decoder_bench.Candidate("unscoring", (ours[1].argv[0], str(script), str(bundles["int8"])),
+                                      {**ours[1].info, "kind": "peer"})
+    out = decoder_bench.run_decoder_candidates(
+        [ours[0], failing, ours[1]], tokenizer_file=ours[0].info["tokenizer"], references=[0, 0, 0],
+        prompt_tokens=(8,), new_tokens=2, concurrent=1, rounds=1, warmup=0, threads=1, agreement_tokens=2)
+    fp32, unscored, int8 = out["rows"]
+    assert unscored["decode"]["1"]["tokens_s"] > 0 and unscored["ttft_ms"]["8"] > 0
+    assert unscored["fidelity"]["note"] == ("fidelity not measured: no logits for every position in this engine")
+    assert unscored["fidelity"]["perplexity_ratio"] is None and unscored["fidelity"]["agreement"] is None
+    assert int8["fidelity"]["note"] is None and int8["fidelity"]["perplexity_ratio"] > 0
+    assert len(int8["fidelity"]["nll_per_text"]) == len(int8["fidelity"]["tokens_per_text"]) == len(HELD_OUT_TEXTS)
+    assert "fidelity not measured" in decoder_report.format_decoder_table(out)

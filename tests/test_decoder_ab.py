@@ -1,0 +1,49 @@
+"""benchmarks/decoder_ab.py refuses a bad variant in one line naming it and the fix, before any child runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import decoder_ab  # noqa: E402
+
+
+def _bundle(root: Path, attention: str) -> Path:
+    root.mkdir()
+    (root / "manifest.json").write_text(json.dumps({"graph": {"attention": attention}}))
+    return root
+
+
+@pytest.mark.parametrize("opts, message", [
+    (":keep=2,kv=shared", None),
+    (":keep", "option 'keep'; options are keep=N and kv=copy|shared"),
+    (":spin=1", "option 'spin=1'; options are keep=N and kv=copy|shared"),
+    (":keep=two", "keep=two; pass a count of positions"),
+    (":kv=paged", "kv=paged; pass kv=copy or kv=shared"),
+])
+def test_variants_are_checked_before_timing(tmp_path: Path, opts: str, message: str | None, capsys) -> None:
+    gqa = _bundle(tmp_path / "gqa", "gqa")
+    parser = argparse.ArgumentParser()
+    if message is None:
+        assert decoder_ab.variant(parser, f"{gqa}{opts}") == (str(gqa), ("2", "shared"))
+        return
+    with pytest.raises(SystemExit):
+        decoder_ab.variant(parser, f"{gqa}{opts}")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{gqa}{opts}: {message}" in err
+
+
+def test_a_shared_cache_needs_a_gqa_bundle_and_a_bundle_needs_a_manifest(tmp_path: Path, capsys) -> None:
+    invariant = _bundle(tmp_path / "inv", "invariant")
+    parser = argparse.ArgumentParser()
+    with pytest.raises(SystemExit):
+        decoder_ab.variant(parser, f"{invariant}:kv=shared")
+    assert "kv=shared needs a bundle exported with attention='gqa'; drop kv=shared" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        decoder_ab.variant(parser, str(tmp_path / "nowhere"))
+    assert f"{tmp_path / 'nowhere' / 'manifest.json'} not found; pass a decoder bundle directory" in capsys.readouterr().err
