@@ -307,6 +307,9 @@ def export_decoder(
         },
         "graph": {"opset": OPSET, "attention": attention, "optional_inputs": graph.optional_inputs,
                   "packed": ["q|k|v"] + (["gate|up"] if spec.model_type != "gpt2" else []),
+                  # where rotary positions come from: position_ids, or each token's cache index (a gqa core with
+                  # rotary inside; runtime/engine.py feeds a moved row's position_ids less the columns it moved)
+                  "positions": graph.positions,
                   **({"adapter_inputs": len(graph.slots)} if mode == "switchable" else {})},
         "requires": {"onnxruntime": REQUIRES_ORT},
         "isa": cpu.isa,

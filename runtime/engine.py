@@ -144,6 +144,7 @@ class _Row:
         self.detok = Detokenizer(tokenizer)
         self.stops = StopText(job.stop)
         self.length = len(job.prompt_ids)  # real tokens in the cache once prefilled
+        self.moved = 0  # columns its cache moved right since its prefill (padding added before it, less trimmed)
         self.last = -1  # the token fed at the next decode step
 
 
@@ -215,6 +216,7 @@ class Engine:
         core = graph.get("attention") if isinstance(graph, dict) else None
         # whether a row's logits are bit-identical alone and batched (exporters/decoder_graph.py ATTENTION_CORES)
         self.batch_invariant = core == "invariant"
+        self._cache_index = isinstance(graph, dict) and graph.get("positions") == "cache_index"
         if core is not None and not self.batch_invariant:
             warnings.warn(f"{runtime.bundle_dir}: exported with attention core {core!r}, whose float32 sums over the "
                           "keys change with left padding: a request's tokens may differ from its solo run; export "
@@ -486,6 +488,9 @@ class Engine:
             W = max(S, T)
             self._past = [np.concatenate([_left_pad(old, W - S), _left_pad(new, W - T)])
                           for old, new in zip(self._past, present)]
+            for moved, group in ((W - S, self._rows), (W - T, rows)):
+                for row in group:
+                    row.moved += moved
             self._mask = np.concatenate([np.pad(self._mask, ((0, 0), (W - S, 0))), np.pad(mask, ((0, 0), (W - T, 0)))])
             self._rows = self._rows + rows
         self._trim()
@@ -497,8 +502,9 @@ class Engine:
         mask = np.concatenate([self._mask, np.ones((B, 1), np.int64)], axis=1)
         feeds = {"input_ids": np.array([[r.last] for r in rows], np.int64), "attention_mask": mask,
                  **dict(zip(self._past_names, self._past))}
-        if self._positions:
-            feeds["position_ids"] = np.array([[r.length] for r in rows], np.int64)  # tokens before the new one
+        if self._positions:  # tokens before the new one; where the graph rotates at cache indices
+            # (positions "cache_index"), less the columns the row's cache moved, so it keeps its keys' rotation
+            feeds["position_ids"] = np.array([[r.length - r.moved * self._cache_index] for r in rows], np.int64)
         try:
             logits, present = self._run(feeds, [r.job.adapter for r in rows])
         except EdgeloraError as e:
@@ -577,6 +583,8 @@ class Engine:
         if first:
             self._past = [p[:, :, first:] for p in self._past]
             self._mask = self._mask[:, first:]
+            for row in self._rows:
+                row.moved -= first
 
     def _fail_all(self, message: str) -> None:
         for job in self._jobs_held():

@@ -358,3 +358,30 @@ def test_a_bundle_without_the_invariant_attention_core_is_flagged(bundles, tmp_p
     with pytest.warns(RuntimeWarning, match="attention core 'ops'.* may differ from its solo run"):
         engine = Engine(Runtime(out, intra_op_threads=1))
     assert not engine.batch_invariant
+
+
+def test_a_gqa_bundle_keeps_each_rows_rotary_positions_as_its_cache_moves(tmp_path) -> None:
+    """The gqa core rotates q and k at each token's cache index; the engine moves a row's cache when longer
+    prompts join (padding before it) and when rows leave (padding trimmed), and feeds position_ids less the
+    columns moved, so the row's new keys keep the rotation of its old ones. In float32 the core's rounding
+    (~2e-7 of the logits) moves none of these tokens; a row fed its plain position_ids after a move would
+    rotate off by the columns moved, and its tokens change."""
+    from decoder_fixture import tiny_llama
+    from served_decoder import VOCAB, chat_tokenizer
+
+    from edgelora.exporters.decoder_export import export_decoder
+
+    out = tmp_path / "gqa"
+    export_decoder(tiny_llama(VOCAB, context=CONTEXT), out, attention="gqa", tokenizer_dir=chat_tokenizer(tmp_path))
+    with pytest.warns(RuntimeWarning, match="attention core 'gqa'"):
+        engine = Engine(Runtime(out, intra_op_threads=1), prefill_tokens=512)
+    assert engine._cache_index  # the manifest says where the graph takes rotary positions from
+    moved = []
+    decode = engine._decode
+    engine._decode = lambda: (moved.append(max(r.moved for r in engine._rows)), decode())[1]
+    jobs, most = run_to_end(engine, ARRIVALS)
+    assert most >= 4 and max(moved) > 0  # the premise: rows decoded together, and some cache did move
+    runtime = Runtime(out, intra_op_threads=1)
+    for job, (i, _, max_tokens, sampling) in zip(jobs, ARRIVALS):
+        tokens, _ = solo(runtime, PROMPTS[i], max_tokens, **sampling)
+        assert job.token_ids == tokens, (PROMPTS[i], sampling)
