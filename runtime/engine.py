@@ -217,6 +217,9 @@ class Engine:
         # whether a row's logits are bit-identical alone and batched (exporters/decoder_graph.py ATTENTION_CORES)
         self.batch_invariant = core == "invariant"
         self._cache_index = isinstance(graph, dict) and graph.get("positions") == "cache_index"
+        # GroupQueryAttention refuses a run of several rows that extends a cache by more than one token, so a
+        # gqa bundle's prompts prefill together only when they fit one run; a prompt alone may take chunks
+        self._one_run_batches = core == "gqa"
         if core is not None and not self.batch_invariant:
             warnings.warn(f"{runtime.bundle_dir}: exported with attention core {core!r}, whose float32 sums over the "
                           "keys change with left padding: a request's tokens may differ from its solo run; export "
@@ -424,13 +427,17 @@ class Engine:
                 self._end(job, "cancelled")
             rows = len(self._rows)
             longest = max((r.job.final_length for r in self._rows), default=0)
+            prompt = 0  # the longest prompt admitted
             while self._pending:
                 job = self._pending[0]
                 n, top = rows + len(admitted) + 1, max(longest, job.final_length)
                 if n > self.max_rows or n * top * self.bytes_per_token > self.max_kv_bytes:
                     break  # the head waits; nobody overtakes it, so a long request cannot starve
+                widest = max(prompt, len(job.prompt_ids))
+                if admitted and self._one_run_batches and (len(admitted) + 1) * widest > self.prefill_tokens:
+                    break  # it prefills at the next admission, first in line
                 admitted.append(self._pending.popleft())
-                longest = top
+                longest, prompt = top, widest
         return admitted
 
     def _run(self, feeds: dict[str, np.ndarray], adapters: list[str | None]) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -360,12 +360,14 @@ def test_a_bundle_without_the_invariant_attention_core_is_flagged(bundles, tmp_p
     assert not engine.batch_invariant
 
 
-def test_a_gqa_bundle_keeps_each_rows_rotary_positions_as_its_cache_moves(tmp_path) -> None:
+@pytest.mark.parametrize("prefill_tokens", [512, 5], ids=["one-prefill-run", "chunked-prefill"])
+def test_a_gqa_bundle_keeps_each_rows_rotary_positions_as_its_cache_moves(tmp_path, prefill_tokens) -> None:
     """The gqa core rotates q and k at each token's cache index; the engine moves a row's cache when longer
     prompts join (padding before it) and when rows leave (padding trimmed), and feeds position_ids less the
     columns moved, so the row's new keys keep the rotation of its old ones. In float32 the core's rounding
     (~2e-7 of the logits) moves none of these tokens; a row fed its plain position_ids after a move would
-    rotate off by the columns moved, and its tokens change."""
+    rotate off by the columns moved, and its tokens change. GroupQueryAttention refuses several rows extending
+    a cache by more than a token, so with chunked prefill a gqa bundle's prompts prefill one at a time."""
     from decoder_fixture import tiny_llama
     from served_decoder import VOCAB, chat_tokenizer
 
@@ -374,13 +376,14 @@ def test_a_gqa_bundle_keeps_each_rows_rotary_positions_as_its_cache_moves(tmp_pa
     out = tmp_path / "gqa"
     export_decoder(tiny_llama(VOCAB, context=CONTEXT), out, attention="gqa", tokenizer_dir=chat_tokenizer(tmp_path))
     with pytest.warns(RuntimeWarning, match="attention core 'gqa'"):
-        engine = Engine(Runtime(out, intra_op_threads=1), prefill_tokens=512)
+        engine = Engine(Runtime(out, intra_op_threads=1), prefill_tokens=prefill_tokens)
     assert engine._cache_index  # the manifest says where the graph takes rotary positions from
     moved = []
     decode = engine._decode
     engine._decode = lambda: (moved.append(max(r.moved for r in engine._rows)), decode())[1]
     jobs, most = run_to_end(engine, ARRIVALS)
     assert most >= 4 and max(moved) > 0  # the premise: rows decoded together, and some cache did move
+    assert all(job.finish_reason in ("length", "stop") for job in jobs), [job.finish_reason for job in jobs]
     runtime = Runtime(out, intra_op_threads=1)
     for job, (i, _, max_tokens, sampling) in zip(jobs, ARRIVALS):
         tokens, _ = solo(runtime, PROMPTS[i], max_tokens, **sampling)
