@@ -47,3 +47,16 @@ def test_a_shared_cache_needs_a_gqa_bundle_and_a_bundle_needs_a_manifest(tmp_pat
     with pytest.raises(SystemExit):
         decoder_ab.variant(parser, str(tmp_path / "nowhere"))
     assert f"{tmp_path / 'nowhere' / 'manifest.json'} not found; pass a decoder bundle directory" in capsys.readouterr().err
+
+
+def test_decoder_loops_names_what_it_needs(tmp_path: Path, capsys) -> None:
+    """benchmarks/decoder_loops.py (ours and ORT GenAI's graph in one loop): each missing input is one line."""
+    import decoder_loops
+
+    with pytest.raises(SystemExit):
+        decoder_loops.main(["--ours", str(tmp_path), "--genai", str(tmp_path)])
+    assert f"--ours {tmp_path}: no model.onnx there; pass a bundle exported with attention='gqa'" in capsys.readouterr().err
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        decoder_loops.main(["--ours", str(tmp_path), "--genai", str(tmp_path / "genai")])
+    assert "no genai_config.json there; pass ORT GenAI's model-builder output" in capsys.readouterr().err

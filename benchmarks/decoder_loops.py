@@ -1,0 +1,144 @@
+"""Graph or runtime: our gqa bundle and ORT GenAI's model against each other in one decode loop, and GenAI in its own.
+
+Three candidates, each in a process of its own, alternating for --rounds rounds: "ours" (a `gqa` bundle decoded
+the way `Generator` decodes it: IOBinding, one cache buffer per tensor, runtime/shared_kv.py), "genai-graph"
+(ORT GenAI's model.onnx in that very loop: plain ONNX Runtime, its inputs, the same buffers) and "genai" (the
+same model through onnxruntime-genai's own C++ generator). Each decodes --steps greedy tokens after a --prompt
+token prompt (seeded ids), --repeats times after a warm-up; prints the median step of each, its tokens/s and
+its ratio to "genai". ours / genai-graph compares the graphs; genai-graph / genai compares the loops.
+
+    python benchmarks/decoder_loops.py --ours runs/bundles/smollm2-int8-gqa --genai runs/peers/genai-int8 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CANDIDATES = ("ours", "genai-graph", "genai")
+
+
+def _prompt(prompt: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(100, 20000, (1, prompt)).astype(np.int64)
+
+
+def ort_loop(model: Path, threads: int, prompt: int, steps: int, repeats: int) -> list[float]:
+    """Step times (s) of greedy decoding through plain ONNX Runtime with one cache buffer per tensor."""
+    import onnxruntime as ort
+
+    from edgelora.runtime.shared_kv import SharedKV
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in sess.get_inputs()}
+    past = [n for n in inputs if n.startswith("past_key_values.")]
+    present = [n.replace("past_key_values.", "present.") for n in past]
+    heads, dim = inputs[past[0]].shape[1], inputs[past[0]].shape[3]
+    if not isinstance(heads, int) or not isinstance(dim, int):  # symbolic in GenAI's graph: its config has them
+        decoder = json.loads((model.parent / "genai_config.json").read_text())["model"]["decoder"]
+        heads, dim = decoder["num_key_value_heads"], decoder["head_size"]
+    ids = _prompt(prompt)
+    times: list[float] = []
+    for rep in range(repeats + 1):  # the first warms up
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, prompt), np.int64),
+                 **{n: np.zeros((1, heads, 0, dim), np.float32) for n in past}}
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.arange(prompt, dtype=np.int64)[None]
+        out = sess.run(["logits", *present], feeds)
+        kv = SharedKV.holding(sess, past, present, out[1:], steps)
+        logits, T = out[0], prompt
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step = {"input_ids": logits[:, -1].argmax(-1)[:, None].astype(np.int64),
+                    "attention_mask": np.ones((1, T + 1), np.int64)}
+            if "position_ids" in inputs:
+                step["position_ids"] = np.full((1, 1), T, np.int64)
+            logits = kv.step(step)
+            T += 1
+            if rep:
+                times.append(time.perf_counter() - t0)
+    return times
+
+
+def genai_loop(model_dir: Path, threads: int, prompt: int, steps: int, repeats: int) -> list[float]:
+    """Step times (s) of onnxruntime-genai's own greedy loop on its model directory (its config's threads set)."""
+    import onnxruntime_genai as og
+
+    config_file = model_dir / "genai_config.json"
+    config = json.loads(config_file.read_text())
+    config["model"]["decoder"].setdefault("session_options", {}).update(intra_op_num_threads=threads,
+                                                                        inter_op_num_threads=1)
+    config_file.write_text(json.dumps(config, indent=2))
+    model = og.Model(str(model_dir))
+    ids = _prompt(prompt)[0].tolist()
+    times: list[float] = []
+    for rep in range(repeats + 1):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=prompt + steps + 1, min_length=prompt + steps + 1, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        gen.generate_next_token()  # the prompt's run
+        gen.get_next_tokens()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            gen.generate_next_token()
+            gen.get_next_tokens()
+            if rep:
+                times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ours", type=Path, help="a bundle exported with attention='gqa'")
+    parser.add_argument("--genai", type=Path, help="ORT GenAI's model-builder output directory (genai_config.json)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per child, after one warm-up")
+    parser.add_argument("--child", choices=CANDIDATES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.ours is None or not (args.ours / "model.onnx").is_file():
+        parser.error(f"--ours {args.ours}: no model.onnx there; pass a bundle exported with attention='gqa'")
+    if args.genai is None or not (args.genai / "genai_config.json").is_file():
+        parser.error(f"--genai {args.genai}: no genai_config.json there; pass ORT GenAI's model-builder output")
+    if args.child:
+        run = {"ours": lambda: ort_loop(args.ours / "model.onnx", args.threads, args.prompt, args.steps, args.repeats),
+               "genai-graph": lambda: ort_loop(args.genai / "model.onnx", args.threads, args.prompt, args.steps,
+                                               args.repeats),
+               "genai": lambda: genai_loop(args.genai, args.threads, args.prompt, args.steps, args.repeats)}
+        print(json.dumps(float(np.median(run[args.child]()))))
+        return 0
+    medians: dict[str, list[float]] = {c: [] for c in CANDIDATES}
+    loads = []
+    for _ in range(args.rounds):
+        for c in CANDIDATES:
+            loads.append(os.getloadavg()[0])
+            cmd = [sys.executable, __file__, "--child", c, "--ours", str(args.ours), "--genai", str(args.genai),
+                   "--threads", str(args.threads), "--prompt", str(args.prompt), "--steps", str(args.steps),
+                   "--repeats", str(args.repeats)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+                parser.error(f"{c}: the timing child failed: {last}")
+            medians[c].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"P={args.prompt}, {args.steps} decode steps, {args.threads} threads, {args.rounds} interleaved rounds, "
+          f"load average {min(loads):.2f}-{max(loads):.2f}")
+    base = float(np.median(medians["genai"]))
+    for c in CANDIDATES:
+        step = float(np.median(medians[c]))
+        print(f"  {c:<12} step {1e3 * step:6.2f} ms   {1 / step:6.1f} tok/s   {base / step:.3f}x genai")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
