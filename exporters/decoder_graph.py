@@ -32,7 +32,8 @@ LLAMA_STYLE = ("llama", "mistral", "qwen2")
 # "invariant": MatMul / Softmax / MatMul with the softmax and probs @ v in float64 (the default); "ops": the
 # same in float32; "onnx": ONNX's Attention node; "gqa": ONNX Runtime's GroupQueryAttention (com.microsoft),
 # one node a layer taking the packed q|k|v, rotary (at cache indices, see _gqa), cache concat and attention
-# together, with each residual Add and the norm after it as one SkipSimplifiedLayerNormalization (the fastest).
+# together (the fastest). (SkipSimplifiedLayerNormalization for the residual Add + RMSNorm was tried twice and
+# reverted twice: no speed measurable on the AVX2 VM, and it rounds the norm differently.)
 # Left padding moves a row's keys to other indices of the key axis, so float32 reductions over it
 # (softmax's sum, probs @ v) round differently alone and in a batch; in float64 those differences stay far
 # below float32's last bit and the row is bit-identical. Only "invariant" keeps a row's logits bit-identical
@@ -439,15 +440,15 @@ def _gqa(b: _Builder, qkv: str, spec: DecoderSpec, i: int, bias: str,
     length (seqlens_k = T - 1) and left padding is masked by `bias`, the additive (B, 1, S, T) mask; returns
     the context (B, S, Hq * D).
 
-    With rotate_half tables (`Rotary`) the node takes the packed q|k|v and rotates q and k itself, at each
-    token's cache index (GQA_POSITIONS): a prompt's run rotates position_ids[0, 0] + s for every row, so the
-    positions must be the key axis's indices, which left padding shifts from the tokens' positions by the
-    row's padding. Rotary scores depend on differences of positions only, and within a row both are the
+    With rotate_half tables (`Rotary`, head_dim a multiple of 16) the node takes the packed q|k|v and rotates
+    q and k itself, at each token's cache index (GQA_POSITIONS): a prompt's run rotates position_ids[0, 0] + s
+    for every row, so the positions must be the key axis's indices, which left padding shifts from the
+    tokens' positions by the row's padding. Rotary scores depend on differences of positions only, and within a row both are the
     same, so the attention is the same to float32 rounding (bit-identical where nothing is padded). Other
     tables keep the split and the elementwise rotation at position_ids."""
     p = f"layers.{i}"
     D, Hkv = spec.head_dim, spec.num_kv_heads
-    if isinstance(rotary, Rotary):
+    if _rotates_inside(spec, rotary):
         b.nodes.append(helper.make_node(
             "GroupQueryAttention", [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                     "gqa.seqlens_k", "gqa.total_length", rotary.cos, rotary.sin, GQA_POSITIONS, bias],
@@ -457,7 +458,10 @@ def _gqa(b: _Builder, qkv: str, spec: DecoderSpec, i: int, bias: str,
         return f"{p}.attn.context"
     q, k, v = (f"{p}.split.{j}" for j in range(3))
     b.op("Split", [qkv, b.ints(f"{p}.sizes", [spec.num_heads * D, Hkv * D, Hkv * D])], f"{p}.split", outputs=3, axis=-1)
-    if rotary is not None:  # the elementwise form on (B, S, H, D), back to (B, S, H D)
+    if isinstance(rotary, Rotary):
+        q = b.op("RotaryEmbedding", [q, *rotary, "position_ids"], f"{p}.q_rope", num_heads=spec.num_heads)
+        k = b.op("RotaryEmbedding", [k, *rotary, "position_ids"], f"{p}.k_rope", num_heads=Hkv)
+    elif rotary is not None:  # the elementwise form on (B, S, H, D), back to (B, S, H D)
         q, k = (b.op("Reshape", [_rope(b, b.op("Reshape", [t, b.ints(f"{p}.{n}h", [0, 0, heads, D])], f"{p}.{n}4"),
                                        *rotary, D // 2, f"{p}.{n}_rope"), b.ints(f"{p}.{n}3", [0, 0, -1])],
                            f"{p}.{n}_rope3")
@@ -470,6 +474,12 @@ def _gqa(b: _Builder, qkv: str, spec: DecoderSpec, i: int, bias: str,
     return f"{p}.attn.context"
 
 
+def _rotates_inside(spec: DecoderSpec, rotary: tuple[str, str] | Rotary | None) -> bool:
+    """Whether GroupQueryAttention rotates q and k itself: rotate_half tables, and a head_dim its rotary kernel
+    takes (a multiple of 16 in ONNX Runtime 1.32; others rotate by RotaryEmbedding at position_ids first)."""
+    return isinstance(rotary, Rotary) and spec.head_dim % 16 == 0
+
+
 def _gqa_lengths(b: _Builder) -> None:
     """GroupQueryAttention's seqlens_k (B,) int32 = T - 1 for every row and total_sequence_length () int32 = T."""
     total = b.op("Cast", [b.op("Squeeze", ["total", "ax0"], "gqa.total64")], "gqa.total_length", to=TensorProto.INT32)
@@ -479,35 +489,18 @@ def _gqa_lengths(b: _Builder) -> None:
 
 
 def _gqa_positions(b: _Builder) -> str:
-    """The new tokens' rotary positions for GroupQueryAttention (B, S): position_ids plus the padding before
-    each token (attention_mask's zeros to its left). For a left-padded row that is the token's cache index, the
-    same for a pad (position 0, index j) as for a real token (position j - p, p pads); a caller that moves a
-    row's cache to other indices (the serving engine's batches) keeps its keys' rotation by feeding
-    position_ids less the columns it moved the row by."""
+    """The new tokens' rotary positions for GroupQueryAttention (B, S): position_ids plus the row's left
+    padding before each token (attention_mask's zeros to its left, up to its first 1). For a left-padded row
+    that is the token's cache index, the same for a pad (position 0, index j) as for a real token (position
+    j - p, p pads); zeros after the first 1 (a finished row's columns in a batch still decoding) do not count,
+    so no position outruns the rotary table. A caller that moves a row's cache to other indices (the serving
+    engine's batches) keeps its keys' rotation by feeding position_ids less the columns it moved the row by."""
     gap = b.op("Sub", [b.init("gqa.one64", np.asarray(1, np.int64)), "attention_mask"], "gqa.gap")
     before = b.op("CumSum", [gap, b.init("gqa.axis", np.asarray(1, np.int64))], "gqa.gaps_before", exclusive=1)
+    lead = b.op("ArgMax", ["attention_mask"], "gqa.lead", axis=1, keepdims=1)  # (B, 1): the first 1's index
     new = b.op("Slice", [before, b.op("Neg", ["seq"], "gqa.from"), b.ints("gqa.to", [2**62]), "one"], "gqa.gaps_new")
-    return b.op("Add", ["position_ids", new], GQA_POSITIONS)
+    return b.op("Add", ["position_ids", b.op("Min", [new, lead], "gqa.pads_before")], GQA_POSITIONS)
 
-
-def _fuse_skip_norms(b: _Builder) -> None:
-    """Each residual Add whose sum feeds an RMSNormalization, and that norm, as one
-    SkipSimplifiedLayerNormalization (com.microsoft): the norm of the sum, and the sum itself for the next
-    residual, in one pass over the hidden state. In place of the Add, so every consumer of the sum and of
-    the norm still follows its producer."""
-    made = {o: n for n in b.nodes for o in n.output}
-    gone = set()
-    for n in b.nodes:
-        add = made.get(n.input[0]) if n.op_type == "RMSNormalization" else None
-        if add is None or add.op_type != "Add":
-            continue
-        eps = next(a.f for a in n.attribute if a.name == "epsilon")
-        skip = helper.make_node("SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], n.input[1]],
-                                [n.output[0], "", "", add.output[0]], name=f"{n.name}/SkipSimplifiedLayerNormalization",
-                                domain="com.microsoft", epsilon=eps)
-        add.CopyFrom(skip)
-        gone.add(id(n))
-    b.nodes[:] = [n for n in b.nodes if id(n) not in gone]
 
 
 def _split_heads(b: _Builder, qkv: str, spec: DecoderSpec, p: str,
@@ -681,14 +674,12 @@ def build_decoder_graph(model: torch.nn.Module, precision: str = "fp32", attenti
             sin = b.op("Gather", [b.init("rope.sin", sin_table), "position_ids"], "rope.sin_b", axis=0)
             rope = (b.op("Unsqueeze", [cos, b.ints("ax2", [2])], "rope.cos_h"),  # (B, S, 1, D)
                     b.op("Unsqueeze", [sin, "ax2"], "rope.sin_h"))
-        if attention == "gqa" and isinstance(rope, Rotary):
+        if attention == "gqa" and _rotates_inside(spec, rope):
             _gqa_positions(b)
         for i, layer in enumerate(model.model.layers):
             x = _llama_layer(b, x, layer, i, spec, rope, mask, attention, linear)
         h = b.op("RMSNormalization", [x, b.init("final_norm.weight", model.model.norm.weight.detach().numpy())],
                  "final_norm", axis=-1, epsilon=spec.norm_eps)
-        if attention == "gqa":  # already ONNX Runtime's own ops: the residual and the norm after it in one
-            _fuse_skip_norms(b)
 
     h = _keep_last(b, h)
     head = model.get_output_embeddings()

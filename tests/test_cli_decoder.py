@@ -132,7 +132,11 @@ def test_export_attention_gqa_writes_a_gqa_graph_and_encoders_refuse_it(workspac
 
     layers = Runtime(out).manifest.generation.num_layers  # the runtime loads the bundle
     assert sum(n.op_type == "GroupQueryAttention" for n in onnx.load(str(out / "model.onnx")).graph.node) == layers
-    assert json.loads((out / "manifest.json").read_text())["graph"]["attention"] == "gqa"
+    graph = json.loads((out / "manifest.json").read_text())["graph"]
+    assert graph["attention"] == "gqa"
+    head_dim = Runtime(out).manifest.generation.head_dim
+    # ORT's rotary inside GroupQueryAttention takes head_dim multiples of 16; others rotate at position_ids first
+    assert graph["positions"] == ("cache_index" if head_dim % 16 == 0 else "position_ids"), head_dim
     assert json.loads(stdout)["validation"]["vs_fp32_torch"]["max_rel_error"] <= FP32_LOGIT_TOL
     rc, _, err = cli(["export", "minilm", "--task", "classification", "--adapter", str(tmp_path / "none"),
                       "--attention", "gqa", "--out", tmp_path / "enc"], capsys)

@@ -91,6 +91,39 @@ def test_gqa_core_is_not_batch_invariant() -> None:
             assert np.abs(a - b).max() < 1e-5 * np.abs(a).max(), pad  # rounding, not a wrong mask or position
 
 
+def test_gqa_positions_of_a_finished_row_stay_in_the_rotary_table() -> None:
+    """Generator appends a 0 to the mask of a row that has finished while the others decode on: the gqa core's
+    positions count only a row's left padding, so a long batch never asks the kernel for a position past the
+    rotary table (context 64 here), and the live row decodes as it would alone."""
+    graph = build_decoder_graph(make_decoder("llama"), "fp32", attention="gqa")
+    sess, spec = session(graph.model), graph.spec
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(5, 128, 10), rng.integers(5, 128, 6)]
+
+    def decode(rows: list[np.ndarray], finish_after: int | None) -> list[np.ndarray]:
+        B, T = len(rows), max(map(len, rows))
+        ids, mask = np.zeros((B, T), np.int64), np.zeros((B, T), np.int64)
+        for r, p in enumerate(rows):
+            ids[r, T - len(p):], mask[r, T - len(p):] = p, 1
+        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        past = {n: np.zeros((B, spec.num_kv_heads, 0, spec.head_dim), np.float32) for n in input_names(2)[3:]}
+        out = []
+        while mask.shape[1] < 64:
+            logits, *present = sess.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past})
+            out.append(logits[0, -1])
+            past = dict(zip(input_names(2)[3:], present))
+            live = np.ones((B, 1), np.int64)
+            if finish_after is not None and len(out) > finish_after:
+                live[1:] = 0  # the second row has finished: Generator masks its new columns
+            ids, mask, pos = logits[:, -1].argmax(-1)[:, None], np.concatenate([mask, live], axis=1), pos[:, -1:] + 1
+        return out
+
+    batched, alone = decode(prompts, finish_after=2), decode(prompts[:1], finish_after=None)
+    assert len(batched) == len(alone) == 64 - 10  # up to the table's last position, no error on the way
+    for a, b in zip(alone, batched):
+        assert np.abs(a - b).max() < 1e-5 * np.abs(a).max()
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_a_row_is_bit_identical_alone_and_in_a_padded_batch(precision: str) -> None:
     graph = build_decoder_graph(make_decoder("llama"), precision)  # the default core: "invariant"
