@@ -427,17 +427,19 @@ class Engine:
                 self._end(job, "cancelled")
             rows = len(self._rows)
             longest = max((r.job.final_length for r in self._rows), default=0)
-            prompt = 0  # the longest prompt admitted
+            prompt, most = 0, 0  # the longest prompt admitted, the most new tokens one of them asks for
             while self._pending:
                 job = self._pending[0]
                 n, top = rows + len(admitted) + 1, max(longest, job.final_length)
                 if n > self.max_rows or n * top * self.bytes_per_token > self.max_kv_bytes:
                     break  # the head waits; nobody overtakes it, so a long request cannot starve
-                widest = max(prompt, len(job.prompt_ids))
+                widest, need = max(prompt, len(job.prompt_ids)), max(most, job.max_tokens)
                 if admitted and self._one_run_batches and (len(admitted) + 1) * widest > self.prefill_tokens:
                     break  # it prefills at the next admission, first in line
+                if admitted and self._cache_index and widest + need > self.spec.context_length:
+                    break  # a row rotates at its index in its prefill run: the widest prompt + its tokens must fit
                 admitted.append(self._pending.popleft())
-                longest, prompt = top, widest
+                longest, prompt, most = top, widest, need
         return admitted
 
     def _run(self, feeds: dict[str, np.ndarray], adapters: list[str | None]) -> tuple[np.ndarray, list[np.ndarray]]:

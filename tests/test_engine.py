@@ -380,11 +380,42 @@ def test_a_gqa_bundle_keeps_each_rows_rotary_positions_as_its_cache_moves(tmp_pa
     assert engine._cache_index  # the manifest says where the graph takes rotary positions from
     moved = []
     decode = engine._decode
-    engine._decode = lambda: (moved.append(max(r.moved for r in engine._rows)), decode())[1]
-    jobs, most = run_to_end(engine, ARRIVALS)
-    assert most >= 4 and max(moved) > 0  # the premise: rows decoded together, and some cache did move
+    engine._decode = lambda: (moved.extend(r.moved for r in engine._rows), decode())[1]
+    arrivals = [ARRIVALS[0], (2, 0, 3, {}), *ARRIVALS[2:]]  # the longer of the first two leaves early
+    jobs, most = run_to_end(engine, arrivals)
+    # the premise: rows decoded together, a cache moved right (a longer prompt joined) and, where the first two
+    # prompts prefilled together, one moved left of where it was prefilled (its padding trimmed once the
+    # longer row left; chunked, a gqa bundle prefills them one at a time)
+    assert most >= 4 and max(moved) > 0, (most, max(moved))
+    assert min(moved) < 0 or prefill_tokens == 5, min(moved)
     assert all(job.finish_reason in ("length", "stop") for job in jobs), [job.finish_reason for job in jobs]
     runtime = Runtime(out, intra_op_threads=1)
-    for job, (i, _, max_tokens, sampling) in zip(jobs, ARRIVALS):
+    for job, (i, _, max_tokens, sampling) in zip(jobs, arrivals):
         tokens, _ = solo(runtime, PROMPTS[i], max_tokens, **sampling)
         assert job.token_ids == tokens, (PROMPTS[i], sampling)
+
+
+def test_a_gqa_bundle_prefills_together_only_prompts_whose_tokens_fit_the_rotary_table(tmp_path) -> None:
+    """A row of a cache-index bundle rotates at its index in its prefill run, so a short prompt prefilled beside
+    a long one counts from the long one's width: two prompts whose widest + max_tokens passes the context
+    prefill apart, and both run to their end (together, a run past the rotary table would fail every row)."""
+    from decoder_fixture import tiny_llama
+    from served_decoder import VOCAB, chat_tokenizer
+
+    from edgelora.exporters.decoder_export import export_decoder
+
+    out = tmp_path / "gqa"
+    export_decoder(tiny_llama(VOCAB, context=CONTEXT), out, attention="gqa", tokenizer_dir=chat_tokenizer(tmp_path))
+    with pytest.warns(RuntimeWarning, match="attention core 'gqa'"):
+        engine = Engine(Runtime(out, intra_op_threads=1), prefill_tokens=512)
+    long_ids, short_ids = list(range(40, 40 + CONTEXT // 2)), [41, 42, 43, 44]
+    jobs = [engine.submit(long_ids, max_tokens=4),
+            engine.submit(short_ids, max_tokens=CONTEXT - len(short_ids) - 1)]  # fits alone, not after the long one
+    engine.step()
+    assert engine.active == 1  # the short prompt waits for its own prefill
+    for _ in range(4 * CONTEXT):
+        engine.step()
+        if all(j.done for j in jobs):
+            break
+    assert [j.finish_reason for j in jobs] == ["length", "length"], [j.finish_reason for j in jobs]
+    assert len(jobs[1].token_ids) == CONTEXT - len(short_ids) - 1
