@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.runtime.shared_kv import shares_kv
+
 CANDIDATES = ("ours", "genai-graph", "genai")
 
 
@@ -73,11 +75,15 @@ def genai_loop(model_dir: Path, threads: int, prompt: int, steps: int, repeats: 
     import onnxruntime_genai as og
 
     config_file = model_dir / "genai_config.json"
-    config = json.loads(config_file.read_text())
+    original = config_file.read_text()
+    config = json.loads(original)
     config["model"]["decoder"].setdefault("session_options", {}).update(intra_op_num_threads=threads,
                                                                         inter_op_num_threads=1)
     config_file.write_text(json.dumps(config, indent=2))
-    model = og.Model(str(model_dir))
+    try:  # GenAI reads its threads from the directory's config only: set for the load, then put back
+        model = og.Model(str(model_dir))
+    finally:
+        config_file.write_text(original)
     ids = _prompt(prompt)[0].tolist()
     times: list[float] = []
     for rep in range(repeats + 1):
@@ -107,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per child, after one warm-up")
     parser.add_argument("--child", choices=CANDIDATES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.ours is None or not (args.ours / "model.onnx").is_file():
-        parser.error(f"--ours {args.ours}: no model.onnx there; pass a bundle exported with attention='gqa'")
+    if args.ours is None or not (args.ours / "manifest.json").is_file():
+        parser.error(f"--ours {args.ours}: no manifest.json there; pass a bundle exported with attention='gqa'")
+    if not shares_kv(json.loads((args.ours / "manifest.json").read_text()).get("graph")):
+        parser.error(f"--ours {args.ours}: not exported with attention='gqa'; export it with --attention gqa")
     if args.genai is None or not (args.genai / "genai_config.json").is_file():
         parser.error(f"--genai {args.genai}: no genai_config.json there; pass ORT GenAI's model-builder output")
     if args.child:

@@ -353,7 +353,7 @@ def run_decoder_candidates(
                                    n=agreement_tokens)["tokens"]
                 ppl[i] = w.call(op="perplexity", ids=scored)
             except EdgeloraError as e:
-                unscored[i] = f"fidelity not measured: {str(e).splitlines()[0][:300]}"
+                unscored[i] = f"fidelity not measured: {(str(e).splitlines() or [type(e).__name__])[0][:300]}"
                 greedy.pop(i, None)
     finally:
         for w in workers:

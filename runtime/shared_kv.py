@@ -84,14 +84,17 @@ class SharedKV:
     def load(self, presents: Sequence[np.ndarray]) -> None:
         """The prompt run's presents (batch, kv_heads, T, head_dim) into the buffers' first T positions."""
         if len(presents) != len(self._arrays):
-            raise EdgeloraError(f"SharedKV: {len(presents)} cache tensors for {len(self._arrays)} buffers")
+            raise EdgeloraError(f"SharedKV: {len(presents)} cache tensors for {len(self._arrays)} buffers; pass the "
+                                "prompt run's present outputs, every one, in the order of the past names")
         T = int(presents[0].shape[2])
         if T > self.capacity:
-            raise EdgeloraError(f"SharedKV: the prompt's cache holds {T} positions, the buffers {self.capacity}")
+            raise EdgeloraError(f"SharedKV: the prompt's cache holds {T} positions, the buffers {self.capacity}; "
+                                "make them with SharedKV.holding(..., decode_runs=N)")
         B, H, _, D = self._arrays[0].shape
         for name, value in zip(self.past, presents):
             if tuple(value.shape) != (B, H, T, D):
-                raise EdgeloraError(f"SharedKV: {name} is {tuple(value.shape)}, the buffers take ({B}, {H}, {T}, {D})")
+                raise EdgeloraError(f"SharedKV: {name} is {tuple(value.shape)}, the buffers take ({B}, {H}, {T}, {D}); "
+                                    "pass the presents of the run the buffers were made for")
         for value, array in zip(presents, self._arrays):
             array[:, :, :T] = value
         self.length = T
@@ -101,7 +104,8 @@ class SharedKV:
         logits. The new tokens' keys and values land at positions [length, length + new) of every buffer."""
         new = int(np.shape(feeds["input_ids"])[1])
         if self.length + new > self.capacity:
-            raise EdgeloraError(f"SharedKV: {self.length} + {new} positions exceed the buffers' {self.capacity}")
+            raise EdgeloraError(f"SharedKV: {self.length} + {new} positions exceed the buffers' {self.capacity}; "
+                                "make them with room for every run (SharedKV.holding's decode_runs)")
         seen = int(np.shape(feeds["attention_mask"])[1])
         if seen != self.length + new:  # the graph takes the key length from the mask: a wrong one reads stale keys
             raise EdgeloraError(f"SharedKV: attention_mask covers {seen} positions, the buffers hold {self.length} "
@@ -109,7 +113,7 @@ class SharedKV:
         binding = self._binding
         if binding is None or frozenset(feeds) != self._fed:
             binding = self._binding = self.session.io_binding()
-            binding.bind_output("logits", "cpu")  # first: get_outputs()[0]; a fresh array every run
+            binding.bind_output("logits", "cpu")  # first: get_outputs()[0]
             for p, q, buffer in zip(self.past, self.present, self._buffers):
                 binding.bind_ortvalue_input(p, buffer)
                 binding.bind_ortvalue_output(q, buffer)
@@ -117,6 +121,9 @@ class SharedKV:
         self._held = {name: np.ascontiguousarray(value) for name, value in feeds.items()}  # alive while bound
         for name, value in self._held.items():
             binding.bind_cpu_input(name, value)
+        # bound anew each step: ORT would otherwise write every step's logits into the first step's array (the
+        # caller's earlier logits would change under it) and refuse a step of another width
+        binding.bind_output("logits", "cpu")
         self.session.run_with_iobinding(binding, options)
         self.length += new
         return binding.get_outputs()[0].numpy()

@@ -55,8 +55,12 @@ def test_decoder_loops_names_what_it_needs(tmp_path: Path, capsys) -> None:
 
     with pytest.raises(SystemExit):
         decoder_loops.main(["--ours", str(tmp_path), "--genai", str(tmp_path)])
-    assert f"--ours {tmp_path}: no model.onnx there; pass a bundle exported with attention='gqa'" in capsys.readouterr().err
-    (tmp_path / "model.onnx").write_bytes(b"")
+    assert f"--ours {tmp_path}: no manifest.json there; pass a bundle exported with attention='gqa'" in capsys.readouterr().err
+    inv = _bundle(tmp_path / "inv", "invariant")
     with pytest.raises(SystemExit):
-        decoder_loops.main(["--ours", str(tmp_path), "--genai", str(tmp_path / "genai")])
+        decoder_loops.main(["--ours", str(inv), "--genai", str(tmp_path)])
+    assert f"--ours {inv}: not exported with attention='gqa'; export it with --attention gqa" in capsys.readouterr().err
+    gqa = _bundle(tmp_path / "gqa", "gqa")
+    with pytest.raises(SystemExit):
+        decoder_loops.main(["--ours", str(gqa), "--genai", str(tmp_path / "genai")])
     assert "no genai_config.json there; pass ORT GenAI's model-builder output" in capsys.readouterr().err

@@ -153,9 +153,11 @@ def test_the_buffers_hold_the_prompt_and_the_runs_asked_for(bundles: dict[str, P
     H, D = gen.spec.num_kv_heads, gen.spec.head_dim
     kv = SharedKV.holding(gen.session, gen._past, gen._present, [np.zeros((2, H, 3, D), np.float32)] * len(gen._past), 2)
     assert (kv.capacity, kv.length) == (5, 3)  # a 3-position prompt and two one-token runs: not one more
-    for T in (4, 5):
-        kv.step({"input_ids": np.ones((2, 1), np.int64), "attention_mask": np.ones((2, T), np.int64),
-                 "position_ids": np.full((2, 1), T - 1, np.int64)})
+    made = []
+    for T, token in ((4, 7), (5, 900)):
+        made.append(kv.step({"input_ids": np.full((2, 1), token, np.int64), "attention_mask": np.ones((2, T), np.int64),
+                             "position_ids": np.full((2, 1), T - 1, np.int64)}))
+    assert not np.array_equal(made[0], made[1])  # a step's logits are its own: the next step writes elsewhere
     with pytest.raises(EdgeloraError, match="5 \\+ 1 positions exceed the buffers' 5"):
         kv.step({"input_ids": np.ones((2, 1), np.int64), "attention_mask": np.ones((2, 6), np.int64)})
 
