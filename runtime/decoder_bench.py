@@ -28,6 +28,7 @@ from edgelora.runtime.bundle import CAUSAL_LM, LOGITS_TO_KEEP, TOKENIZER_FILE, r
 from edgelora.runtime.cpu import detect_isa
 from edgelora.runtime.fidelity import (AGREEMENT_PROMPTS, HELD_OUT_TEXTS, greedy_agreement, perplexity_ratio_interval,
                                        pooled_perplexity)
+from edgelora.runtime.session import first_line
 from edgelora.runtime.shared_kv import SharedKV
 from edgelora.runtime.worker import Candidate, Worker, serve_worker
 
@@ -353,7 +354,7 @@ def run_decoder_candidates(
                                    n=agreement_tokens)["tokens"]
                 ppl[i] = w.call(op="perplexity", ids=scored)
             except EdgeloraError as e:
-                unscored[i] = f"fidelity not measured: {(str(e).splitlines() or [type(e).__name__])[0][:300]}"
+                unscored[i] = f"fidelity not measured: {first_line(e)}"
                 greedy.pop(i, None)
     finally:
         for w in workers:

@@ -12,6 +12,7 @@ import time
 from edgelora.runtime.batching import MicroBatcher, Overloaded
 from edgelora.runtime.http_common import ApiError, error_body, read_json
 from edgelora.runtime.runtime import Runtime
+from edgelora.runtime.session import first_line
 
 REQUEST_FIELDS = ("texts", "adapter")
 _MISSING = object()
@@ -88,7 +89,7 @@ class EncoderService:
             response = JSONResponse(error_body(None, f"server busy ({e}); retry after {self.retry_after_s} s"),
                                     status_code=503, headers={"Retry-After": str(self.retry_after_s)})
         except Exception as e:  # noqa: BLE001 - a failed run: one line to the client, the server keeps serving
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            first = first_line(e)
             response = JSONResponse(error_body(None, f"inference failed: {first}"), status_code=500)
         else:
             try:  # JSONResponse refuses NaN: a bundle can give it for a text with no tokens

@@ -38,6 +38,7 @@ from edgelora.errors import EdgeloraError
 from edgelora.runtime.batching import Overloaded, check_positive
 from edgelora.runtime.bundle import CAUSAL_LM
 from edgelora.runtime.runtime import Runtime
+from edgelora.runtime.session import first_line
 from edgelora.runtime.sampling import Sampling, next_token
 from edgelora.runtime.textstream import Detokenizer, StopText
 
@@ -447,7 +448,7 @@ class Engine:
         try:
             values = self.runtime.session.run(self._outputs, {**feeds, **extra}, options)
         except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            first = first_line(e)
             raise EdgeloraError(f"{self.runtime.bundle_dir / 'model.onnx'}: run failed ({first})") from None
         return values[0], values[1:]
 

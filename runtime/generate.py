@@ -33,6 +33,7 @@ from edgelora.runtime.bundle import (
 from edgelora.runtime.chat import ChatTemplate, check_messages
 from edgelora.runtime.fidelity import next_token_logprobs
 from edgelora.runtime.sampling import Sampling, next_token
+from edgelora.runtime.session import first_line
 from edgelora.runtime.shared_kv import SharedKV, bindable, shares_kv
 from edgelora.runtime.textstream import Detokenizer, StopText
 
@@ -73,7 +74,7 @@ def _session(model: Path, threads: int | None, spinning: bool) -> ort.InferenceS
     try:
         return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)
         raise EdgeloraError(f"{model}: onnxruntime cannot load it ({first}); re-export the bundle") from None
 
 
@@ -253,7 +254,7 @@ class Generator:
         try:
             values = self.session.run(self._outputs, feeds, options)
         except Exception as e:  # noqa: BLE001
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            first = first_line(e)
             raise EdgeloraError(f"{self.bundle_dir / 'model.onnx'}: run failed ({first}); re-export the bundle") \
                 from None
         return values[0], values[1:]
@@ -271,7 +272,7 @@ class Generator:
         except EdgeloraError:
             raise
         except Exception as e:  # noqa: BLE001
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            first = first_line(e)
             raise EdgeloraError(f"{self.bundle_dir / 'model.onnx'}: run failed ({first}); re-export the bundle") \
                 from None
 
