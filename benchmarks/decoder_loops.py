@@ -115,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ours is None or not (args.ours / "manifest.json").is_file():
         parser.error(f"--ours {args.ours}: no manifest.json there; pass a bundle exported with attention='gqa'")
-    if not shares_kv(json.loads((args.ours / "manifest.json").read_text()).get("graph")):
+    try:
+        graph = json.loads((args.ours / "manifest.json").read_text()).get("graph")
+    except (OSError, ValueError, AttributeError) as e:
+        parser.error(f"--ours {args.ours / 'manifest.json'}: unreadable ({e}); re-export the bundle")
+    if not shares_kv(graph):
         parser.error(f"--ours {args.ours}: not exported with attention='gqa'; export it with --attention gqa")
     if args.genai is None or not (args.genai / "genai_config.json").is_file():
         parser.error(f"--genai {args.genai}: no genai_config.json there; pass ORT GenAI's model-builder output")

@@ -443,9 +443,9 @@ def _gqa(b: _Builder, qkv: str, spec: DecoderSpec, i: int, bias: str,
     With rotate_half tables (`Rotary`, head_dim a multiple of 16) the node takes the packed q|k|v and rotates
     q and k itself, at each token's cache index (GQA_POSITIONS): a prompt's run rotates position_ids[0, 0] + s
     for every row, so the positions must be the key axis's indices, which left padding shifts from the
-    tokens' positions by the row's padding. Rotary scores depend on differences of positions only, and within a row both are the
-    same, so the attention is the same to float32 rounding (bit-identical where nothing is padded). Other
-    tables keep the split and the elementwise rotation at position_ids."""
+    tokens' positions by the row's padding. Rotary scores depend on differences of positions only, and within
+    a row both are the same, so the attention is the same to float32 rounding (bit-identical where nothing is
+    padded). Other tables keep the split and the elementwise rotation at position_ids."""
     p = f"layers.{i}"
     D, Hkv = spec.head_dim, spec.num_kv_heads
     if _rotates_inside(spec, rotary):
@@ -493,14 +493,16 @@ def _gqa_positions(b: _Builder) -> str:
     padding before each token (attention_mask's zeros to its left, up to its first 1). For a left-padded row
     that is the token's cache index, the same for a pad (position 0, index j) as for a real token (position
     j - p, p pads); zeros after the first 1 (a finished row's columns in a batch still decoding) do not count,
-    so no position outruns the rotary table. A caller that moves a row's cache to other indices (the serving
-    engine's batches) keeps its keys' rotation by feeding position_ids less the columns it moved the row by."""
+    so no position outruns the rotary table. (A prefill chunk lying wholly inside a row's padding sees no 1
+    yet: its pads rotate at 0, harmless, as they are masked.) A caller that moves a row's cache to other
+    indices (the serving engine's batches) keeps its keys' rotation by feeding position_ids less the columns it
+    moved the row by."""
     gap = b.op("Sub", [b.init("gqa.one64", np.asarray(1, np.int64)), "attention_mask"], "gqa.gap")
     before = b.op("CumSum", [gap, b.init("gqa.axis", np.asarray(1, np.int64))], "gqa.gaps_before", exclusive=1)
     lead = b.op("ArgMax", ["attention_mask"], "gqa.lead", axis=1, keepdims=1)  # (B, 1): the first 1's index
-    new = b.op("Slice", [before, b.op("Neg", ["seq"], "gqa.from"), b.ints("gqa.to", [2**62]), "one"], "gqa.gaps_new")
+    start = b.op("Neg", ["seq"], "gqa.from")
+    new = b.op("Slice", [before, start, b.ints("gqa.to", [2**62]), "one"], "gqa.gaps_new")
     return b.op("Add", ["position_ids", b.op("Min", [new, lead], "gqa.pads_before")], GQA_POSITIONS)
-
 
 
 def _split_heads(b: _Builder, qkv: str, spec: DecoderSpec, p: str,

@@ -22,7 +22,8 @@ def first_line(exc: BaseException) -> str:
     """ORT errors carry C++ source paths and several lines; keep the part a user can read."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     text = re.sub(r"^\S+\.(?:cc|cpp|h):\d+ .*?\)\s+(?=[A-Z])", "", text)  # C++ file:line and signature
-    return text.split(" : ", 2)[-1][:300]
+    # ORT's "[ONNXRuntimeError] : 2 : " prefix; a message without it (one of ours, already readable) stays whole
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : ", "", text)[:300]
 
 
 def _version(text: str) -> tuple[int, ...]:
