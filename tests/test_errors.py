@@ -280,3 +280,16 @@ def test_text_longer_than_the_model_is_truncated_with_a_warning(workspace: Works
     assert rc == 0, err
     assert err == "edgelora: warning: 1 text longer than the bundle's max_length of 64 tokens truncated to it\n"
     assert [p["text"][:4] for p in json.loads(out)] == ["good", "a go"]
+
+
+def test_first_line_strips_only_what_onnx_runtime_adds() -> None:
+    """ORT's '[ONNXRuntimeError] : N :' prefix goes; one of our messages, already readable (and quoting ORT's
+    ' : ' separated text inside), stays whole; an empty message gives the exception's type."""
+    from edgelora.errors import EdgeloraError
+    from edgelora.runtime.session import first_line
+
+    assert first_line(RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Invalid rank for input: x\nmore")) \
+        == "INVALID_ARGUMENT : Invalid rank for input: x"
+    ours = "/b/model.onnx: run failed (INVALID_ARGUMENT : Invalid rank : x); re-export the bundle"
+    assert first_line(EdgeloraError(ours)) == ours
+    assert first_line(ValueError("")) == "ValueError"
