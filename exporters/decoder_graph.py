@@ -497,8 +497,8 @@ def _gqa_positions(b: _Builder) -> str:
     yet: its pads rotate at 0, harmless, as they are masked.) A caller that moves a row's cache to other
     indices (the serving engine's batches) keeps its keys' rotation by feeding position_ids less the columns it
     moved the row by."""
-    gap = b.op("Sub", [b.init("gqa.one64", np.asarray(1, np.int64)), "attention_mask"], "gqa.gap")
-    before = b.op("CumSum", [gap, b.init("gqa.axis", np.asarray(1, np.int64))], "gqa.gaps_before", exclusive=1)
+    gap = b.op("Sub", ["one_s", "attention_mask"], "gqa.gap")  # one_s: _mask's int64 scalar 1
+    before = b.op("CumSum", [gap, "one_s"], "gqa.gaps_before", exclusive=1)  # along axis 1
     lead = b.op("ArgMax", ["attention_mask"], "gqa.lead", axis=1, keepdims=1)  # (B, 1): the first 1's index
     start = b.op("Neg", ["seq"], "gqa.from")
     new = b.op("Slice", [before, start, b.ints("gqa.to", [2**62]), "one"], "gqa.gaps_new")
