@@ -70,6 +70,15 @@ def child(bundle: Path, keep: int, shared: bool, prompt: int, steps: int, thread
     return {"prefill_ms": 1e3 * float(np.median(prefills)), "decode_tok_s": 1 / float(np.median(steps_s))}
 
 
+def run_child(parser: argparse.ArgumentParser, label: str, cmd: list[str]):
+    """One timing child's JSON answer (its last stdout line); a failed child is one line naming it and its error."""
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        parser.error(f"{label}: the timing child failed: {last}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def variant(parser: argparse.ArgumentParser, text: str) -> tuple[str, tuple[str, str]]:
     """BUNDLE[:keep=N,kv=copy|shared] checked here, each mistake one line naming the variant and the fix."""
     from edgelora.runtime.shared_kv import shares_kv
@@ -115,13 +124,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for v, path, (keep, kv) in parsed:
             loads.append(os.getloadavg()[0])
-            out = subprocess.run([sys.executable, __file__, "--child", path, keep, kv, "--prompt", str(args.prompt),
-                                  "--steps", str(args.steps), "--threads", str(args.threads),
-                                  "--repeats", str(args.repeats)], capture_output=True, text=True)
-            if out.returncode:
-                last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
-                parser.error(f"{v}: the timing child failed: {last}")
-            results[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results[v].append(run_child(parser, v, [sys.executable, __file__, "--child", path, keep, kv, "--prompt",
+                                                    str(args.prompt), "--steps", str(args.steps), "--threads",
+                                                    str(args.threads), "--repeats", str(args.repeats)]))
     base = None
     print(f"P={args.prompt}, {args.steps} decode steps, {args.threads} threads, {args.rounds} interleaved rounds, "
           f"load average {min(loads):.2f}-{max(loads):.2f}")

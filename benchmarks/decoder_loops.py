@@ -15,14 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from edgelora.runtime.shared_kv import shares_kv
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decoder_ab import run_child  # noqa: E402  (the timing-child runner both scripts share)
+
+from edgelora.runtime.shared_kv import shares_kv  # noqa: E402
 
 CANDIDATES = ("ours", "genai-graph", "genai")
 
@@ -138,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--child", c, "--ours", str(args.ours), "--genai", str(args.genai),
                    "--threads", str(args.threads), "--prompt", str(args.prompt), "--steps", str(args.steps),
                    "--repeats", str(args.repeats)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
-                parser.error(f"{c}: the timing child failed: {last}")
-            medians[c].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            medians[c].append(run_child(parser, c, cmd))
     print(f"P={args.prompt}, {args.steps} decode steps, {args.threads} threads, {args.rounds} interleaved rounds, "
           f"load average {min(loads):.2f}-{max(loads):.2f}")
     base = float(np.median(medians["genai"]))
