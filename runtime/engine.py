@@ -15,10 +15,17 @@ keys in float64 and the int8 graph quantizes activations per row (exporters/deco
 are bit-identical alone and in a left-padded batch; each row samples from its own seeded generator. Greedy and
 seeded replies therefore equal `Generator.generate` on the request alone.
 
+Prefill runs ask for the last position's logits only (`logits_to_keep`), not a vocabulary-wide row per prompt
+token. A GroupQueryAttention bundle (`attention="gqa"`) decodes into one buffer per cache tensor written in
+place (runtime/shared_kv.py) while the batch keeps its rows: the buffers are made when decoding starts, with
+room for the steps until the first row must end (the fewest tokens any row has left), and handed back as
+plain arrays when a row leaves or joins or the buffers are full; every other step copies no cache.
+
 Memory: the cache of B rows padded to the longest is B x length x `bytes_per_token`. A request is admitted only
 while the batch's worst case (rows x the longest prompt + max_tokens) fits `max_kv_bytes`; otherwise it waits
-in a bounded queue, and past `queue_limit` waiting requests `submit` raises `Overloaded`. During a step ONNX
-Runtime holds the past and the present cache at once, so the process's peak is about twice the budget.
+in a bounded queue, and past `queue_limit` waiting requests `submit` raises `Overloaded`. During a copying
+step ONNX Runtime holds the past and the present cache at once, so the process's peak is about twice the
+budget; shared buffers hold at most the worst case once.
 
 One thread steps the engine (`start`); tests may call `step` themselves instead. Imports no torch.
 """
@@ -36,10 +43,11 @@ import numpy as np
 
 from edgelora.errors import EdgeloraError
 from edgelora.runtime.batching import Overloaded, check_positive
-from edgelora.runtime.bundle import CAUSAL_LM
+from edgelora.runtime.bundle import CAUSAL_LM, LOGITS_TO_KEEP
 from edgelora.runtime.runtime import Runtime
-from edgelora.runtime.session import first_line
 from edgelora.runtime.sampling import Sampling, next_token
+from edgelora.runtime.session import first_line
+from edgelora.runtime.shared_kv import SharedKV, bindable, shares_kv
 from edgelora.runtime.textstream import Detokenizer, StopText
 
 __all__ = ["Engine", "Job", "Overloaded", "Piece", "Refused", "Usage"]
@@ -221,6 +229,12 @@ class Engine:
         # GroupQueryAttention refuses a run of several rows that extends a cache by more than one token, so a
         # gqa bundle's prompts prefill together only when they fit one run; a prompt alone may take chunks
         self._one_run_batches = core == "gqa"
+        # decode steps on one buffer per cache tensor (runtime/shared_kv.py): a gqa bundle's runs that bind
+        self._shares = shares_kv(graph)
+        self._kv: SharedKV | None = None  # while set, the cache lives in its buffers and self._past is empty
+        self.shared_steps = 0  # decode steps run on the shared buffers (figures, tests)
+        optional = {i.name for i in runtime.session.get_overridable_initializers()}
+        self._keep_last = {LOGITS_TO_KEEP: np.asarray(1, np.int64)} if LOGITS_TO_KEEP in optional else {}
         if core is not None and not self.batch_invariant:
             warnings.warn(f"{runtime.bundle_dir}: exported with attention core {core!r}, whose float32 sums over the "
                           "keys change with left padding: a request's tokens may differ from its solo run; export "
@@ -330,6 +344,8 @@ class Engine:
         """Bytes the cache holds now (the batch's and a prefill's in progress): rows x columns (left padding
         included) x bytes per token."""
         rows, cols = self._mask.shape
+        if self._kv is not None:  # the shared buffers hold their capacity from the start
+            cols = max(cols, self._kv.capacity)
         filling = self._filling
         extra = len(filling.jobs) * filling.done if filling is not None else 0
         return (rows * cols + extra) * self.bytes_per_token
@@ -380,6 +396,7 @@ class Engine:
         for job in self._jobs_held():
             self._end(job, "cancelled")
         self._rows, self._filling, self._past, self._mask = [], None, [], np.zeros((0, 0), np.int64)
+        self._kv = None
 
     def _wake(self) -> None:
         with self._cond:
@@ -448,9 +465,28 @@ class Engine:
         try:
             values = self.runtime.session.run(self._outputs, {**feeds, **extra}, options)
         except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
-            first = first_line(e)
-            raise EdgeloraError(f"{self.runtime.bundle_dir / 'model.onnx'}: run failed ({first})") from None
+            raise self._failed(e) from None
         return values[0], values[1:]
+
+    def _failed(self, e: Exception) -> EdgeloraError:
+        if isinstance(e, EdgeloraError):
+            return e
+        return EdgeloraError(f"{self.runtime.bundle_dir / 'model.onnx'}: run failed ({first_line(e)})")
+
+    def _bindable(self, adapters: list[str | None]) -> bool:
+        """Whether a decode step of rows with these adapters can run on shared buffers: a gqa bundle, no
+        adapter activated through RunOptions (ONNX Runtime 1.32 applies those to runs given feeds only) and
+        no extra feed (a mixed batch's adapter_ids is an overridable initializer, which IOBinding cannot bind)."""
+        if not self._shares:
+            return False
+        options, extra = self.runtime.row_options(adapters)
+        return not extra and options is self.runtime.row_options([None])[0] and bindable(
+            self.runtime.session, ("input_ids", "attention_mask", *(("position_ids",) if self._positions else ())))
+
+    def _unshare(self) -> None:
+        """Hand the shared buffers' cache back as plain arrays (before the batch's rows change)."""
+        if self._kv is not None:
+            self._past, self._kv = self._kv.cache(), None
 
     def _prefill_chunk(self) -> None:
         """The next chunk of the prompts being prefilled (left-padded, from an empty cache), extending their
@@ -467,7 +503,7 @@ class Engine:
                 return
         c0, c1 = f.done, min(f.mask.shape[1], f.done + f.chunk)
         feeds = {"input_ids": f.input_ids[:, c0:c1], "attention_mask": f.mask[:, :c1],
-                 **dict(zip(self._past_names, f.present))}
+                 **dict(zip(self._past_names, f.present)), **self._keep_last}
         if self._positions:
             feeds["position_ids"] = f.positions[:, c0:c1]
         try:
@@ -491,6 +527,7 @@ class Engine:
         if not keep:
             return
         present, mask, rows = [p[keep] for p in f.present], f.mask[keep], [rows[r] for r in keep]
+        self._unshare()
         if not self._rows:
             self._past, self._mask, self._rows = present, mask, rows
         else:  # left-pad the shorter side so both end at the newest column, then stack the rows
@@ -510,17 +547,31 @@ class Engine:
         rows = self._rows
         B = len(rows)
         mask = np.concatenate([self._mask, np.ones((B, 1), np.int64)], axis=1)
-        feeds = {"input_ids": np.array([[r.last] for r in rows], np.int64), "attention_mask": mask,
-                 **dict(zip(self._past_names, self._past))}
+        feeds = {"input_ids": np.array([[r.last] for r in rows], np.int64), "attention_mask": mask}
         if self._positions:  # tokens before the new one; where the graph rotates at cache indices
             # (positions "cache_index"), less the columns the row's cache moved, so it keeps its keys' rotation
             feeds["position_ids"] = np.array([[r.length - r.moved * self._cache_index] for r in rows], np.int64)
+        adapters = [r.job.adapter for r in rows]
         try:
-            logits, present = self._run(feeds, [r.job.adapter for r in rows])
-        except EdgeloraError as e:
-            self._fail_all(str(e))
+            kv = self._kv
+            if kv is not None and kv.length >= kv.capacity:
+                self._unshare()
+                kv = None
+            if kv is None and self._bindable(adapters):
+                # room for the steps until a row must end, when the rows change and the buffers go back anyway
+                left = min(r.job.max_tokens - len(r.job.token_ids) for r in rows)
+                kv = self._kv = SharedKV.holding(self.runtime.session, self._past_names, self._outputs[1:],
+                                                 self._past, max(1, left))
+                self._past = []
+            if kv is not None:
+                logits = kv.step(feeds, self.runtime.row_options(adapters)[0])
+                self.shared_steps += 1
+            else:
+                logits, self._past = self._run({**feeds, **dict(zip(self._past_names, self._past))}, adapters)
+        except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
+            self._fail_all(str(self._failed(e)))
             return
-        self._past, self._mask = present, mask
+        self._mask = mask
         for r in rows:
             r.length += 1
         live = self._sample(rows, logits)
@@ -579,6 +630,7 @@ class Engine:
             for row in rows:
                 self._end(row.job, reason)
         keep = [i for i, r in enumerate(self._rows) if id(r) not in gone]
+        self._unshare()
         self._rows = [self._rows[i] for i in keep]
         self._past = [p[keep] for p in self._past]
         self._mask = self._mask[keep]
@@ -600,6 +652,7 @@ class Engine:
         for job in self._jobs_held():
             self._end(job, "error", message)
         self._rows, self._filling, self._past, self._mask = [], None, [], np.zeros((0, 0), np.int64)
+        self._kv = None
 
 
 def _left_pad(cache: np.ndarray, n: int) -> np.ndarray:

@@ -99,6 +99,11 @@ class SharedKV:
             array[:, :, :T] = value
         self.length = T
 
+    def cache(self) -> list[np.ndarray]:
+        """The cache so far, (batch, kv_heads, length, head_dim) per tensor, in the order of the past names:
+        views of the buffers, valid until the next `step` or `load`."""
+        return [a[:, :, :self.length] for a in self._arrays]
+
     def step(self, feeds: Mapping[str, np.ndarray], options: ort.RunOptions | None = None) -> np.ndarray:
         """One run with `feeds` (everything but the cache) and the buffers as past and present; returns the
         logits. The new tokens' keys and values land at positions [length, length + new) of every buffer."""

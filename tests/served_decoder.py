@@ -56,18 +56,19 @@ def random_lora(base, out: Path, seed: int, r: int, targets: list[str], std: flo
     return out
 
 
-def tiny_switchable_bundle(root: Path, precision: str = "fp32", seed: int = 0) -> Path:
-    """A switchable bundle of the tiny Llama with adapters "a" (q/v, rank 4) and "b" (q/k/o and MLP up, rank 2)."""
+def tiny_switchable_bundle(root: Path, precision: str = "fp32", seed: int = 0, attention: str = "invariant") -> Path:
+    """A switchable bundle of the tiny Llama with adapters "a" (q/v, rank 4) and "b" (q/k/o and MLP up, rank 2),
+    at root/switchable-<precision> (-<attention> unless the default core)."""
     base = tiny_llama(VOCAB, seed=seed, context=CONTEXT)
     a = root / "lora-a"
     b = root / "lora-b"
     if not a.is_dir():
         random_lora(base, a, 1, 4, ["q_proj", "v_proj"])
         random_lora(base, b, 2, 2, ["q_proj", "k_proj", "o_proj", "up_proj"])
-    out = root / f"switchable-{precision}"
+    out = root / (f"switchable-{precision}" + ("" if attention == "invariant" else f"-{attention}"))
     precision, _, scheme = precision.partition("-")
     export_decoder(base, out, adapters={"a": a, "b": b}, mode="switchable", precision=precision,
-                   tokenizer_dir=chat_tokenizer(root), int8_scheme=scheme or None)
+                   tokenizer_dir=chat_tokenizer(root), int8_scheme=scheme or None, attention=attention)
     return out
 
 

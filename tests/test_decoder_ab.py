@@ -64,3 +64,26 @@ def test_decoder_loops_names_what_it_needs(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         decoder_loops.main(["--ours", str(gqa), "--genai", str(tmp_path / "genai")])
     assert "no genai_config.json there; pass ORT GenAI's model-builder output" in capsys.readouterr().err
+
+
+def test_engine_ab_times_the_engine_with_and_without_its_shared_cache(tmp_path: Path, capsys) -> None:
+    """benchmarks/engine_ab.py: a bad variant is one line before any child runs; on a gqa bundle the shipped
+    engine decodes on shared buffers and the copy variants do not."""
+    import engine_ab
+    from decoder_fixture import tiny_llama
+    from served_decoder import VOCAB, chat_tokenizer
+
+    from edgelora.exporters.decoder_export import export_decoder
+
+    with pytest.raises(SystemExit):
+        engine_ab.main([str(tmp_path)])
+    assert f"{tmp_path}: manifest.json not found; pass a decoder bundle directory" in capsys.readouterr().err
+    out = tmp_path / "gqa"
+    export_decoder(tiny_llama(VOCAB, context=128), out, attention="gqa", tokenizer_dir=chat_tokenizer(tmp_path))
+    with pytest.raises(SystemExit):
+        engine_ab.main([str(out), "--variants", "shared,paged"])
+    assert "--variants shared,paged: choose from shared, copy, copy-all" in capsys.readouterr().err
+    engine_ab.main([str(out), "--prompt", "24", "--rows", "2", "--steps", "3", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    steps = {line.split()[0]: int(line.split()[-1]) for line in lines[1:]}
+    assert steps["shared"] == 3 + 3 and steps["copy"] == steps["copy-all"] == 0, lines  # warm-up, then 3 steps

@@ -419,3 +419,100 @@ def test_a_gqa_bundle_prefills_together_only_prompts_whose_tokens_fit_the_rotary
             break
     assert [j.finish_reason for j in jobs] == ["length", "length"], [j.finish_reason for j in jobs]
     assert len(jobs[1].token_ids) == CONTEXT - len(short_ids) - 1
+
+
+def _gqa_engine(root: Path, **kwargs) -> Engine:
+    from decoder_fixture import tiny_llama
+    from served_decoder import VOCAB, chat_tokenizer
+
+    from edgelora.exporters.decoder_export import export_decoder
+
+    out = root / "gqa"
+    if not out.is_dir():
+        export_decoder(tiny_llama(VOCAB, context=CONTEXT), out, attention="gqa", tokenizer_dir=chat_tokenizer(root))
+    with pytest.warns(RuntimeWarning, match="attention core 'gqa'"):
+        return Engine(Runtime(out, intra_op_threads=1), **kwargs)
+
+
+def test_a_gqa_bundle_decodes_in_place_and_hands_the_buffers_back_when_rows_change(tmp_path, monkeypatch) -> None:
+    """Every decode step of a gqa bundle runs on shared buffers (no cache copied); the buffers are made anew
+    after rows join or leave, never outgrow the batch's reserved worst case, and each request's tokens equal
+    the copying engine's and its solo run's."""
+    import edgelora.runtime.engine as engine_module
+    from edgelora.runtime.shared_kv import SharedKV
+
+    builds: list[int] = []
+
+    class Counted(SharedKV):
+        @classmethod
+        def holding(cls, *args, **kwargs):
+            builds.append(args[3][0].shape[0])  # rows of the cache handed in
+            return super().holding(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "SharedKV", Counted)
+    engine = _gqa_engine(tmp_path, prefill_tokens=512)
+    decodes, worst = [0], [0.0]
+    decode = engine._decode
+
+    def counted() -> None:
+        decodes[0] += 1
+        decode()
+        worst[0] = max(worst[0], engine.kv_bytes / max(1, engine.kv_reserved_bytes))
+
+    engine._decode = counted
+    jobs, most = run_to_end(engine, ARRIVALS)
+    assert most >= 4 and engine.shared_steps == decodes[0] > 0, (most, engine.shared_steps, decodes[0])
+    assert len(builds) >= 4 and max(builds) >= 4, builds  # remade as the rows changed, up to 4 rows at once
+    assert worst[0] <= 1.0, worst[0]  # the buffers' capacity stays within what admission reserved
+    copying = _gqa_engine(tmp_path, prefill_tokens=512)
+    copying._shares = False
+    copied, _ = run_to_end(copying, ARRIVALS)
+    assert copying.shared_steps == 0
+    runtime = Runtime(tmp_path / "gqa", intra_op_threads=1)
+    for job, other, (i, _, max_tokens, sampling) in zip(jobs, copied, ARRIVALS):
+        assert job.token_ids == other.token_ids, (PROMPTS[i], sampling)
+        assert job.token_ids == solo(runtime, PROMPTS[i], max_tokens, **sampling)[0], (PROMPTS[i], sampling)
+
+
+def test_prefill_runs_ask_for_the_last_positions_logits_only(tmp_path) -> None:
+    """The first token needs the last position's logits; a prefill run that computed every position's would
+    spend a vocabulary-wide LM head row per prompt token (SmolLM2: 49,152 x 576 multiply-adds each)."""
+    engine = _gqa_engine(tmp_path, prefill_tokens=8)  # the 15-token prompt runs in two chunks
+    widths = []
+    run = engine._run
+
+    def spied(feeds, adapters):
+        logits, present = run(feeds, adapters)
+        widths.append((feeds["input_ids"].shape[1], logits.shape[1]))
+        return logits, present
+
+    engine._run = spied
+    job = engine.submit(engine.prompt_ids(PROMPTS[4]), max_tokens=3)
+    while not job.done:
+        engine.step()
+    assert len(widths) >= 2 and all(w[0] > 1 for w in widths), widths  # prefill chunks only: decoding shares
+    assert all(w[1] == 1 for w in widths), widths
+    assert job.token_ids == solo(Runtime(tmp_path / "gqa", intra_op_threads=1), PROMPTS[4], 3)[0]
+
+
+def test_a_switchable_gqa_bundle_shares_the_cache_only_for_rows_on_the_base(tmp_path) -> None:
+    """ONNX Runtime 1.32 applies adapters activated through RunOptions only to runs given feeds, and a mixed
+    batch's adapter_ids cannot be bound: steps with an adapter active copy the cache, steps of base rows share
+    it; every row's tokens equal its solo run with its adapter."""
+    from served_decoder import tiny_switchable_bundle
+
+    out = tiny_switchable_bundle(tmp_path, attention="gqa")
+    with pytest.warns(RuntimeWarning, match="attention core 'gqa'"):
+        engine = Engine(Runtime(out, intra_op_threads=1))
+    asked = [(0, "a", 6), (1, None, 20), (2, "b", 10)]
+    jobs = [engine.submit(engine.prompt_ids(PROMPTS[i]), adapter=adapter, max_tokens=n) for i, adapter, n in asked]
+    decodes = 0
+    while not all(j.done for j in jobs):
+        decodes += bool(engine._rows)
+        engine.step()
+    assert 0 < engine.shared_steps < decodes, (engine.shared_steps, decodes)  # the base row alone, at the end
+    runtime = Runtime(out, intra_op_threads=1)
+    for job, (i, adapter, n) in zip(jobs, asked):
+        gen = runtime.generator()
+        gen.generate(PROMPTS[i], adapter, max_new_tokens=n)
+        assert job.token_ids == gen.stats.token_ids[0], (PROMPTS[i], adapter)
