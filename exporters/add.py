@@ -89,10 +89,6 @@ def add_adapters(
 
     proto = onnx.load(str(bundle / MODEL_FILE), load_external_data=False)
     specs = slot_specs(proto)
-    if manifest.task == CAUSAL_LM and manifest.quantization is not None and \
-            manifest.quantization.int8_scheme == "rowwise":
-        raise EdgeloraError(f"{bundle}: adding adapters to a rowwise int8 decoder bundle is not supported yet (its "
-                            "check needs the SmoothQuant factors baked into the graph); re-export it with every adapter")
     if manifest.task == CAUSAL_LM:  # a decoder graph names its weights by graph position; the manifest lists the slots
         slots = manifest.slots or {}
         layers = set(slots.get("projections") or slots.get("lora") or [])
@@ -155,13 +151,22 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
                             f"join bundle {bundle} of task {manifest.task}; export it in a bundle of its own task")
     quant = manifest.quantization
     trained = extras.get("quantization") or {}
+    if quant and trained and manifest.task == CAUSAL_LM:
+        from edgelora.config import scheme_of
+
+        own, theirs = scheme_of(QuantConfig(**trained)), quant.int8_scheme or "block"
+        if own != theirs:
+            raise EdgeloraError(f"{path}: adapter was trained with the {own} int8 scheme, bundle {bundle} is {theirs}; "
+                                f"retrain it with the {theirs} scheme or export a new bundle with it")
     if quant and trained and trained.get("weight_bits") != quant.weight_bits:
         raise EdgeloraError(
             f"{path}: adapter was trained with {trained.get('weight_bits')}-bit weights, bundle {bundle} is "
             f"{quant.weight_bits}-bit; retrain with weight_bits={quant.weight_bits} or export anew"
         )
     if quant:
-        _check_smoothing(path, bundle, quant.smoothing_digest)
+        # a decoder's LoRA branch reads the unsmoothed input, so an adapter trained fp32 joins a smoothed bundle as
+        # it does at export; one trained with factors must have had the bundle's
+        _check_smoothing(path, bundle, quant.smoothing_digest, plain_ok=manifest.task == CAUSAL_LM)
     if quant and quant.activation_mode == "static":
         raise EdgeloraError(
             f"{bundle}: its int8 activation ranges are static, calibrated with the adapters it was exported with; "
@@ -322,13 +327,13 @@ def _check_head(path: Path, bundle: Path, data: dict, tensors: Mapping, slots: M
                 f"{PEFT_PREFIX}{kind.out_key}."), theirs
 
 
-def _check_smoothing(path: Path, bundle: Path, theirs: str | None) -> None:
+def _check_smoothing(path: Path, bundle: Path, theirs: str | None, plain_ok: bool = False) -> None:
     """An int8 bundle's SmoothQuant factors (`theirs`: their digest) are baked into its base graph: a new adapter
-    must have trained with them."""
+    must have trained with them (`plain_ok`: or with none)."""
     from edgelora import smooth
 
     mine = smooth.factors_digest(smooth.load_factors(path))
-    if mine == theirs:
+    if mine == theirs or (plain_ok and mine is None):
         return
     if mine and theirs:
         why = f"trained with other SmoothQuant factors than bundle {bundle} holds"

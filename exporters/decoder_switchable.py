@@ -28,7 +28,7 @@ import torch
 from edgelora import smooth
 from edgelora.causal_lm import CausalLMAdapterModel
 from edgelora.causal_train import decoder_quant
-from edgelora.config import LoraConfig, config_to_dict
+from edgelora.config import LoraConfig, QuantConfig, config_to_dict
 from edgelora.errors import EdgeloraError
 from edgelora.fake_quant import BLOCK
 from edgelora.peft_format import CONFIG_FILE, WEIGHTS_FILE, load_adapter
@@ -265,6 +265,35 @@ def bank_record(plan: SwitchablePlan) -> dict[str, Any]:
     return {"file": BANK_FILE, "adapters": [*plan.names, None]}
 
 
+def graph_factors(proto, hf_model: torch.nn.Module, spec: DecoderSpec) -> dict[str, torch.Tensor]:
+    """A rowwise graph's SmoothQuant factors by module, read back from its `<linear>.smooth_inv` initializers
+    (1/s, float32; 1/(1/s) may be one ulp off s, far below what the int8 check resolves)."""
+    from onnx import numpy_helper
+
+    out: dict[str, torch.Tensor] = {}
+    for init in proto.graph.initializer:
+        if init.name.endswith(".smooth_inv"):
+            inv = torch.from_numpy(numpy_helper.to_array(init).astype(np.float32))
+            for module, _ in projection_modules(hf_model, spec, init.name[:-len(".smooth_inv")]):
+                out[module] = 1.0 / inv
+    return out
+
+
+def _bundle_rowwise(manifest, proto, hf_model: torch.nn.Module, spec: DecoderSpec,
+                    paths: Sequence[Path]) -> RowwisePlan | None:
+    """The RowwisePlan a rowwise bundle was exported with (None for block): its recorded recipe, and its factors
+    from a new adapter trained with them (the caller checked their digest) or else from the graph."""
+    q = manifest.quantization
+    if q is None or q.int8_scheme != "rowwise":
+        return None
+    recipe = QuantConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in (q.recipe or {}).items()})
+    carried = [f for f in (smooth.load_factors(p) for p in paths) if f]
+    factors = carried[0] if carried else graph_factors(proto, hf_model, spec)
+    if recipe.smoothing is None:
+        factors = {}
+    return RowwisePlan(recipe, factors)
+
+
 def check_added(manifest, proto, hf_model, paths: Mapping[str, str | Path],
                 values: Mapping[str, dict[str, np.ndarray]]) -> dict[str, Any]:
     """`edgelora add-adapter` on a decoder bundle: each new adapter (its tensors as they will be written)
@@ -273,12 +302,13 @@ def check_added(manifest, proto, hf_model, paths: Mapping[str, str | Path],
     from .decoder_graph import decoder_spec
 
     spec = decoder_spec(hf_model)
-    model = CausalLMAdapterModel(hf_model)
+    rowwise = _bundle_rowwise(manifest, proto, hf_model, spec, [Path(paths[name]) for name in values])  # before
+    model = CausalLMAdapterModel(hf_model)  # ... this wraps the linears in place
     for name in values:
         load_adapter(model, paths[name], name)
     plan = SwitchablePlan(model, list(values), [], "", [], dict(values), [])
     graph = DecoderGraph(proto, spec)
-    report = check_switchable(graph, plan, build_bank(values, slot_specs(proto)), manifest.precision)
+    report = check_switchable(graph, plan, build_bank(values, slot_specs(proto)), manifest.precision, rowwise)
     out = {name: report[name] for name in values}
     out[f"mixed batch (bank: {', '.join(values)}, added)"] = report["mixed batch (bank)"]
     return out

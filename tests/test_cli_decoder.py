@@ -222,10 +222,10 @@ def test_rowwise_trains_and_exports_as_trained_and_the_plain_base_shares_its_fac
     assert_one_line_error(rc, err, "--int8-scheme applies to --task causal-lm; drop it for --task classification")
 
 
-def test_rowwise_switchable_export_and_add_adapter_refusal(workspace, trained, tmp_path, capsys) -> None:
+def test_rowwise_switchable_export_and_add_adapter(workspace, trained, tmp_path, capsys) -> None:
     """An adapter trained for a switchable rowwise bundle exports into one that passes the mixed-batch check; a
-    block-trained adapter is refused there, and `add-adapter` refuses the bundle in one line (its check would
-    need the factors baked into the graph)."""
+    block-trained adapter is refused there and by `add-adapter` in one line; `add-adapter` takes another adapter
+    trained with the bundle's factors, checked against the fake-quant model with them."""
     adapter = tmp_path / "sw_rw"
     rc, _, err = cli(["train", *TRAIN, "--base", workspace["base"], "--qat", "int8", "--int8-scheme", "rowwise",
                       "--deploy-mode", "switchable", "--out", adapter], capsys)
@@ -240,5 +240,14 @@ def test_rowwise_switchable_export_and_add_adapter_refusal(workspace, trained, t
     rc, _, err = cli(["export", workspace["base"], "--adapter", f"home={trained}", "--mode", "switchable",
                       "--int8-scheme", "rowwise", "--out", tmp_path / "x"], capsys)
     assert_one_line_error(rc, err, "was trained with the block int8 scheme")
-    rc, _, err = cli(["add-adapter", out, "--adapter", f"more={adapter}"], capsys)
-    assert_one_line_error(rc, err, "adding adapters to a rowwise int8 decoder bundle is not supported yet")
+    rc, _, err = cli(["add-adapter", out, "--adapter", f"block={trained}", "--base", workspace["base"]], capsys)
+    assert_one_line_error(rc, err, f"{trained}: adapter was trained with the block int8 scheme, bundle {out} is "
+                                   "rowwise; retrain it with the rowwise scheme or export a new bundle with it")
+    rc, _, err = cli(["add-adapter", out, "--adapter", f"more={adapter}", "--base", workspace["base"]], capsys)
+    assert rc == 0, err
+    manifest = Runtime(out).manifest
+    assert manifest.adapter_names == ("home", "more")
+    assert manifest.validation["more"]["vs_fake_quant_torch"]["max_rel_error"] <= 1e-4, manifest.validation["more"]
+    gen = Runtime(out).generator()
+    assert gen.generate("turn on the light", "more", max_new_tokens=6) == \
+        gen.generate("turn on the light", "home", max_new_tokens=6)  # the same weights under two names
