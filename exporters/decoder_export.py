@@ -181,6 +181,7 @@ def export_decoder(
     lora_slots: str = "attention",
     tokenizer_dir: str | Path | None = None,
     int8_scheme: str | None = None,
+    weight_bits: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Export a causal LM to a checked decoder bundle at `out`, with `adapter` merged or `adapters` switchable;
@@ -207,6 +208,9 @@ def export_decoder(
         int8_scheme: int8 only: "block" (MatMulNBits everywhere) or "rowwise" (per-row activations and
             per-channel weights through MatMulIntegerToFloat, down_proj and the LM head blockwise, SmoothQuant);
             None: the scheme the adapters were trained with, else "block" (`decoder_int8.choose_int8`).
+        weight_bits: rowwise only: 8 (written uint8 at zero point 128, MLAS's u8 x u8 kernel: exact on every
+            CPU) or 7 (int8, the u8 x s8 kernel: faster on one row where it saturates at 8 bits, AVX2 without
+            VNNI); None: what the adapters were trained with, else the recommendation for this CPU.
     """
     if precision not in PRECISIONS:
         raise EdgeloraError(f"precision={precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
@@ -225,7 +229,7 @@ def export_decoder(
             raise EdgeloraError(f"adapter name {name!r} must be {ADAPTER_NAME_RULE}")
     if attention not in ATTENTION_CORES:
         raise EdgeloraError(f"attention={attention!r} is not supported; choose from {', '.join(ATTENTION_CORES)}")
-    int8 = choose_int8(named, int8_scheme, precision, mode)
+    int8 = choose_int8(named, int8_scheme, precision, mode, weight_bits)
     check_out(Path(out))  # before minutes of work, not only when writing
     say = progress or (lambda _msg: None)
     say("loading base")

@@ -267,9 +267,14 @@ def _rowwise_matmul(b: _Builder, x: str, name: str, w: torch.Tensor, bits: int, 
         w = w * smooth.detach().to(torch.float32)
     q_x, row_scale = _row_quantized(b, x, w.shape[1])
     q_w, w_scale = quantize_weight(w, bits)
-    unscaled = b.op("MatMulIntegerToFloat", [q_x, b.init(f"{name}.qweight_t", q_w.T.contiguous().numpy()),
-                                             "rowq.one", b.init(f"{name}.scales", w_scale.numpy()),
-                                             "rowq.zero_point"], f"{name}.matmul_int", domain="com.microsoft")
+    grid = q_w.T.contiguous().numpy()
+    zero_point: list[str] = []
+    if bits == 8:  # uint8 q + 128 at zero point 128: the same grid through MLAS's u8 x u8 kernel, which never
+        # saturates (u8 x s8 does on CPUs without VNNI, at 8 bits; 7-bit weights stay int8 for its speed)
+        grid, zero_point = (grid.astype(np.int16) + 128).astype(np.uint8), ["rowq.zero_point"]
+    unscaled = b.op("MatMulIntegerToFloat", [q_x, b.init(f"{name}.qweight_t", grid), "rowq.one",
+                                             b.init(f"{name}.scales", w_scale.numpy()), "rowq.zero_point",
+                                             *zero_point], f"{name}.matmul_int", domain="com.microsoft")
     y = b.op("Mul", [unscaled, row_scale], f"{name}.matmul")
     quantized[name] = QuantizedMatMul(x, y, w.numpy(), "rowwise", bits)
     return y

@@ -55,7 +55,8 @@ def _trained_recipe(path: Path) -> QuantConfig | None:
         raise EdgeloraError(f"{path / CONFIG_FILE}: {exc}") from None
 
 
-def choose_int8(adapters: Mapping[str, str | Path], int8_scheme: str | None, precision: str, mode: str) -> Int8Choice:
+def choose_int8(adapters: Mapping[str, str | Path], int8_scheme: str | None, precision: str, mode: str,
+                weight_bits: int | None = None) -> Int8Choice:
     """The export's scheme: the adapters' training scheme, else `int8_scheme`, else "block"; refuses a mix,
     or a flag that contradicts what an adapter was trained with, in one line naming the adapter."""
     if int8_scheme is not None and int8_scheme not in INT8_SCHEMES:
@@ -77,12 +78,20 @@ def choose_int8(adapters: Mapping[str, str | Path], int8_scheme: str | None, pre
         raise EdgeloraError(f"the adapters were trained with different int8 schemes ({', '.join(schemes)}); adapters "
                             "in one bundle share one base: retrain them with one scheme, or export them apart")
     scheme = int8_scheme or (schemes[0] if schemes else "block")
+    if weight_bits is not None and (precision != "int8" or scheme != "rowwise"):
+        raise EdgeloraError(f"weight_bits={weight_bits} applies to the rowwise int8 scheme; drop it or pass "
+                            "precision='int8' and int8_scheme='rowwise'")
+    if weight_bits not in (None, 7, 8):
+        raise EdgeloraError(f"weight_bits={weight_bits} is not supported; choose 7 or 8")
     if precision != "int8" or scheme == "block":
         return Int8Choice("block")
     rowwise = [(path, r) for path, r in trained.values() if scheme_of(r) == "rowwise"]
     if not rowwise:
-        return Int8Choice("rowwise", decoder_quant(scheme="rowwise", mode=mode))
+        return Int8Choice("rowwise", decoder_quant(scheme="rowwise", mode=mode, weight_bits=weight_bits))
     path, recipe = rowwise[0]
+    if weight_bits is not None and weight_bits != recipe.weight_bits:
+        raise EdgeloraError(f"{path}: trained with {recipe.weight_bits}-bit weights; export it with "
+                            f"weight_bits={recipe.weight_bits} (or drop it) or retrain with weight_bits={weight_bits}")
     factors = load_factors(path) if recipe.smoothing is not None else {}
     return Int8Choice("rowwise", dataclasses.replace(recipe, mode=mode), factors, str(path))
 
@@ -92,7 +101,6 @@ def rowwise_plan(choice: Int8Choice, base: torch.nn.Module, tokenizer_dir: Path 
     so call it before any adapter is merged into `base`."""
     if choice.recipe is None:
         return None
-    _check_bits(choice.recipe)
     if choice.recipe.smoothing is not None and not choice.factors:
         from edgelora.causal_smooth import base_factors
         from edgelora.causal_train import load_tokenizer
@@ -100,16 +108,6 @@ def rowwise_plan(choice: Int8Choice, base: torch.nn.Module, tokenizer_dir: Path 
         has_tokenizer = tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file()
         choice.factors = base_factors(base, choice.recipe, load_tokenizer(tokenizer_dir) if has_tokenizer else None)
     return RowwisePlan(choice.recipe, choice.factors)
-
-
-def _check_bits(recipe: QuantConfig) -> None:
-    """8-bit rowwise weights on a CPU whose u8 x s8 kernel saturates would fail the layer check: say why first."""
-    from edgelora.runtime.cpu import detect_isa, int8_saturates
-
-    isa = detect_isa().isa
-    if recipe.weight_bits == 8 and int8_saturates(isa):
-        raise EdgeloraError(f"weight_bits=8 with the rowwise int8 scheme on this {isa} CPU: its u8 x s8 kernel "
-                            "saturates 16-bit pair sums; train (or export) with 7-bit weights, or use the block scheme")
 
 
 def quantization_record(choice: Int8Choice, recipe: QuantConfig, quantized: int, rowwise: int,
@@ -122,6 +120,8 @@ def quantization_record(choice: Int8Choice, recipe: QuantConfig, quantized: int,
                   "accuracy_level 4): a row's result does not depend on its batch",
         "int8_scheme": "rowwise",
         "kernel": "com.microsoft.MatMulIntegerToFloat + com.microsoft.MatMulNBits",
+        # 8-bit grids are written uint8 at zero point 128 (u8 x u8: exact on every CPU), 7-bit ones int8 (u8 x s8)
+        "weight_type": "uint8" if recipe.weight_bits == 8 else "int8",
         "weight_bits": recipe.weight_bits, "block_size": recipe.weight_block, "accuracy_level": 4,
         "activations": {"mode": "per-row"},
         "quantized_matmuls": quantized, "rowwise_matmuls": rowwise,

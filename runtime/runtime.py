@@ -95,6 +95,8 @@ class Runtime:
         # not been measured, so nothing is claimed for them here.
         if self.manifest.task == CAUSAL_LM and (quant is None or quant.int8_scheme != "rowwise"):
             return
+        if quant is not None and quant.extra.get("weight_type") == "uint8":  # u8 x u8: no 16-bit pair sums to saturate
+            return
         if self.manifest.precision == "int8" and quant is not None and quant.weight_bits == 8 and int8_saturates(isa):
             warnings.warn(
                 f"{self.bundle_dir}: 8-bit int8 weights (tuned for {quant.isa or 'another CPU'}) on this {isa} "

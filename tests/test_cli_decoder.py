@@ -117,6 +117,8 @@ def test_train_causal_lm_refuses_classification_flags(workspace, tmp_path, capsy
 @pytest.mark.parametrize(("extra", "fragment"), [
     (["--slots", "attention"], "--slots applies to switchable bundles"),
     (["--fusions", "none"], "--fusions applies to encoder bundles"),
+    (["--weight-bits", "8"], "--weight-bits 8 applies to the rowwise int8 scheme; drop it or pass --precision int8 "
+                             "and --int8-scheme rowwise"),
 ])
 def test_export_causal_lm_refuses_encoder_flags(workspace, trained, tmp_path, capsys, extra, fragment) -> None:
     rc, _, err = cli(["export", workspace["base"], "--adapter", trained, "--out", tmp_path / "b", *extra], capsys)

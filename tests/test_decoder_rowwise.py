@@ -96,17 +96,20 @@ def test_inputs_of_other_leading_dims_quantize_in_one_graph() -> None:
                                       quantize_activation_rowwise(torch.from_numpy(v))[0].numpy().astype(np.int32))
 
 
+@pytest.mark.parametrize("bits", [7, 8])
 @pytest.mark.parametrize("smoothed", [False, True])
 @pytest.mark.parametrize("shape", [(5, 64, 96), (1, 576, 576), (16, 1536, 576), (3, 48, 100)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_rowwise_matmul_equals_its_fake_quant_product(shape: tuple[int, int, int], smoothed: bool) -> None:
+def test_rowwise_matmul_equals_its_fake_quant_product(shape: tuple[int, int, int], smoothed: bool, bits: int) -> None:
+    """On every CPU, AVX2 without VNNI included: 8-bit grids go uint8 at zero point 128 through the u8 x u8
+    kernel, which never saturates (written int8 for u8 x s8, every 8-bit case here fails on AVX2)."""
     m, n, k = shape
     torch.manual_seed(m + n + k)
     w = torch.randn(n, k) * 0.05
     s = torch.rand(k) + 0.5 if smoothed else None
     x = _activations(m, k) if m > 4 else np.random.default_rng(1).normal(0, 1, (m, k)).astype(np.float32)
     quantized: dict = {}
-    sess = _graph(lambda b: _rowwise_matmul(b, "x", "lin", w, BITS, s, quantized), [("x", ["m", k])],
+    sess = _graph(lambda b: _rowwise_matmul(b, "x", "lin", w, bits, s, quantized), [("x", ["m", k])],
                   [("lin.matmul", TensorProto.FLOAT), ("lin.smoothed" if smoothed else "x", TensorProto.FLOAT)])
     y, seen = sess.run(None, {"x": x})
     ref = fake_quant_product(quantized["lin"], torch.from_numpy(seen))
@@ -280,3 +283,37 @@ def test_8bit_rowwise_bundle_on_a_saturating_cpu_warns(tmp_path: Path, monkeypat
         warnings.simplefilter("always")
         Runtime(out, intra_op_threads=1)
     assert any("saturates" in str(w.message) for w in caught) is warns
+
+
+def test_an_8bit_rowwise_export_is_exact_on_any_cpu_and_never_warns(tmp_path: Path, monkeypatch) -> None:
+    """weight_bits=8 writes every rowwise grid uint8 at zero point 128 (u8 x u8): the export's layer check
+    passes on this CPU whatever its ISA, and loading it where u8 x s8 saturates warns of nothing; weight_bits
+    outside the rowwise scheme, or not 7 or 8, is one line."""
+    import warnings
+
+    import onnx
+    from decoder_fixture import tiny_llama
+    from served_decoder import CONTEXT, VOCAB, chat_tokenizer
+
+    from edgelora.exporters.decoder_export import export_decoder
+    from edgelora.runtime import Runtime
+
+    out = tmp_path / "r8"
+    m = export_decoder(tiny_llama(VOCAB, context=CONTEXT), out, precision="int8", int8_scheme="rowwise",
+                       weight_bits=8, tokenizer_dir=chat_tokenizer(tmp_path))
+    assert m.quantization.weight_bits == 8 and m.quantization.extra["weight_type"] == "uint8"
+    assert m.validation["int8_layers_vs_fake_quant"]["max_rel_error"] <= INT8_LAYER_REL_TOL
+    graph = onnx.load(str(out / "model.onnx")).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    rowwise = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert rowwise and all(types[n.input[1]] == TensorProto.UINT8 and len(n.input) == 6 for n in rowwise)
+    fake = detect_isa("flags : avx2\n", machine="x86_64")
+    monkeypatch.setattr("edgelora.runtime.runtime.detect_isa", lambda: fake)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Runtime(out, intra_op_threads=1)
+    base = tiny_llama(VOCAB, context=CONTEXT)
+    for kwargs, message in (({"int8_scheme": "block"}, "weight_bits=8 applies to the rowwise int8 scheme"),
+                            ({"int8_scheme": "rowwise", "weight_bits": 6}, "weight_bits=6 is not supported; choose 7 or 8")):
+        with pytest.raises(EdgeloraError, match=message):
+            export_decoder(base, tmp_path / "x", precision="int8", **{"weight_bits": 8, **kwargs})

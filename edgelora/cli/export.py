@@ -125,7 +125,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 # export flags a decoder bundle does not take, with the value that means "not given"
-ENCODER_ONLY = {"weight_bits": None, "max_length": 128, "keep_fp32": None, "target_cosine": None,
+ENCODER_ONLY = {"max_length": 128, "keep_fp32": None, "target_cosine": None,
                 "fusions": None, "smooth": None, "hidden_state": False}
 
 
@@ -163,7 +163,8 @@ def _export_decoder(args: argparse.Namespace, adapters: dict[str, str]) -> int:
         with as_flags(FLAGS, PHRASES):
             manifest = export_decoder(args.base, args.out, adapters=adapters, mode=args.mode, precision=args.precision,
                                       lora_slots=args.slots or "attention", int8_scheme=args.int8_scheme,
-                                      attention=args.attention, progress=bar.describe)
+                                      weight_bits=args.weight_bits, attention=args.attention,
+                                      progress=bar.describe)
     finally:
         bar.close()
     print(json.dumps({"bundle": str(args.out), "task": manifest.task, "mode": manifest.mode,
