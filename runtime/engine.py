@@ -19,7 +19,9 @@ Prefill runs ask for the last position's logits only (`logits_to_keep`), not a v
 token. A GroupQueryAttention bundle (`attention="gqa"`) decodes into one buffer per cache tensor written in
 place (runtime/shared_kv.py) while the batch keeps its rows: the buffers are made when decoding starts, with
 room for the steps until the first row must end (the fewest tokens any row has left), and handed back as
-plain arrays when a row leaves or joins or the buffers are full; every other step copies no cache.
+plain arrays when a row leaves or joins or the buffers are full; every other step copies no cache. Steps with
+an adapter active through RunOptions, or rows mixing adapters, copy the cache: ONNX Runtime 1.32 applies
+neither to IOBinding runs (runtime/shared_kv.py).
 
 Memory: the cache of B rows padded to the longest is B x length x `bytes_per_token`. A request is admitted only
 while the batch's worst case (rows x the longest prompt + max_tokens) fits `max_kv_bytes`; otherwise it waits
@@ -196,9 +198,9 @@ class Engine:
         max_rows: rows decoding together at most.
         queue_limit: requests waiting for room at most; `submit` raises Overloaded past it.
         prefill_tokens: prompt tokens (rows x columns) per prefill run at most; longer prompts prefill in
-            chunks, one per step, each extending the cache. The graph returns logits for every position, so
-            this bounds that tensor (SmolLM2: 512 x 49,152 floats, 100 MB) and how long a prefill holds up
-            the decoding rows' next token.
+            chunks, one per step, each extending the cache. This bounds how long a prefill holds up the
+            decoding rows' next token, and the run's activations; a bundle without `logits_to_keep` (exported
+            before it) also returns logits for every position (SmolLM2: 512 x 49,152 floats, 100 MB).
     """
 
     def __init__(self, runtime: Runtime, *, max_kv_mb: float = 512.0, max_rows: int = 8,
@@ -344,8 +346,9 @@ class Engine:
         """Bytes the cache holds now (the batch's and a prefill's in progress): rows x columns (left padding
         included) x bytes per token."""
         rows, cols = self._mask.shape
-        if self._kv is not None:  # the shared buffers hold their capacity from the start
-            cols = max(cols, self._kv.capacity)
+        kv = self._kv  # read once: the stepping thread may hand the buffers back meanwhile
+        if kv is not None:  # the shared buffers hold their capacity from the start
+            cols = max(cols, kv.capacity)
         filling = self._filling
         extra = len(filling.jobs) * filling.done if filling is not None else 0
         return (rows * cols + extra) * self.bytes_per_token
@@ -424,7 +427,7 @@ class Engine:
         if self._filling is None:
             admitted = self._admit()
             if admitted:
-                chunk = max(1, self.prefill_tokens // len(admitted))  # a run's logits: rows x chunk x vocab
+                chunk = max(1, self.prefill_tokens // len(admitted))  # a run's tokens: rows x chunk
                 spec = self.spec
                 self._filling = _Prefill(admitted, self._pad, len(self._past_names), spec.num_kv_heads,
                                          spec.head_dim, chunk)
@@ -469,8 +472,6 @@ class Engine:
         return values[0], values[1:]
 
     def _failed(self, e: Exception) -> EdgeloraError:
-        if isinstance(e, EdgeloraError):
-            return e
         return EdgeloraError(f"{self.runtime.bundle_dir / 'model.onnx'}: run failed ({first_line(e)})")
 
     def _bindable(self, adapters: list[str | None]) -> bool:
@@ -552,11 +553,11 @@ class Engine:
             # (positions "cache_index"), less the columns the row's cache moved, so it keeps its keys' rotation
             feeds["position_ids"] = np.array([[r.length - r.moved * self._cache_index] for r in rows], np.int64)
         adapters = [r.job.adapter for r in rows]
+        kv = self._kv
+        if kv is not None and kv.length >= kv.capacity:
+            self._unshare()
+            kv = None
         try:
-            kv = self._kv
-            if kv is not None and kv.length >= kv.capacity:
-                self._unshare()
-                kv = None
             if kv is None and self._bindable(adapters):
                 # room for the steps until a row must end, when the rows change and the buffers go back anyway
                 left = min(r.job.max_tokens - len(r.job.token_ids) for r in rows)
@@ -564,12 +565,17 @@ class Engine:
                                                  self._past, max(1, left))
                 self._past = []
             if kv is not None:
-                logits = kv.step(feeds, self.runtime.row_options(adapters)[0])
+                try:
+                    logits = kv.step(feeds, self.runtime.row_options(adapters)[0])
+                except EdgeloraError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
+                    raise self._failed(e) from None
                 self.shared_steps += 1
             else:
                 logits, self._past = self._run({**feeds, **dict(zip(self._past_names, self._past))}, adapters)
-        except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
-            self._fail_all(str(self._failed(e)))
+        except EdgeloraError as e:
+            self._fail_all(str(e))
             return
         self._mask = mask
         for r in rows:

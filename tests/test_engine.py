@@ -504,6 +504,10 @@ def test_a_switchable_gqa_bundle_shares_the_cache_only_for_rows_on_the_base(tmp_
     out = tiny_switchable_bundle(tmp_path, attention="gqa")
     with pytest.warns(RuntimeWarning, match="attention core 'gqa'"):
         engine = Engine(Runtime(out, intra_op_threads=1))
+    one = engine.submit(engine.prompt_ids(PROMPTS[3]), adapter="a", max_tokens=8)  # one adapter, every row
+    while not one.done:
+        engine.step()
+    assert engine.shared_steps == 0  # its RunOptions would be dropped from a bound run
     asked = [(0, "a", 6), (1, None, 20), (2, "b", 10)]
     jobs = [engine.submit(engine.prompt_ids(PROMPTS[i]), adapter=adapter, max_tokens=n) for i, adapter, n in asked]
     decodes = 0
@@ -512,7 +516,7 @@ def test_a_switchable_gqa_bundle_shares_the_cache_only_for_rows_on_the_base(tmp_
         engine.step()
     assert 0 < engine.shared_steps < decodes, (engine.shared_steps, decodes)  # the base row alone, at the end
     runtime = Runtime(out, intra_op_threads=1)
-    for job, (i, adapter, n) in zip(jobs, asked):
+    for job, (i, adapter, n) in [(one, (3, "a", 8)), *zip(jobs, asked)]:
         gen = runtime.generator()
         gen.generate(PROMPTS[i], adapter, max_new_tokens=n)
         assert job.token_ids == gen.stats.token_ids[0], (PROMPTS[i], adapter)
