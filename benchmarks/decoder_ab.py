@@ -23,50 +23,64 @@ from pathlib import Path
 import numpy as np
 
 
-def child(bundle: Path, keep: int, shared: bool, prompt: int, steps: int, threads: int, repeats: int) -> dict:
+def decode_times(model: Path, threads: int, prompt: int, steps: int, repeats: int, *, keep: int = 0,
+                 shared: bool = True, vocab: int = 20000) -> tuple[list[float], list[float]]:
+    """Seconds of each prefill and of each greedy decode step at batch 1 through plain ONNX Runtime, for any
+    decoder graph of the past_key_values / present convention (ours, or ORT GenAI's model.onnx, whose cache
+    dims come from its genai_config.json): `repeats` passes after one warm-up, a P-token prompt of seeded ids
+    below `vocab`, then `steps` steps, the cache copied through the outputs or (`shared`) written in place in
+    one buffer per tensor (runtime/shared_kv.py; GroupQueryAttention graphs). `keep` feeds logits_to_keep where
+    the graph takes it."""
     import onnxruntime as ort
 
     from edgelora.runtime.shared_kv import SharedKV
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    gen = manifest["generation"]
-    past = [f"past_key_values.{i}.{kv}" for i in range(gen["num_layers"]) for kv in ("key", "value")]
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(bundle / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in sess.get_inputs()}
+    past = [n for n in inputs if n.startswith("past_key_values.")]
+    present = [n.replace("past_key_values.", "present.") for n in past]
+    heads, dim = inputs[past[0]].shape[1], inputs[past[0]].shape[3]
+    if not isinstance(heads, int) or not isinstance(dim, int):  # symbolic in GenAI's graph: its config has them
+        decoder = json.loads((model.parent / "genai_config.json").read_text())["model"]["decoder"]
+        heads, dim = decoder["num_key_value_heads"], decoder["head_size"]
     optional = {i.name for i in sess.get_overridable_initializers()}
     extra = {"logits_to_keep": np.asarray(keep, np.int64)} if keep and "logits_to_keep" in optional else {}
-    outputs = [o.name for o in sess.get_outputs()]
-    ids = np.random.default_rng(0).integers(100, gen["vocab_size"] - 100, size=(1, prompt))
-    empty = np.zeros((1, gen["num_kv_heads"], 0, gen["head_dim"]), np.float32)
-    first = {"input_ids": ids, "attention_mask": np.ones((1, prompt), np.int64),
-             "position_ids": np.arange(prompt, dtype=np.int64)[None], **dict.fromkeys(past, empty), **extra}
-    prefills, steps_s = [], []
+    ids = np.random.default_rng(0).integers(100, max(101, vocab - 100), size=(1, prompt)).astype(np.int64)
+    prefills: list[float] = []
+    times: list[float] = []
     for rep in range(repeats + 1):  # the first pass warms up
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, prompt), np.int64),
+                 **{n: np.zeros((1, heads, 0, dim), np.float32) for n in past}, **extra}
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.arange(prompt, dtype=np.int64)[None]
         t0 = time.perf_counter()
-        out = sess.run(outputs, first)
-        took = time.perf_counter() - t0
-        mask, pos = first["attention_mask"], first["position_ids"][:, -1:]
-        cache = None
-        if shared:  # one buffer per cache tensor, written in place (runtime/shared_kv.py; gqa bundles only)
-            cache = SharedKV.holding(sess, past, outputs[1:], out[1:], steps)
-        times = []
+        out = sess.run(["logits", *present], feeds)
+        if rep:
+            prefills.append(time.perf_counter() - t0)
+        kv = SharedKV.holding(sess, past, present, out[1:], steps) if shared else None
+        logits, cache, T = out[0], out[1:], prompt
         for _ in range(steps):
             t0 = time.perf_counter()
-            token = out[0][:, -1].argmax(-1)[:, None]
-            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-            pos = pos + 1
-            feeds = {"input_ids": token, "attention_mask": mask, "position_ids": pos}
-            if cache is not None:
-                out = [cache.step(feeds)]
+            step = {"input_ids": logits[:, -1].argmax(-1)[:, None].astype(np.int64),
+                    "attention_mask": np.ones((1, T + 1), np.int64)}
+            if "position_ids" in inputs:
+                step["position_ids"] = np.full((1, 1), T, np.int64)
+            if kv is not None:
+                logits = kv.step(step)
             else:
-                out = sess.run(outputs, {**feeds, **dict(zip(past, out[1:])), **extra})
-            times.append(time.perf_counter() - t0)
-        if rep:
-            prefills.append(took)
-            steps_s += times
+                logits, *cache = sess.run(["logits", *present], {**step, **dict(zip(past, cache)), **extra})
+            T += 1
+            if rep:
+                times.append(time.perf_counter() - t0)
+    return prefills, times
+
+
+def child(bundle: Path, keep: int, shared: bool, prompt: int, steps: int, threads: int, repeats: int) -> dict:
+    vocab = json.loads((bundle / "manifest.json").read_text())["generation"]["vocab_size"]
+    prefills, steps_s = decode_times(bundle / "model.onnx", threads, prompt, steps, repeats, keep=keep, shared=shared,
+                                     vocab=vocab)
     return {"prefill_ms": 1e3 * float(np.median(prefills)), "decode_tok_s": 1 / float(np.median(steps_s))}
 
 

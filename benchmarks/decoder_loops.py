@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decoder_ab import run_child  # noqa: E402  (the timing-child runner both scripts share)
+from decoder_ab import decode_times, run_child  # noqa: E402  (the decode loop and the timing-child runner)
 
 from edgelora.runtime.shared_kv import shares_kv  # noqa: E402
 
@@ -30,46 +30,13 @@ CANDIDATES = ("ours", "genai-graph", "genai")
 
 
 def _prompt(prompt: int) -> np.ndarray:
-    return np.random.default_rng(0).integers(100, 20000, (1, prompt)).astype(np.int64)
+    return np.random.default_rng(0).integers(100, 20000 - 100, (1, prompt)).astype(np.int64)
 
 
 def ort_loop(model: Path, threads: int, prompt: int, steps: int, repeats: int) -> list[float]:
-    """Step times (s) of greedy decoding through plain ONNX Runtime with one cache buffer per tensor."""
-    import onnxruntime as ort
-
-    from edgelora.runtime.shared_kv import SharedKV
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
-    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-    inputs = {i.name: i for i in sess.get_inputs()}
-    past = [n for n in inputs if n.startswith("past_key_values.")]
-    present = [n.replace("past_key_values.", "present.") for n in past]
-    heads, dim = inputs[past[0]].shape[1], inputs[past[0]].shape[3]
-    if not isinstance(heads, int) or not isinstance(dim, int):  # symbolic in GenAI's graph: its config has them
-        decoder = json.loads((model.parent / "genai_config.json").read_text())["model"]["decoder"]
-        heads, dim = decoder["num_key_value_heads"], decoder["head_size"]
-    ids = _prompt(prompt)
-    times: list[float] = []
-    for rep in range(repeats + 1):  # the first warms up
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, prompt), np.int64),
-                 **{n: np.zeros((1, heads, 0, dim), np.float32) for n in past}}
-        if "position_ids" in inputs:
-            feeds["position_ids"] = np.arange(prompt, dtype=np.int64)[None]
-        out = sess.run(["logits", *present], feeds)
-        kv = SharedKV.holding(sess, past, present, out[1:], steps)
-        logits, T = out[0], prompt
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step = {"input_ids": logits[:, -1].argmax(-1)[:, None].astype(np.int64),
-                    "attention_mask": np.ones((1, T + 1), np.int64)}
-            if "position_ids" in inputs:
-                step["position_ids"] = np.full((1, 1), T, np.int64)
-            logits = kv.step(step)
-            T += 1
-            if rep:
-                times.append(time.perf_counter() - t0)
-    return times
+    """Step times (s) of greedy decoding through plain ONNX Runtime with one cache buffer per tensor: the loop
+    of benchmarks/decoder_ab.py, on the same prompt as `genai_loop`."""
+    return decode_times(model, threads, prompt, steps, repeats, shared=True, vocab=20000)[1]
 
 
 def genai_loop(model_dir: Path, threads: int, prompt: int, steps: int, repeats: int) -> list[float]:

@@ -87,3 +87,18 @@ def test_engine_ab_times_the_engine_with_and_without_its_shared_cache(tmp_path: 
     lines = capsys.readouterr().out.splitlines()
     steps = {line.split()[0]: int(line.split()[-1]) for line in lines[1:]}
     assert steps["shared"] == 3 + 3 and steps["copy"] == steps["copy-all"] == 0, lines  # warm-up, then 3 steps
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_one_decode_loop_times_both_cache_paths(tmp_path: Path, shared: bool) -> None:
+    """decoder_ab.decode_times, the loop decoder_ab.py and decoder_loops.py share: a prefill per pass and a
+    time per decode step, on a gqa bundle with the cache copied or in one buffer per tensor."""
+    from decoder_fixture import tiny_llama
+    from served_decoder import VOCAB, chat_tokenizer
+
+    from edgelora.exporters.decoder_export import export_decoder
+
+    out = tmp_path / "gqa"
+    export_decoder(tiny_llama(VOCAB, context=128), out, attention="gqa", tokenizer_dir=chat_tokenizer(tmp_path))
+    prefills, steps = decoder_ab.decode_times(out / "model.onnx", 1, 12, 5, 2, keep=1, shared=shared, vocab=VOCAB)
+    assert len(prefills) == 2 and len(steps) == 2 * 5 and all(t > 0 for t in prefills + steps)
