@@ -154,7 +154,11 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
     if quant and trained and manifest.task == CAUSAL_LM:
         from edgelora.config import scheme_of
 
-        own, theirs = scheme_of(QuantConfig(**trained)), quant.int8_scheme or "block"
+        try:
+            own = scheme_of(QuantConfig(**trained))
+        except (TypeError, EdgeloraError) as e:
+            raise EdgeloraError(f"{source}: unreadable quantization recipe ({e}); re-save the adapter") from None
+        theirs = quant.int8_scheme or "block"
         if own != theirs:
             raise EdgeloraError(f"{path}: adapter was trained with the {own} int8 scheme, bundle {bundle} is {theirs}; "
                                 f"retrain it with the {theirs} scheme or export a new bundle with it")
@@ -165,8 +169,8 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
         )
     if quant:
         # a decoder's LoRA branch reads the unsmoothed input, so an adapter trained fp32 joins a smoothed bundle as
-        # it does at export; one trained with factors must have had the bundle's
-        _check_smoothing(path, bundle, quant.smoothing_digest, plain_ok=manifest.task == CAUSAL_LM)
+        # it does at export; one trained int8 must have had the bundle's factors (or none, with an unsmoothed one)
+        _check_smoothing(path, bundle, quant.smoothing_digest, plain_ok=manifest.task == CAUSAL_LM and not trained)
     if quant and quant.activation_mode == "static":
         raise EdgeloraError(
             f"{bundle}: its int8 activation ranges are static, calibrated with the adapters it was exported with; "

@@ -61,6 +61,9 @@ PRECISIONS = ("fp32", "int8")
 TASK = CAUSAL_LM
 PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf refuses messages of 2 GiB; keep a margin for the graph itself
 REQUIRES_ORT = "1.23"  # opset 23 (Attention, RMSNormalization) on CPU; the checks ran on the version in "validation"
+# uint8 rowwise grids: before 1.25 ONNX Runtime ran u8 x u8 matmuls through its u8 x s8 code on VNNI and AMX CPUs,
+# which is wrong for weights above 127 (microsoft/onnxruntime#27671, fixed in 1.25.0)
+REQUIRES_ORT_UNSIGNED = "1.25"
 
 
 def merge_lora(model: torch.nn.Module, adapter: str | Path, adapter_name: str | None = None) -> dict[str, Any]:
@@ -299,7 +302,8 @@ def export_decoder(
         "generation": generation_record(model, spec, tok_dir),
         "adapters": entries,
         "quantization": None if precision == "fp32" else quantization_record(
-            int8, rowwise.quant, len(graph.quantized), sum(q.kind == "rowwise" for q in graph.quantized.values()), mode)
+            int8, rowwise.quant, len(graph.quantized), sum(q.kind == "rowwise" for q in graph.quantized.values()), mode,
+            rowwise.unsigned_weights and rowwise.quant.weight_bits == 8)
         if rowwise is not None else {
             "scheme": "weights int8 symmetric per block of 32 inputs; activations int8 per row and block of 32 "
                       "at run time (MatMulNBits bits 8, accuracy_level 4): a row's result does not depend on its batch",
@@ -315,7 +319,8 @@ def export_decoder(
                   # rotary inside; runtime/engine.py feeds a moved row's position_ids less the columns it moved)
                   "positions": graph.positions,
                   **({"adapter_inputs": len(graph.slots)} if mode == "switchable" else {})},
-        "requires": {"onnxruntime": REQUIRES_ORT},
+        "requires": {"onnxruntime": REQUIRES_ORT_UNSIGNED if rowwise is not None and rowwise.unsigned_weights
+                     and rowwise.quant.weight_bits == 8 and precision == "int8" else REQUIRES_ORT},
         "isa": cpu.isa,
         "validation": report,
         **switchable,

@@ -81,6 +81,9 @@ class RowwisePlan:
 
     quant: QuantConfig  # activations "per-row": the recipe training fake-quantized with
     smoothing: Mapping[str, torch.Tensor] = field(default_factory=dict)  # module name -> (in,) SmoothQuant s
+    # 8-bit grids as uint8 at zero point 128 (MLAS's u8 x u8 kernel, which never saturates): for CPUs whose
+    # u8 x s8 kernel saturates 8-bit weights (AVX2 without VNNI); int8 keeps u8 x s8, VNNI's fast path
+    unsigned_weights: bool = False
 
 
 @dataclass
@@ -201,13 +204,15 @@ class _Builder:
 
 
 def _linear(b: _Builder, x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None, precision: str,
-            quantized: dict[str, QuantizedMatMul], rowwise: tuple[int, torch.Tensor | None] | None = None) -> str:
+            quantized: dict[str, QuantizedMatMul], rowwise: tuple[int, torch.Tensor | None, bool] | None = None) -> str:
     """x @ weight.T (+ bias): MatMul on the transposed fp32 weight, MatMulNBits on blockwise int8, or with
-    `rowwise` (weight bits, SmoothQuant s or None) the rowwise scheme's per-row int8 (`_rowwise_matmul`)."""
+    `rowwise` (weight bits, SmoothQuant s or None, unsigned grid) the rowwise scheme's per-row int8
+    (`_rowwise_matmul`)."""
     w = weight.detach().to(torch.float32)
     n, k = w.shape
     if precision == "int8" and rowwise is not None:
-        y = _rowwise_matmul(b, x, name, w, *rowwise, quantized)
+        bits, smooth, unsigned = rowwise
+        y = _rowwise_matmul(b, x, name, w, bits, smooth, quantized, unsigned)
     elif precision == "fp32":
         y = b.op("MatMul", [x, b.init(f"{name}.weight_t", w.T.contiguous().numpy())], f"{name}.matmul")
     else:
@@ -257,7 +262,7 @@ def _row_quantized(b: _Builder, x: str, k: int) -> tuple[str, str]:
 
 
 def _rowwise_matmul(b: _Builder, x: str, name: str, w: torch.Tensor, bits: int, smooth: torch.Tensor | None,
-                    quantized: dict[str, QuantizedMatMul]) -> str:
+                    quantized: dict[str, QuantizedMatMul], unsigned: bool = False) -> str:
     """x @ w.T by the rowwise scheme: x times 1/s (SmoothQuant, when given), quantized per row, times the int8
     grid of w diag(s) per output channel in MatMulIntegerToFloat (a_scale 1, a_zero_point 128, b_scale per
     column), times the row scales. Weights are written (in, out), as the kernel takes them."""
@@ -269,8 +274,8 @@ def _rowwise_matmul(b: _Builder, x: str, name: str, w: torch.Tensor, bits: int, 
     q_w, w_scale = quantize_weight(w, bits)
     grid = q_w.T.contiguous().numpy()
     zero_point: list[str] = []
-    if bits == 8:  # uint8 q + 128 at zero point 128: the same grid through MLAS's u8 x u8 kernel, which never
-        # saturates (u8 x s8 does on CPUs without VNNI, at 8 bits; 7-bit weights stay int8 for its speed)
+    if unsigned:  # uint8 q + 128 at zero point 128: the same grid through MLAS's u8 x u8 kernel, which never
+        # saturates (u8 x s8 does at 8 bits on CPUs without VNNI), exact wherever ONNX Runtime >= 1.25 runs it
         grid, zero_point = (grid.astype(np.int16) + 128).astype(np.uint8), ["rowq.zero_point"]
     unscaled = b.op("MatMulIntegerToFloat", [q_x, b.init(f"{name}.qweight_t", grid), "rowq.one",
                                              b.init(f"{name}.scales", w_scale.numpy()), "rowq.zero_point",
@@ -280,8 +285,9 @@ def _rowwise_matmul(b: _Builder, x: str, name: str, w: torch.Tensor, bits: int, 
     return y
 
 
-def _rowwise_choice(plan: RowwisePlan | None, name: str, modules: list[str]) -> tuple[int, torch.Tensor | None] | None:
-    """The rowwise scheme's (bits, s or None) for graph linear `name` over the model's `modules`, or None for
+def _rowwise_choice(plan: RowwisePlan | None, name: str,
+                    modules: list[str]) -> tuple[int, torch.Tensor | None, bool] | None:
+    """The rowwise scheme's (bits, s or None, unsigned grid) for graph linear `name` over the model's `modules`, or None for
     a linear it keeps blockwise; members of one packed matmul must agree, as training gave them one input."""
     if plan is None:
         return None
@@ -296,7 +302,7 @@ def _rowwise_choice(plan: RowwisePlan | None, name: str, modules: list[str]) -> 
             f is not None and not torch.equal(f, factors[0]) for f in factors):
         raise EdgeloraError(f"SmoothQuant factors differ within the packed projection {name} ({', '.join(modules)}); "
                             "layers reading one tensor must share them: recompute them with edgelora.smooth")
-    return plan.quant.weight_bits, factors[0]
+    return plan.quant.weight_bits, factors[0], plan.unsigned_weights and plan.quant.weight_bits == 8
 
 
 ADAPTER_ROWS = "adapter_ids.rows"  # adapter_ids expanded to the batch: one bank entry per row, always

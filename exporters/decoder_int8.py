@@ -107,11 +107,15 @@ def rowwise_plan(choice: Int8Choice, base: torch.nn.Module, tokenizer_dir: Path 
 
         has_tokenizer = tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file()
         choice.factors = base_factors(base, choice.recipe, load_tokenizer(tokenizer_dir) if has_tokenizer else None)
-    return RowwisePlan(choice.recipe, choice.factors)
+    from edgelora.runtime.cpu import detect_isa, int8_saturates
+
+    # 8-bit grids go uint8 (u8 x u8) only where u8 x s8 would saturate them: VNNI CPUs keep their fast int8 path
+    unsigned = choice.recipe.weight_bits == 8 and int8_saturates(detect_isa().isa)
+    return RowwisePlan(choice.recipe, choice.factors, unsigned_weights=unsigned)
 
 
 def quantization_record(choice: Int8Choice, recipe: QuantConfig, quantized: int, rowwise: int,
-                        mode: str) -> dict[str, Any]:
+                        mode: str, unsigned: bool = False) -> dict[str, Any]:
     """The manifest's "quantization" entry of a rowwise bundle (the block one is written by the exporter)."""
     return {
         "scheme": f"rowwise: weights int8 symmetric per output channel ({recipe.weight_bits}-bit), activations int8 "
@@ -120,8 +124,8 @@ def quantization_record(choice: Int8Choice, recipe: QuantConfig, quantized: int,
                   "accuracy_level 4): a row's result does not depend on its batch",
         "int8_scheme": "rowwise",
         "kernel": "com.microsoft.MatMulIntegerToFloat + com.microsoft.MatMulNBits",
-        # 8-bit grids are written uint8 at zero point 128 (u8 x u8: exact on every CPU), 7-bit ones int8 (u8 x s8)
-        "weight_type": "uint8" if recipe.weight_bits == 8 else "int8",
+        # uint8 at zero point 128: MLAS's u8 x u8 kernel, exact on every CPU (ONNX Runtime >= 1.25); int8: u8 x s8
+        "weight_type": "uint8" if unsigned else "int8",
         "weight_bits": recipe.weight_bits, "block_size": recipe.weight_block, "accuracy_level": 4,
         "activations": {"mode": "per-row"},
         "quantized_matmuls": quantized, "rowwise_matmuls": rowwise,

@@ -270,11 +270,14 @@ def graph_factors(proto, hf_model: torch.nn.Module, spec: DecoderSpec) -> dict[s
     (1/s, float32; 1/(1/s) may be one ulp off s, far below what the int8 check resolves)."""
     from onnx import numpy_helper
 
+    head = next((n for n, m in hf_model.named_modules() if m is hf_model.get_output_embeddings()), "lm_head")
     out: dict[str, torch.Tensor] = {}
     for init in proto.graph.initializer:
         if init.name.endswith(".smooth_inv"):
             inv = torch.from_numpy(numpy_helper.to_array(init).astype(np.float32))
-            for module, _ in projection_modules(hf_model, spec, init.name[:-len(".smooth_inv")]):
+            name = init.name[:-len(".smooth_inv")]
+            # the builder's names: a layer's projections, else the LM head (exporters/decoder_graph.py linear())
+            for module in [m for m, _ in projection_modules(hf_model, spec, name)] or [head]:
                 out[module] = 1.0 / inv
     return out
 

@@ -31,7 +31,7 @@ from edgelora.exporters.decoder_validate import (
     session,
 )
 from edgelora.fake_quant import fake_quantize_activation_rowwise, quantize_activation_rowwise
-from edgelora.runtime.cpu import detect_isa, recommended_weight_bits
+from edgelora.runtime.cpu import detect_isa, int8_saturates, recommended_weight_bits
 
 BITS = recommended_weight_bits(detect_isa().isa)  # 7 where the u8 x s8 kernel saturates (this AVX2 machine)
 # End to end, logits of the int8 graph vs the fake-quant torch model, relative to the largest |logit|: the same
@@ -96,20 +96,27 @@ def test_inputs_of_other_leading_dims_quantize_in_one_graph() -> None:
                                       quantize_activation_rowwise(torch.from_numpy(v))[0].numpy().astype(np.int32))
 
 
-@pytest.mark.parametrize("bits", [7, 8])
+SATURATES = int8_saturates(detect_isa().isa)
+GRIDS = [(7, False), (8, True), pytest.param(8, False, marks=pytest.mark.skipif(
+    SATURATES, reason="8-bit int8 grids saturate this CPU's u8 x s8 kernel (the uint8 grid is for it)"))]
+
+
+@pytest.mark.parametrize(("bits", "unsigned"), GRIDS, ids=["7-int8", "8-uint8", "8-int8"])
 @pytest.mark.parametrize("smoothed", [False, True])
 @pytest.mark.parametrize("shape", [(5, 64, 96), (1, 576, 576), (16, 1536, 576), (3, 48, 100)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_rowwise_matmul_equals_its_fake_quant_product(shape: tuple[int, int, int], smoothed: bool, bits: int) -> None:
-    """On every CPU, AVX2 without VNNI included: 8-bit grids go uint8 at zero point 128 through the u8 x u8
-    kernel, which never saturates (written int8 for u8 x s8, every 8-bit case here fails on AVX2)."""
+def test_rowwise_matmul_equals_its_fake_quant_product(shape: tuple[int, int, int], smoothed: bool, bits: int,
+                                                      unsigned: bool) -> None:
+    """7-bit int8 grids (u8 x s8) everywhere; 8-bit grids as uint8 at zero point 128 (u8 x u8, which never
+    saturates) everywhere, and as int8 where u8 x s8 does not saturate (VNNI; on AVX2 every 8-bit int8 case
+    here fails)."""
     m, n, k = shape
     torch.manual_seed(m + n + k)
     w = torch.randn(n, k) * 0.05
     s = torch.rand(k) + 0.5 if smoothed else None
     x = _activations(m, k) if m > 4 else np.random.default_rng(1).normal(0, 1, (m, k)).astype(np.float32)
     quantized: dict = {}
-    sess = _graph(lambda b: _rowwise_matmul(b, "x", "lin", w, bits, s, quantized), [("x", ["m", k])],
+    sess = _graph(lambda b: _rowwise_matmul(b, "x", "lin", w, bits, s, quantized, unsigned), [("x", ["m", k])],
                   [("lin.matmul", TensorProto.FLOAT), ("lin.smoothed" if smoothed else "x", TensorProto.FLOAT)])
     y, seen = sess.run(None, {"x": x})
     ref = fake_quant_product(quantized["lin"], torch.from_numpy(seen))
@@ -285,10 +292,12 @@ def test_8bit_rowwise_bundle_on_a_saturating_cpu_warns(tmp_path: Path, monkeypat
     assert any("saturates" in str(w.message) for w in caught) is warns
 
 
-def test_an_8bit_rowwise_export_is_exact_on_any_cpu_and_never_warns(tmp_path: Path, monkeypatch) -> None:
-    """weight_bits=8 writes every rowwise grid uint8 at zero point 128 (u8 x u8): the export's layer check
-    passes on this CPU whatever its ISA, and loading it where u8 x s8 saturates warns of nothing; weight_bits
-    outside the rowwise scheme, or not 7 or 8, is one line."""
+def test_an_8bit_rowwise_export_for_a_saturating_cpu_is_exact_and_never_warns(tmp_path: Path, monkeypatch) -> None:
+    """weight_bits=8 exported on a CPU whose u8 x s8 kernel saturates (AVX2 here, patched in on others) writes
+    every rowwise grid uint8 at zero point 128 (u8 x u8): the export's layer check passes on this CPU whatever its
+    ISA, the bundle requires an ONNX Runtime whose u8 x u8 dispatch is right on VNNI and AMX (1.25), and loading
+    it where u8 x s8 saturates warns of nothing; weight_bits outside the rowwise scheme, or not 7 or 8, is one
+    line."""
     import warnings
 
     import onnx
@@ -298,16 +307,18 @@ def test_an_8bit_rowwise_export_is_exact_on_any_cpu_and_never_warns(tmp_path: Pa
     from edgelora.exporters.decoder_export import export_decoder
     from edgelora.runtime import Runtime
 
+    fake = detect_isa("flags : avx2\n", machine="x86_64")
+    monkeypatch.setattr("edgelora.runtime.cpu.detect_isa", lambda *a, **k: fake)
     out = tmp_path / "r8"
     m = export_decoder(tiny_llama(VOCAB, context=CONTEXT), out, precision="int8", int8_scheme="rowwise",
                        weight_bits=8, tokenizer_dir=chat_tokenizer(tmp_path))
     assert m.quantization.weight_bits == 8 and m.quantization.extra["weight_type"] == "uint8"
+    assert m.requires.onnxruntime == "1.25"
     assert m.validation["int8_layers_vs_fake_quant"]["max_rel_error"] <= INT8_LAYER_REL_TOL
     graph = onnx.load(str(out / "model.onnx")).graph
     types = {t.name: t.data_type for t in graph.initializer}
     rowwise = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
     assert rowwise and all(types[n.input[1]] == TensorProto.UINT8 and len(n.input) == 6 for n in rowwise)
-    fake = detect_isa("flags : avx2\n", machine="x86_64")
     monkeypatch.setattr("edgelora.runtime.runtime.detect_isa", lambda: fake)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -317,3 +328,20 @@ def test_an_8bit_rowwise_export_is_exact_on_any_cpu_and_never_warns(tmp_path: Pa
                             ({"int8_scheme": "rowwise", "weight_bits": 6}, "weight_bits=6 is not supported; choose 7 or 8")):
         with pytest.raises(EdgeloraError, match=message):
             export_decoder(base, tmp_path / "x", precision="int8", **{"weight_bits": 8, **kwargs})
+
+
+def test_the_grids_benchmark_measures_each_kernel_against_the_exact_product(capsys) -> None:
+    """benchmarks/rowwise_grids.py: the 7-bit int8 and the 8-bit uint8 grids are exact here whatever the ISA
+    (the error column is what shows a saturating kernel), one line per row count."""
+    import re
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import rowwise_grids
+
+    rowwise_grids.main(["--k", "64", "--n", "48", "--rows", "1,3", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[1].startswith("M=1:") and lines[2].startswith("M=3:"), lines
+    for line in lines[1:]:
+        errors = dict(re.findall(r"(\S+) [\d.]+ ms \([\d.]+x, err ([\d.e+-]+)\)", line))
+        assert float(errors["u8s8-7"]) < 1e-6 and float(errors["u8u8-8"]) < 1e-6, line

@@ -363,3 +363,44 @@ def test_gpt2_conv1d_switchable_passes_its_checks(tmp_path: Path, precision: str
         assert m.validation["a"]["vs_fp32_torch"]["max_rel_error"] <= FP32_REL_TOL
     else:
         assert m.validation["a"]["int8_layers_vs_fake_quant"]["max_rel_error"] <= INT8_LAYER_REL_TOL
+
+
+def _trained_with(path: Path, recipe, factors=None) -> Path:
+    """Mark a PEFT adapter as QAT-trained with `recipe` (and SmoothQuant `factors`), as training saves it."""
+    from edgelora import smooth
+    from edgelora.config import config_to_dict
+
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.setdefault("edgelora", {})["quantization"] = json.loads(json.dumps(config_to_dict(recipe)))
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    if factors:
+        smooth.save_factors(factors, path)
+    return path
+
+
+def test_add_adapter_to_a_smoothed_rowwise_bundle_takes_its_factors_or_none(tmp_path: Path, tok: Path) -> None:
+    """Into a rowwise bundle smoothed with the base's factors: an adapter trained with them, or trained fp32,
+    goes in; one trained rowwise without smoothing (another int8 recipe than the bundle's) is refused in one line.
+    A recipe leaving the LM head rowwise and smoothed has its head's factor read back from the graph too."""
+    import dataclasses
+
+    from edgelora.causal_smooth import base_factors
+    from edgelora.causal_train import decoder_quant, load_tokenizer
+
+    base = _base("llama")
+    base.save_pretrained(tmp_path / "base")
+    recipe = dataclasses.replace(decoder_quant(scheme="rowwise", weight_bits=7, mode="switchable"),
+                                 block_layers=("mlp.down_proj",))  # the LM head rowwise, smoothed
+    factors = base_factors(base, recipe, load_tokenizer(tok))
+    assert "lm_head" in factors  # the premise of the head's case
+    trained = _trained_with(_lora(base, tmp_path / "t", 1, 4, ["q_proj", "v_proj"]), recipe, factors)
+    out = tmp_path / "sw"
+    export_decoder(base, out, adapters={"t": trained}, mode="switchable", precision="int8", tokenizer_dir=tok)
+    unsmoothed = _trained_with(_lora(base, tmp_path / "u", 2, 2, ["q_proj", "k_proj"]),
+                               dataclasses.replace(recipe, smoothing=None))
+    with pytest.raises(EdgeloraError, match=r"u: trained without SmoothQuant but bundle .* smooths its int8 inputs"):
+        add_adapters(out, {"u": unsmoothed}, base=tmp_path / "base")
+    plain = _lora(base, tmp_path / "p", 3, 2, ["q_proj", "o_proj"])
+    m = add_adapters(out, {"p": plain}, base=tmp_path / "base")
+    # against the reference with every factor, the head's included (without it: 2e-2 relative)
+    assert m.validation["p"]["vs_fake_quant_torch"]["max_rel_error"] <= 1e-4, m.validation["p"]
