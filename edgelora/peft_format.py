@@ -499,6 +499,10 @@ def _load_smoothing(model: AdapterModel, path: Path, quant: dict | None) -> None
         raise EdgeloraError(f"{path}: its config and {smooth.SMOOTHING_FILE} disagree on smoothing; re-save the adapter")
     held = smooth.current_factors(model)
     if not factors:
+        from edgelora.causal_lm import CausalLMAdapterModel
+
+        if held and quant is None and isinstance(model, CausalLMAdapterModel):
+            return  # trained fp32: a decoder's LoRA branch reads the unsmoothed input, so it joins in either order
         if held:
             raise EdgeloraError(f"{path}: adapter was trained without smoothing but the model's other adapters use "
                                 "SmoothQuant factors; export them separately or retrain with QuantConfig.smoothing")

@@ -404,3 +404,27 @@ def test_add_adapter_to_a_smoothed_rowwise_bundle_takes_its_factors_or_none(tmp_
     m = add_adapters(out, {"p": plain}, base=tmp_path / "base")
     # against the reference with every factor, the head's included (without it: 2e-2 relative)
     assert m.validation["p"]["vs_fake_quant_torch"]["max_rel_error"] <= 1e-4, m.validation["p"]
+
+
+@pytest.mark.parametrize("order", ["trained-first", "plain-first"])
+def test_a_smoothed_and_a_plain_adapter_go_in_together_in_either_order(tmp_path: Path, tok: Path, order: str) -> None:
+    """Exported or added together, an adapter trained rowwise with the base's SmoothQuant factors and one trained
+    fp32 make the same bundle whichever comes first (the fp32 one's LoRA reads the unsmoothed input)."""
+    from edgelora.causal_smooth import base_factors
+    from edgelora.causal_train import decoder_quant, load_tokenizer
+
+    base = _base("llama")
+    base.save_pretrained(tmp_path / "base")
+    recipe = decoder_quant(scheme="rowwise", weight_bits=7, mode="switchable")
+    trained = _trained_with(_lora(base, tmp_path / "t", 1, 4, ["q_proj", "v_proj"]), recipe,
+                            base_factors(base, recipe, load_tokenizer(tok)))
+    plain = _lora(base, tmp_path / "p", 3, 2, ["q_proj", "o_proj"])
+    both = {"t": trained, "p": plain} if order == "trained-first" else {"p": plain, "t": trained}
+    m = export_decoder(base, tmp_path / "both", adapters=both, mode="switchable", precision="int8", tokenizer_dir=tok)
+    assert m.quantization.int8_scheme == "rowwise" and m.quantization.smoothing_digest
+    first = tmp_path / "first"
+    export_decoder(base, first, adapters={"f": _lora(base, tmp_path / "f", 9, 2, ["v_proj"])}, mode="switchable",
+                   precision="int8", int8_scheme="rowwise", tokenizer_dir=tok)
+    added = add_adapters(first, both, base=tmp_path / "base")
+    assert added.adapter_names == ("f", *both)
+    assert all(added.validation[n]["vs_fake_quant_torch"]["max_rel_error"] <= 1e-4 for n in both), added.validation
