@@ -231,8 +231,12 @@ class Engine:
         # GroupQueryAttention refuses a run of several rows that extends a cache by more than one token, so a
         # gqa bundle's prompts prefill together only when they fit one run; a prompt alone may take chunks
         self._one_run_batches = core == "gqa"
-        # decode steps on one buffer per cache tensor (runtime/shared_kv.py): a gqa bundle's runs that bind
-        self._shares = shares_kv(graph)
+        # decode steps on one buffer per cache tensor (runtime/shared_kv.py): a gqa bundle's steps with no adapter
+        # active through RunOptions (ONNX Runtime 1.32 applies those to runs given feeds only) and no extra feed
+        # (a mixed batch's adapter_ids is an overridable initializer, which IOBinding cannot bind)
+        self._shares = shares_kv(graph) and bindable(
+            runtime.session, ("input_ids", "attention_mask", *(("position_ids",) if self._positions else ())))
+        self._base_options = runtime.row_options([None])[0]
         self._kv: SharedKV | None = None  # while set, the cache lives in its buffers and self._past is empty
         self.shared_steps = 0  # decode steps run on the shared buffers (figures, tests)
         optional = {i.name for i in runtime.session.get_overridable_initializers()}
@@ -465,24 +469,17 @@ class Engine:
 
     def _run(self, feeds: dict[str, np.ndarray], adapters: list[str | None]) -> tuple[np.ndarray, list[np.ndarray]]:
         options, extra = self.runtime.row_options(adapters)
-        try:
-            values = self.runtime.session.run(self._outputs, {**feeds, **extra}, options)
-        except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
-            raise self._failed(e) from None
+        values = self._guarded(self.runtime.session.run, self._outputs, {**feeds, **extra}, options)
         return values[0], values[1:]
 
-    def _failed(self, e: Exception) -> EdgeloraError:
-        return EdgeloraError(f"{self.runtime.bundle_dir / 'model.onnx'}: run failed ({first_line(e)})")
-
-    def _bindable(self, adapters: list[str | None]) -> bool:
-        """Whether a decode step of rows with these adapters can run on shared buffers: a gqa bundle, no
-        adapter activated through RunOptions (ONNX Runtime 1.32 applies those to runs given feeds only) and
-        no extra feed (a mixed batch's adapter_ids is an overridable initializer, which IOBinding cannot bind)."""
-        if not self._shares:
-            return False
-        options, extra = self.runtime.row_options(adapters)
-        return not extra and options is self.runtime.row_options([None])[0] and bindable(
-            self.runtime.session, ("input_ids", "attention_mask", *(("position_ids",) if self._positions else ())))
+    def _guarded(self, run, *args):
+        """run(*args), an ONNX Runtime failure (ORT raises several unrelated types) as one EdgeloraError line."""
+        try:
+            return run(*args)
+        except EdgeloraError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise EdgeloraError(f"{self.runtime.bundle_dir / 'model.onnx'}: run failed ({first_line(e)})") from None
 
     def _unshare(self) -> None:
         """Hand the shared buffers' cache back as plain arrays (before the batch's rows change)."""
@@ -552,28 +549,25 @@ class Engine:
         if self._positions:  # tokens before the new one; where the graph rotates at cache indices
             # (positions "cache_index"), less the columns the row's cache moved, so it keeps its keys' rotation
             feeds["position_ids"] = np.array([[r.length - r.moved * self._cache_index] for r in rows], np.int64)
-        adapters = [r.job.adapter for r in rows]
         kv = self._kv
         if kv is not None and kv.length >= kv.capacity:
             self._unshare()
             kv = None
         try:
-            if kv is None and self._bindable(adapters):
+            options, extra = self.runtime.row_options([r.job.adapter for r in rows])
+            if kv is None and self._shares and not extra and options is self._base_options:
                 # room for the steps until a row must end, when the rows change and the buffers go back anyway
                 left = min(r.job.max_tokens - len(r.job.token_ids) for r in rows)
                 kv = self._kv = SharedKV.holding(self.runtime.session, self._past_names, self._outputs[1:],
                                                  self._past, max(1, left))
                 self._past = []
             if kv is not None:
-                try:
-                    logits = kv.step(feeds, self.runtime.row_options(adapters)[0])
-                except EdgeloraError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
-                    raise self._failed(e) from None
+                logits = self._guarded(kv.step, feeds, options)
                 self.shared_steps += 1
             else:
-                logits, self._past = self._run({**feeds, **dict(zip(self._past_names, self._past))}, adapters)
+                logits, *self._past = self._guarded(self.runtime.session.run, self._outputs,
+                                                    {**feeds, **dict(zip(self._past_names, self._past)), **extra},
+                                                    options)
         except EdgeloraError as e:
             self._fail_all(str(e))
             return
