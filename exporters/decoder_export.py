@@ -250,6 +250,7 @@ def export_decoder(
     if int8.recipe is not None:
         say("smoothing (rowwise int8)")
     rowwise = rowwise_plan(int8, model, tok_dir)  # from the base, before an adapter merges into it
+    unsigned = rowwise is not None and rowwise.unsigned_weights  # uint8 grids: u8 x u8, ONNX Runtime >= 1.25
     entries: list[dict[str, Any]] = []
     switchable: dict[str, Any] = {}
     writers: dict[str, Callable[[Path], None]] = {}
@@ -303,7 +304,7 @@ def export_decoder(
         "adapters": entries,
         "quantization": None if precision == "fp32" else quantization_record(
             int8, rowwise.quant, len(graph.quantized), sum(q.kind == "rowwise" for q in graph.quantized.values()), mode,
-            rowwise.unsigned_weights and rowwise.quant.weight_bits == 8)
+            unsigned)
         if rowwise is not None else {
             "scheme": "weights int8 symmetric per block of 32 inputs; activations int8 per row and block of 32 "
                       "at run time (MatMulNBits bits 8, accuracy_level 4): a row's result does not depend on its batch",
@@ -319,8 +320,7 @@ def export_decoder(
                   # rotary inside; runtime/engine.py feeds a moved row's position_ids less the columns it moved)
                   "positions": graph.positions,
                   **({"adapter_inputs": len(graph.slots)} if mode == "switchable" else {})},
-        "requires": {"onnxruntime": REQUIRES_ORT_UNSIGNED if rowwise is not None and rowwise.unsigned_weights
-                     and rowwise.quant.weight_bits == 8 and precision == "int8" else REQUIRES_ORT},
+        "requires": {"onnxruntime": REQUIRES_ORT_UNSIGNED if unsigned else REQUIRES_ORT},
         "isa": cpu.isa,
         "validation": report,
         **switchable,

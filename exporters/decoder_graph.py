@@ -81,8 +81,9 @@ class RowwisePlan:
 
     quant: QuantConfig  # activations "per-row": the recipe training fake-quantized with
     smoothing: Mapping[str, torch.Tensor] = field(default_factory=dict)  # module name -> (in,) SmoothQuant s
-    # 8-bit grids as uint8 at zero point 128 (MLAS's u8 x u8 kernel, which never saturates): for CPUs whose
-    # u8 x s8 kernel saturates 8-bit weights (AVX2 without VNNI); int8 keeps u8 x s8, VNNI's fast path
+    # grids as uint8 at zero point 128 (MLAS's u8 x u8 kernel, which never saturates): decoder_int8.rowwise_plan
+    # sets it for 8-bit weights on CPUs whose u8 x s8 kernel saturates them (AVX2 without VNNI); int8 keeps
+    # u8 x s8, VNNI's fast path
     unsigned_weights: bool = False
 
 
@@ -302,7 +303,7 @@ def _rowwise_choice(plan: RowwisePlan | None, name: str,
             f is not None and not torch.equal(f, factors[0]) for f in factors):
         raise EdgeloraError(f"SmoothQuant factors differ within the packed projection {name} ({', '.join(modules)}); "
                             "layers reading one tensor must share them: recompute them with edgelora.smooth")
-    return plan.quant.weight_bits, factors[0], plan.unsigned_weights and plan.quant.weight_bits == 8
+    return plan.quant.weight_bits, factors[0], plan.unsigned_weights
 
 
 ADAPTER_ROWS = "adapter_ids.rows"  # adapter_ids expanded to the batch: one bank entry per row, always
