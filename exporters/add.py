@@ -154,11 +154,9 @@ def _convert(path: Path, name: str, bundle: Path, manifest: Manifest, specs: Map
     if quant and trained and manifest.task == CAUSAL_LM:
         from edgelora.config import scheme_of
 
-        try:
-            own = scheme_of(QuantConfig(**trained))
-        except (TypeError, EdgeloraError) as e:
-            raise EdgeloraError(f"{source}: unreadable quantization recipe ({e}); re-save the adapter") from None
-        theirs = quant.int8_scheme or "block"
+        from .decoder_int8 import recipe_of
+
+        own, theirs = scheme_of(recipe_of(trained, source)), quant.int8_scheme or "block"
         if own != theirs:
             raise EdgeloraError(f"{path}: adapter was trained with the {own} int8 scheme, bundle {bundle} is {theirs}; "
                                 f"retrain it with the {theirs} scheme or export a new bundle with it")
@@ -406,7 +404,7 @@ def _check_against_torch(bundle: Path, manifest: Manifest, proto: onnx.ModelProt
         q = manifest.quantization
         recipe_dict = dict(q.recipe or {"weight_bits": q.weight_bits, "activations": "dynamic"})
         recipe_dict["mode"] = "switchable"
-        recipe = QuantConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe_dict.items()})
+        recipe = QuantConfig(**recipe_dict)  # its __post_init__ makes JSON's lists tuples
     model.set_quant(recipe)
     vocab = model.base.get_input_embeddings().num_embeddings
     feeds = validate.generated_feeds(vocab, manifest.inputs)

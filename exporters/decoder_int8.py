@@ -44,15 +44,21 @@ def _trained_recipe(path: Path) -> QuantConfig | None:
         data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # the exporter's own reading names the missing or unreadable file
-    quant = ((data.get("edgelora") or {}) if isinstance(data, dict) else {}).get("quantization")
+    return recipe_of(((data.get("edgelora") or {}) if isinstance(data, dict) else {}).get("quantization"),
+                     path / CONFIG_FILE)
+
+
+def recipe_of(quant: Mapping[str, Any] | None, source: str | Path) -> QuantConfig | None:
+    """An adapter config's `edgelora.quantization` as a QuantConfig (None: trained fp32); a bad one is one line
+    naming `source`."""
     if not quant:
         return None
     try:
         return QuantConfig(**quant)
     except TypeError as exc:
-        raise EdgeloraError(f"{path / CONFIG_FILE}: unreadable quantization recipe ({exc}); re-save the adapter") from None
+        raise EdgeloraError(f"{source}: unreadable quantization recipe ({exc}); re-save the adapter") from None
     except EdgeloraError as exc:
-        raise EdgeloraError(f"{path / CONFIG_FILE}: {exc}") from None
+        raise EdgeloraError(f"{source}: {exc}") from None
 
 
 def choose_int8(adapters: Mapping[str, str | Path], int8_scheme: str | None, precision: str, mode: str,

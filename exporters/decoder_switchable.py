@@ -289,12 +289,11 @@ def _bundle_rowwise(manifest, proto, hf_model: torch.nn.Module, spec: DecoderSpe
     q = manifest.quantization
     if q is None or q.int8_scheme != "rowwise":
         return None
-    recipe = QuantConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in (q.recipe or {}).items()})
-    carried = [f for f in (smooth.load_factors(p) for p in paths) if f]
-    factors = carried[0] if carried else graph_factors(proto, hf_model, spec)
+    recipe = QuantConfig(**(q.recipe or {}))  # its __post_init__ makes JSON's lists tuples
     if recipe.smoothing is None:
-        factors = {}
-    return RowwisePlan(recipe, factors)
+        return RowwisePlan(recipe)
+    carried = [f for f in (smooth.load_factors(p) for p in paths) if f]
+    return RowwisePlan(recipe, carried[0] if carried else graph_factors(proto, hf_model, spec))
 
 
 def check_added(manifest, proto, hf_model, paths: Mapping[str, str | Path],

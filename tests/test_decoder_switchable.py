@@ -428,3 +428,29 @@ def test_a_smoothed_and_a_plain_adapter_go_in_together_in_either_order(tmp_path:
     added = add_adapters(first, both, base=tmp_path / "base")
     assert added.adapter_names == ("f", *both)
     assert all(added.validation[n]["vs_fake_quant_torch"]["max_rel_error"] <= 1e-4 for n in both), added.validation
+
+
+def test_an_unreadable_recipe_is_one_line_naming_the_adapter_config(tmp_path: Path, tok: Path) -> None:
+    """A bad `edgelora.quantization` in an adapter's config, at export and at add-adapter alike: one line naming
+    the file and what is wrong."""
+    base = _base("llama")
+    base.save_pretrained(tmp_path / "base")
+    bad = _lora(base, tmp_path / "bad", 1, 2, ["q_proj"])
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["edgelora"] = {"quantization": {"weight_bits": 5, "activations": "per-row"}}
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    import re
+
+    source = re.escape(str(bad / "adapter_config.json"))
+    message = rf"^{source}: weight_bits=5 "
+    with pytest.raises(EdgeloraError, match=message):
+        export_decoder(base, tmp_path / "x", adapters={"bad": bad}, mode="switchable", precision="int8",
+                       tokenizer_dir=tok)
+    out = tmp_path / "sw"
+    export_decoder(base, out, mode="switchable", precision="int8", int8_scheme="rowwise", tokenizer_dir=tok)
+    with pytest.raises(EdgeloraError, match=message):
+        add_adapters(out, {"bad": bad}, base=tmp_path / "base")
+    config["edgelora"] = {"quantization": {"weight_bit": 8}}
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(EdgeloraError, match=rf"^{source}: unreadable quantization recipe"):
+        add_adapters(out, {"bad": bad}, base=tmp_path / "base")
